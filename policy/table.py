@@ -1,0 +1,68 @@
+"""The latency table the planner reads in O(1).
+
+The learner (``policy/learner.py``) fits a model off the hot path and
+publishes a new immutable :class:`LatencyTable`; the planner only indexes it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Predicted exec ms per (contention bucket, level, batch size).
+
+    ``safe_ms`` is an upper prediction (what decisions use); ``mean_ms`` the
+    expected value (for reporting and the simulator's mean).
+    """
+
+    levels: tuple[float, ...]
+    """Keep fractions, most accurate (largest) first."""
+    max_batch: int
+    """Batch sizes 1..max_batch are covered."""
+    contention_edges: tuple[float, ...]
+    """Upper edges of the contention buckets but the last (which is open): len = n_buckets - 1."""
+    safe_ms: np.ndarray
+    """shape (n_buckets, n_levels, max_batch)."""
+    mean_ms: np.ndarray
+    """shape (n_buckets, n_levels, max_batch)."""
+
+    def __post_init__(self) -> None:
+        shape = (len(self.contention_edges) + 1, len(self.levels), self.max_batch)
+        for name in ("safe_ms", "mean_ms"):
+            arr = getattr(self, name)
+            if arr.shape != shape:
+                raise ValueError(f"LatencyTable.{name} has shape {arr.shape}, expected {shape}")
+        if list(self.levels) != sorted(self.levels, reverse=True):
+            raise ValueError(f"LatencyTable.levels={self.levels} must be sorted most accurate (largest) first")
+        # Python lists: indexing them is faster than numpy scalar indexing on the hot path.
+        object.__setattr__(self, "_safe", self.safe_ms.tolist())
+        object.__setattr__(self, "_mean", self.mean_ms.tolist())
+        object.__setattr__(self, "_level_index", {lv: i for i, lv in enumerate(self.levels)})
+
+    def bucket(self, contention: float) -> int:
+        """Index of the contention bucket holding ``contention``."""
+        return bisect.bisect_left(self.contention_edges, contention)
+
+    def level_index(self, level: float) -> int:
+        return self._level_index[level]
+
+    def safe(self, bucket: int, level_index: int, batch_size: int) -> float:
+        """Upper-quantile exec ms; batch sizes beyond max_batch are not plannable."""
+        return self._safe[bucket][level_index][batch_size - 1]
+
+    def mean(self, bucket: int, level_index: int, batch_size: int) -> float:
+        return self._mean[bucket][level_index][batch_size - 1]
+
+    @classmethod
+    def constant(cls, levels: tuple[float, ...], max_batch: int, per_item_ms: float, fixed_ms: float = 0.0,
+                 ) -> "LatencyTable":
+        """A table where latency = fixed + per_item * batch * level (tests, a cold start with no profile)."""
+        lv = np.asarray(levels)[:, None]
+        b = np.arange(1, max_batch + 1)[None, :]
+        ms = (fixed_ms + per_item_ms * b * lv)[None, :, :]
+        return cls(tuple(levels), max_batch, (), ms.copy(), ms.copy())

@@ -1,0 +1,67 @@
+"""Run batches of one model at a level on one device.
+
+``ModelRunner.run`` is what a worker process calls per batch. It picks the
+kernel for (batch size, level) from a :class:`~workers.kernels.KernelChooser`
+and times the call device-synchronised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.artifact import ModelManifest, load_artifact
+from workers.device import DeviceTimer, pick_device
+from workers.model import SLOAwareMLP
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    outputs: np.ndarray
+    """batch x out_features logits, float32."""
+    exec_ms: float
+    """Wall time of the model call, device-synchronised."""
+    kernel: str
+    """Kernel that ran the hidden layers."""
+
+
+class ModelRunner:
+    """One loaded model on one device, ready to run batches at any of its levels."""
+
+    def __init__(self, model: SLOAwareMLP, manifest: ModelManifest, device: torch.device) -> None:
+        from workers.kernels import KernelChooser, SparseMLP
+
+        self.manifest = manifest
+        self.device = device
+        self.model = model.to(device).eval()
+        self.sparse = SparseMLP.from_model(self.model, device)
+        self.chooser = KernelChooser.default(manifest.levels)
+
+    @classmethod
+    def load(cls, directory: Path, device: str = "auto") -> "ModelRunner":
+        dev = pick_device(device)
+        model, manifest = load_artifact(directory, dev)
+        return cls(model, manifest, dev)
+
+    def calibrate(self, batch_sizes: tuple[int, ...] | None = None, repeats: int = 5) -> dict:
+        """Measure every kernel on this machine and make the chooser pick the fastest; returns the table."""
+        from workers.kernels import measure_kernel_table
+
+        self.chooser = measure_kernel_table(self.sparse, self.manifest.levels, batch_sizes=batch_sizes,
+                                            repeats=repeats)
+        return self.chooser.to_json()
+
+    def run(self, inputs: np.ndarray, level: float) -> RunOutput:
+        if level not in self.manifest.levels:
+            raise ValueError(f"level={level} is not one of model {self.manifest.name!r}'s levels {self.manifest.levels}")
+        kernel = self.chooser.choose(len(inputs), level)
+        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        with torch.inference_mode():
+            x = x.to(self.device)
+            with DeviceTimer(self.device) as timer:
+                y = self.sparse.forward(x, level, kernel)
+            out = y.float().cpu().numpy()
+        return RunOutput(out, timer.ms, kernel)
