@@ -1,66 +1,180 @@
-"""Kernels that run the hidden layers at a level (PLACEHOLDER: masked dense only).
+"""Kernels that run an SLO-aware MLP at a level: dense, per-sample gather, union gather-GEMM.
 
-Issue #3 replaces this with exact sparse kernels (per-sample gather, union
-gather-GEMM) and a measured chooser. The interface below is what the runner uses.
+Every kernel computes the reference semantics of :class:`workers.model.SLOAwareMLP`
+(per-input top-k of each hidden layer's pre-activations, then ReLU) and differs
+only in how it multiplies the sparse hidden vector ``h`` by the next layer's
+weights. Sparsity is used on the *input* side of layers 2.. and the head: only
+the units a sample kept (and that survived ReLU) contribute, so only those rows
+of ``W.T`` are read.
+
+- ``dense``: ``addmm`` on the masked ``h``. Reads every weight; best when the
+  batch's union of kept units is most of the layer (large batches, keep 1.0).
+- ``gather``: per-sample gather. ``embedding_bag(idx, W.T, per_sample_weights=v)``
+  sums, for each sample, its own selected rows of ``W.T`` (no weight copy).
+  Exact up to float summation order. Best at small batches.
+- ``union``: union gather-GEMM. Rows of ``W.T`` that *any* sample needs are
+  gathered once and one GEMM runs on the matching columns of ``h``; each
+  sample's own mask is already in ``h`` (zeros elsewhere), so it is exact. Falls
+  back to plain dense per layer when the union covers most of the layer.
+- ``gather_fp16`` / ``gather_bf16``: the per-sample gather over a half-precision
+  copy of ``W.T`` (fp32 accumulation inside embedding_bag; the layer output is
+  rounded to half and the bias added in fp32). Not bit-comparable with the
+  reference; its accuracy is measured by ``scripts/bench_kernels.py``.
+
+Ties in top-k: every kernel selects with the same ``torch.topk`` on fp32
+pre-activations, so kernels agree with the reference unless two pre-activations
+at the k-th place are equal up to summation-order noise.
+
+The measured choice of kernel per (batch size, level) lives in
+:mod:`workers.kernels_chooser` and is re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from workers.model import SLOAwareMLP, kept_units, topk_mask
 
-KERNELS = ("dense",)
+EXACT_KERNELS: tuple[str, ...] = ("dense", "gather", "union")
+"""Kernels equal to the reference up to float summation order."""
+LOW_PRECISION_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+UNION_DENSE_FRACTION = 0.75
+"""Union kernel: above this fraction of a layer's inputs in the batch union, gathering costs more than it saves."""
+
+
+@dataclass
+class SparseLayer:
+    """One layer fed by a sparse hidden vector: weights stored input-major (``W.T``)."""
+
+    wt: torch.Tensor
+    """in x out float32, contiguous: row j is the weights leaving input unit j."""
+    bias: torch.Tensor
+    """out, float32."""
+    wt_low: torch.Tensor | None
+    """``wt`` in the low precision, or None when no low-precision kernel is built."""
 
 
 @dataclass
 class SparseMLP:
-    """Weights of an SLO-aware MLP laid out for the kernels."""
+    """Weights of an SLO-aware MLP laid out for the kernels (see module docstring)."""
 
-    weights: list[torch.Tensor]
-    biases: list[torch.Tensor]
-    head_w: torch.Tensor
-    head_b: torch.Tensor
+    first_w: torch.Tensor
+    """hidden[0] x in_features float32, with the input standardisation folded in."""
+    first_b: torch.Tensor
+    """hidden[0] float32, with the input standardisation folded in."""
+    layers: list[SparseLayer]
+    """Hidden layers 2.. then the head."""
     input_mean: torch.Tensor
+    """in_features: the model's input standardisation (kept to synthesise calibration inputs)."""
     input_std: torch.Tensor
+    """in_features."""
+    low_precision: str | None = "fp16"
+    """Name of the half-precision weight copy ("fp16", "bf16") or None for fp32 only."""
 
     @classmethod
-    def from_model(cls, model: SLOAwareMLP, device: torch.device) -> "SparseMLP":
-        return cls(
-            weights=[l.weight.detach().to(device) for l in model.hidden],
-            biases=[l.bias.detach().to(device) for l in model.hidden],
-            head_w=model.head.weight.detach().to(device), head_b=model.head.bias.detach().to(device),
-            input_mean=model.input_mean.to(device), input_std=model.input_std.to(device),
-        )
+    def from_model(cls, model: SLOAwareMLP, device: torch.device,
+                   low_precision: str | None = "fp16") -> "SparseMLP":
+        """Lay out ``model``'s weights on ``device``; ``low_precision`` adds a half copy of every ``W.T``."""
+        if low_precision is not None and low_precision not in LOW_PRECISION_DTYPES:
+            raise ValueError(f"low_precision={low_precision!r} must be one of {sorted(LOW_PRECISION_DTYPES)} or None")
+        with torch.no_grad():
+            first = model.hidden[0]
+            # (x - mean) / std @ W.T + b  ==  x @ (W / std).T + (b - W @ (mean / std))
+            w = first.weight.detach().float() / model.input_std.float()
+            b = first.bias.detach().float() - w @ model.input_mean.float()
+            layers = []
+            for lin in [*model.hidden[1:], model.head]:
+                wt = lin.weight.detach().float().t().contiguous().to(device)
+                low = None if low_precision is None else wt.to(LOW_PRECISION_DTYPES[low_precision])
+                layers.append(SparseLayer(wt, lin.bias.detach().float().to(device), low))
+        return cls(w.contiguous().to(device), b.to(device), layers, model.input_mean.detach().float().to(device),
+                   model.input_std.detach().float().to(device), low_precision)
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """Kernels this layout can run."""
+        low = () if self.low_precision is None else (f"gather_{self.low_precision}",)
+        return EXACT_KERNELS + low
+
+    @property
+    def device(self) -> torch.device:
+        return self.first_w.device
+
+    @property
+    def in_features(self) -> int:
+        return self.first_w.shape[1]
 
     def forward(self, x: torch.Tensor, keep: float, kernel: str = "dense") -> torch.Tensor:
-        h = (x - self.input_mean) / self.input_std
-        for w, b in zip(self.weights, self.biases):
-            z = torch.addmm(b, h, w.t())
+        """Logits (batch x out, float32) of ``x`` (raw inputs, batch x in) at level ``keep``."""
+        if kernel not in self.kernels:
+            raise ValueError(f"kernel={kernel!r} is not one of {self.kernels}")
+        z = torch.addmm(self.first_b, x, self.first_w.t())
+        if kernel == "dense":
+            return self._forward_dense(z, keep)
+        step = {"gather": _gather_fp32, "union": _union_gemm}.get(kernel, _gather_low)
+        for layer in self.layers:
+            v, idx = _select(z, keep)
+            z = step(layer, v, idx)
+        return z
+
+    def _forward_dense(self, z: torch.Tensor, keep: float) -> torch.Tensor:
+        for layer in self.layers:
             if keep < 1.0:
                 z = topk_mask(z, kept_units(keep, z.shape[-1]))
-            h = torch.relu(z)
-        return torch.addmm(self.head_b, h, self.head_w.t())
+            z = torch.addmm(layer.bias, z.relu_(), layer.wt)
+        return z
 
 
-@dataclass
-class KernelChooser:
-    """Kernel per (batch size, level)."""
-
-    table: dict = field(default_factory=dict)
-
-    @classmethod
-    def default(cls, levels) -> "KernelChooser":
-        return cls()
-
-    def choose(self, batch_size: int, level: float) -> str:
-        return "dense"
-
-    def to_json(self) -> dict:
-        return {}
+def _select(z: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept values after ReLU (zeros where not positive) and their unit indices."""
+    if keep >= 1.0:
+        idx = torch.arange(z.shape[-1], device=z.device).expand_as(z)
+        return z.relu(), idx
+    v, idx = torch.topk(z, kept_units(keep, z.shape[-1]), dim=-1, sorted=False)
+    return v.relu_(), idx
 
 
-def measure_kernel_table(sparse: SparseMLP, levels, batch_sizes=None, repeats: int = 5) -> KernelChooser:
-    return KernelChooser()
+def _positive_bags(v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten each sample's positive (value, index) pairs into embedding_bag's 1-D input + offsets.
+
+    ReLU leaves many kept units at zero at keep >= 0.25 (and at keep 1.0 most of
+    a layer): skipping them is exact and saves a row read each.
+    """
+    pos = v > 0
+    offsets = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
+    if v.shape[0] > 1:
+        torch.cumsum(pos.sum(1)[:-1], 0, out=offsets[1:])
+    return v[pos], idx[pos], offsets
+
+
+def _gather_fp32(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    vals, ids, offsets = _positive_bags(v, idx)
+    out = F.embedding_bag(ids, layer.wt, offsets, mode="sum", per_sample_weights=vals)
+    return out.add_(layer.bias)
+
+
+def _gather_low(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    vals, ids, offsets = _positive_bags(v, idx)
+    wt = layer.wt_low
+    out = F.embedding_bag(ids, wt, offsets, mode="sum", per_sample_weights=vals.to(wt.dtype))
+    return torch.add(layer.bias, out)  # promotes to fp32
+
+
+def _union_gemm(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    width = layer.wt.shape[0]
+    if idx.shape[1] == width:  # keep 1.0: v is the whole ReLU output
+        h = v
+    else:
+        h = torch.zeros(v.shape[0], width, dtype=v.dtype, device=v.device).scatter_(1, idx, v)
+    union = torch.nonzero(h.any(0)).squeeze(1)
+    if union.numel() > UNION_DENSE_FRACTION * h.shape[1]:
+        return torch.addmm(layer.bias, h, layer.wt)
+    return torch.addmm(layer.bias, h.index_select(1, union), layer.wt.index_select(0, union))
+
+
+from workers.kernels_chooser import KernelChooser, measure_kernel_table  # noqa: E402  (re-export)
+
+__all__ = ["EXACT_KERNELS", "KernelChooser", "SparseLayer", "SparseMLP", "measure_kernel_table"]

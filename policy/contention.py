@@ -1,0 +1,295 @@
+"""Contention signal: how much of the machine *other* processes want right now.
+
+The monitor does not know about any co-runner. Each sample (every ~50 ms, in a
+daemon thread) reads:
+
+- ``load``: runnable tasks that are not ours, per CPU. ``/proc/stat``'s
+  ``procs_running`` counts every runnable task on the machine at this instant;
+  we subtract the runnable threads of our own processes (this process and the
+  worker pids we were told about). Averaged over a few samples it estimates the
+  CPU demand of everyone else in cores / n_cpus: 0 on an idle machine, 0.5 for
+  one busy process on 2 cores, 1.0 for two, ... It keeps growing when the
+  machine is oversubscribed (CPU *usage* would saturate at the core count) and
+  it does not depend on whether our own worker happens to be busy.
+- ``probe``: slowdown of a tiny fixed numpy loop (~100-200 us) against its
+  calibrated baseline, ``probe_ms / baseline_ms - 1`` clamped at 0. Cheap
+  evidence of interference that the run queue cannot see (memory bandwidth,
+  a noisy neighbour VM), but noisy: Linux lets a briefly-sleeping thread
+  run at once, so a short probe sees little of a CPU hog.
+- ``gpu``: NVML utilisation in [0, 1] if ``pynvml`` is importable and a GPU
+  is present (never required).
+
+``value`` (the model's feature) is the smoothed ``load`` by default
+(``mode="load"``); ``mode="probe"`` or ``"max"`` (max of both) are options.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODES = ("load", "probe", "max")
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def parse_procs_running(stat_text: str) -> int:
+    """``procs_running`` from the text of ``/proc/stat``."""
+    for line in stat_text.splitlines():
+        if line.startswith("procs_running"):
+            return int(line.split()[1])
+    raise ValueError("/proc/stat has no procs_running line")
+
+
+def task_state(task_stat_text: str) -> str:
+    """The state letter of a ``/proc/<pid>/task/<tid>/stat`` line (the comm may hold spaces/parens)."""
+    return task_stat_text[task_stat_text.rindex(")") + 2]
+
+
+def others_load(procs_running: int, own_running: int, n_cpus: int) -> float:
+    """Runnable tasks that are not ours, per CPU (>= 0)."""
+    return max(0, procs_running - own_running) / n_cpus
+
+
+def probe_slowdown(probe_ms: float, baseline_ms: float) -> float:
+    """``probe_ms / baseline_ms - 1``, clamped to >= 0 (a probe faster than baseline is no contention)."""
+    if not (probe_ms > 0 and baseline_ms > 0 and np.isfinite(probe_ms)):
+        return 0.0
+    return max(0.0, probe_ms / baseline_ms - 1.0)
+
+
+class Smoother:
+    """Mean (or median) of the last ``window`` finite samples."""
+
+    def __init__(self, window: int, kind: str = "mean") -> None:
+        if window < 1 or kind not in ("mean", "median"):
+            raise ValueError(f"Smoother(window={window}, kind={kind!r}): need window >= 1, kind 'mean' or 'median'")
+        self.kind = kind
+        self._buf: collections.deque[float] = collections.deque(maxlen=window)
+
+    def push(self, x: float) -> float:
+        if np.isfinite(x):
+            self._buf.append(float(x))
+        return self.value
+
+    @property
+    def value(self) -> float:
+        if not self._buf:
+            return 0.0
+        return statistics.fmean(self._buf) if self.kind == "mean" else statistics.median(self._buf)
+
+
+def combine(load: float, probe: float, mode: str) -> float:
+    """The model feature from the smoothed components."""
+    if mode == "load":
+        return load
+    if mode == "probe":
+        return probe
+    return max(load, probe)
+
+
+# --------------------------------------------------------------------------- probe
+
+
+def _probe_kernel(a: np.ndarray, iters: int) -> float:
+    """A fixed compute loop on a small (L1-resident) array; returns its wall ms."""
+    t0 = time.perf_counter()
+    acc = a
+    for _ in range(iters):
+        acc = np.tanh(acc * 0.5 + 0.1)
+    return (time.perf_counter() - t0) * 1e3
+
+
+@dataclass(frozen=True)
+class ContentionReading:
+    """One sample: raw components and the smoothed value."""
+
+    t_s: float
+    load: float
+    """Instantaneous others' runnable tasks per CPU."""
+    probe: float
+    """Probe slowdown (0 if the probe is off)."""
+    gpu: float | None
+    """NVML utilisation in [0, 1], if available."""
+    value: float
+    """Smoothed model feature after this sample."""
+
+
+class ContentionMonitor:
+    """Samples contention cheaply and continuously; ``value`` is the latest smoothed signal."""
+
+    def __init__(self, interval_s: float = 0.05, window: int = 10, mode: str = "load",
+                 probe: bool = True, probe_every: int = 2, own_pids: Iterable[int] = (),
+                 history_len: int = 2400, clock: Callable[[], float] = time.monotonic,
+                 proc_root: str = "/proc") -> None:
+        if interval_s <= 0 or mode not in MODES or probe_every < 1:
+            raise ValueError(f"ContentionMonitor(interval_s={interval_s}, mode={mode!r}, probe_every={probe_every}): "
+                             f"need interval_s > 0, mode in {MODES}, probe_every >= 1")
+        if mode != "load" and not probe:
+            raise ValueError(f"mode={mode!r} needs probe=True")
+        self.interval_s = interval_s
+        self.mode = mode
+        self.n_cpus = os.cpu_count() or 1
+        self.history: collections.deque[tuple[float, float]] = collections.deque(maxlen=history_len)
+        """(t_s, value) after every sample."""
+        self.last: ContentionReading | None = None
+        self._clock = clock
+        self._proc = proc_root
+        self._own_pids = {os.getpid(), *own_pids}
+        self._tids: dict[int, list[str]] = {}
+        self._tids_at = -1e9
+        self._load = Smoother(window, "mean")    # counts are 0/1-ish per sample: average them
+        self._probe = Smoother(max(3, window // probe_every), "median")  # probe outliers: median
+        self._use_probe = probe
+        self._probe_every = probe_every
+        self._probe_array = np.linspace(-1.0, 1.0, 256)
+        self._probe_iters = 40
+        self._baseline_ms = 0.0
+        self._n = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nvml = _open_nvml()
+        if probe:
+            self.calibrate_probe()
+
+    # ----------------------------------------------------------------- own processes
+
+    def add_own_pid(self, pid: int) -> None:
+        """Count ``pid`` (e.g. a worker process) as ours: its runnable threads are not contention."""
+        with self._lock:
+            self._own_pids.add(pid)
+            self._tids_at = -1e9
+
+    def remove_own_pid(self, pid: int) -> None:
+        with self._lock:
+            self._own_pids.discard(pid)
+            self._tids.pop(pid, None)
+
+    def _own_running(self, now_s: float) -> int:
+        if now_s - self._tids_at > 2.0:  # thread lists change rarely: refresh every 2 s
+            self._tids = {}
+            for pid in list(self._own_pids):
+                try:
+                    self._tids[pid] = os.listdir(f"{self._proc}/{pid}/task")
+                except OSError:
+                    continue
+            self._tids_at = now_s
+        n = 0
+        for pid, tids in self._tids.items():
+            for tid in tids:
+                try:
+                    with open(f"{self._proc}/{pid}/task/{tid}/stat") as f:
+                        n += task_state(f.read()) == "R"
+                except (OSError, ValueError):
+                    continue
+        return n
+
+    # ----------------------------------------------------------------- sampling
+
+    def calibrate_probe(self, repeats: int = 40) -> float:
+        """Size the probe to ~150 us and take its baseline (min over repeats; run on a quiet machine)."""
+        one = min(_probe_kernel(self._probe_array, 1) for _ in range(20))
+        self._probe_iters = int(np.clip(0.15 / max(one, 1e-4), 5, 400))
+        self._baseline_ms = min(_probe_kernel(self._probe_array, self._probe_iters) for _ in range(repeats))
+        log.debug("contention probe: %d iters, baseline %.3f ms", self._probe_iters, self._baseline_ms)
+        return self._baseline_ms
+
+    @property
+    def baseline_ms(self) -> float:
+        return self._baseline_ms
+
+    def sample_once(self) -> float:
+        """Take one sample now; returns the new smoothed value."""
+        now_s = self._clock()
+        with self._lock:
+            try:
+                with open(f"{self._proc}/stat") as f:
+                    running = parse_procs_running(f.read())
+                load = others_load(running, self._own_running(now_s), self.n_cpus)
+            except (OSError, ValueError):
+                load = float("nan")
+            probe = float("nan")
+            if self._use_probe and self._n % self._probe_every == 0:
+                probe = probe_slowdown(_probe_kernel(self._probe_array, self._probe_iters), self._baseline_ms)
+            gpu = _nvml_util(self._nvml)
+            self._n += 1
+            value = combine(self._load.push(load), self._probe.push(probe), self.mode)
+            self.last = ContentionReading(now_s, load, probe, gpu, value)
+            self.history.append((now_s, value))
+        log.debug("contention t=%.3f load=%.3f probe=%.3f gpu=%s value=%.3f", now_s, load, probe, gpu, value)
+        return value
+
+    @property
+    def value(self) -> float:
+        """Latest smoothed contention (0.0 before the first sample)."""
+        last = self.last
+        return last.value if last is not None else 0.0
+
+    def components(self) -> dict:
+        """Smoothed components, for logging and the profile CSV."""
+        return {"load": self._load.value, "probe": self._probe.value,
+                "gpu": self.last.gpu if self.last is not None else None}
+
+    # ----------------------------------------------------------------- thread
+
+    def start(self) -> "ContentionMonitor":
+        if self._thread is not None:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="contention-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample_once()
+            except Exception:  # never let the monitor die silently and freeze the signal
+                log.exception("contention sample failed")
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "ContentionMonitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- optional NVML
+
+
+def _open_nvml():
+    try:
+        import pynvml  # optional: only on GPU machines
+        pynvml.nvmlInit()
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:
+        return None
+
+
+def _nvml_util(nvml) -> float | None:
+    if nvml is None:
+        return None
+    try:
+        mod, handle = nvml
+        return mod.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+    except Exception:
+        return None

@@ -1,0 +1,316 @@
+"""Exec-latency model: (level, batch size, contention) -> ms, with a safe upper prediction.
+
+Model (see ``docs/latency-model.md``): a weighted ridge regression on
+``log(ms)`` over engineered features
+
+- a smooth part: ``zb, zl, zb*zl, zb**2`` with ``zb = log2(batch)/log2(max
+  batch knot)`` and ``zl = log2(level)`` scaled to [-1, 0];
+- a cell part: the tensor product of linear "hat" bases in ``log2(batch)`` (knots
+  at the profiled batch sizes) and ``log2(level)`` (knots at the levels). On a
+  profiled grid this is bilinear interpolation of log-latency between cells,
+  so a kernel switch at some batch size is learned, not smoothed away; between
+  knots it interpolates, beyond the last knot it extrapolates the last segment
+  (a power law in batch);
+- a contention part: hat bases in contention (knots at quantiles of the observed
+  contention, the one at 0 dropped), alone and times ``zb`` and ``zl``: the
+  slowdown is multiplicative and may differ by batch size and level.
+
+Safe prediction: split-conformal in log space. Out-of-fold residuals
+``log(y) - log(mean)`` (K-fold) give, per contention group (nearest contention
+knot, if it has enough rows, else all rows), the ``quantile``-th residual
+``q``; ``safe = mean * exp(max(q, 0))``.
+
+No pickle: :meth:`LatencyModel.save` writes the rows as CSV plus a JSON of
+hyper-parameters; :meth:`LatencyModel.load` refits from them (deterministic).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import KFold
+
+from policy.table import LatencyTable
+
+PROFILE_CSV = "latency_profile.csv"
+MODEL_JSON = "latency_model.json"
+DEFAULT_CONTENTION_EDGES: tuple[float, ...] = (0.1, 0.3, 0.6, 0.9, 1.25, 1.75)
+"""Upper edges of the contention buckets (others' runnable tasks per CPU); the last bucket is open."""
+
+
+@dataclass(frozen=True)
+class LatencySample:
+    """One measured batch: what the model learns from."""
+
+    level: float
+    batch_size: int
+    contention: float
+    exec_ms: float
+    kernel: str = ""
+    """Kernel that ran (informational; not a feature)."""
+
+
+@dataclass(frozen=True)
+class LatencyModelConfig:
+    """Hyper-parameters (saved as JSON beside the profile)."""
+
+    alpha: float = 0.01
+    """Ridge penalty (> 0): keeps cells with few rows close to the smooth part."""
+    quantile: float = 0.99
+    """Coverage of the safe prediction, in (0.5, 1)."""
+    n_contention_knots: int = 5
+    """Contention knots (>= 2), at quantiles of the observed contention."""
+    folds: int = 5
+    """K for the out-of-fold residuals behind the safe prediction (>= 2)."""
+    min_group_rows: int = 40
+    """A contention group needs this many rows for its own residual quantile, else the global one."""
+    seed: int = 0
+    """Fold shuffling seed."""
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ValueError(f"LatencyModelConfig.alpha={self.alpha} must be > 0")
+        if not 0.5 < self.quantile < 1:
+            raise ValueError(f"LatencyModelConfig.quantile={self.quantile} must be in (0.5, 1), e.g. 0.99")
+        if self.n_contention_knots < 2 or self.folds < 2:
+            raise ValueError(f"LatencyModelConfig: n_contention_knots={self.n_contention_knots} and "
+                             f"folds={self.folds} must be >= 2")
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def rows_to_arrays(rows: Sequence[LatencySample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    level = np.fromiter((r.level for r in rows), float, len(rows))
+    batch = np.fromiter((r.batch_size for r in rows), float, len(rows))
+    cont = np.fromiter((r.contention for r in rows), float, len(rows))
+    ms = np.fromiter((r.exec_ms for r in rows), float, len(rows))
+    return level, batch, cont, ms
+
+
+def write_rows_csv(path: Path, rows: Iterable[LatencySample], extra: Sequence[dict] | None = None) -> None:
+    """Rows as CSV (``level,batch_size,contention,exec_ms,kernel`` plus any ``extra`` columns per row)."""
+    rows = list(rows)
+    extra_keys = list(extra[0].keys()) if extra else []
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["level", "batch_size", "contention", "exec_ms", "kernel", *extra_keys])
+        for i, r in enumerate(rows):
+            w.writerow([r.level, r.batch_size, f"{r.contention:.4f}", f"{r.exec_ms:.4f}", r.kernel,
+                        *(extra[i][k] for k in extra_keys)])
+
+
+def read_rows_csv(path: Path, with_extra: bool = False):
+    """Rows from a profile CSV; with ``with_extra`` also the list of full dicts (e.g. ``intensity``)."""
+    rows, dicts = [], []
+    with open(path, newline="") as f:
+        for d in csv.DictReader(f):
+            rows.append(LatencySample(float(d["level"]), int(d["batch_size"]), float(d["contention"]),
+                                      float(d["exec_ms"]), d.get("kernel", "") or ""))
+            dicts.append(d)
+    return (rows, dicts) if with_extra else rows
+
+
+# --------------------------------------------------------------------------- features
+
+
+def hat_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Linear B-spline basis (n, K) on sorted ``knots``; the end segments extend linearly beyond the knots."""
+    x = np.asarray(x, float)
+    k = len(knots)
+    out = np.zeros((len(x), k))
+    if k == 1:
+        out[:, 0] = 1.0
+        return out
+    i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, k - 2)
+    t = (x - knots[i]) / (knots[i + 1] - knots[i])
+    rows = np.arange(len(x))
+    out[rows, i] = 1.0 - t
+    out[rows, i + 1] = t
+    return out
+
+
+@dataclass(frozen=True)
+class _Featurizer:
+    """Knots fixed at fit time; maps (level, batch, contention) to the design matrix."""
+
+    level_knots: np.ndarray
+    batch_knots: np.ndarray
+    cont_knots: np.ndarray
+
+    @classmethod
+    def from_data(cls, level, batch, cont, n_cont_knots: int) -> "_Featurizer":
+        lk = np.unique(np.log2(level))
+        bk = np.unique(np.log2(batch))
+        c = np.maximum(cont, 0.0)
+        ck = np.unique(np.round(np.quantile(c, np.linspace(0, 1, n_cont_knots)), 3))
+        ck = np.unique(np.concatenate([[0.0], ck]))
+        if len(ck) < 2:  # no contention seen: one unit-width segment, learned from nothing (penalised to 0)
+            ck = np.array([0.0, 1.0])
+        return cls(lk, bk, ck)
+
+    def _scaled(self, level, batch):
+        zb = np.log2(batch) / max(self.batch_knots[-1], 1.0)
+        zl = np.log2(level) / max(-self.level_knots[0], 1.0)
+        return zb, zl
+
+    def __call__(self, level, batch, cont) -> np.ndarray:
+        level = np.asarray(level, float)
+        batch = np.asarray(batch, float)
+        cont = np.maximum(np.asarray(cont, float), 0.0)
+        zb, zl = self._scaled(level, batch)
+        smooth = np.stack([zb, zl, zb * zl, zb * zb], axis=1)
+        hb = hat_basis(np.log2(batch), self.batch_knots)
+        hl = hat_basis(np.log2(level), self.level_knots)
+        cells = (hl[:, :, None] * hb[:, None, :]).reshape(len(batch), -1)
+        hc = hat_basis(cont, self.cont_knots)[:, 1:]
+        conts = np.concatenate([hc, hc * zb[:, None], hc * zl[:, None]], axis=1)
+        return np.concatenate([smooth, cells, conts], axis=1)
+
+    def group(self, cont) -> np.ndarray:
+        """Index of the nearest contention knot (the conformal groups)."""
+        c = np.asarray(cont, float)[:, None]
+        return np.argmin(np.abs(c - self.cont_knots[None, :]), axis=1)
+
+
+def weighted_quantile(x: np.ndarray, q: float, w: np.ndarray | None = None) -> float:
+    """Conservative weighted quantile (finite-sample: the ceil((n+1)q)-th of n for unit weights)."""
+    order = np.argsort(x)
+    x = x[order]
+    w = np.ones_like(x) if w is None else np.asarray(w, float)[order]
+    target = q * (w.sum() + w.mean())  # +1 pseudo-row: split-conformal's (n+1) correction
+    i = int(np.searchsorted(np.cumsum(w), target, side="left"))
+    return float(x[min(i, len(x) - 1)])
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class LatencyModel:
+    """Fit with :meth:`fit`; predict vectorised; export a :class:`LatencyTable`."""
+
+    config: LatencyModelConfig = field(default_factory=LatencyModelConfig)
+    rows: list[LatencySample] = field(default_factory=list)
+    _feat: _Featurizer | None = None
+    _ridge: Ridge | None = None
+    _q: np.ndarray | None = None
+    _c_max: float = 0.0
+
+    def fit(self, rows: Sequence[LatencySample], weights: np.ndarray | None = None) -> "LatencyModel":
+        """Fit on ``rows`` (optional per-row ``weights``, e.g. live rows outweighing the profile)."""
+        if len(rows) < 2 * self.config.folds:
+            raise ValueError(f"LatencyModel.fit needs >= {2 * self.config.folds} rows, got {len(rows)}")
+        level, batch, cont, ms = rows_to_arrays(rows)
+        if (ms <= 0).any() or (batch < 1).any() or (level <= 0).any():
+            raise ValueError("LatencyModel.fit: exec_ms and level must be > 0 and batch_size >= 1 in every row")
+        w = np.ones(len(rows)) if weights is None else np.asarray(weights, float)
+        self.rows = list(rows)
+        self._feat = _Featurizer.from_data(level, batch, cont, self.config.n_contention_knots)
+        x, y = self._feat(level, batch, cont), np.log(ms)
+        self._q = self._residual_quantiles(x, y, w, cont)
+        self._ridge = Ridge(alpha=self.config.alpha).fit(x, y, sample_weight=w)
+        self._c_max = float(np.quantile(cont, 0.95))
+        return self
+
+    def _residual_quantiles(self, x, y, w, cont) -> np.ndarray:
+        """Per contention group, the ``quantile``-th out-of-fold log-residual (global where a group is small)."""
+        resid = np.empty_like(y)
+        for tr, te in KFold(self.config.folds, shuffle=True, random_state=self.config.seed).split(x):
+            m = Ridge(alpha=self.config.alpha).fit(x[tr], y[tr], sample_weight=w[tr])
+            resid[te] = y[te] - m.predict(x[te])
+        q_all = weighted_quantile(resid, self.config.quantile, w)
+        groups = self._feat.group(cont)
+        q = np.full(len(self._feat.cont_knots), q_all)
+        for g in range(len(q)):
+            sel = groups == g
+            if sel.sum() >= self.config.min_group_rows:
+                q[g] = weighted_quantile(resid[sel], self.config.quantile, w[sel])
+        return np.maximum(q, 0.0)
+
+    @property
+    def fitted(self) -> bool:
+        return self._ridge is not None
+
+    def _check(self) -> None:
+        if self._ridge is None:
+            raise RuntimeError("LatencyModel is not fitted: call fit(rows) or LatencyModel.load(dir)")
+
+    def predict_mean(self, level, batch, contention) -> np.ndarray:
+        """Expected exec ms (broadcast over array-likes)."""
+        self._check()
+        level, batch, contention = np.broadcast_arrays(np.asarray(level, float), np.asarray(batch, float),
+                                                       np.asarray(contention, float))
+        x = self._feat(level.ravel(), batch.ravel(), contention.ravel())
+        return np.exp(self._ridge.predict(x)).reshape(level.shape)
+
+    def predict_safe(self, level, batch, contention) -> np.ndarray:
+        """Upper prediction (``config.quantile`` coverage) of exec ms; always >= predict_mean."""
+        mean = self.predict_mean(level, batch, contention)
+        groups = self._feat.group(np.broadcast_to(np.asarray(contention, float), mean.shape).ravel())
+        return mean * np.exp(self._q[groups]).reshape(mean.shape)
+
+    def bucket_points(self, contention_edges: Sequence[float]) -> np.ndarray:
+        """Contention at which each table bucket is evaluated: its upper edge (the last, open bucket:
+        the larger of its lower edge and the 95th percentile of the contention seen in fit)."""
+        edges = list(contention_edges)
+        last = max(edges[-1], self._c_max) if edges else self._c_max
+        return np.array([*edges, last], float)
+
+    def to_table(self, levels: Sequence[float], max_batch: int,
+                 contention_edges: Sequence[float] = DEFAULT_CONTENTION_EDGES) -> LatencyTable:
+        """Predictions on (bucket, level, 1..max_batch), made non-decreasing in batch size and contention."""
+        self._check()
+        levels = tuple(sorted(levels, reverse=True))
+        c = self.bucket_points(contention_edges)[:, None, None]
+        lv = np.asarray(levels, float)[None, :, None]
+        b = np.arange(1, max_batch + 1, dtype=float)[None, None, :]
+        mean = np.maximum.accumulate(np.maximum.accumulate(self.predict_mean(lv, b, c), axis=2), axis=0)
+        safe = np.maximum.accumulate(np.maximum.accumulate(self.predict_safe(lv, b, c), axis=2), axis=0)
+        return LatencyTable(levels, max_batch, tuple(float(e) for e in contention_edges),
+                            np.maximum(safe, mean), mean)
+
+    def describe(self) -> dict:
+        """Knots and residual quantiles, for logs and docs."""
+        self._check()
+        return {"rows": len(self.rows), "config": asdict(self.config),
+                "level_knots": (2 ** self._feat.level_knots).round(4).tolist(),
+                "batch_knots": (2 ** self._feat.batch_knots).round(2).tolist(),
+                "contention_knots": self._feat.cont_knots.tolist(),
+                "safe_ratio_per_group": np.exp(self._q).round(4).tolist()}
+
+    # ----------------------------------------------------------------- persistence (no pickle)
+
+    def save(self, directory: Path) -> Path:
+        """Write the rows (CSV) and hyper-parameters (JSON) into ``directory``; returns the JSON path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_rows_csv(directory / PROFILE_CSV, self.rows)
+        path = directory / MODEL_JSON
+        path.write_text(json.dumps({"config": asdict(self.config), "profile_csv": PROFILE_CSV,
+                                    "rows": len(self.rows), "format_version": 1}, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> "LatencyModel":
+        """Refit from ``latency_profile.csv`` (+ ``latency_model.json`` hyper-parameters if present)."""
+        directory = Path(directory)
+        csv_path = directory / PROFILE_CSV
+        if not csv_path.exists():
+            raise FileNotFoundError(f"{csv_path} not found: run `slonn profile --model-dir {directory}` first")
+        config = LatencyModelConfig()
+        if (directory / MODEL_JSON).exists():
+            config = LatencyModelConfig(**json.loads((directory / MODEL_JSON).read_text())["config"])
+        return cls(config).fit(read_rows_csv(csv_path))
+
+
+def mape(pred: np.ndarray, actual: np.ndarray) -> float:
+    """Mean absolute percentage error, in %."""
+    return float(np.mean(np.abs(pred - actual) / actual) * 100.0) if len(actual) else math.nan

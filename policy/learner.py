@@ -1,0 +1,161 @@
+"""Online refit of the latency model from live batches; publishes immutable LatencyTables.
+
+The dispatcher calls :meth:`OnlineLearner.observe` after every batch (O(1),
+thread-safe, no scikit-learn). A daemon thread refits every
+``refit_interval_s`` when new samples arrived — profile rows plus a sliding
+window of live samples (by count and age), the live ones weighted
+``live_weight`` times a profile row so that a change of load shows within a
+refit or two — and swaps ``learner.table`` (one attribute assignment: readers
+see the old or the new table, never a mix). The planner only reads
+``learner.table``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, LatencySample
+from policy.table import LatencyTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How much live data to keep and how much it counts."""
+
+    max_live: int = 512
+    """Live samples kept (newest), >= 1."""
+    max_age_s: float = 30.0
+    """Live samples older than this are dropped at refit, > 0."""
+    live_weight: float = 10.0
+    """Weight of a live sample relative to a profile row (>= 1): live evidence outweighs a stale profile."""
+    refit_interval_s: float = 0.5
+    """Background refit period (> 0); a refit happens only if samples arrived since the last one."""
+    min_rows: int = 20
+    """No refit below this many rows (profile + live), >= 10."""
+
+    def __post_init__(self) -> None:
+        if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
+                or self.min_rows < 10:
+            raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
+                             "refit_interval_s > 0, min_rows >= 10")
+
+
+class OnlineLearner:
+    """Profile rows + a live window -> a refit :class:`LatencyModel` -> a published :class:`LatencyTable`."""
+
+    def __init__(self, base_rows: Sequence[LatencySample], levels: Sequence[float], max_batch: int,
+                 contention_edges: Sequence[float] = DEFAULT_CONTENTION_EDGES,
+                 config: LearnerConfig = LearnerConfig(), model_config: LatencyModelConfig = LatencyModelConfig(),
+                 initial_table: LatencyTable | None = None,
+                 on_table: Callable[[LatencyTable], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.levels = tuple(sorted(levels, reverse=True))
+        self.max_batch = max_batch
+        self.contention_edges = tuple(contention_edges)
+        self.config = config
+        self.model_config = model_config
+        self.on_table = on_table
+        self._clock = clock
+        self._base = list(base_rows)
+        self._live: collections.deque[tuple[float, LatencySample]] = collections.deque(maxlen=config.max_live)
+        self._lock = threading.Lock()
+        self._fit_lock = threading.Lock()
+        self._seen = 0          # samples observed (monotone counter)
+        self._fitted_seen = 0   # value of _seen at the last refit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.refits = 0
+        self.model: LatencyModel | None = None
+        self.table: LatencyTable = initial_table or LatencyTable.constant(self.levels, max_batch, per_item_ms=1.0,
+                                                                          fixed_ms=1.0)
+        """The latest published table (immutable; swapped whole)."""
+        if len(self._base) >= config.min_rows:
+            self.refit_now()
+
+    # ----------------------------------------------------------------- hot path
+
+    def observe(self, sample: LatencySample, now_s: float | None = None) -> None:
+        """Record one live batch (O(1); the deque's maxlen evicts the oldest by count)."""
+        t = self._clock() if now_s is None else now_s
+        with self._lock:
+            self._live.append((t, sample))
+            self._seen += 1
+
+    # ----------------------------------------------------------------- refit
+
+    def live_samples(self, now_s: float | None = None) -> list[LatencySample]:
+        """Live samples inside the window at ``now_s`` (drops the expired ones)."""
+        now = self._clock() if now_s is None else now_s
+        with self._lock:
+            while self._live and now - self._live[0][0] > self.config.max_age_s:
+                self._live.popleft()
+            return [s for _, s in self._live]
+
+    def training_set(self, now_s: float | None = None) -> tuple[list[LatencySample], np.ndarray]:
+        """Profile rows (weight 1) + live window (weight ``live_weight``)."""
+        live = self.live_samples(now_s)
+        rows = self._base + live
+        weights = np.concatenate([np.ones(len(self._base)), np.full(len(live), self.config.live_weight)])
+        return rows, weights
+
+    def refit_now(self, now_s: float | None = None) -> LatencyTable | None:
+        """Refit and publish synchronously (tests, start-up); returns the new table, or None if too few rows."""
+        with self._fit_lock:
+            seen = self._seen
+            rows, weights = self.training_set(now_s)
+            if len(rows) < self.config.min_rows:
+                return None
+            t0 = time.perf_counter()
+            model = LatencyModel(self.model_config).fit(rows, weights)
+            table = model.to_table(self.levels, self.max_batch, self.contention_edges)
+            self.model, self.table = model, table  # publish: readers see the old or the new table, whole
+            self._fitted_seen = seen
+            self.refits += 1
+            log.debug("latency refit #%d: %d rows (%d live) in %.1f ms", self.refits, len(rows),
+                      len(rows) - len(self._base), (time.perf_counter() - t0) * 1e3)
+        if self.on_table is not None:
+            self.on_table(table)
+        return table
+
+    @property
+    def pending(self) -> int:
+        """Samples observed since the last refit."""
+        return self._seen - self._fitted_seen
+
+    def start(self) -> "OnlineLearner":
+        """Refit in a daemon thread every ``refit_interval_s`` when new samples arrived."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="latency-learner", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.refit_interval_s):
+            if self.pending == 0:
+                continue
+            try:
+                self.refit_now()
+            except Exception:  # keep serving on the last good table
+                log.exception("latency refit failed; keeping the previous table")
+
+    def __enter__(self) -> "OnlineLearner":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,188 @@
+"""Pure batch and level choice: (candidates, now, latency table, accuracy) -> Plan | Wait.
+
+Nothing here reads a clock, awaits, or calls scikit-learn: ``now_s`` is an
+argument and latency comes from an immutable :class:`LatencyTable`. The live
+server and the simulator call exactly this code.
+
+Policies:
+- ``SLOAwarePolicy`` (slonn): earliest deadline first; the largest batch and,
+  for it, the most accurate level (latency mode) or the fastest level that
+  meets the floor (accuracy mode) whose safe predicted completion is within
+  the earliest deadline of the batch.
+- baselines (``policy/baselines.py``): dense dynamic batching as Triton does
+  it, one fixed level, Clipper-style AIMD.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from policy.table import LatencyTable
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """What the planner sees of one queued request."""
+
+    seq: int
+    """Admission order, unique."""
+    arrival_s: float
+    deadline_s: float
+    min_accuracy: float
+    priority: int
+    mode: str
+    """"latency" or "accuracy"."""
+    on_late: str
+    """"reject" or "serve"."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanContext:
+    """Everything about the model and the machine a policy needs, fixed for one decision."""
+
+    table: LatencyTable
+    bucket: int
+    """Contention bucket of the table to read."""
+    accuracy: tuple[float, ...]
+    """Held-out accuracy of each of table.levels (same order)."""
+    max_batch: int
+    overhead_ms: float = 0.0
+    """Added to every predicted exec time (dispatch, IPC, reply)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Run the first ``count`` candidates as one batch at ``level``."""
+
+    count: int
+    level: float
+    predicted_ms: float
+    """Safe predicted exec ms (without overhead)."""
+    late: bool = False
+    """The batch cannot make its earliest deadline (served late on purpose)."""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to run yet; decide again at ``until_s`` (or on the next arrival)."""
+
+    until_s: float
+
+
+def edf_key(p: Pending) -> tuple:
+    """Earliest deadline first; priority, then admission order, break ties."""
+    return (p.deadline_s, p.priority, p.seq)
+
+
+def fifo_key(p: Pending) -> tuple:
+    return (p.arrival_s, p.seq)
+
+
+class Policy(Protocol):
+    name: str
+
+    def order_key(self, p: Pending) -> tuple:
+        """Queue order (the scheduler keeps each queue sorted by this)."""
+        ...
+
+    def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
+        """True when ``p`` cannot make its deadline even alone at the fastest level it may use."""
+        ...
+
+    def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
+        """Choose a batch (a prefix of ``candidates``, which are in order_key order) and its level."""
+        ...
+
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
+        """Feedback after a batch ran (stateful policies such as AIMD adapt here)."""
+        ...
+
+
+def allowed_levels(min_accuracy: float, ctx: PlanContext) -> list[int]:
+    """Indices of the levels whose accuracy meets ``min_accuracy`` (most accurate first)."""
+    return [i for i, acc in enumerate(ctx.accuracy) if acc >= min_accuracy]
+
+
+def fastest_allowed(min_accuracy: float, ctx: PlanContext) -> int:
+    """Index of the fastest level meeting the floor; the most accurate level if none does."""
+    allowed = allowed_levels(min_accuracy, ctx)
+    if not allowed:
+        return max(range(len(ctx.accuracy)), key=ctx.accuracy.__getitem__)
+    return min(allowed, key=lambda i: ctx.table.safe(ctx.bucket, i, 1))
+
+
+class SLOAwarePolicy:
+    """slonn's policy: EDF, then the largest batch and the best level that meet the deadline and the floor."""
+
+    name = "slonn"
+
+    def order_key(self, p: Pending) -> tuple:
+        return edf_key(p)
+
+    def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
+        i = fastest_allowed(p.min_accuracy, ctx)
+        return now_s + (ctx.table.safe(ctx.bucket, i, 1) + ctx.overhead_ms) * 1e-3 > p.deadline_s
+
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
+        pass
+
+    def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
+        n_max = min(len(candidates), ctx.max_batch)
+        if n_max == 0:
+            raise ValueError("plan() needs at least one candidate")
+        table, bucket = ctx.table, ctx.bucket
+        # Prefix constraints of the batch made of the first n candidates.
+        floors, deadlines = [], []
+        floor, deadline = 0.0, float("inf")
+        for p in candidates[:n_max]:
+            floor, deadline = max(floor, p.min_accuracy), min(deadline, p.deadline_s)
+            floors.append(floor)
+            deadlines.append(deadline)
+        mode = candidates[0].mode
+        best: tuple[int, int] | None = None  # (count, level index)
+        for i, acc in enumerate(ctx.accuracy):
+            # The floor caps the batch: a later candidate with a higher floor would exclude this level.
+            n_floor = bisect.bisect_right(floors, acc)
+            n = self._max_feasible(i, n_floor, deadlines, now_s, ctx)
+            if n == 0:
+                continue
+            if best is None or n > best[0] or (n == best[0] and self._better(i, best[1], mode, ctx)):
+                best = (n, i)
+        if best is None:
+            # Even one request at the fastest allowed level is late (its class serves late):
+            # run as much as the head's floor allows at the fastest level, to catch up.
+            i = fastest_allowed(candidates[0].min_accuracy, ctx)
+            n = max(1, bisect.bisect_right(floors, ctx.accuracy[i]))
+            return Plan(n, table.levels[i], table.safe(bucket, i, n), late=True,
+                        reason=f"head late by {(now_s - deadlines[0]) * 1e3:.1f} ms; fastest level")
+        n, i = best
+        slack_ms = (deadlines[n - 1] - now_s) * 1e3
+        return Plan(n, table.levels[i], table.safe(bucket, i, n),
+                    reason=f"slack {slack_ms:.1f} ms, {len(candidates)} queued, mode {mode}")
+
+    @staticmethod
+    def _max_feasible(i: int, n_floor: int, deadlines: list[float], now_s: float, ctx: PlanContext) -> int:
+        """Largest n <= n_floor whose safe completion at level i is within the first n's earliest deadline.
+
+        Latency grows with n and the earliest deadline can only shrink, so
+        feasibility is monotone in n: binary search.
+        """
+        lo, hi = 0, n_floor
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            done_s = now_s + (ctx.table.safe(ctx.bucket, i, mid) + ctx.overhead_ms) * 1e-3
+            if done_s <= deadlines[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    @staticmethod
+    def _better(i: int, j: int, mode: str, ctx: PlanContext) -> bool:
+        """At equal batch size: latency mode prefers accuracy, accuracy mode prefers speed."""
+        if mode == "accuracy":
+            return ctx.table.safe(ctx.bucket, i, 1) < ctx.table.safe(ctx.bucket, j, 1)
+        return ctx.accuracy[i] > ctx.accuracy[j]

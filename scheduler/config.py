@@ -1,0 +1,123 @@
+"""Server and SLO-class configuration: frozen dataclasses built once, validated with messages that name the fix."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+ON_LATE = ("reject", "serve")
+MODES = ("latency", "accuracy")
+
+
+@dataclass(frozen=True)
+class SLOClassConfig:
+    """One service level: how fast, how accurate, how important."""
+
+    name: str
+    """Class name clients put in InferRequest.slo_class."""
+    latency_ms: float
+    """Deadline from arrival, in ms (> 0)."""
+    min_accuracy: float = 0.0
+    """Floor on the chosen level's measured held-out accuracy, in [0, 1]."""
+    priority: int = 1
+    """Tie-break between equal deadlines: smaller runs first (>= 0)."""
+    max_queue: int = 1024
+    """Queued requests beyond this are rejected RESOURCE_EXHAUSTED at once (> 0)."""
+    on_late: str = "reject"
+    """"reject": answer DEADLINE_EXCEEDED as soon as the deadline is out of reach; "serve": answer late, flagged."""
+    mode: str = "latency"
+    """"latency": meet the deadline at the highest accuracy; "accuracy": meet the floor at the lowest latency."""
+
+    def __post_init__(self) -> None:
+        where = f"class {self.name!r}"
+        if not self.name:
+            raise ValueError("class name must be non-empty")
+        if not self.latency_ms > 0:
+            raise ValueError(f"{where}: latency_ms={self.latency_ms} must be > 0")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ValueError(f"{where}: min_accuracy={self.min_accuracy} must be in [0, 1]")
+        if self.priority < 0:
+            raise ValueError(f"{where}: priority={self.priority} must be >= 0")
+        if self.max_queue <= 0:
+            raise ValueError(f"{where}: max_queue={self.max_queue} must be > 0")
+        if self.on_late not in ON_LATE:
+            raise ValueError(f"{where}: on_late={self.on_late!r} must be one of {ON_LATE}")
+        if self.mode not in MODES:
+            raise ValueError(f"{where}: mode={self.mode!r} must be one of {MODES}")
+
+
+def default_classes_path() -> Path:
+    return Path(str(resources.files("scheduler").joinpath("slo_classes.toml")))
+
+
+def load_classes(path: Path | None = None) -> dict[str, SLOClassConfig]:
+    """Read ``[[class]]`` tables from a TOML file (the packaged default when ``path`` is None)."""
+    path = Path(path) if path else default_classes_path()
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    entries = data.get("class")
+    if not entries:
+        raise ValueError(f"{path}: no [[class]] tables found")
+    known = set(SLOClassConfig.__dataclass_fields__)
+    classes: dict[str, SLOClassConfig] = {}
+    for entry in entries:
+        unknown = set(entry) - known
+        if unknown:
+            raise ValueError(f"{path}: class {entry.get('name')!r} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        cls = SLOClassConfig(**entry)
+        if cls.name in classes:
+            raise ValueError(f"{path}: class {cls.name!r} is defined twice")
+        classes[cls.name] = cls
+    return classes
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `slonn serve` needs, built once in the CLI and passed down."""
+
+    model_dirs: tuple[Path, ...]
+    """Model artifact directories to serve (each has manifest.json + weights.safetensors)."""
+    classes: dict[str, SLOClassConfig] = field(default_factory=dict)
+    """SLO classes by name."""
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 50051
+    """Port to bind (0 = any free port)."""
+    workers: int = 1
+    """Worker processes (> 0); each runs one batch at a time."""
+    threads: int = 1
+    """torch intra-op threads per worker (> 0)."""
+    device: str = "auto"
+    """"auto" (cuda when available, else cpu), "cpu" or "cuda[:N]"."""
+    max_batch: int = 64
+    """Largest batch the planner forms (1..1024)."""
+    policy: str = "slonn"
+    """Scheduling policy: slonn (SLO-aware), triton, fixed:<level>, aimd."""
+    max_inflight: int = 8192
+    """Admitted requests not yet answered, across classes; beyond it RESOURCE_EXHAUSTED (> 0)."""
+    max_message_bytes: int = 1 << 20
+    """gRPC max receive/send message size (>= 4 KiB)."""
+    overhead_ms: float = 1.0
+    """Dispatch + IPC + reply time added to every predicted exec time (>= 0)."""
+    grace_s: float = 10.0
+    """On shutdown: how long queued and running work may drain (>= 0)."""
+    in_process: bool = False
+    """Run the model in the server process (debugging, tests) instead of worker processes."""
+
+    def __post_init__(self) -> None:
+        if not self.model_dirs:
+            raise ValueError("model_dirs is empty: pass at least one --model-dir")
+        if self.workers <= 0 or self.threads <= 0:
+            raise ValueError(f"workers={self.workers}, threads={self.threads}: both must be > 0")
+        if not 1 <= self.max_batch <= 1024:
+            raise ValueError(f"max_batch={self.max_batch} must be in 1..1024")
+        if self.max_inflight <= 0:
+            raise ValueError(f"max_inflight={self.max_inflight} must be > 0")
+        if self.max_message_bytes < 4096:
+            raise ValueError(f"max_message_bytes={self.max_message_bytes} must be >= 4096")
+        if self.overhead_ms < 0 or self.grace_s < 0:
+            raise ValueError(f"overhead_ms={self.overhead_ms}, grace_s={self.grace_s} must be >= 0")
+        if not self.classes:
+            raise ValueError("no SLO classes configured")

@@ -1,0 +1,156 @@
+"""The scheduler core: queues + policy, synchronous and clock-free.
+
+Like vLLM's Scheduler: ``add_request``, ``schedule(now) -> SchedulerOutput``,
+``update_from_output``. The asyncio dispatcher (live server) and the
+discrete-event simulator both drive this class; neither has scheduling
+logic of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from policy.planner import Pending, Plan, PlanContext, Policy, Wait
+from scheduler.config import SLOClassConfig
+from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
+from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Requests of one model to run together at one level."""
+
+    model: str
+    requests: list[QueuedRequest]
+    plan: Plan
+    planned_at_s: float
+
+
+@dataclass
+class SchedulerOutput:
+    batch: Batch | None = None
+    expired: list[QueuedRequest] = field(default_factory=list)
+    """Requests that can no longer make their deadline (class on_late='reject')."""
+    wake_at_s: float | None = None
+    """When the policy wants to decide again even if nothing arrives."""
+
+
+class Scheduler:
+    """Per-(model, class) queues and one policy. Not thread-safe: one loop owns it."""
+
+    def __init__(self, models: Mapping[str, tuple[float, ...]], classes: Mapping[str, SLOClassConfig],
+                 policy: Policy) -> None:
+        """``models`` maps a model name to its levels' accuracies (unused here but validated by callers)."""
+        self.classes = dict(classes)
+        self.policy = policy
+        self._seq = itertools.count()
+        self._queues: dict[str, dict[str, RequestQueue]] = {
+            m: {c.name: RequestQueue(policy.order_key, c.max_queue) for c in classes.values()} for m in models
+        }
+        self._best_accuracy = {m: max(acc) for m, acc in models.items()}
+
+    # -- admission -------------------------------------------------------
+
+    def make_request(self, model: str, slo_class: str, arrival_s: float, inputs: Any = None,
+                     budget_ms: float | None = None, handle: Any = None) -> QueuedRequest:
+        """Build a request with its deadline: the class's, tightened (never loosened) by ``budget_ms``."""
+        if model not in self._queues:
+            raise NotFound(f"model {model!r} is not served; served models: {sorted(self._queues)}")
+        cls = self.classes.get(slo_class)
+        if cls is None:
+            raise NotFound(f"slo_class {slo_class!r} is not configured; classes: {sorted(self.classes)}")
+        if cls.min_accuracy > self._best_accuracy[model]:
+            raise FailedPrecondition(
+                f"slo_class {slo_class!r} min_accuracy={cls.min_accuracy} is above model {model!r}'s best "
+                f"level accuracy {self._best_accuracy[model]:.4f}")
+        latency_ms = cls.latency_ms if not budget_ms else min(cls.latency_ms, budget_ms)
+        pending = Pending(next(self._seq), arrival_s, arrival_s + latency_ms * 1e-3, cls.min_accuracy,
+                          cls.priority, cls.mode, cls.on_late)
+        return QueuedRequest(pending, model, slo_class, inputs, handle)
+
+    def add_request(self, req: QueuedRequest, now_s: float, ctx: PlanContext) -> None:
+        """Queue ``req`` or raise QueueFull / DeadlineUnreachable (answered at once, never queued)."""
+        queue = self._queues[req.model][req.slo_class]
+        if queue.full():
+            raise QueueFull(f"slo_class {req.slo_class!r} queue for model {req.model!r} is full "
+                            f"(max_queue={queue.max_len})")
+        if req.pending.on_late == "reject" and self.policy.is_hopeless(req.pending, now_s, ctx):
+            budget_ms = (req.pending.deadline_s - now_s) * 1e3
+            raise DeadlineUnreachable(f"latency budget {budget_ms:.2f} ms is below the fastest allowed "
+                                      f"level's predicted latency for slo_class {req.slo_class!r}")
+        queue.push(req)
+
+    def cancel(self, req: QueuedRequest) -> None:
+        """The caller left: drop ``req`` if it is still queued (no-op once it is in a batch)."""
+        self._queues[req.model][req.slo_class].cancel(req)
+
+    # -- scheduling ------------------------------------------------------
+
+    def pending(self, model: str | None = None) -> int:
+        models = [model] if model else self._queues
+        return sum(len(q) for m in models for q in self._queues[m].values())
+
+    def queue_lengths(self) -> dict[tuple[str, str], int]:
+        return {(m, c): len(q) for m, qs in self._queues.items() for c, q in qs.items()}
+
+    def schedule(self, now_s: float, contexts: Mapping[str, PlanContext]) -> SchedulerOutput:
+        """Expire hopeless requests, then plan at most one batch (call once per free worker)."""
+        out = SchedulerOutput()
+        for model, queues in self._queues.items():
+            self._expire(queues.values(), now_s, contexts[model], out.expired)
+        model = self._most_urgent_model()
+        if model is None:
+            return out
+        ctx = contexts[model]
+        queues = list(self._queues[model].values())
+        candidates = pop_merged(queues, ctx.max_batch)
+        decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
+        if isinstance(decision, Wait):
+            self._requeue(candidates)
+            out.wake_at_s = decision.until_s
+            return out
+        chosen, rest = candidates[:decision.count], candidates[decision.count:]
+        self._requeue(rest)
+        for r in chosen:
+            r.late = decision.late
+        out.batch = Batch(model, chosen, decision, now_s)
+        log.debug("plan %s: %d x level %.3g predicted %.2f ms (%s)", model, decision.count, decision.level,
+                  decision.predicted_ms, decision.reason)
+        return out
+
+    def update_from_output(self, batch: Batch, exec_ms: float, finished_s: float) -> None:
+        """Feedback after a batch ran (stateful policies adapt)."""
+        met = all(finished_s <= r.pending.deadline_s for r in batch.requests)
+        self.policy.observe(batch.plan, exec_ms, met)
+
+    def drain(self) -> list[QueuedRequest]:
+        """Remove every queued request (shutdown)."""
+        return [r for qs in self._queues.values() for q in qs.values() for r in q.drain()]
+
+    def _expire(self, queues, now_s: float, ctx: PlanContext, expired: list[QueuedRequest]) -> None:
+        for q in queues:
+            while True:
+                head = q.peek()
+                # Only heads: behind an in-time head every request has a later deadline.
+                if head is None or head.pending.on_late != "reject" or not self.policy.is_hopeless(
+                        head.pending, now_s, ctx):
+                    break
+                expired.append(q.pop())
+
+    def _most_urgent_model(self) -> str | None:
+        best, best_key = None, None
+        for model, queues in self._queues.items():
+            for q in queues.values():
+                k = q.peek_key()
+                if k is not None and (best_key is None or k < best_key):
+                    best, best_key = model, k
+        return best
+
+    def _requeue(self, reqs: list[QueuedRequest]) -> None:
+        for r in reqs:
+            self._queues[r.model][r.slo_class].push(r)

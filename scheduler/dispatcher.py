@@ -1,0 +1,207 @@
+"""The asyncio side of scheduling: admit requests, run the Scheduler when a worker is free, answer futures.
+
+One event loop owns everything here. The decisions come from
+``scheduler.core.Scheduler`` (pure); this module only does I/O and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from policy.planner import PlanContext
+from scheduler.clock import Clock
+from scheduler.core import Batch, Scheduler
+from scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
+from scheduler.latency import LatencySource, Sample
+from scheduler.queues import QueuedRequest
+from workers.pool import TaskFailed, WorkerDied, WorkerPool
+from workers.protocol import BatchTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one request gets back."""
+
+    output: np.ndarray
+    level: float
+    expected_accuracy: float
+    queue_ms: float
+    exec_ms: float
+    predicted_ms: float
+    batch_size: int
+    late: bool
+    kernel: str
+
+
+class Dispatcher:
+    """Admits requests into the Scheduler and runs its batches on the pool."""
+
+    def __init__(self, scheduler: Scheduler, pool: WorkerPool, clock: Clock, latency: LatencySource,
+                 accuracy: dict[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
+                 max_inflight: int = 8192, contention: Callable[[], float] = lambda: 0.0,
+                 on_batch: Callable[[Batch, float, float], None] | None = None) -> None:
+        self.scheduler = scheduler
+        self.pool = pool
+        self.clock = clock
+        self.latency = latency
+        self.accuracy = accuracy
+        self.max_batch = max_batch
+        self.overhead_ms = overhead_ms
+        self.max_inflight = max_inflight
+        self.contention = contention
+        self.on_batch = on_batch
+        """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
+        self.inflight = 0
+        self.running: set[asyncio.Future] = set()
+        self._accepting = True
+        self._wakeup = asyncio.Event()
+        self._task_ids = itertools.count()
+        self._loop_task: asyncio.Task | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="slonn-dispatcher")
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop admitting, let queued and running work finish for up to ``grace_s``; answer the rest UNAVAILABLE.
+
+        Returns how many requests were answered UNAVAILABLE.
+        """
+        self._accepting = False
+        deadline = self.clock.now() + grace_s
+        while (self.scheduler.pending() or self.running) and self.clock.now() < deadline:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        left = self.scheduler.drain()
+        for req in left:
+            self._fail(req, Unavailable("server is shutting down; request was not run"))
+        if self._loop_task:
+            self._loop_task.cancel()
+        return len(left)
+
+    # -- admission ----------------------------------------------------------
+
+    def contexts(self) -> dict[str, PlanContext]:
+        contention = self.contention()
+        out = {}
+        for model, acc in self.accuracy.items():
+            table = self.latency.table(model)
+            out[model] = PlanContext(table, table.bucket(contention), acc, self.max_batch, self.overhead_ms)
+        return out
+
+    async def infer(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None = None,
+                    ) -> Completion:
+        """Admit one request and wait for its answer; raises RequestError subclasses."""
+        if not self._accepting:
+            raise Unavailable("server is shutting down; not admitting requests")
+        if self.inflight >= self.max_inflight:
+            raise QueueFull(f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})")
+        now = self.clock.now()
+        future = asyncio.get_running_loop().create_future()
+        req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future)
+        self.scheduler.add_request(req, now, self.contexts()[model])
+        self.inflight += 1
+        self._wakeup.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller left: no work for callers who are gone.
+            self.scheduler.cancel(req)
+            raise
+        finally:
+            self.inflight -= 1
+
+    # -- the loop -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            wake_at = self._dispatch()
+            timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+
+    def _dispatch(self) -> float | None:
+        """Plan a batch per idle worker; returns when the policy wants to be asked again."""
+        wake_at = None
+        while self.pool.idle_count() > 0 and self.scheduler.pending():
+            now = self.clock.now()
+            contexts = self.contexts()
+            out = self.scheduler.schedule(now, contexts)
+            for req in out.expired:
+                self._fail(req, DeadlineUnreachable(
+                    f"deadline cannot be met: {(now - req.pending.arrival_s) * 1e3:.1f} ms queued, "
+                    f"{(req.pending.deadline_s - now) * 1e3:.1f} ms left"))
+            if out.batch is None:
+                wake_at = out.wake_at_s
+                break
+            contention = self.contention()
+            self._launch(out.batch, contention)
+        return wake_at
+
+    def _launch(self, batch: Batch, contention: float) -> None:
+        inputs = np.stack([r.inputs for r in batch.requests])
+        task = BatchTask(next(self._task_ids), batch.model, batch.plan.level, inputs)
+        future = self.pool.submit(task)
+        self.running.add(future)
+        future.add_done_callback(lambda f: self._finish(batch, f, contention))
+
+    def _finish(self, batch: Batch, future: asyncio.Future, contention: float) -> None:
+        self.running.discard(future)
+        self._wakeup.set()
+        if future.cancelled():
+            error: RequestError | None = Unavailable("batch was cancelled (shutdown)")
+        else:
+            exc = future.exception()
+            error = None
+            if isinstance(exc, WorkerDied):
+                error = Unavailable(f"worker failed: {exc}")
+            elif isinstance(exc, TaskFailed):
+                error = RequestError(f"model failed: {exc}")
+            elif exc is not None:
+                error = RequestError(f"internal error: {type(exc).__name__}: {exc}")
+        if error is not None:
+            for req in batch.requests:
+                self._fail(req, error)
+            return
+        result = future.result()
+        now = self.clock.now()
+        if len(result.outputs) != len(batch.requests):
+            for req in batch.requests:
+                self._fail(req, RequestError(f"worker returned {len(result.outputs)} outputs for "
+                                             f"{len(batch.requests)} requests"))
+            return
+        self._complete(batch, result.outputs, result.exec_ms, result.kernel, now)
+        self.scheduler.update_from_output(batch, result.exec_ms, now)
+        self.latency.observe(Sample(batch.model, batch.plan.level, len(batch.requests), contention, result.exec_ms))
+        if self.on_batch:
+            self.on_batch(batch, result.exec_ms, contention)
+
+    def _complete(self, batch: Batch, outputs: np.ndarray, exec_ms: float, kernel: str, now: float) -> None:
+        plan = batch.plan
+        levels = self.latency.table(batch.model).levels
+        accuracy = self.accuracy[batch.model][levels.index(plan.level)]
+        for req, out in zip(batch.requests, outputs):
+            if req.handle.done():
+                continue  # the caller already left
+            req.handle.set_result(Completion(
+                output=out, level=plan.level, expected_accuracy=accuracy,
+                queue_ms=(batch.planned_at_s - req.pending.arrival_s) * 1e3, exec_ms=exec_ms,
+                predicted_ms=plan.predicted_ms, batch_size=len(batch.requests),
+                late=now > req.pending.deadline_s, kernel=kernel))
+
+    @staticmethod
+    def _fail(req: QueuedRequest, error: RequestError) -> None:
+        if not req.handle.done():
+            req.handle.set_exception(error)

@@ -1,0 +1,92 @@
+"""Where the dispatcher gets latency tables: a start-up profile through the real pool, then live samples."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from policy.table import LatencyTable
+from workers.artifact import ModelManifest
+from workers.pool import WorkerPool
+from workers.protocol import BatchTask
+
+log = logging.getLogger(__name__)
+
+WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured batch."""
+
+    model: str
+    level: float
+    batch_size: int
+    contention: float
+    exec_ms: float
+
+
+class LatencySource(Protocol):
+    def table(self, model: str) -> LatencyTable:
+        """The latest published table (O(1), no fitting)."""
+        ...
+
+    def observe(self, sample: Sample) -> None:
+        """A live measurement (O(1); any refit happens off the event loop)."""
+        ...
+
+
+class StaticLatency:
+    """Fixed tables (tests, and the policies that never learn)."""
+
+    def __init__(self, tables: dict[str, LatencyTable]) -> None:
+        self._tables = tables
+        self.samples: list[Sample] = []
+
+    def table(self, model: str) -> LatencyTable:
+        return self._tables[model]
+
+    def observe(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+
+async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: int, repeats: int = 3,
+                         seed: int = 0) -> list[Sample]:
+    """Time every level at a few batch sizes on the real workers (distinct random inputs per call)."""
+    rng = np.random.default_rng(seed)
+    rows: list[Sample] = []
+    sizes = sorted({b for b in WARMUP_BATCH_SIZES if b <= max_batch} | {max_batch})
+    task_id = -1
+    for level in manifest.levels:
+        for b in sizes:
+            for _ in range(repeats):
+                while pool.idle_count() == 0:
+                    await asyncio.sleep(0.01)
+                x = rng.uniform(0, 16, size=(b, manifest.arch.in_features)).astype(np.float32)
+                result = await pool.submit(BatchTask(task_id, manifest.name, level, x))
+                task_id -= 1
+                rows.append(Sample(manifest.name, level, b, 0.0, result.exec_ms))
+    return rows
+
+
+def linear_table(samples: list[Sample], levels: tuple[float, ...], max_batch: int, margin: float = 1.3,
+                 floor_ms: float = 0.2) -> LatencyTable:
+    """Cold-start table: per level, least squares ms = a + b * batch; safe = margin * that + floor_ms.
+
+    A simple, conservative rule for when no learned model exists yet.
+    """
+    batch = np.arange(1, max_batch + 1)
+    mean = np.empty((1, len(levels), max_batch))
+    for i, level in enumerate(levels):
+        pts = [(s.batch_size, s.exec_ms) for s in samples if s.level == level]
+        if not pts:
+            raise ValueError(f"no warm-up samples for level {level}")
+        xs, ys = np.array(pts, dtype=float).T
+        slope, intercept = np.polyfit(xs, ys, 1) if len(set(xs)) > 1 else (0.0, ys.mean())
+        mean[0, i] = np.maximum(intercept + max(slope, 0.0) * batch, ys.min())
+    safe = np.maximum.accumulate(mean * margin + floor_ms, axis=2)
+    return LatencyTable(tuple(levels), max_batch, (), safe, mean)

@@ -1,0 +1,186 @@
+"""The grpc.aio frontend: a thin servicer (proto -> request, await, error -> status) and server lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from policy.planner import SLOAwarePolicy
+from protos import slonn_pb2 as pb
+from protos import slonn_pb2_grpc as pb_grpc
+from protos.tensors import TensorError, from_tensor, to_tensor
+from scheduler.clock import MonotonicClock
+from scheduler.config import ServerConfig
+from scheduler.core import Scheduler
+from scheduler.dispatcher import Completion, Dispatcher
+from scheduler.errors import InvalidArgument, RequestError
+from scheduler.latency import StaticLatency, linear_table, warmup_profile
+from workers.pool import InProcessPool, ProcessPool, WorkerPool
+from workers.process import WorkerSpec
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """Maps the protocol onto the Dispatcher; every error becomes a status in ``_answer``."""
+
+    def __init__(self, dispatcher: Dispatcher, server: "SlonnServer") -> None:
+        self.dispatcher = dispatcher
+        self.server = server
+        self._ids = itertools.count()
+
+    async def _answer(self, request: pb.InferRequest, time_remaining_s: float | None) -> pb.InferResponse:
+        request_id = request.request_id or f"slonn-{next(self._ids)}"
+        manifest = self.server.manifests.get(request.model)
+        if not request.model:
+            raise InvalidArgument("model: must be set; see ListModels for the served models")
+        if manifest is None:
+            # Let the scheduler produce the NOT_FOUND with the list of models.
+            self.dispatcher.scheduler.make_request(request.model, request.slo_class, 0.0)
+        if not request.slo_class:
+            raise InvalidArgument(f"slo_class: must be set; one of {sorted(self.server.cfg.classes)}")
+        budget = request.latency_budget_ms
+        if not budget >= 0 or budget == float("inf"):
+            raise InvalidArgument(f"latency_budget_ms: got {budget}, expected a finite value >= 0 (0 = class default)")
+        if time_remaining_s is not None:
+            # The call's gRPC deadline tightens the class deadline too.
+            grpc_ms = max(time_remaining_s * 1e3, 0.0)
+            budget = grpc_ms if budget == 0 else min(budget, grpc_ms)
+        if not request.HasField("input"):
+            raise InvalidArgument(f"input: missing; expected a FLOAT32 tensor of shape [{manifest.arch.in_features}]")
+        try:
+            x = from_tensor(request.input, "input", manifest.arch.in_features)
+        except TensorError as exc:
+            raise InvalidArgument(str(exc)) from None
+        done = await self.dispatcher.infer(request.model, request.slo_class, x, budget or None)
+        return self._response(request_id, request.input, done)
+
+    @staticmethod
+    def _response(request_id: str, input_tensor: pb.Tensor, done: Completion) -> pb.InferResponse:
+        out = done.output if len(input_tensor.shape) == 1 else done.output[None, :]
+        return pb.InferResponse(
+            output=to_tensor(out), request_id=request_id, level=done.level,
+            expected_accuracy=done.expected_accuracy, queue_ms=done.queue_ms, exec_ms=done.exec_ms,
+            predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel)
+
+    async def Infer(self, request, context):
+        try:
+            return await self._answer(request, context.time_remaining())
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def InferStream(self, request_iterator, context):
+        """Answers in completion order; a failed request yields an error message and the stream goes on."""
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request: pb.InferRequest) -> None:
+            request_id = request.request_id or f"slonn-{next(self._ids)}"
+            request.request_id = request_id
+            try:
+                answer = pb.StreamResponse(response=await self._answer(request, None))
+            except RequestError as exc:
+                answer = pb.StreamResponse(error=pb.RequestError(
+                    request_id=request_id, code=exc.code.name, message=str(exc)))
+            await answers.put(answer)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # surfaces a read error, if any
+        finally:
+            # The client left or the stream ended: its queued requests leave the queues.
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def ListModels(self, request, context):
+        resp = pb.ListModelsResponse()
+        for m in self.server.manifests.values():
+            resp.models.append(pb.ModelInfo(
+                name=m.name, input_shape=[m.arch.in_features], output_shape=[m.arch.out_features],
+                hidden=list(m.arch.hidden),
+                levels=[pb.LevelInfo(level=lv, accuracy=m.accuracy[lv]) for lv in m.levels]))
+        for c in self.server.cfg.classes.values():
+            resp.slo_classes.append(pb.SLOClassInfo(
+                name=c.name, latency_ms=c.latency_ms, min_accuracy=c.min_accuracy, priority=c.priority,
+                max_queue=c.max_queue, on_late=c.on_late, mode=c.mode))
+        return resp
+
+
+def make_policy(name: str):
+    """Policy by name: slonn, or a baseline from policy/baselines.py."""
+    if name == "slonn":
+        return SLOAwarePolicy()
+    from policy.baselines import make_baseline
+
+    return make_baseline(name)
+
+
+@dataclass
+class SlonnServer:
+    """Pool + dispatcher + grpc.aio server, started and stopped together."""
+
+    cfg: ServerConfig
+
+    async def start(self) -> int:
+        """Start workers, profile, bind; returns the bound port."""
+        cfg = self.cfg
+        spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads)
+        self.pool: WorkerPool = InProcessPool(spec, cfg.workers) if cfg.in_process else ProcessPool(spec, cfg.workers)
+        await self.pool.start()
+        self.manifests = dict(self.pool.manifests)
+        tables = {}
+        for name, manifest in self.manifests.items():
+            samples = await warmup_profile(self.pool, manifest, cfg.max_batch)
+            tables[name] = linear_table(samples, manifest.levels, cfg.max_batch)
+        latency = StaticLatency(tables)
+        accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
+        scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
+        self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), latency, accuracy, cfg.max_batch,
+                                     cfg.overhead_ms, cfg.max_inflight)
+        self.dispatcher.start()
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes)]
+        self.grpc = grpc.aio.server(options=options)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher, self), self.grpc)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
+        await self.grpc.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s)", sorted(self.manifests), cfg.host,
+                 self.port, cfg.policy, cfg.workers, self.pool.device)
+        return self.port
+
+    async def stop(self) -> int:
+        """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        unanswered = await self.dispatcher.drain(self.cfg.grace_s)
+        await self.grpc.stop(grace=1.0)
+        await self.pool.close()
+        return unanswered

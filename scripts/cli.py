@@ -1,0 +1,42 @@
+"""The `slonn` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS = {
+    "serve": ("scripts.serve", "run the gRPC inference server"),
+    "train": ("scripts.train_cli", "train an SLO-aware MLP on the digits and write an artifact"),
+    "infer": ("scripts.infer", "send one request to a server and print the answer"),
+    "demo": ("scripts.demo", "train if needed, serve, replay a trace minute, print the SLO report"),
+    "replay": ("scripts.replay", "open-loop trace replay against a live server"),
+    "bench-kernels": ("scripts.bench_kernels", "dense vs sparse kernel latency per batch size and level"),
+    "profile": ("scripts.profile", "sweep levels x batch sizes x contention; write the latency profile"),
+    "eval-latency": ("scripts.eval_latency", "held-out accuracy of the latency model"),
+    "simulate": ("scripts.simulate", "discrete-event replay through the real scheduler on a virtual clock"),
+    "compare": ("scripts.compare", "every policy on the same trace and load: one table"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="slonn", description="SLO-aware neural-network inference server.")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
+                   help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    if not argv or argv[0] in ("-h", "--help"):
+        p.print_help()
+        return 0
+    ns = p.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    return module.main(ns.args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""An interference co-runner: processes that burn CPU with a duty cycle.
+
+Used by ``slonn profile`` to measure the model under contention, and by the
+replay tool to start interference mid-run::
+
+    with CpuBurner(n_procs=2, duty=1.0):
+        ...  # two cores busy-looping
+
+Each process busy-loops for ``duty * period_s`` then sleeps for the rest of
+the period, so ``intensity = n_procs * duty`` is the CPU (in cores) it asks for.
+Processes come from the ``spawn`` context (no fork of a process holding torch
+threads or an event loop).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+
+
+def _burn(stop, duty: float, period_s: float) -> None:
+    """Child body: busy-loop ``duty`` of every period until ``stop`` is set."""
+    busy_s = duty * period_s
+    idle_s = period_s - busy_s
+    x = 0
+    while not stop.is_set():
+        t_end = time.perf_counter() + busy_s
+        while time.perf_counter() < t_end:
+            for i in range(200):  # pure-Python arithmetic: keeps one core at 100%
+                x = (x * 1103515245 + i) & 0xFFFFFFFF
+        if idle_s > 0:
+            time.sleep(idle_s)
+
+
+@dataclass(frozen=True)
+class BurnSpec:
+    """One interference setting."""
+
+    n_procs: int
+    """Burning processes (>= 0)."""
+    duty: float = 1.0
+    """Busy fraction of each period, in (0, 1]."""
+
+    @property
+    def intensity(self) -> float:
+        """CPU demanded, in cores."""
+        return self.n_procs * self.duty
+
+    @classmethod
+    def parse(cls, text: str) -> "BurnSpec":
+        """'0', '2' (two processes at 100%) or '1x0.5' (one process at 50% duty)."""
+        n, _, duty = text.partition("x")
+        spec = cls(int(n), float(duty) if duty else 1.0)
+        if spec.n_procs < 0 or not 0.0 < spec.duty <= 1.0:
+            raise ValueError(f"burn spec {text!r}: need n_procs >= 0 and 0 < duty <= 1, e.g. '2' or '1x0.5'")
+        return spec
+
+    def label(self) -> str:
+        return f"{self.n_procs}x{self.duty:g}"
+
+
+class CpuBurner:
+    """Start/stop ``n_procs`` CPU-burning processes; also a context manager."""
+
+    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02) -> None:
+        if n_procs < 0 or not 0.0 < duty <= 1.0 or period_s <= 0:
+            raise ValueError(f"CpuBurner(n_procs={n_procs}, duty={duty}, period_s={period_s}): "
+                             "need n_procs >= 0, 0 < duty <= 1, period_s > 0")
+        self.spec = BurnSpec(n_procs, duty)
+        self.period_s = period_s
+        self._ctx = mp.get_context("spawn")
+        self._stop = None
+        self._procs: list = []
+
+    @property
+    def intensity(self) -> float:
+        return self.spec.intensity
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def start(self) -> "CpuBurner":
+        if self._procs:
+            raise RuntimeError("CpuBurner already started")
+        self._stop = self._ctx.Event()
+        for _ in range(self.spec.n_procs):
+            p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s), daemon=True)
+            p.start()
+            self._procs.append(p)
+        return self
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        for p in self._procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout_s)
+        self._procs = []
+
+    def __enter__(self) -> "CpuBurner":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

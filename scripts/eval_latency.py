@@ -1,0 +1,110 @@
+"""`slonn eval-latency`: held-out accuracy of the latency model on a profile.
+
+Splits the profile rows (random ``--test-fraction``, stratified by co-runner
+intensity so contended rows are held out too; or ``--holdout-intensity X``:
+all rows of one intensity), fits :class:`~policy.latency_model.LatencyModel`
+on the rest and reports, overall and per intensity, the MAPE of the mean
+prediction (target <= 10%) and the share of rows whose measured latency
+exceeds the safe prediction (target <= 2%). Also the same for the table the
+planner would read (bucketed contention, batch-monotone), which is what
+decisions use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
+    read_rows_csv, rows_to_arrays
+
+MAPE_TARGET_PCT = 10.0
+EXCEED_TARGET = 0.02
+
+
+def split(dicts: list[dict], test_fraction: float, holdout_intensity: str | None, seed: int):
+    """Indices (train, test): per-intensity random split, or one whole intensity held out."""
+    rng = np.random.default_rng(seed)
+    by = collections.defaultdict(list)
+    for i, d in enumerate(dicts):
+        by[d.get("burn", "?")].append(i)
+    train, test = [], []
+    for key, idx in by.items():
+        if holdout_intensity is not None:
+            (test if key == holdout_intensity else train).extend(idx)
+            continue
+        idx = rng.permutation(idx)
+        n_test = int(round(test_fraction * len(idx)))
+        test.extend(idx[:n_test].tolist())
+        train.extend(idx[n_test:].tolist())
+    return sorted(train), sorted(test)
+
+
+def _scores(mean, safe, table_safe, actual) -> dict:
+    return {"rows": int(len(actual)), "mape_pct": round(mape(mean, actual), 2),
+            "exceed_safe_rate": round(float(np.mean(actual > safe)), 4),
+            "exceed_table_safe_rate": round(float(np.mean(actual > table_safe)), 4),
+            "mean_safe_over_actual": round(float(np.mean(safe / actual)), 3)}
+
+
+def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | None = None, seed: int = 0,
+             config: LatencyModelConfig | None = None, edges=DEFAULT_CONTENTION_EDGES) -> dict:
+    train, test = split(dicts, test_fraction, holdout_intensity, seed)
+    if not test or not train:
+        raise SystemExit(f"empty split (train {len(train)}, test {len(test)}): check --holdout-intensity")
+    model = LatencyModel(config or LatencyModelConfig()).fit([rows[i] for i in train])
+    level, batch, cont, actual = rows_to_arrays([rows[i] for i in test])
+    mean = model.predict_mean(level, batch, cont)
+    safe = model.predict_safe(level, batch, cont)
+    levels = sorted({r.level for r in rows}, reverse=True)
+    table = model.to_table(levels, int(max(r.batch_size for r in rows)), edges)
+    table_safe = np.array([table.safe(table.bucket(c), table.level_index(lv), int(b))
+                           for lv, b, c in zip(level, batch, cont)])
+    overall = _scores(mean, safe, table_safe, actual)
+    per = {}
+    burns = np.array([dicts[i].get("burn", "?") for i in test])
+    for key in sorted(set(burns), key=lambda k: float(dicts[[i for i in test if dicts[i].get("burn") == k][0]]
+                                                       .get("intensity", 0) or 0)):
+        sel = burns == key
+        per[key] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
+        per[key]["contention_mean"] = round(float(cont[sel].mean()), 3)
+    return {"train_rows": len(train), "test_rows": len(test),
+            "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
+            f"random {test_fraction:.0%} per intensity (seed {seed})",
+            "overall": overall, "per_intensity": per,
+            "targets": {"mape_pct": MAPE_TARGET_PCT, "exceed_safe_rate": EXCEED_TARGET},
+            "meets_targets": overall["mape_pct"] <= MAPE_TARGET_PCT and overall["exceed_safe_rate"] <= EXCEED_TARGET,
+            "model": model.describe()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slonn eval-latency", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
+    p.add_argument("--profile", type=Path, default=None, help=f"CSV (default <model-dir>/{PROFILE_CSV})")
+    p.add_argument("--test-fraction", type=float, default=0.25)
+    p.add_argument("--holdout-intensity", default=None, help="hold out every row of this co-runner setting, e.g. 1x1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON (the only output format; accepted for the CLI)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = args.profile or args.model_dir / PROFILE_CSV
+    if not path.exists():
+        print(f"{path} not found: run `slonn profile --model-dir {args.model_dir}` first", file=sys.stderr)
+        return 2
+    rows, dicts = read_rows_csv(path, with_extra=True)
+    result = evaluate(rows, dicts, args.test_fraction, args.holdout_intensity, args.seed)
+    result["profile_csv"] = str(path)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

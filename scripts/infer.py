@@ -1,0 +1,50 @@
+"""`slonn infer`: send one held-out digit (or given features) and print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+import numpy as np
+
+from protos.client import SlonnClient
+from scripts.digits import load_split
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slonn infer", description=__doc__)
+    p.add_argument("--target", default="localhost:50051")
+    p.add_argument("--model", default="digits-mlp")
+    p.add_argument("--slo-class", default="interactive")
+    p.add_argument("--index", type=int, default=0, help="which held-out digit to send")
+    p.add_argument("--features", default=None, help="64 comma-separated pixel values instead of a held-out digit")
+    p.add_argument("--budget-ms", type=float, default=0.0, help="tighter latency budget (0 = class default)")
+    p.add_argument("--timeout-s", type=float, default=10.0)
+    p.add_argument("--list", action="store_true", help="list models, levels and SLO classes instead")
+    args = p.parse_args(argv)
+    with SlonnClient(args.target) as client:
+        try:
+            if args.list:
+                from google.protobuf.json_format import MessageToDict
+
+                print(json.dumps(MessageToDict(client.list_models()), indent=2))
+                return 0
+            label = None
+            if args.features:
+                x = np.array([float(v) for v in args.features.split(",")], np.float32)
+            else:
+                split = load_split()
+                x, label = split.x_test[args.index], int(split.y_test[args.index])
+            r = client.infer(args.model, args.slo_class, x, latency_budget_ms=args.budget_ms,
+                             timeout_s=args.timeout_s)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps({"prediction": int(np.argmax(r.output)), "label": label, "request_id": r.request_id,
+                      "level": r.level, "expected_accuracy": round(r.expected_accuracy, 4),
+                      "queue_ms": round(r.queue_ms, 3), "exec_ms": round(r.exec_ms, 3),
+                      "predicted_ms": round(r.predicted_ms, 3), "batch_size": r.batch_size, "late": r.late,
+                      "kernel": r.kernel}, indent=2))
+    return 0

@@ -1,0 +1,179 @@
+"""`slonn profile`: measure exec latency over levels x batch sizes x contention.
+
+The model runs in a spawned worker process exactly as the server's worker
+does (``ModelRunner``, ``torch.set_num_threads(threads)``, calibrated kernel
+choice); this process plays the scheduler: it owns the
+:class:`~policy.contention.ContentionMonitor` (told only the worker's pid) and
+a :class:`~scripts.corunner.CpuBurner` at several intensities. Every call uses
+distinct inputs (held-out digits plus small noise). Each row records the
+contention the monitor reported when the batch was sent, so the model learns
+from the signal the scheduler will actually see.
+
+Writes ``<model-dir>/latency_profile.csv`` (+ ``latency_model.json``), prints a
+JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from policy.contention import ContentionMonitor
+from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
+    write_rows_csv
+from scripts.corunner import BurnSpec, CpuBurner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+DEFAULT_INTENSITIES = ("0", "1x0.5", "1", "2", "3")
+
+
+def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, seed: int) -> None:
+    """Child: load the model like a server worker, then run batches on request until told to stop."""
+    import torch
+
+    from scripts.digits import load_split
+    from workers.runner import ModelRunner
+
+    torch.set_num_threads(threads)
+    runner = ModelRunner.load(Path(model_dir), device)
+    kernel_table = runner.calibrate() if calibrate else {}
+    pool = load_split().x_test
+    rng = np.random.default_rng(seed)
+    conn.send({"pid": os.getpid(), "levels": list(runner.manifest.levels), "kernel_table": kernel_table,
+               "device": str(runner.device)})
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        level, batch = msg
+        idx = rng.integers(0, len(pool), batch)
+        x = pool[idx] + rng.normal(0.0, 0.25, (batch, pool.shape[1])).astype(np.float32)
+        out = runner.run(x.astype(np.float32), level)
+        conn.send((out.exec_ms, out.kernel))
+
+
+class ProfileWorker:
+    """The worker process and its pipe."""
+
+    def __init__(self, model_dir: Path, device: str, threads: int, calibrate: bool, seed: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, str(model_dir), device, threads, calibrate, seed),
+                                daemon=True)
+        self.proc.start()
+        self.ready = self.conn.recv()
+
+    def run(self, level: float, batch: int) -> tuple[float, str]:
+        self.conn.send((level, batch))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+
+
+def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes, intensities, reps: int,
+          settle_s: float, seed: int) -> tuple[list[LatencySample], list[dict], dict]:
+    """Run every (level, batch) ``reps`` times at every intensity (shuffled inside each intensity)."""
+    rng = random.Random(seed)
+    rows, extra, signal = [], [], {}
+    for lv in levels:  # warm-up: first touch of each kernel/shape is not a measurement
+        for b in batch_sizes:
+            worker.run(lv, b)
+    for text in intensities:
+        spec = BurnSpec.parse(text)
+        calls = [(lv, b) for lv in levels for b in batch_sizes for _ in range(reps)]
+        rng.shuffle(calls)
+        t0 = time.monotonic()
+        with CpuBurner(spec.n_procs, spec.duty):
+            time.sleep(settle_s)  # let the co-runner start and the smoothed signal catch up
+            values = []
+            for lv, b in calls:
+                c = monitor.value
+                comp = monitor.components()
+                exec_ms, kernel = worker.run(lv, b)
+                values.append(c)
+                rows.append(LatencySample(lv, b, c, exec_ms, kernel))
+                extra.append({"intensity": spec.intensity, "burn": spec.label(), "load": round(comp["load"], 4),
+                              "probe": round(comp["probe"], 4), "t_s": round(time.monotonic(), 3)})
+        signal[spec.label()] = {"intensity": spec.intensity, "contention_mean": round(statistics.fmean(values), 4),
+                                "contention_p10": round(float(np.quantile(values, 0.1)), 4),
+                                "contention_p90": round(float(np.quantile(values, 0.9)), 4),
+                                "seconds": round(time.monotonic() - t0, 1)}
+        log.info("intensity %s: %s", text, signal[spec.label()])
+    return rows, extra, signal
+
+
+def _machine() -> dict:
+    import torch
+
+    with open("/proc/loadavg") as f:
+        loadavg = f.read().split()[:3]
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "loadavg_at_start": loadavg}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slonn profile", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
+    p.add_argument("--out", type=Path, default=None, help=f"CSV path (default <model-dir>/{PROFILE_CSV})")
+    p.add_argument("--levels", type=float, nargs="*", default=None, help="default: the model's levels")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=list(DEFAULT_BATCH_SIZES))
+    p.add_argument("--intensities", nargs="*", default=list(DEFAULT_INTENSITIES),
+                   help="co-runner settings: N (N busy processes) or NxD (N processes at duty D)")
+    p.add_argument("--reps", type=int, default=4, help="measurements per (level, batch, intensity)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the worker (the server's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-calibrate", action="store_true", help="skip ModelRunner.calibrate() (kernel choice)")
+    p.add_argument("--settle-s", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.reps < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise SystemExit("--reps must be >= 1 and --batch-sizes positive integers")
+    t0 = time.monotonic()
+    machine = _machine()
+    worker = ProfileWorker(args.model_dir, args.device, args.threads, not args.no_calibrate, args.seed)
+    levels = sorted(args.levels or worker.ready["levels"], reverse=True)
+    monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
+    try:
+        rows, extra, signal = sweep(worker, monitor, levels, args.batch_sizes, args.intensities, args.reps,
+                                    args.settle_s, args.seed)
+    finally:
+        monitor.stop()
+        worker.close()
+    out = args.out or args.model_dir / PROFILE_CSV
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_rows_csv(out, rows, extra)
+    model = LatencyModel(LatencyModelConfig()).fit(rows)
+    (out.parent / MODEL_JSON).write_text(json.dumps({"config": model.describe()["config"], "profile_csv": out.name,
+                                                     "rows": len(rows), "format_version": 1}, indent=2) + "\n")
+    print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
+                      "threads": args.threads, "device": worker.ready["device"], "levels": levels,
+                      "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
+                      "kernel_table": worker.ready["kernel_table"], "model": model.describe(),
+                      "monitor": {"probe_baseline_ms": round(monitor.baseline_ms, 4), "interval_s": monitor.interval_s,
+                                  "mode": monitor.mode},
+                      "machine": machine}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Per-request records and the per-class SLO summary shared by live replay and the simulator."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class RequestRecord:
+    """One request as the load generator (or the simulator) saw it."""
+
+    index: int
+    slo_class: str
+    deadline_ms: float
+    send_s: float
+    answer_s: float = float("nan")
+    status: str = "UNANSWERED"
+    """"OK" or a grpc.StatusCode name."""
+    level: float = float("nan")
+    batch_size: int = 0
+    correct: bool | None = None
+    late: bool = False
+    exec_ms: float = float("nan")
+    predicted_ms: float = float("nan")
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.answer_s - self.send_s) * 1e3
+
+    @property
+    def on_time(self) -> bool:
+        return self.status == "OK" and self.latency_ms <= self.deadline_ms
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if len(values) else None
+
+
+def summarize(records: list[RequestRecord], duration_s: float) -> dict:
+    """Per class and overall: sent, attainment, goodput, served accuracy, latency percentiles, levels, rejects."""
+    by_class: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        by_class.setdefault(r.slo_class, []).append(r)
+    out = {name: _summary(rs, duration_s) for name, rs in sorted(by_class.items())}
+    out["all"] = _summary(records, duration_s)
+    return out
+
+
+def _summary(rs: list[RequestRecord], duration_s: float) -> dict:
+    ok = [r for r in rs if r.status == "OK"]
+    on_time = sum(r.on_time for r in rs)
+    lat = np.asarray([r.latency_ms for r in ok])
+    checked = [r.correct for r in ok if r.correct is not None]
+    levels = Counter(r.level for r in ok)
+    return {
+        "sent": len(rs),
+        "answered_ok": len(ok),
+        "within_deadline": on_time,
+        "attainment": round(on_time / len(rs), 4) if rs else None,
+        "goodput_per_s": round(on_time / duration_s, 2) if duration_s > 0 else None,
+        "served_accuracy": round(float(np.mean(checked)), 4) if checked else None,
+        "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "p99_ms": _pct(lat, 99),
+        "levels": {f"{k:g}": v for k, v in sorted(levels.items(), reverse=True)},
+        "mean_batch": round(float(np.mean([r.batch_size for r in ok])), 2) if ok else None,
+        "errors": dict(Counter(r.status for r in rs if r.status != "OK")),
+        "unanswered": sum(r.status == "UNANSWERED" for r in rs),
+    }
+
+
+def write_csv(records: list[RequestRecord], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(RequestRecord)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names + ["latency_ms"])
+        w.writeheader()
+        for r in records:
+            w.writerow({**asdict(r), "latency_ms": r.latency_ms})
+
+
+def format_table(summary: dict) -> str:
+    """A human-readable per-class table."""
+    head = f"{'class':<12}{'sent':>7}{'in SLO':>9}{'attain':>8}{'acc':>8}{'p50 ms':>9}{'p99 ms':>9}  levels / errors"
+    lines = [head, "-" * len(head)]
+    for name, s in summary.items():
+        acc = f"{s['served_accuracy']:.4f}" if s["served_accuracy"] is not None else "-"
+        att = f"{s['attainment'] * 100:.1f}%" if s["attainment"] is not None else "-"
+        p50 = s["p50_ms"] if s["p50_ms"] is not None else "-"
+        p99 = s["p99_ms"] if s["p99_ms"] is not None else "-"
+        extra = " ".join(f"{k}:{v}" for k, v in s["levels"].items())
+        if s["errors"]:
+            extra += "  " + " ".join(f"{k}:{v}" for k, v in s["errors"].items())
+        lines.append(f"{name:<12}{s['sent']:>7}{s['within_deadline']:>9}{att:>8}{acc:>8}{p50:>9}{p99:>9}  {extra}")
+    return "\n".join(lines)

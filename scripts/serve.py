@@ -1,0 +1,68 @@
+"""`slonn serve`: run the server until SIGTERM/SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from scheduler.config import ServerConfig, load_classes
+
+DEFAULT_MODEL_DIR = Path("models/digits-mlp")
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, action="append", default=None,
+                   help=f"model artifact directory (repeatable; default {DEFAULT_MODEL_DIR})")
+    p.add_argument("--classes", type=Path, default=None, help="SLO classes TOML (default: the packaged one)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--policy", default="slonn", help="slonn | triton | fixed:<level> | aimd")
+    p.add_argument("--max-inflight", type=int, default=8192)
+    p.add_argument("--overhead-ms", type=float, default=1.0, help="dispatch + IPC time added to predictions")
+    p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
+    p.add_argument("--in-process", action="store_true", help="run the model in the server process")
+
+
+def config_from_args(args) -> ServerConfig:
+    return ServerConfig(
+        model_dirs=tuple(args.model_dir or [DEFAULT_MODEL_DIR]), classes=load_classes(args.classes),
+        host=args.host, port=args.port, workers=args.workers, threads=args.threads, device=args.device,
+        max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
+        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process)
+
+
+async def run_server(cfg: ServerConfig) -> int:
+    from scheduler.server import SlonnServer
+
+    server = SlonnServer(cfg)
+    port = await server.start()
+    print(f"slonn listening on {cfg.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.info("shutting down: draining for up to %.1f s", cfg.grace_s)
+    unanswered = await server.stop()
+    logging.info("stopped; %d queued request(s) answered UNAVAILABLE", unanswered)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slonn serve", description=__doc__)
+    add_server_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"slonn serve: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_server(cfg))

@@ -1,0 +1,97 @@
+"""ContentionMonitor: pure parsing/smoothing/clamping with injected inputs; a live sample is finite and >= 0."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from policy.contention import ContentionMonitor, Smoother, combine, others_load, parse_procs_running, \
+    probe_slowdown, task_state
+
+STAT = "cpu  1 2 3 4\ncpu0 1 2 3 4\nintr 5\nctxt 6\nprocs_running 5\nprocs_blocked 0\n"
+
+
+def test_parse_procs_running():
+    assert parse_procs_running(STAT) == 5
+    with pytest.raises(ValueError):
+        parse_procs_running("cpu 1 2 3\n")
+
+
+def test_task_state_handles_parens_and_spaces_in_comm():
+    assert task_state("123 (python) R 1 2 3") == "R"
+    assert task_state("123 (my (odd) name) S 1 2 3") == "S"
+
+
+def test_others_load_subtracts_our_tasks_and_clamps():
+    assert others_load(5, 2, 2) == 1.5
+    assert others_load(2, 3, 2) == 0.0  # a race between the two reads never goes negative
+
+
+def test_probe_slowdown_clamps_and_rejects_garbage():
+    assert probe_slowdown(0.3, 0.15) == pytest.approx(1.0)
+    assert probe_slowdown(0.1, 0.15) == 0.0
+    assert probe_slowdown(float("nan"), 0.15) == 0.0
+    assert probe_slowdown(0.2, 0.0) == 0.0
+
+
+def test_smoother_mean_and_median_over_window_ignore_nan():
+    mean = Smoother(3, "mean")
+    assert mean.value == 0.0
+    for x in (1.0, 2.0, float("nan"), 3.0, 4.0):
+        mean.push(x)
+    assert mean.value == pytest.approx(3.0)
+    med = Smoother(3, "median")
+    for x in (0.0, 10.0, 0.1):
+        med.push(x)
+    assert med.value == pytest.approx(0.1)  # one spike does not move the median
+
+
+def test_combine_modes():
+    assert combine(0.5, 2.0, "load") == 0.5
+    assert combine(0.5, 2.0, "probe") == 2.0
+    assert combine(0.5, 2.0, "max") == 2.0
+
+
+def _fake_proc(tmp_path, procs_running: int, states: dict[int, str]):
+    (tmp_path / "stat").write_text(STAT.replace("procs_running 5", f"procs_running {procs_running}"))
+    for i, (pid, st) in enumerate(states.items()):
+        task = tmp_path / str(pid) / "task" / str(pid)
+        task.mkdir(parents=True)
+        (task / "stat").write_text(f"{pid} (python w{i}) {st} 1 2 3\n")
+
+
+def test_monitor_on_injected_proc_tree_subtracts_own_running_tasks(tmp_path):
+    me = os.getpid()
+    _fake_proc(tmp_path, procs_running=4, states={me: "R", 4242: "R"})
+    clock = iter(float(i) for i in range(100))
+    mon = ContentionMonitor(own_pids=[4242], probe=False, window=2, clock=lambda: next(clock),
+                            proc_root=str(tmp_path))
+    n_cpus = mon.n_cpus
+    assert mon.sample_once() == pytest.approx(2 / n_cpus)  # 4 runnable, 2 of them ours
+    assert mon.last.load == pytest.approx(2 / n_cpus)
+    mon.remove_own_pid(4242)
+    assert mon.sample_once() == pytest.approx((2 / n_cpus + 3 / n_cpus) / 2)  # smoothed over the window
+    assert [t for t, _ in mon.history] == [0.0, 1.0]
+
+
+def test_live_monitor_returns_finite_non_negative_values():
+    mon = ContentionMonitor(interval_s=0.01)
+    values = [mon.sample_once() for _ in range(5)]
+    assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert mon.baseline_ms > 0
+    assert mon.value == values[-1] and len(mon.history) == 5
+    comp = mon.components()
+    assert comp["load"] >= 0 and comp["probe"] >= 0
+
+
+def test_monitor_thread_starts_and_stops():
+    with ContentionMonitor(interval_s=0.01, probe=False) as mon:
+        mon._stop.wait(0.05)
+    assert mon._thread is None and mon.value >= 0
+
+
+def test_monitor_rejects_bad_config():
+    with pytest.raises(ValueError, match="mode"):
+        ContentionMonitor(mode="nope", probe=False)

@@ -1,0 +1,113 @@
+"""LatencyModel: recovers a known shape, safe >= mean, table matches the model, persistence without pickle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, hat_basis, read_rows_csv, \
+    weighted_quantile
+
+LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+CONTENTIONS = (0.0, 0.5, 1.0, 1.5)
+EDGES = (0.25, 0.75, 1.25)
+
+
+def true_ms(level, batch, contention):
+    return 0.5 + 0.1 * np.asarray(batch) * np.asarray(level) * (1 + np.asarray(contention))
+
+
+def synthetic_rows(reps: int = 4, noise: float = 0.03, seed: int = 0) -> list[LatencySample]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for lv in LEVELS:
+        for b in BATCHES:
+            for c in CONTENTIONS:
+                for _ in range(reps):
+                    cm = c + rng.normal(0, 0.02)  # the measured signal is noisy too
+                    ms = true_ms(lv, b, c) * (1 + noise * rng.standard_normal())
+                    rows.append(LatencySample(lv, b, max(cm, 0.0), float(ms)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def model() -> LatencyModel:
+    return LatencyModel().fit(synthetic_rows())
+
+
+def test_recovers_known_shape_on_and_between_grid_points(model):
+    lv, b, c = np.meshgrid(LEVELS, [1, 3, 8, 12, 24, 48, 64], CONTENTIONS, indexing="ij")
+    pred = model.predict_mean(lv, b, c)
+    rel = np.abs(pred / true_ms(lv, b, c) - 1)
+    assert pred.shape == lv.shape
+    assert np.median(rel) < 0.03
+    assert rel.max() < 0.15
+
+
+def test_safe_is_above_mean_and_covers_most_rows(model):
+    rows = synthetic_rows(seed=1)
+    lv, b, c, ms = (np.array(x) for x in zip(*[(r.level, r.batch_size, r.contention, r.exec_ms) for r in rows]))
+    mean, safe = model.predict_mean(lv, b, c), model.predict_safe(lv, b, c)
+    assert np.all(safe >= mean)
+    assert np.mean(ms > safe) <= 0.03
+
+
+def test_table_equals_model_at_grid_points_and_is_monotone(model):
+    table = model.to_table(LEVELS, 64, EDGES)
+    points = model.bucket_points(EDGES)
+    for bucket, c in enumerate(points):
+        for li, lv in enumerate(LEVELS):
+            for b in (1, 2, 16, 64):
+                assert table.safe(bucket, li, b) == pytest.approx(float(model.predict_safe(lv, b, c)), rel=1e-9)
+                assert table.mean(bucket, li, b) == pytest.approx(float(model.predict_mean(lv, b, c)), rel=1e-9)
+    assert np.all(np.diff(table.safe_ms, axis=2) >= 0)
+    assert np.all(np.diff(table.safe_ms, axis=0) >= 0)
+    assert np.all(table.safe_ms >= table.mean_ms)
+    assert table.bucket(0.1) == 0 and table.bucket(2.0) == len(EDGES)
+
+
+def test_table_is_monotone_even_when_the_data_is_not():
+    rows = [LatencySample(lv, b, 0.0, 5.0 if b == 8 else 1.0 + 0.01 * b) for lv in (1.0, 0.5) for b in (1, 4, 8, 16)
+            for _ in range(5)]
+    table = LatencyModel().fit(rows).to_table((1.0, 0.5), 16, ())
+    assert np.all(np.diff(table.safe_ms, axis=2) >= 0)
+    assert table.safe(0, 0, 16) >= table.safe(0, 0, 8)
+
+
+def test_extrapolates_monotonically_beyond_the_profiled_batches(model):
+    pred = model.predict_mean(1.0, np.array([32, 64, 96, 128]), 0.0)
+    assert np.all(np.diff(pred) > 0)
+
+
+def test_save_load_roundtrip_without_pickle(model, tmp_path):
+    json_path = model.save(tmp_path)
+    assert json_path.name == "latency_model.json"
+    assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in tmp_path.iterdir())
+    loaded = LatencyModel.load(tmp_path)
+    assert len(read_rows_csv(tmp_path / "latency_profile.csv")) == len(model.rows)
+    x = (np.array([1.0, 0.1]), np.array([3, 40]), np.array([0.2, 1.2]))
+    np.testing.assert_allclose(loaded.predict_safe(*x), model.predict_safe(*x), rtol=1e-3)
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="slonn profile"):
+        LatencyModel.load(tmp_path)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        LatencyModel().predict_mean(1.0, 1, 0.0)
+    with pytest.raises(ValueError, match="quantile"):
+        LatencyModelConfig(quantile=1.5)
+
+
+def test_hat_basis_interpolates_and_extrapolates_linearly():
+    knots = np.array([0.0, 1.0, 3.0])
+    basis = hat_basis(np.array([0.5, 2.0, 5.0]), knots)
+    np.testing.assert_allclose(basis.sum(axis=1), 1.0)
+    np.testing.assert_allclose(basis @ knots, [0.5, 2.0, 5.0])  # reproduces linear functions everywhere
+
+
+def test_weighted_quantile_is_conservative_and_weighted():
+    x = np.arange(100, dtype=float)
+    assert weighted_quantile(x, 0.9) >= 89
+    w = np.where(x >= 50, 100.0, 1.0)
+    assert weighted_quantile(x, 0.5, w) >= 50

@@ -1,0 +1,133 @@
+"""OnlineLearner: refit on known-shape data, live samples outweigh the profile, window eviction."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from policy.latency_model import LatencySample
+from policy.learner import LearnerConfig, OnlineLearner
+from policy.table import LatencyTable
+
+LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def true_ms(level, batch, contention):
+    return 0.5 + 0.1 * batch * level * (1 + contention)
+
+
+def profile_rows(scale: float = 1.0, seed: int = 0) -> list[LatencySample]:
+    rng = np.random.default_rng(seed)
+    return [LatencySample(lv, b, c, scale * true_ms(lv, b, c) * (1 + 0.03 * rng.standard_normal()))
+            for lv in LEVELS for b in BATCHES for c in (0.0, 0.5, 1.0) for _ in range(3)]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(config: LearnerConfig = LearnerConfig(), rows=None, **kw) -> OnlineLearner:
+    return OnlineLearner(profile_rows() if rows is None else rows, LEVELS, 64, (0.25, 0.75), config=config, **kw)
+
+
+def test_initial_fit_recovers_known_shape():
+    learner = make()
+    model, table = learner.model, learner.table
+    for lv in LEVELS:
+        for b in (1, 5, 16, 40, 64):
+            assert float(model.predict_mean(lv, b, 0.5)) == pytest.approx(true_ms(lv, b, 0.5), rel=0.1)
+    assert isinstance(table, LatencyTable)
+    assert table.levels == LEVELS and table.max_batch == 64
+    assert np.all(table.safe_ms >= table.mean_ms)
+    assert np.all(np.diff(table.safe_ms, axis=2) >= 0)
+
+
+def test_table_lookup_equals_model_prediction_at_grid_points():
+    learner = make()
+    table, model = learner.table, learner.model
+    for bucket, c in enumerate(model.bucket_points(table.contention_edges)):
+        for li, lv in enumerate(LEVELS):
+            for b in BATCHES:
+                assert table.safe(bucket, li, b) == pytest.approx(float(model.predict_safe(lv, b, c)), rel=1e-9)
+
+
+def test_live_samples_outweigh_the_profile_after_a_load_change():
+    clock = FakeClock()
+    published = []
+    learner = make(LearnerConfig(live_weight=20.0), clock=clock, on_table=published.append)
+    before = learner.table.mean(0, 0, 16)
+    for s in profile_rows(scale=2.0, seed=1)[::2]:  # the machine got 2x slower, contention signal unchanged
+        learner.observe(s)
+    assert learner.pending > 0
+    table = learner.refit_now()
+    assert table is learner.table and published[-1] is table
+    assert learner.pending == 0
+    assert table.mean(0, 0, 16) > 1.6 * before
+
+
+def test_window_evicts_by_count_and_by_age():
+    clock = FakeClock()
+    learner = make(LearnerConfig(max_live=5, max_age_s=10.0), clock=clock)
+    for i in range(8):
+        learner.observe(LatencySample(1.0, 1, 0.0, 1.0 + i))
+    assert [s.exec_ms for s in learner.live_samples()] == [4.0, 5.0, 6.0, 7.0, 8.0]
+    clock.t += 5.0
+    learner.observe(LatencySample(1.0, 1, 0.0, 9.0))
+    clock.t += 6.0  # the first five are now 11 s old, the last one 6 s
+    assert [s.exec_ms for s in learner.live_samples()] == [9.0]
+    assert [s.exec_ms for s in learner.live_samples(now_s=clock.t + 100)] == []
+
+
+def test_training_set_weights_live_rows():
+    learner = make(LearnerConfig(live_weight=7.0), clock=FakeClock())
+    learner.observe(LatencySample(0.5, 4, 0.0, 1.0))
+    rows, weights = learner.training_set()
+    assert len(rows) == len(weights) == len(profile_rows()) + 1
+    assert weights[-1] == 7.0 and weights[0] == 1.0
+
+
+def test_cold_start_without_profile_keeps_initial_table_until_enough_rows():
+    initial = LatencyTable.constant(LEVELS, 64, per_item_ms=2.0)
+    learner = make(LearnerConfig(min_rows=20), rows=[], initial_table=initial, clock=FakeClock())
+    assert learner.table is initial and learner.model is None
+    assert learner.refit_now() is None
+    for s in profile_rows()[:: 3]:
+        learner.observe(s)
+    assert learner.refit_now() is not None and learner.table is not initial
+
+
+def test_observe_is_thread_safe():
+    learner = make(LearnerConfig(max_live=10_000), clock=FakeClock())
+    sample = LatencySample(1.0, 2, 0.0, 1.0)
+
+    def feed():
+        for _ in range(1000):
+            learner.observe(sample)
+
+    threads = [threading.Thread(target=feed) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(learner.live_samples()) == 4000 and learner.pending == 4000
+
+
+def test_background_thread_refits_and_stops():
+    done = threading.Event()
+    learner = make(LearnerConfig(refit_interval_s=0.01), on_table=lambda t: done.set())
+    learner.observe(LatencySample(1.0, 2, 0.0, 1.0))
+    with learner:
+        assert done.wait(10.0)  # an event, not a timing assertion
+    assert learner.refits >= 2
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="live_weight"):
+        LearnerConfig(live_weight=0.5)

@@ -1,0 +1,154 @@
+"""Which kernel runs a (batch size, level): a table measured on this machine.
+
+:func:`measure_kernel_table` times every kernel of a :class:`~workers.kernels.SparseMLP`
+for every (batch size, level) on distinct inputs per call and keeps the fastest.
+:class:`KernelChooser` answers from that table; a batch size between measured
+points uses the nearest measured size at or above it (the largest beyond the
+last). Before anything is measured it answers from a small prior.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from workers.device import DeviceTimer
+
+if TYPE_CHECKING:
+    from workers.kernels import SparseMLP
+
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+PRIOR_GATHER_MAX_BATCH = 4
+"""Unmeasured prior: per-sample gather up to this batch size (it wins there by a wide margin), dense above."""
+GIVE_UP_FACTOR = 3.0
+"""Stop timing a kernel once its first timed call is this many times slower than the best so far."""
+
+
+@dataclass
+class KernelChooser:
+    """Kernel per (batch size, level), from a measured table or, until measured, a prior."""
+
+    table: dict[int, dict[float, str]] = field(default_factory=dict)
+    """batch size -> level -> fastest kernel."""
+    timings_ms: dict[int, dict[float, dict[str, float]]] = field(default_factory=dict)
+    """batch size -> level -> kernel -> median ms (kernels given up on are absent)."""
+    levels: tuple[float, ...] = ()
+    """Levels of the model."""
+    meta: dict = field(default_factory=dict)
+    """How the table was measured: threads, device, repeats, inputs."""
+
+    @classmethod
+    def default(cls, levels) -> "KernelChooser":
+        """Unmeasured chooser (prior only); call :func:`measure_kernel_table` to replace it."""
+        return cls(levels=tuple(float(x) for x in levels), meta={"measured": False})
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.table)
+
+    def choose(self, batch_size: int, level: float) -> str:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not self.table:
+            return "gather" if batch_size <= PRIOR_GATHER_MAX_BATCH and level < 1.0 else "dense"
+        sizes = sorted(self.table)
+        size = next((b for b in sizes if b >= batch_size), sizes[-1])
+        row = self.table[size]
+        if level in row:
+            return row[level]
+        nearest = min(row, key=lambda lv: abs(lv - level))
+        return row[nearest]
+
+    def to_json(self) -> dict:
+        return {
+            "measured": self.measured,
+            "levels": list(self.levels),
+            "meta": dict(self.meta),
+            "table": {str(b): {repr(lv): k for lv, k in row.items()} for b, row in self.table.items()},
+            "timings_ms": {str(b): {repr(lv): dict(ks) for lv, ks in row.items()}
+                           for b, row in self.timings_ms.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KernelChooser":
+        return cls(
+            table={int(b): {float(lv): str(k) for lv, k in row.items()} for b, row in d.get("table", {}).items()},
+            timings_ms={int(b): {float(lv): {str(k): float(ms) for k, ms in ks.items()} for lv, ks in row.items()}
+                        for b, row in d.get("timings_ms", {}).items()},
+            levels=tuple(float(x) for x in d.get("levels", ())),
+            meta=dict(d.get("meta", {})),
+        )
+
+
+def synthetic_inputs(sparse: "SparseMLP", n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` raw inputs drawn around the training distribution (mean + std * N(0, 1))."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, sparse.in_features, generator=gen)
+    return (sparse.input_mean.cpu() + sparse.input_std.cpu() * z).to(sparse.device)
+
+
+def time_kernel(sparse: "SparseMLP", kernel: str, level: float, batches: list[torch.Tensor],
+                give_up_ms: float = float("inf")) -> float:
+    """Median ms of ``kernel`` over ``batches`` (one warm-up call on the last batch first).
+
+    Stops early, returning the one measurement, when the first timed call exceeds ``give_up_ms``.
+    """
+    times = []
+    with torch.inference_mode():
+        sparse.forward(batches[-1], level, kernel)
+        for i, x in enumerate(batches[:-1] if len(batches) > 1 else batches):
+            with DeviceTimer(sparse.device) as timer:
+                sparse.forward(x, level, kernel)
+            times.append(timer.ms)
+            if i == 0 and timer.ms > give_up_ms:
+                break
+    return statistics.median(times)
+
+
+def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats: int = 5,
+                         inputs: torch.Tensor | None = None,
+                         kernels: tuple[str, ...] | None = None) -> KernelChooser:
+    """Time every kernel for every (batch size, level) on distinct inputs per call; keep the fastest.
+
+    ``inputs`` (n x in, raw features) are cycled through with a fresh offset per
+    call; without them, synthetic inputs around the training distribution are used.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    levels = tuple(float(x) for x in levels)
+    batch_sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES)
+    kernels = tuple(kernels or sparse.kernels)
+    calls = repeats + 1
+    need = max(batch_sizes) * calls
+    source = "given"
+    if inputs is None:
+        inputs, source = synthetic_inputs(sparse, need), "synthetic"
+    inputs = inputs.to(sparse.device, torch.float32)
+    chooser = KernelChooser(levels=levels, meta={
+        "measured": True, "threads": torch.get_num_threads(), "device": str(sparse.device),
+        "repeats": repeats, "inputs": source, "kernels": list(kernels)})
+    offset = 0
+    for b in batch_sizes:
+        chooser.table[b], chooser.timings_ms[b] = {}, {}
+        for level in levels:
+            cell: dict[str, float] = {}
+            for kernel in kernels:
+                batches = []
+                for _ in range(calls):
+                    batches.append(_take(inputs, offset, b))
+                    offset += b
+                best = min(cell.values(), default=float("inf"))
+                cell[kernel] = time_kernel(sparse, kernel, level, batches, GIVE_UP_FACTOR * best)
+            chooser.timings_ms[b][level] = cell
+            chooser.table[b][level] = min(cell, key=cell.get)
+    return chooser
+
+
+def _take(inputs: torch.Tensor, offset: int, b: int) -> torch.Tensor:
+    """Rows offset..offset+b of ``inputs``, wrapping around."""
+    n = len(inputs)
+    idx = torch.arange(offset, offset + b, device=inputs.device) % n
+    return inputs.index_select(0, idx)

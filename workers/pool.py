@@ -1,0 +1,269 @@
+"""Worker pools: one interface, a spawned-process implementation and an in-process twin.
+
+The pool runs one BatchTask per worker at a time. A worker that dies
+mid-batch (crash, SIGKILL, OOM) is noticed at once through its process
+sentinel, replaced, and its batch retried once on a live worker; a second
+failure raises :class:`WorkerDied`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+
+from workers.artifact import ModelManifest
+from workers.process import WorkerSpec, execute, load_runners, warm_up, worker_main
+from workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
+
+log = logging.getLogger(__name__)
+
+
+class WorkerDied(Exception):
+    """The batch's worker died and the one retry failed too."""
+
+
+class TaskFailed(Exception):
+    """The model raised while running the batch (the worker is fine)."""
+
+
+class WorkerPool(ABC):
+    """Runs batches on workers; ``start`` before use, ``close`` after."""
+
+    manifests: dict[str, ModelManifest]
+    device: str = "cpu"
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    def idle_count(self) -> int:
+        """Workers ready for a batch right now."""
+
+    @abstractmethod
+    def submit(self, task: BatchTask) -> "asyncio.Future[BatchResult]":
+        """Start ``task`` on an idle worker now (``idle_count() > 0`` is required).
+
+        The idle worker is taken before this returns, so a caller can submit
+        once per idle worker without awaiting. The future raises TaskFailed
+        or WorkerDied.
+        """
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class InProcessPool(WorkerPool):
+    """Runs the model in this process on a thread (tests, debugging). Same contract, no IPC."""
+
+    def __init__(self, spec: WorkerSpec, workers: int = 1) -> None:
+        self.spec = spec
+        self.workers = workers
+        self._busy = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self.manifests = {}
+
+    async def start(self) -> None:
+        self._runners = await asyncio.to_thread(load_runners, self.spec)
+        await asyncio.to_thread(warm_up, self._runners)
+        self.manifests = {n: r.manifest for n, r in self._runners.items()}
+        self.device = str(next(iter(self._runners.values())).device)
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="slonn-inproc")
+
+    def idle_count(self) -> int:
+        return self.workers - self._busy
+
+    def submit(self, task: BatchTask) -> "asyncio.Future[BatchResult]":
+        if self._busy >= self.workers:
+            raise RuntimeError("submit() with no idle worker")
+        self._busy += 1
+        return asyncio.ensure_future(self._run(task))
+
+    async def _run(self, task: BatchTask) -> BatchResult:
+        try:
+            msg = await asyncio.get_running_loop().run_in_executor(self._executor, execute, self._runners, task, 0)
+        finally:
+            self._busy -= 1
+        if isinstance(msg, WorkerFailure):
+            raise TaskFailed(msg.error)
+        return msg
+
+    async def close(self) -> None:
+        if self._executor:
+            self._executor.shutdown(wait=True)
+
+
+class _Worker:
+    __slots__ = ("worker_id", "process", "conn", "ready", "future", "alive")
+
+    def __init__(self, worker_id: int, process, conn, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker_id = worker_id
+        self.process = process
+        self.conn = conn
+        self.ready: asyncio.Future = loop.create_future()
+        self.future: asyncio.Future | None = None
+        self.alive = True
+
+
+class ProcessPool(WorkerPool):
+    """Spawned worker processes, restarted when they die."""
+
+    def __init__(self, spec: WorkerSpec, workers: int = 1, start_timeout_s: float = 300.0,
+                 task_timeout_s: float = 30.0) -> None:
+        self.spec = spec
+        self.n_workers = workers
+        self.start_timeout_s = start_timeout_s
+        self.task_timeout_s = task_timeout_s
+        """A batch running longer than this is taken as a hung worker: it is killed and replaced."""
+        self.manifests = {}
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._idle: list[_Worker] = []
+        self._idle_changed = asyncio.Event()
+        self._closing = False
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        workers = [self._spawn() for _ in range(self.n_workers)]
+        await asyncio.wait_for(asyncio.gather(*(w.ready for w in workers)), self.start_timeout_s)
+
+    def _spawn(self) -> _Worker:
+        worker_id = next(self._ids)
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=worker_main, args=(worker_id, self.spec, child), daemon=True,
+                                    name=f"slonn-worker-{worker_id}")
+        process.start()
+        child.close()  # so that the worker's death reads as EOF here
+        w = _Worker(worker_id, process, parent, self._loop)
+        self._workers[worker_id] = w
+        self._loop.add_reader(parent.fileno(), self._on_readable, w)
+        self._loop.add_reader(process.sentinel, self._on_exit, w)
+        return w
+
+    def _on_readable(self, w: _Worker) -> None:
+        try:
+            while w.alive and w.conn.poll():
+                msg = w.conn.recv()
+                if isinstance(msg, WorkerReady):
+                    self._on_ready(w, msg)
+                elif w.future is not None and not w.future.done():
+                    w.future.set_result(msg)
+        except (EOFError, OSError):
+            self._on_exit(w)
+
+    def _on_ready(self, w: _Worker, msg: WorkerReady) -> None:
+        self.manifests = {n: ModelManifest.from_json(m) for n, m in msg.models.items()}
+        self.device = msg.device
+        log.info("worker %d ready (pid %d, %s); kernels %s", w.worker_id, msg.pid, msg.device, msg.kernel_table)
+        if not w.ready.done():
+            w.ready.set_result(msg)
+        self._release(w)
+
+    def _on_exit(self, w: _Worker) -> None:
+        if not w.alive:
+            return
+        w.alive = False
+        for fd in (w.conn.fileno(), w.process.sentinel):
+            self._loop.remove_reader(fd)
+        w.conn.close()
+        self._workers.pop(w.worker_id, None)
+        if w in self._idle:
+            self._idle.remove(w)
+        if self._closing:
+            return
+        log.warning("worker %d (pid %s) died with exit code %s; starting a replacement",
+                    w.worker_id, w.process.pid, w.process.exitcode)
+        if w.future is not None and not w.future.done():
+            w.future.set_exception(WorkerDied(f"worker {w.worker_id} died (exit code {w.process.exitcode})"))
+        if not w.ready.done():
+            w.ready.set_exception(WorkerDied(f"worker {w.worker_id} died while starting"))
+            w.ready.exception()  # retrieved: a start-up death is reported by start()'s gather or not at all
+        self.restarts += 1
+        self._spawn()
+
+    def _release(self, w: _Worker) -> None:
+        w.future = None
+        if w.alive:
+            self._idle.append(w)
+            self._idle_changed.set()
+
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def _acquire(self) -> _Worker:
+        while not self._idle:
+            if self._closing:
+                raise WorkerDied("pool is closing")
+            self._idle_changed.clear()
+            await self._idle_changed.wait()
+        return self._idle.pop()
+
+    def submit(self, task: BatchTask) -> "asyncio.Future[BatchResult]":
+        if not self._idle:
+            raise RuntimeError("submit() with no idle worker")
+        first = self._send(self._idle.pop(), task)
+        return asyncio.ensure_future(self._run(task, first))
+
+    async def _run(self, task: BatchTask, first_try: "asyncio.Future") -> BatchResult:
+        try:
+            return await first_try
+        except WorkerDied as first:
+            log.warning("task %d: %s; retrying once on a live worker", task.task_id, first)
+            try:
+                return await asyncio.wait_for(self._run_once(task), self.start_timeout_s + self.task_timeout_s)
+            except (WorkerDied, asyncio.TimeoutError) as second:
+                raise WorkerDied(f"batch failed on two workers: {first}; then {second}") from None
+
+    async def _run_once(self, task: BatchTask) -> BatchResult:
+        return await self._send(await self._acquire(), task)
+
+    def _send(self, w: _Worker, task: BatchTask) -> "asyncio.Future[BatchResult]":
+        w.future = self._loop.create_future()
+        try:
+            w.conn.send(task)
+        except OSError as exc:
+            w.future = None
+            failed = self._loop.create_future()
+            failed.set_exception(WorkerDied(f"worker {w.worker_id}: {exc}"))
+            return failed
+        return asyncio.ensure_future(self._await_result(w, task))
+
+    async def _await_result(self, w: _Worker, task: BatchTask) -> BatchResult:
+        try:
+            msg = await asyncio.wait_for(asyncio.shield(w.future), self.task_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("worker %d: task %d ran over %.1f s; killing it", w.worker_id, task.task_id,
+                      self.task_timeout_s)
+            w.future = None  # its death is this timeout, reported here
+            w.process.kill()
+            raise WorkerDied(f"worker {w.worker_id} hung for {self.task_timeout_s} s") from None
+        self._release(w)
+        if isinstance(msg, WorkerFailure):
+            raise TaskFailed(msg.error)
+        return msg
+
+    async def close(self) -> None:
+        self._closing = True
+        self._idle_changed.set()
+        for w in list(self._workers.values()):
+            try:
+                w.conn.send(Shutdown())
+            except OSError:
+                pass
+        for w in list(self._workers.values()):
+            await asyncio.to_thread(w.process.join, 5.0)
+            if w.process.is_alive():
+                w.process.kill()
+                await asyncio.to_thread(w.process.join, 5.0)
+            if w.alive:
+                w.alive = False
+                for fd in (w.conn.fileno(), w.process.sentinel):
+                    self._loop.remove_reader(fd)
+                w.conn.close()
+        self._workers.clear()
+        self._idle.clear()

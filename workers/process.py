@@ -1,0 +1,80 @@
+"""The worker process: load models once, then run BatchTasks until Shutdown or EOF."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
+from workers.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start a worker (picklable: it crosses the spawn boundary)."""
+
+    model_dirs: tuple[Path, ...]
+    device: str = "auto"
+    threads: int = 1
+    calibrate: bool = True
+    """Measure the kernel table at start-up (else the chooser's defaults)."""
+
+
+def load_runners(spec: WorkerSpec) -> dict[str, ModelRunner]:
+    torch.set_num_threads(spec.threads)
+    runners = {}
+    for directory in spec.model_dirs:
+        runner = ModelRunner.load(Path(directory), spec.device)
+        if spec.calibrate:
+            runner.calibrate()
+        runners[runner.manifest.name] = runner
+    return runners
+
+
+def execute(runners: dict[str, ModelRunner], task: BatchTask, worker_id: int) -> BatchResult | WorkerFailure:
+    """Run one task; an exception becomes a WorkerFailure (the worker stays up)."""
+    try:
+        out = runners[task.model].run(task.inputs, task.level)
+    except Exception as exc:  # noqa: BLE001 - reported to the scheduler, which answers the batch
+        log.exception("task %d failed", task.task_id)
+        return WorkerFailure(task.task_id, worker_id, f"{type(exc).__name__}: {exc}")
+    if len(out.outputs) != len(task.inputs):
+        return WorkerFailure(task.task_id, worker_id,
+                             f"model returned {len(out.outputs)} outputs for a batch of {len(task.inputs)}")
+    return BatchResult(task.task_id, worker_id, out.outputs, out.exec_ms, out.kernel)
+
+
+def warm_up(runners: dict[str, ModelRunner]) -> None:
+    """One run per level so the first real batch does not pay allocation costs."""
+    for runner in runners.values():
+        x = np.zeros((1, runner.manifest.arch.in_features), np.float32)
+        for level in runner.manifest.levels:
+            runner.run(x, level)
+
+
+def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(level=logging.WARNING, format=f"worker{worker_id} %(levelname)s %(message)s")
+    runners = load_runners(spec)
+    warm_up(runners)
+    conn.send(WorkerReady(
+        worker_id=worker_id, pid=os.getpid(), device=str(next(iter(runners.values())).device),
+        models={name: r.manifest.to_json() for name, r in runners.items()},
+        kernel_table={name: r.chooser.to_json() for name, r in runners.items()},
+    ))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the scheduler went away
+        if isinstance(msg, Shutdown):
+            return
+        conn.send(execute(runners, msg, worker_id))
