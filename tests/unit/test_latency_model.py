@@ -53,14 +53,27 @@ def test_safe_is_above_mean_and_covers_most_rows(model):
     assert np.mean(ms > safe) <= 0.03
 
 
+def monotone_envelope(model, levels, max_batch, edges, kind):
+    """What the table must hold: the model's prediction at each bucket's point, running-maxed over batch and bucket."""
+    predict = model.predict_safe if kind == "safe" else model.predict_mean
+    c = model.bucket_points(edges)[:, None, None]
+    raw = predict(np.asarray(levels)[None, :, None], np.arange(1, max_batch + 1)[None, None, :], c)
+    return raw, np.maximum.accumulate(np.maximum.accumulate(raw, axis=2), axis=0)
+
+
 def test_table_equals_model_at_grid_points_and_is_monotone(model):
     table = model.to_table(LEVELS, 64, EDGES)
-    points = model.bucket_points(EDGES)
-    for bucket, c in enumerate(points):
-        for li, lv in enumerate(LEVELS):
+    raw_safe, env_safe = monotone_envelope(model, LEVELS, 64, EDGES, "safe")
+    raw_mean, env_mean = monotone_envelope(model, LEVELS, 64, EDGES, "mean")
+    for bucket in range(len(EDGES) + 1):
+        for li in range(len(LEVELS)):
             for b in (1, 2, 16, 64):
-                assert table.safe(bucket, li, b) == pytest.approx(float(model.predict_safe(lv, b, c)), rel=1e-9)
-                assert table.mean(bucket, li, b) == pytest.approx(float(model.predict_mean(lv, b, c)), rel=1e-9)
+                assert table.safe(bucket, li, b) == pytest.approx(max(env_safe[bucket, li, b - 1],
+                                                                      env_mean[bucket, li, b - 1]), rel=1e-12)
+                assert table.mean(bucket, li, b) == pytest.approx(env_mean[bucket, li, b - 1], rel=1e-12)
+    # where the model is itself monotone (level 1.0 here) the table is exactly the model's prediction
+    np.testing.assert_allclose(table.safe_ms[:, 0, :], raw_safe[:, 0, :], rtol=1e-12)
+    assert np.all(table.safe_ms >= raw_safe - 1e-12)
     assert np.all(np.diff(table.safe_ms, axis=2) >= 0)
     assert np.all(np.diff(table.safe_ms, axis=0) >= 0)
     assert np.all(table.safe_ms >= table.mean_ms)
