@@ -1,0 +1,28 @@
+"""Markers by folder: tests/unit -> unit, tests/integration -> integration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath))
+        if (HERE / "unit") in path.parents:
+            item.add_marker(pytest.mark.unit)
+        elif (HERE / "integration") in path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A small real artifact trained on the digits (2 x 128 hidden, a few seconds)."""
+    from scripts.train import TrainConfig, train_to
+
+    directory = tmp_path_factory.mktemp("models") / "tiny"
+    train_to(directory, TrainConfig(name="tiny", hidden=(128, 128), epochs=8, levels=(1.0, 0.5, 0.25, 0.1)))
+    return directory
