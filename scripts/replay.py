@@ -22,6 +22,9 @@ from scripts.digits import load_split
 from scripts.report import RequestRecord, format_table, summarize, write_csv
 from scripts.trace import DEFAULT_TRACE, Arrivals, make_arrivals
 
+CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
+"""Status of a request the server never answered before the client's generous deadline."""
+
 
 def _progress(done: int, total: int, started: float, stream) -> None:
     width = 30
@@ -50,7 +53,9 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                 res: InferResult = await client.infer(model, rec.slo_class, x[k], request_id=str(i),
                                                       timeout_s=timeout)
             except grpc.aio.AioRpcError as exc:
-                rec.status = exc.code().name
+                # The client's own deadline firing means the server never answered.
+                client_timeout = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded"
+                rec.status = CLIENT_TIMEOUT if client_timeout else exc.code().name
             else:
                 rec.status = "OK"
                 rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
