@@ -68,7 +68,8 @@ def _summary(rs: list[RequestRecord], duration_s: float) -> dict:
         "levels": {f"{k:g}": v for k, v in sorted(levels.items(), reverse=True)},
         "mean_batch": round(float(np.mean([r.batch_size for r in ok])), 2) if ok else None,
         "errors": dict(Counter(r.status for r in rs if r.status != "OK")),
-        "unanswered": sum(r.status == "UNANSWERED" for r in rs),
+        # Never answered by the server: still pending, or the client's own timeout fired.
+        "unanswered": sum(r.status in ("UNANSWERED", "CLIENT_TIMEOUT") for r in rs),
     }
 
 

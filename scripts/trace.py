@@ -93,3 +93,17 @@ def make_arrivals(path: Path = DEFAULT_TRACE, start_s: float = 0.0, duration_s: 
     else:
         classes = classify(tokens)
     return Arrivals(t / speedup, classes, str(path), (start_s, end_s), speedup)
+
+
+def poisson_arrivals(rate_per_s: float, duration_s: float, class_mix: dict[str, float], seed: int = 0) -> Arrivals:
+    """Synthetic open-loop load: Poisson arrivals at ``rate_per_s`` for ``duration_s``, classes drawn by weight."""
+    if rate_per_s <= 0 or duration_s <= 0:
+        raise ValueError(f"rate_per_s={rate_per_s} and duration_s={duration_s} must be > 0")
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate_per_s, size=int(rate_per_s * duration_s * 1.2) + 16)
+    t = np.cumsum(gaps)
+    t = t[t < duration_s]
+    names = list(class_mix)
+    p = np.asarray([class_mix[n] for n in names], float)
+    classes = list(rng.choice(names, size=len(t), p=p / p.sum()))
+    return Arrivals(t, classes, f"poisson({rate_per_s:g}/s)", (0.0, duration_s), 1.0)
