@@ -41,6 +41,10 @@ from workers.model import SLOAwareMLP, kept_units, topk_mask
 EXACT_KERNELS: tuple[str, ...] = ("dense", "gather", "union")
 """Kernels equal to the reference up to float summation order."""
 LOW_PRECISION_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+POSITIVE_FILTER_MIN_KEEP = 0.25
+"""Gather kernels drop non-positive kept units from keep >= this: there ReLU zeroes many of them (at keep 0.5
+about 80% of layer 2's on digits); below it nearly all kept units are positive and the boolean indexing
+(~50 us a layer at batch 1) costs more than the rows it saves."""
 UNION_DENSE_FRACTION = 0.75
 """Union kernel: above this fraction of a layer's inputs in the batch union, gathering costs more than it saves."""
 
@@ -114,10 +118,13 @@ class SparseMLP:
         z = torch.addmm(self.first_b, x, self.first_w.t())
         if kernel == "dense":
             return self._forward_dense(z, keep)
-        step = {"gather": _gather_fp32, "union": _union_gemm}.get(kernel, _gather_low)
+        if kernel == "union":
+            for layer in self.layers:
+                z = _union_gemm(layer, *_select(z, keep))
+            return z
+        low = kernel != "gather"
         for layer in self.layers:
-            v, idx = _select(z, keep)
-            z = step(layer, v, idx)
+            z = _gather(layer, *_select(z, keep), low=low, drop_zeros=keep >= POSITIVE_FILTER_MIN_KEEP)
         return z
 
     def _forward_dense(self, z: torch.Tensor, keep: float) -> torch.Tensor:
@@ -150,17 +157,15 @@ def _positive_bags(v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
     return v[pos], idx[pos], offsets
 
 
-def _gather_fp32(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    vals, ids, offsets = _positive_bags(v, idx)
-    out = F.embedding_bag(ids, layer.wt, offsets, mode="sum", per_sample_weights=vals)
-    return out.add_(layer.bias)
-
-
-def _gather_low(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    vals, ids, offsets = _positive_bags(v, idx)
-    wt = layer.wt_low
-    out = F.embedding_bag(ids, wt, offsets, mode="sum", per_sample_weights=vals.to(wt.dtype))
-    return torch.add(layer.bias, out)  # promotes to fp32
+def _gather(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor, low: bool, drop_zeros: bool) -> torch.Tensor:
+    """bias + sum over each sample's kept units j of v_j * W.T[j], reading only those rows."""
+    wt = layer.wt_low if low else layer.wt
+    if drop_zeros:
+        v, idx, offsets = _positive_bags(v, idx)
+    else:
+        offsets = None  # 2-D input: one bag per row, zeros contribute nothing
+    out = F.embedding_bag(idx, wt, offsets, mode="sum", per_sample_weights=v.to(wt.dtype))
+    return torch.add(layer.bias, out)  # fp32 bias + (fp32 or half) sum -> fp32
 
 
 def _union_gemm(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

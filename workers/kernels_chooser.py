@@ -23,8 +23,13 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 PRIOR_GATHER_MAX_BATCH = 4
 """Unmeasured prior: per-sample gather up to this batch size (it wins there by a wide margin), dense above."""
-GIVE_UP_FACTOR = 3.0
+GIVE_UP_FACTOR = 1.5
 """Stop timing a kernel once its first timed call is this many times slower than the best so far."""
+DROP_FACTOR = 2.0
+"""Stop timing a kernel at larger batch sizes of a level once it was this many times slower than dense:
+its costs grow with the batch faster than dense's, so it does not come back (keeps start-up short)."""
+CELL_BUDGET_MS = 30.0
+"""After this much timed work on one kernel in one cell (and at least 2 calls), its median is good enough."""
 
 
 @dataclass
@@ -96,14 +101,14 @@ def time_kernel(sparse: "SparseMLP", kernel: str, level: float, batches: list[to
 
     Stops early, returning the one measurement, when the first timed call exceeds ``give_up_ms``.
     """
-    times = []
+    times: list[float] = []
     with torch.inference_mode():
         sparse.forward(batches[-1], level, kernel)
-        for i, x in enumerate(batches[:-1] if len(batches) > 1 else batches):
+        for x in batches[:-1] if len(batches) > 1 else batches:
             with DeviceTimer(sparse.device) as timer:
                 sparse.forward(x, level, kernel)
             times.append(timer.ms)
-            if i == 0 and timer.ms > give_up_ms:
+            if timer.ms > give_up_ms or (len(times) >= 2 and sum(times) > CELL_BUDGET_MS):
                 break
     return statistics.median(times)
 
@@ -131,11 +136,14 @@ def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats:
         "measured": True, "threads": torch.get_num_threads(), "device": str(sparse.device),
         "repeats": repeats, "inputs": source, "kernels": list(kernels)})
     offset = 0
-    for b in batch_sizes:
+    dropped: dict[float, set[str]] = {level: set() for level in levels}
+    for b in sorted(batch_sizes):
         chooser.table[b], chooser.timings_ms[b] = {}, {}
         for level in levels:
             cell: dict[str, float] = {}
             for kernel in kernels:
+                if kernel in dropped[level]:
+                    continue
                 batches = []
                 for _ in range(calls):
                     batches.append(_take(inputs, offset, b))
@@ -144,6 +152,8 @@ def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats:
                 cell[kernel] = time_kernel(sparse, kernel, level, batches, GIVE_UP_FACTOR * best)
             chooser.timings_ms[b][level] = cell
             chooser.table[b][level] = min(cell, key=cell.get)
+            if "dense" in cell:
+                dropped[level] |= {k for k, ms in cell.items() if ms > DROP_FACTOR * cell["dense"]}
     return chooser
 
 

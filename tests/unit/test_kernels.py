@@ -1,0 +1,109 @@
+"""Every kernel equals the masked reference; the chooser picks the measured table's fastest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.kernels import EXACT_KERNELS, KernelChooser, SparseMLP, measure_kernel_table
+from workers.model import MLPArchitecture, SLOAwareMLP
+
+LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model() -> SLOAwareMLP:
+    torch.manual_seed(0)
+    m = SLOAwareMLP(MLPArchitecture(64, (96, 80), 10))
+    m.input_mean.copy_(torch.rand(64) * 8)
+    m.input_std.copy_(torch.rand(64) * 4 + 0.5)
+    return m.eval()
+
+
+def _inputs(model: SLOAwareMLP, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return model.input_mean + model.input_std * torch.randn(n, 64, generator=gen)
+
+
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("batch", [1, 3, 16, 33])
+def test_exact_kernels_equal_reference(model, kernel, level, batch):
+    sparse = SparseMLP.from_model(model, CPU)
+    x = _inputs(model, batch, seed=batch)
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse.forward(x, level, kernel), model(x, level), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("low", ["fp16", "bf16"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_low_precision_gather_is_close(model, low, level):
+    sparse = SparseMLP.from_model(model, CPU, low_precision=low)
+    x = _inputs(model, 64, seed=7)
+    with torch.inference_mode():
+        ref = model(x, level)
+        out = sparse.forward(x, level, f"gather_{low}")
+    # Half weights can flip a near-tie in top-k, so compare predictions, and logits loosely.
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    assert (out - ref).abs().median() < 0.05 * ref.abs().max()
+
+
+def test_disjoint_units_batch():
+    """Samples that keep disjoint units: the union kernel's union is their sum, and every kernel is exact."""
+    torch.manual_seed(1)
+    m = SLOAwareMLP(MLPArchitecture(4, (64, 32), 5)).eval()
+    with torch.no_grad():
+        w = torch.full((64, 4), -1.0)
+        for i in range(4):  # input i drives units 16*i .. 16*i+15 only
+            w[16 * i:16 * (i + 1), i] = 1.0 + torch.rand(16)
+        m.hidden[0].weight.copy_(w)
+        m.hidden[0].bias.zero_()
+    x = torch.eye(4) * 3.0
+    sparse = SparseMLP.from_model(m, CPU)
+    with torch.inference_mode():
+        kept = (m.hidden_activations(x, 0.25)[0] > 0)
+        assert kept.sum(1).tolist() == [16] * 4 and kept.any(0).sum() == 64  # disjoint
+        for kernel in sparse.kernels[:3]:
+            torch.testing.assert_close(sparse.forward(x, 0.25, kernel), m(x, 0.25), rtol=1e-4, atol=1e-5)
+
+
+def test_no_low_precision_layout(model):
+    sparse = SparseMLP.from_model(model, CPU, low_precision=None)
+    assert sparse.kernels == EXACT_KERNELS
+    with pytest.raises(ValueError, match="kernel="):
+        sparse.forward(_inputs(model, 1, 0), 0.5, "gather_fp16")
+    with pytest.raises(ValueError, match="low_precision="):
+        SparseMLP.from_model(model, CPU, low_precision="int3")
+
+
+def test_chooser_picks_fastest_and_nearest_batch_at_or_above():
+    chooser = KernelChooser(
+        table={},
+        timings_ms={1: {0.1: {"dense": 5.0, "gather": 1.0}}, 16: {0.1: {"dense": 9.0, "union": 4.0, "gather": 8.0}}},
+        levels=(1.0, 0.1))
+    chooser.table = {b: {lv: min(c, key=c.get) for lv, c in row.items()} for b, row in chooser.timings_ms.items()}
+    assert chooser.choose(1, 0.1) == "gather"
+    assert chooser.choose(2, 0.1) == "union"  # nearest measured size at or above
+    assert chooser.choose(500, 0.1) == "union"  # beyond the last: the largest
+    again = KernelChooser.from_json(chooser.to_json())
+    assert again.table == chooser.table and again.timings_ms == chooser.timings_ms
+
+
+def test_measured_table_picks_its_fastest(model):
+    sparse = SparseMLP.from_model(model, CPU)
+    chooser = measure_kernel_table(sparse, LEVELS, batch_sizes=(1, 4), repeats=2)
+    for b, row in chooser.timings_ms.items():
+        for level, cell in row.items():
+            assert set(cell) <= set(sparse.kernels) and "dense" in cell
+            assert chooser.table[b][level] == min(cell, key=cell.get)
+            assert chooser.choose(b, level) == chooser.table[b][level]
+    assert KernelChooser.from_json(chooser.to_json()).table == chooser.table
+
+
+def test_default_chooser_is_valid():
+    chooser = KernelChooser.default(LEVELS)
+    assert not chooser.measured
+    for b in (1, 4, 64):
+        for level in LEVELS:
+            assert chooser.choose(b, level) in EXACT_KERNELS
