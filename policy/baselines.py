@@ -1,0 +1,197 @@
+"""Baseline scheduling policies, behind the same ``Policy`` protocol as slonn's planner.
+
+- ``triton``: dense dynamic batching as Triton's dynamic batcher does it. FIFO;
+  level 1.0 only; dispatch at once when ``max_batch`` requests (or a preferred
+  batch size) are queued, or when the oldest queued request has waited
+  ``max_delay_ms``; else wait until that moment. No early drop: requests are
+  never judged hopeless, a late request is served late.
+- ``fixed:<level>``: the same dynamic batching at one fixed level.
+- ``aimd``: Clipper-style adaptive batching. FIFO, dense, no delay; the batch
+  cap grows by ``step`` after every batch that met all its deadlines and is
+  multiplied by ``backoff`` after a miss.
+
+Names carry parameters: ``triton``, ``triton:max_delay_ms=5``,
+``triton:max_batch=32,preferred=8/16``, ``fixed:0.25``,
+``fixed:0.1,max_delay_ms=2``, ``aimd:step=2,backoff=0.5``.
+
+Baselines ignore accuracy floors on purpose: Triton and Clipper know nothing
+about them (``fixed:<level>`` may serve below a class's floor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from policy.planner import Pending, Plan, PlanContext, Wait, fifo_key
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching knobs (Triton's ``dynamic_batching`` block)."""
+
+    level: float = 1.0
+    """Keep fraction every batch runs at (must be one of the model's levels)."""
+    max_delay_ms: float = 1.0
+    """Triton's max_queue_delay: how long the oldest request may wait for a fuller batch (>= 0)."""
+    max_batch: int = 0
+    """Largest batch (>= 0); 0 = the server's max_batch."""
+    preferred: tuple[int, ...] = ()
+    """Preferred batch sizes: dispatch at once when one of them can be formed."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.level <= 1.0:
+            raise ValueError(f"level={self.level} must be in (0, 1], e.g. fixed:0.25")
+        if not self.max_delay_ms >= 0:
+            raise ValueError(f"max_delay_ms={self.max_delay_ms} must be >= 0")
+        if self.max_batch < 0 or any(b < 1 for b in self.preferred):
+            raise ValueError(f"max_batch={self.max_batch} must be >= 0 and preferred={self.preferred} sizes >= 1")
+
+
+class DynamicBatchingPolicy:
+    """Triton-style dynamic batching at one fixed level (``triton`` is level 1.0)."""
+
+    def __init__(self, config: BatchingConfig = BatchingConfig(), name: str = "triton") -> None:
+        self.config = config
+        self.name = name
+        self._preferred_desc = tuple(sorted(set(config.preferred), reverse=True))
+
+    def order_key(self, p: Pending) -> tuple:
+        return fifo_key(p)
+
+    def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
+        return False  # no early drop: Triton serves a late request late
+
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
+        pass
+
+    def _level_index(self, ctx: PlanContext) -> int:
+        try:
+            return ctx.table.level_index(self.config.level)
+        except KeyError:
+            raise ValueError(f"policy {self.name!r}: level {self.config.level} is not one of the model's "
+                             f"levels {ctx.table.levels}") from None
+
+    def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
+        if not candidates:
+            raise ValueError("plan() needs at least one candidate")
+        cap = min(self.config.max_batch or ctx.max_batch, ctx.max_batch)
+        n = min(len(candidates), cap)
+        i = self._level_index(ctx)
+        level = ctx.table.levels[i]
+        if n >= cap:
+            return Plan(n, level, ctx.table.safe(ctx.bucket, i, n), reason="max batch")
+        for size in self._preferred_desc:
+            if size <= n:
+                return Plan(size, level, ctx.table.safe(ctx.bucket, i, size), reason=f"preferred batch {size}")
+        # FIFO: the first candidate is the oldest.
+        until_s = candidates[0].arrival_s + self.config.max_delay_ms * 1e-3
+        if now_s >= until_s:
+            return Plan(n, level, ctx.table.safe(ctx.bucket, i, n), reason="max queue delay")
+        return Wait(until_s)
+
+
+@dataclass(frozen=True)
+class AIMDConfig:
+    """Clipper's additive-increase / multiplicative-decrease batch sizing."""
+
+    start: int = 1
+    """Initial batch cap (>= 1)."""
+    step: float = 1.0
+    """Added to the cap after a batch that met every deadline (> 0)."""
+    backoff: float = 0.9
+    """The cap is multiplied by this after a miss (Clipper backs off by 10%), in (0, 1)."""
+    level: float = 1.0
+    """Keep fraction (Clipper serves the dense model)."""
+
+    def __post_init__(self) -> None:
+        if self.start < 1 or not self.step > 0 or not 0.0 < self.backoff < 1.0 or not 0.0 < self.level <= 1.0:
+            raise ValueError(f"AIMDConfig({self}): need start >= 1, step > 0, 0 < backoff < 1, 0 < level <= 1")
+
+
+class AIMDPolicy:
+    """FIFO, dense, no queue delay; the batch cap adapts to whether batches make their deadlines."""
+
+    name = "aimd"
+
+    def __init__(self, config: AIMDConfig = AIMDConfig()) -> None:
+        self.config = config
+        self.cap = float(config.start)
+        """Current batch cap (fractional: additive steps may be < 1)."""
+        self._limit = float("inf")
+        """Largest cap worth growing to: the max_batch of the last context seen."""
+
+    def order_key(self, p: Pending) -> tuple:
+        return fifo_key(p)
+
+    def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
+        return False  # Clipper does not drop early
+
+    def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
+        if not candidates:
+            raise ValueError("plan() needs at least one candidate")
+        self._limit = ctx.max_batch
+        n = max(1, min(len(candidates), int(self.cap), ctx.max_batch))
+        try:
+            i = ctx.table.level_index(self.config.level)
+        except KeyError:
+            raise ValueError(f"policy 'aimd': level {self.config.level} is not one of {ctx.table.levels}") from None
+        return Plan(n, ctx.table.levels[i], ctx.table.safe(ctx.bucket, i, n), reason=f"aimd cap {self.cap:.2f}")
+
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
+        if deadline_met:
+            self.cap = min(self.cap + self.config.step, self._limit)
+        else:
+            self.cap = max(1.0, self.cap * self.config.backoff)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _parse_params(text: str, where: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"policy {where!r}: parameter {item!r} must look like key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _batching_config(params: dict[str, str], where: str, level: float) -> BatchingConfig:
+    known = {"max_delay_ms", "max_batch", "preferred"}
+    unknown = set(params) - known
+    if unknown:
+        raise ValueError(f"policy {where!r}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+    preferred = tuple(int(s) for s in params.get("preferred", "").split("/") if s)
+    return BatchingConfig(level=level, max_delay_ms=float(params.get("max_delay_ms", 1.0)),
+                          max_batch=int(params.get("max_batch", 0)), preferred=preferred)
+
+
+BASELINES = ("triton", "fixed:<level>", "aimd")
+
+
+def make_baseline(name: str):
+    """A baseline policy from its name, e.g. "triton", "triton:max_delay_ms=5", "fixed:0.25", "aimd:step=2"."""
+    kind, _, rest = name.partition(":")
+    try:
+        if kind == "triton":
+            return DynamicBatchingPolicy(_batching_config(_parse_params(rest, name), name, 1.0), name)
+        if kind == "fixed":
+            head, _, tail = rest.partition(",")
+            if not head or "=" in head:
+                raise ValueError(f"policy {name!r}: fixed needs a level first, e.g. fixed:0.25")
+            return DynamicBatchingPolicy(_batching_config(_parse_params(tail, name), name, float(head)), name)
+        if kind == "aimd":
+            params = _parse_params(rest, name)
+            known = {"start", "step", "backoff", "level"}
+            if set(params) - known:
+                raise ValueError(f"policy {name!r}: unknown parameter(s) {sorted(set(params) - known)}; "
+                                 f"known: {sorted(known)}")
+            types = {"start": int, "step": float, "backoff": float, "level": float}
+            return AIMDPolicy(AIMDConfig(**{k: types[k](v) for k, v in params.items()}))
+    except ValueError as exc:
+        if str(exc).startswith("policy "):
+            raise
+        raise ValueError(f"policy {name!r}: {exc}") from None
+    raise ValueError(f"unknown policy {name!r}; choose slonn or a baseline: {', '.join(BASELINES)}")
