@@ -1,0 +1,188 @@
+"""Benchmark the level kernels against the plain dense model (issue #3).
+
+    python -m scripts.bench_kernels --json [--threads 1] [--batch-sizes 1,4,16,64] [--repeats 15]
+
+For every batch size and level: median latency of the plain dense torch model
+(``SLOAwareMLP.forward(x, 1.0)``, fp32), of every kernel, and of the kernel the
+worker's chooser picks (table measured at start-up exactly as the worker does,
+on synthetic inputs), and the ratio. Calls are interleaved (dense, kernel 1,
+kernel 2, ...) so drift hits all alike, and every call gets distinct held-out
+inputs; beyond the 540 held-out digits the pool continues with noisy copies of
+them (recorded in the JSON). Accuracy per level and precision is on the held-out digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.digits import load_split
+from workers.artifact import load_artifact
+from workers.device import DeviceTimer, pick_device
+from workers.kernels import LOW_PRECISION_DTYPES, SparseMLP, measure_kernel_table
+
+NOISE_STD = 0.5
+"""Std (pixel units, pixels are 0..16) of the noise on the held-out copies that extend the input pool."""
+
+
+def _parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="slonn bench-kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
+    p.add_argument("--batch-sizes", default="1,4,16,64")
+    p.add_argument("--repeats", type=int, default=15, help="timed calls per (batch, level, kernel)")
+    p.add_argument("--low-precision", default="fp16", choices=[*LOW_PRECISION_DTYPES, "none"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print only the JSON document")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1:
+        p.error(f"--threads={args.threads} and --repeats={args.repeats} must be >= 1")
+    return args
+
+
+class InputPool:
+    """Distinct inputs per call: the held-out digits, then noisy copies of them."""
+
+    def __init__(self, x_test: np.ndarray, device: torch.device, seed: int = 0) -> None:
+        self.base = torch.from_numpy(x_test).float()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.offset = 0
+        self.max_used = 0
+
+    def take(self, b: int) -> torch.Tensor:
+        """The next ``b`` inputs; round r >= 1 over the held-out set adds fresh noise (clipped to 0..16)."""
+        n = len(self.base)
+        idx = torch.arange(self.offset, self.offset + b)
+        x = self.base[idx % n].clone()
+        noisy = idx >= n
+        if noisy.any():
+            noise = torch.randn(int(noisy.sum()), x.shape[1], generator=self.gen) * NOISE_STD
+            x[noisy] = (x[noisy] + noise).clamp_(0, 16)
+        self.offset += b
+        self.max_used = max(self.max_used, self.offset)
+        return x.to(self.device)
+
+    def rewind(self) -> None:
+        self.offset = 0
+
+
+def _time(fn, x: torch.Tensor, device: torch.device) -> float:
+    with DeviceTimer(device) as timer:
+        fn(x)
+    return timer.ms
+
+
+def _bench_cell(model, sparse, pool, b, level, repeats, device) -> dict:
+    """Interleaved timings of dense and every kernel at one (batch, level); each call on fresh inputs."""
+    fns = {"plain_dense": lambda x: model(x, 1.0)}
+    fns |= {k: (lambda kk: lambda x: sparse.forward(x, level, kk))(k) for k in sparse.kernels}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    pool.rewind()
+    for name, fn in fns.items():  # warm-up
+        fn(pool.take(b))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_time(fn, pool.take(b), device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _dense_same_precision_ms(model, low: str, pool, b, repeats, device) -> float:
+    """Plain dense model with weights in ``low`` (compute in that dtype; CPU has no fast half GEMM)."""
+    dtype = LOW_PRECISION_DTYPES[low]
+    half = type(model)(model.arch).to(device)
+    half.load_state_dict(model.state_dict())
+    half = half.to(dtype).eval()
+    pool.rewind()
+    half(pool.take(b).to(dtype))
+    return statistics.median(_time(lambda x: half(x.to(dtype)), pool.take(b), device) for _ in range(repeats))
+
+
+def _accuracy(model, sparse, x, y, levels) -> dict:
+    out = {}
+    for level in levels:
+        row = {"reference": float((model(x, level).argmax(1) == y).float().mean())}
+        for k in sparse.kernels:
+            row[k] = float((sparse.forward(x, level, k).argmax(1) == y).float().mean())
+        out[repr(level)] = row
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    model, manifest = load_artifact(args.model_dir, device)
+    low = None if args.low_precision == "none" else args.low_precision
+    sparse = SparseMLP.from_model(model, device, low_precision=low)
+    split = load_split(seed=manifest.seed or 0)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    t0 = time.perf_counter()
+    chooser = measure_kernel_table(sparse, manifest.levels)  # exactly what the worker runs at start-up
+    calibration_s = time.perf_counter() - t0
+    pool = InputPool(split.x_test, device)
+    rows = []
+    with torch.inference_mode():
+        x_test = torch.from_numpy(split.x_test).to(device)
+        y_test = torch.from_numpy(split.y_test).to(device)
+        accuracy = _accuracy(model, sparse, x_test, y_test, manifest.levels)
+        dense_acc = float((model(x_test, 1.0).argmax(1) == y_test).float().mean())
+        for b in batch_sizes:
+            dense_low = None if low is None else _dense_same_precision_ms(model, low, pool, b, min(args.repeats, 5),
+                                                                          device)
+            for level in manifest.levels:
+                cell = _bench_cell(model, sparse, pool, b, level, args.repeats, device)
+                dense_ms = cell.pop("plain_dense")
+                chosen = chooser.choose(b, level)
+                best = min(cell, key=cell.get)
+                row = {"batch": b, "level": level, "dense_ms": round(dense_ms, 4), "chosen_kernel": chosen,
+                       "chosen_ms": round(cell[chosen], 4), "speedup": round(dense_ms / cell[chosen], 2),
+                       "best_kernel_in_bench": best, "kernels_ms": {k: round(v, 4) for k, v in cell.items()},
+                       "accuracy": accuracy[repr(level)][chosen],
+                       "accuracy_minus_dense_points": round(100 * (accuracy[repr(level)][chosen] - dense_acc), 2)}
+                if low is not None and chosen.startswith("gather_"):
+                    row["dense_same_precision_ms"] = round(dense_low, 4)
+                    row["speedup_vs_same_precision_dense"] = round(dense_low / cell[chosen], 2)
+                rows.append(row)
+    return {
+        "benchmark": "kernels",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": torch.multiprocessing.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version(), "threads": torch.get_num_threads(), "device": str(device)},
+        "model": {"dir": str(args.model_dir), "name": manifest.name, "hidden": list(manifest.arch.hidden),
+                  "levels": list(manifest.levels)},
+        "low_precision": low,
+        "repeats": args.repeats,
+        "inputs": {"source": "held-out digits (x_test), distinct per call within a series",
+                   "held_out": int(len(split.x_test)), "max_inputs_per_series": pool.max_used,
+                   "noisy_copies_used": pool.max_used > len(split.x_test),
+                   "noise_std_pixels": NOISE_STD},
+        "calibration": {"seconds": round(calibration_s, 2), "table": chooser.to_json()},
+        "dense_accuracy": dense_acc,
+        "accuracy": accuracy,
+        "rows": rows,
+    }
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'batch':>5} {'level':>5} {'dense_ms':>9} {'chosen':>12} {'chosen_ms':>9} {'ratio':>6} {'acc':>6}")
+    for r in result["rows"]:
+        print(f"{r['batch']:>5} {r['level']:>5} {r['dense_ms']:>9.3f} {r['chosen_kernel']:>12} "
+              f"{r['chosen_ms']:>9.3f} {r['speedup']:>6.2f} {r['accuracy']:>6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
