@@ -50,6 +50,10 @@ class PlanContext:
     max_batch: int
     overhead_ms: float = 0.0
     """Added to every predicted exec time (dispatch, IPC, reply)."""
+    backlog_ms: float = 0.0
+    """At admission: predicted time to serve the requests queued ahead (0 when planning a head)."""
+    workers: int = 1
+    """Workers that share the backlog."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,20 @@ class Policy(Protocol):
         ...
 
 
+def backlog_ms(ahead: int, min_accuracy: float, ctx: PlanContext) -> float:
+    """Predicted time for ``ctx.workers`` workers to clear ``ahead`` queued requests at full batches.
+
+    Uses the throughput of the fastest level the request's floor allows (the
+    best case): a request rejected on this estimate could not have made it.
+    """
+    if ahead <= 0:
+        return 0.0
+    i = fastest_allowed(min_accuracy, ctx)
+    per_batch_ms = ctx.table.safe(ctx.bucket, i, ctx.max_batch) + ctx.overhead_ms
+    full_batches = ahead // ctx.max_batch  # a partial batch can still take the new request along
+    return full_batches * per_batch_ms / ctx.workers
+
+
 def allowed_levels(min_accuracy: float, ctx: PlanContext) -> list[int]:
     """Indices of the levels whose accuracy meets ``min_accuracy`` (most accurate first)."""
     return [i for i, acc in enumerate(ctx.accuracy) if acc >= min_accuracy]
@@ -124,7 +142,8 @@ class SLOAwarePolicy:
 
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
         i = fastest_allowed(p.min_accuracy, ctx)
-        return now_s + (ctx.table.safe(ctx.bucket, i, 1) + ctx.overhead_ms) * 1e-3 > p.deadline_s
+        ms = ctx.backlog_ms + ctx.table.safe(ctx.bucket, i, 1) + ctx.overhead_ms
+        return now_s + ms * 1e-3 > p.deadline_s
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
         pass

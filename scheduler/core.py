@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from policy.planner import Pending, Plan, PlanContext, Policy, Wait
+from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
 from scheduler.config import SLOClassConfig
 from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
 from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
@@ -79,10 +79,17 @@ class Scheduler:
         if queue.full():
             raise QueueFull(f"slo_class {req.slo_class!r} queue for model {req.model!r} is full "
                             f"(max_queue={queue.max_len})")
-        if req.pending.on_late == "reject" and self.policy.is_hopeless(req.pending, now_s, ctx):
-            budget_ms = (req.pending.deadline_s - now_s) * 1e3
-            raise DeadlineUnreachable(f"latency budget {budget_ms:.2f} ms is below the fastest allowed "
-                                      f"level's predicted latency for slo_class {req.slo_class!r}")
+        if req.pending.on_late == "reject":
+            # Requests of classes with deadlines no later than this one's are (about) ahead of it in EDF.
+            ahead = sum(len(q) for name, q in self._queues[req.model].items()
+                        if self.classes[name].latency_ms <= self.classes[req.slo_class].latency_ms)
+            admit_ctx = replace(ctx, backlog_ms=backlog_ms(ahead, req.pending.min_accuracy, ctx))
+            if self.policy.is_hopeless(req.pending, now_s, admit_ctx):
+                budget_ms = (req.pending.deadline_s - now_s) * 1e3
+                raise DeadlineUnreachable(
+                    f"latency budget {budget_ms:.2f} ms cannot be met for slo_class {req.slo_class!r}: "
+                    f"{ahead} request(s) queued ahead ({admit_ctx.backlog_ms:.1f} ms) plus the fastest allowed "
+                    f"level's predicted latency")
         queue.push(req)
 
     def cancel(self, req: QueuedRequest) -> None:

@@ -47,7 +47,7 @@ class Dispatcher:
     def __init__(self, scheduler: Scheduler, pool: WorkerPool, clock: Clock, latency: LatencySource,
                  accuracy: dict[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
                  max_inflight: int = 8192, contention: Callable[[], float] = lambda: 0.0,
-                 on_batch: Callable[[Batch, float, float], None] | None = None) -> None:
+                 on_batch: Callable[[Batch, float, float], None] | None = None, workers: int = 1) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.clock = clock
@@ -58,6 +58,7 @@ class Dispatcher:
         self.max_inflight = max_inflight
         self.contention = contention
         self.on_batch = on_batch
+        self.workers = workers
         """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
         self.inflight = 0
         self.running: set[asyncio.Future] = set()
@@ -95,7 +96,8 @@ class Dispatcher:
         out = {}
         for model, acc in self.accuracy.items():
             table = self.latency.table(model)
-            out[model] = PlanContext(table, table.bucket(contention), acc, self.max_batch, self.overhead_ms)
+            out[model] = PlanContext(table, table.bucket(contention), acc, self.max_batch, self.overhead_ms,
+                                     workers=self.workers)
         return out
 
     async def infer(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None = None,

@@ -155,11 +155,13 @@ class SlonnServer:
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
         self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), latency, accuracy, cfg.max_batch,
-                                     cfg.overhead_ms, cfg.max_inflight)
+                                     cfg.overhead_ms, cfg.max_inflight, workers=cfg.workers)
         self.dispatcher.start()
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
-        self.grpc = grpc.aio.server(options=options)
+        # Beyond max_inflight, gRPC's core rejects RESOURCE_EXHAUSTED before any Python runs:
+        # the cheapest possible reject under overload.
+        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher, self), self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
