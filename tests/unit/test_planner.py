@@ -1,0 +1,208 @@
+"""SLOAwarePolicy: pure decisions on explicit ``now_s`` and hand-made latency tables."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.planner import Pending, Plan, PlanContext, SLOAwarePolicy, edf_key, fastest_allowed
+from policy.table import LatencyTable
+
+LEVELS = (1.0, 0.5, 0.25, 0.1)
+ACCURACY = (0.99, 0.97, 0.95, 0.90)
+NOW = 100.0
+POLICY = SLOAwarePolicy()
+
+# latency = 1 ms * batch * level: level 1.0 runs 10 requests in 10 ms, level 0.1 runs 100.
+TABLE = LatencyTable.constant(LEVELS, max_batch=64, per_item_ms=1.0)
+_seq = itertools.count()
+
+
+def ctx(table: LatencyTable = TABLE, max_batch: int = 64, overhead_ms: float = 0.0, bucket: int = 0) -> PlanContext:
+    return PlanContext(table, bucket, ACCURACY, max_batch, overhead_ms)
+
+
+def pend(slack_ms: float, floor: float = 0.0, mode: str = "latency", on_late: str = "reject",
+         priority: int = 1) -> Pending:
+    return Pending(next(_seq), NOW - 0.001, NOW + slack_ms * 1e-3, floor, priority, mode, on_late)
+
+
+def batch(n: int, slack_ms: float, **kw) -> list[Pending]:
+    return [pend(slack_ms, **kw) for _ in range(n)]
+
+
+def test_small_batch_with_slack_runs_dense():
+    plan = POLICY.plan(batch(8, slack_ms=10.6), NOW, ctx())
+    assert isinstance(plan, Plan)
+    assert (plan.count, plan.level, plan.late) == (8, 1.0, False)
+    assert plan.predicted_ms == pytest.approx(8.0)
+
+
+def test_largest_feasible_batch_first_then_most_accurate_level():
+    # In 10.6 ms: level 1.0 fits 10, 0.5 fits 21, 0.25 and 0.1 fit all 30. Batch 30 wins; 0.25 is the
+    # most accurate level that runs it.
+    plan = POLICY.plan(batch(30, slack_ms=10.6), NOW, ctx())
+    assert (plan.count, plan.level) == (30, 0.25)
+    assert plan.predicted_ms == pytest.approx(7.5)
+    assert plan.predicted_ms == TABLE.safe(0, TABLE.level_index(0.25), 30)
+
+
+def test_batch_limited_by_deadline_when_no_level_fits_all():
+    # 150 requests but max_batch 64; in 5.05 ms level 0.1 runs 50 (5 ms), nothing runs more.
+    plan = POLICY.plan(batch(150, slack_ms=5.05), NOW, ctx())
+    assert (plan.count, plan.level) == (50, 0.1)
+
+
+def test_max_batch_caps_the_batch():
+    plan = POLICY.plan(batch(30, slack_ms=1000), NOW, ctx(max_batch=4))
+    assert (plan.count, plan.level) == (4, 1.0)
+
+
+def test_overhead_counts_against_the_deadline():
+    # 8 at level 1.0 is 8 ms; with 3 ms overhead only 7 ms are left -> 0.5 (4 ms + 3 ms <= 7.5 ms).
+    plan = POLICY.plan(batch(8, slack_ms=7.5), NOW, ctx(overhead_ms=3.0))
+    assert (plan.count, plan.level) == (8, 0.5)
+
+
+def test_earliest_deadline_of_the_batch_binds():
+    # The head has 2.4 ms, the others plenty: for the head, 1.0 runs 2, 0.5 runs 4, 0.25 runs 9 and
+    # only 0.1 runs all 10 (1 ms).
+    candidates = [pend(2.4)] + batch(9, slack_ms=1000)
+    plan = POLICY.plan(candidates, NOW, ctx())
+    assert (plan.count, plan.level) == (10, 0.1)
+
+
+@pytest.mark.parametrize(("floor", "expected"), [(0.0, 0.1), (0.95, 0.25), (0.97, 0.5), (0.99, 1.0)])
+def test_accuracy_mode_picks_fastest_level_meeting_the_floor(floor, expected):
+    plan = POLICY.plan(batch(8, slack_ms=1000, floor=floor, mode="accuracy"), NOW, ctx())
+    assert (plan.count, plan.level) == (8, expected)
+
+
+def test_latency_mode_with_same_floor_picks_most_accurate_level():
+    plan = POLICY.plan(batch(8, slack_ms=1000, floor=0.95, mode="latency"), NOW, ctx())
+    assert (plan.count, plan.level) == (8, 1.0)
+
+
+def test_accuracy_mode_uses_the_table_not_the_level_to_judge_speed():
+    # A table where level 0.1 is slower than 0.25 (say, kernel overheads): the floor allows both, 0.25 wins.
+    safe = np.array([[[5.0] * 8, [4.0] * 8, [1.0] * 8, [2.0] * 8]])
+    table = LatencyTable(LEVELS, 8, (), safe, safe.copy())
+    plan = POLICY.plan(batch(4, slack_ms=1000, mode="accuracy"), NOW, ctx(table=table))
+    assert plan.level == 0.25
+
+
+def test_floor_caps_the_batch_when_no_level_meets_both():
+    # In 1.6 ms level 1.0 (the only level meeting C's 0.98 floor) runs just 1 request;
+    # the others run 2 or more but C's floor excludes them from C on: C and D stay queued.
+    a, b, c, d = pend(1.6, 0.90), pend(1.7, 0.90), pend(1.8, 0.98), pend(1.9, 0.90)
+    plan = POLICY.plan([a, b, c, d], NOW, ctx())
+    assert (plan.count, plan.level) == (2, 0.5)
+
+
+def test_floor_does_not_cap_when_a_level_meets_floor_and_deadline():
+    a, b, c, d = pend(100, 0.90), pend(101, 0.90), pend(102, 0.98), pend(103, 0.90)
+    plan = POLICY.plan([a, b, c, d], NOW, ctx())
+    assert (plan.count, plan.level) == (4, 1.0)
+
+
+@pytest.mark.parametrize(("slack_ms", "floor", "overhead_ms", "hopeless"), [
+    (0.2, 0.95, 0.0, True),     # fastest allowed level is 0.25: 0.25 ms > 0.2 ms
+    (0.3, 0.95, 0.0, False),
+    (0.3, 0.95, 0.1, True),     # overhead counts
+    (0.2, 0.0, 0.0, False),     # no floor: level 0.1 runs one request in 0.1 ms
+    (0.9, 0.999, 0.0, True),    # no level meets the floor: judged at the most accurate (1.0 -> 1 ms)
+    (1.1, 0.999, 0.0, False),
+    (-5.0, 0.0, 0.0, True),     # already past its deadline
+])
+def test_is_hopeless(slack_ms, floor, overhead_ms, hopeless):
+    assert POLICY.is_hopeless(pend(slack_ms, floor), NOW, ctx(overhead_ms=overhead_ms)) is hopeless
+
+
+def test_fastest_allowed_falls_back_to_most_accurate():
+    assert LEVELS[fastest_allowed(0.0, ctx())] == 0.1
+    assert LEVELS[fastest_allowed(0.96, ctx())] == 0.5
+    assert LEVELS[fastest_allowed(1.0, ctx())] == 1.0
+
+
+def test_late_plan_when_the_head_cannot_make_it():
+    head = pend(-1.0, floor=0.95, on_late="serve")
+    rest = [pend(50, floor=0.90, on_late="serve"), pend(60, floor=0.97, on_late="serve")]
+    plan = POLICY.plan([head, *rest], NOW, ctx())
+    # Fastest level meeting the head's floor, batched with the followers whose floor that level meets.
+    assert plan.late
+    assert (plan.count, plan.level) == (2, 0.25)
+    assert plan.predicted_ms == pytest.approx(0.5)
+    assert "late" in plan.reason
+
+
+def test_late_plan_runs_at_least_the_head():
+    head = pend(-1.0, floor=0.999, on_late="serve")  # no level meets its floor
+    plan = POLICY.plan([head, pend(50)], NOW, ctx())
+    assert plan.late and plan.count == 1 and plan.level == 1.0
+
+
+def test_contention_bucket_selects_the_table_row():
+    fast = TABLE.safe_ms[0]
+    safe = np.stack([fast, fast * 10])
+    table = LatencyTable(LEVELS, 64, (0.5,), safe, safe.copy())
+    assert (table.bucket(0.2), table.bucket(0.5), table.bucket(0.7)) == (0, 0, 1)
+    quiet = POLICY.plan(batch(8, slack_ms=10.6), NOW, ctx(table=table, bucket=0))
+    busy = POLICY.plan(batch(8, slack_ms=10.6), NOW, ctx(table=table, bucket=1))
+    assert (quiet.count, quiet.level) == (8, 1.0)
+    assert (busy.count, busy.level) == (8, 0.1)  # 8 x 0.1 x 10 = 8 ms; 0.25 would be 20 ms
+
+
+def test_plan_needs_a_candidate():
+    with pytest.raises(ValueError):
+        POLICY.plan([], NOW, ctx())
+
+
+def test_edf_key_orders_by_deadline_priority_seq():
+    a = Pending(5, 0.0, 1.0, 0.0, 2, "latency", "reject")
+    b = Pending(6, 0.0, 1.0, 0.0, 0, "latency", "reject")
+    c = Pending(7, 0.0, 0.5, 0.0, 9, "latency", "reject")
+    d = Pending(8, 0.0, 1.0, 0.0, 0, "latency", "reject")
+    assert sorted([a, b, c, d], key=edf_key) == [c, b, d, a]
+
+
+def test_latency_table_validates_shape_and_level_order():
+    ms = np.ones((1, 2, 4))
+    with pytest.raises(ValueError, match="safe_ms has shape"):
+        LatencyTable((1.0, 0.5), 3, (), ms, ms)
+    with pytest.raises(ValueError, match="most accurate"):
+        LatencyTable((0.5, 1.0), 4, (), ms, ms)
+
+
+# -- property: the plan is the largest feasible batch, at the most accurate feasible level -------------
+
+candidate = st.tuples(st.floats(-2.0, 40.0), st.sampled_from([0.0, 0.9, 0.95, 0.97, 0.99]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.lists(candidate, min_size=1, max_size=40), max_batch=st.integers(1, 32),
+       overhead_ms=st.sampled_from([0.0, 0.5]))
+def test_plan_matches_brute_force(raw, max_batch, overhead_ms):
+    c = ctx(max_batch=max_batch, overhead_ms=overhead_ms)
+    cands = sorted((pend(slack, floor, on_late="serve") for slack, floor in raw), key=edf_key)
+    plan = POLICY.plan(cands, NOW, c)
+    feasible = {}  # n -> levels feasible for the first n
+    for n in range(1, min(len(cands), max_batch) + 1):
+        floor = max(p.min_accuracy for p in cands[:n])
+        deadline = min(p.deadline_s for p in cands[:n])
+        ok = [i for i in range(len(LEVELS)) if ACCURACY[i] >= floor
+              and NOW + (TABLE.safe(0, i, n) + overhead_ms) * 1e-3 <= deadline]
+        if ok:
+            feasible[n] = ok
+    assert 1 <= plan.count <= min(len(cands), max_batch)
+    if not feasible:
+        assert plan.late
+        return
+    best_n = max(feasible)
+    assert not plan.late
+    assert plan.count == best_n
+    assert plan.level == LEVELS[min(feasible[best_n])]  # lowest index = most accurate
+    assert plan.predicted_ms == TABLE.safe(0, LEVELS.index(plan.level), plan.count)
