@@ -7,8 +7,12 @@
   never judged hopeless, a late request is served late.
 - ``fixed:<level>``: the same dynamic batching at one fixed level.
 - ``aimd``: Clipper-style adaptive batching. FIFO, dense, no delay; the batch
-  cap grows by ``step`` after every batch that met all its deadlines and is
-  multiplied by ``backoff`` after a miss.
+  cap grows by ``step`` after every batch that was within its latency
+  objective and is multiplied by ``backoff`` after a miss. As in Clipper the
+  objective is on the batch's processing latency (exec + overhead <= the
+  tightest SLO of the batch), so a long queue does not shrink the batches
+  (``signal=deadline`` uses whether every request met its end-to-end deadline
+  instead).
 
 Names carry parameters: ``triton``, ``triton:max_delay_ms=5``,
 ``triton:max_batch=32,preferred=8/16``, ``fixed:0.25``,
@@ -103,10 +107,14 @@ class AIMDConfig:
     """The cap is multiplied by this after a miss (Clipper backs off by 10%), in (0, 1)."""
     level: float = 1.0
     """Keep fraction (Clipper serves the dense model)."""
+    signal: str = "exec"
+    """"exec": a miss is exec + overhead above the batch's tightest SLO (Clipper); "deadline": a missed deadline."""
 
     def __post_init__(self) -> None:
         if self.start < 1 or not self.step > 0 or not 0.0 < self.backoff < 1.0 or not 0.0 < self.level <= 1.0:
             raise ValueError(f"AIMDConfig({self}): need start >= 1, step > 0, 0 < backoff < 1, 0 < level <= 1")
+        if self.signal not in ("exec", "deadline"):
+            raise ValueError(f"AIMDConfig.signal={self.signal!r} must be 'exec' or 'deadline'")
 
 
 class AIMDPolicy:
@@ -120,6 +128,8 @@ class AIMDPolicy:
         """Current batch cap (fractional: additive steps may be < 1)."""
         self._limit = float("inf")
         """Largest cap worth growing to: the max_batch of the last context seen."""
+        self._objective_ms: dict[int, float] = {}
+        """id(plan) -> (tightest SLO of its batch - overhead), until observe() sees the plan."""
 
     def order_key(self, p: Pending) -> tuple:
         return fifo_key(p)
@@ -136,10 +146,15 @@ class AIMDPolicy:
             i = ctx.table.level_index(self.config.level)
         except KeyError:
             raise ValueError(f"policy 'aimd': level {self.config.level} is not one of {ctx.table.levels}") from None
-        return Plan(n, ctx.table.levels[i], ctx.table.safe(ctx.bucket, i, n), reason=f"aimd cap {self.cap:.2f}")
+        plan = Plan(n, ctx.table.levels[i], ctx.table.safe(ctx.bucket, i, n), reason=f"aimd cap {self.cap:.2f}")
+        slo_s = min(p.deadline_s - p.arrival_s for p in candidates[:n])
+        self._objective_ms[id(plan)] = slo_s * 1e3 - ctx.overhead_ms
+        return plan
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
-        if deadline_met:
+        objective_ms = self._objective_ms.pop(id(plan), float("inf"))
+        met = deadline_met if self.config.signal == "deadline" else exec_ms <= objective_ms
+        if met:
             self.cap = min(self.cap + self.config.step, self._limit)
         else:
             self.cap = max(1.0, self.cap * self.config.backoff)
@@ -184,11 +199,11 @@ def make_baseline(name: str):
             return DynamicBatchingPolicy(_batching_config(_parse_params(tail, name), name, float(head)), name)
         if kind == "aimd":
             params = _parse_params(rest, name)
-            known = {"start", "step", "backoff", "level"}
+            known = {"start", "step", "backoff", "level", "signal"}
             if set(params) - known:
                 raise ValueError(f"policy {name!r}: unknown parameter(s) {sorted(set(params) - known)}; "
                                  f"known: {sorted(known)}")
-            types = {"start": int, "step": float, "backoff": float, "level": float}
+            types = {"start": int, "step": float, "backoff": float, "level": float, "signal": str}
             return AIMDPolicy(AIMDConfig(**{k: types[k](v) for k, v in params.items()}))
     except ValueError as exc:
         if str(exc).startswith("policy "):

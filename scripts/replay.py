@@ -78,6 +78,40 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     return records
 
 
+async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
+                               start_s: float, stop_s: float, n_procs: int = 1, **kwargs) -> list[RequestRecord]:
+    """:func:`replay` with a CPU co-runner (``scripts.corunner.CpuBurner``) on from ``start_s`` to ``stop_s``
+    (seconds from the first send)."""
+    from scripts.corunner import CpuBurner
+
+    burner = CpuBurner(n_procs=n_procs)
+
+    async def interfere() -> None:
+        t0 = time.monotonic()
+        await asyncio.sleep(max(0.0, start_s))
+        await asyncio.to_thread(burner.start)  # spawning takes a moment: off the sending loop
+        await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - t0)))
+        await asyncio.to_thread(burner.stop)
+
+    task = asyncio.create_task(interfere())
+    try:
+        return await replay(target, model, arrivals, deadlines_ms, **kwargs)
+    finally:
+        task.cancel()
+        await asyncio.to_thread(burner.stop)
+
+
+def phase_summaries(records: list[RequestRecord], start_s: float, stop_s: float, duration_s: float) -> dict:
+    """The summary before, during and after an interference window, by send time."""
+    phases = {"before": (0.0, start_s), "during": (start_s, stop_s), "after": (stop_s, max(duration_s, stop_s))}
+    out = {}
+    for name, (lo, hi) in phases.items():
+        rs = [r for r in records if lo <= r.send_s < hi or (name == "after" and r.send_s >= hi)]
+        if rs:
+            out[name] = {"window_s": [round(lo, 3), round(hi, 3)], "summary": summarize(rs, max(hi - lo, 1e-9))}
+    return out
+
+
 def add_arrival_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="arrival trace CSV (TIMESTAMP column)")
     p.add_argument("--start-s", type=float, default=0.0, help="window start in trace seconds")
@@ -100,16 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     add_arrival_args(p)
     p.add_argument("--csv", type=Path, default=None, help="write per-request records here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--corunner-start-s", type=float, default=None, help="start a CPU co-runner at this second")
+    p.add_argument("--corunner-stop-s", type=float, default=None, help="stop it at this second")
+    p.add_argument("--corunner-procs", type=int, default=1, help="co-runner busy processes (cores)")
     args = p.parse_args(argv)
     classes = load_classes(args.classes)
     arrivals = arrivals_from_args(args)
-    records = asyncio.run(replay(args.target, args.model, arrivals,
-                                 {n: c.latency_ms for n, c in classes.items()}))
+    deadlines = {n: c.latency_ms for n, c in classes.items()}
+    corunner = args.corunner_start_s is not None
+    if corunner:
+        stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
+        records = asyncio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
+                                                   args.corunner_start_s, stop_s, args.corunner_procs))
+    else:
+        records = asyncio.run(replay(args.target, args.model, arrivals, deadlines))
     summary = summarize(records, arrivals.duration_s)
     if args.csv:
         write_csv(records, args.csv)
     if args.json:
-        print(json.dumps({"load": arrivals.describe(), "summary": summary}, indent=2))
+        out = {"load": arrivals.describe(), "summary": summary}
+        if corunner:
+            out["phases"] = phase_summaries(records, args.corunner_start_s, stop_s, arrivals.duration_s)
+        print(json.dumps(out, indent=2))
     else:
         print(format_table(summary))
     return 0

@@ -85,7 +85,7 @@ def test_fixed_level_not_in_the_model_names_the_levels():
 
 
 def test_aimd_increases_additively_and_backs_off_multiplicatively():
-    policy = make_baseline("aimd:start=4,step=1,backoff=0.5")
+    policy = make_baseline("aimd:start=4,step=1,backoff=0.5,signal=deadline")
     assert isinstance(policy, AIMDPolicy)
     cands = [pend(i, 1.0) for i in range(8)]
     plan = policy.plan(cands, 1.0, ctx())
@@ -98,6 +98,18 @@ def test_aimd_increases_additively_and_backs_off_multiplicatively():
     for _ in range(5):
         policy.observe(plan, 300.0, False)
     assert policy.plan(cands, 1.0, ctx()).count == 1  # never below one
+
+
+def test_aimd_default_signal_is_batch_exec_latency_against_the_slo():
+    """Clipper: a batch within the SLO grows the cap even if queueing made its requests late."""
+    policy = make_baseline("aimd:start=4,backoff=0.5")
+    cands = [pend(i, 1.0, deadline_ms=25.0) for i in range(8)]
+    plan = policy.plan(cands, 1.0, ctx())
+    policy.observe(plan, 20.0, False)  # 20 ms + 1 ms overhead <= 25 ms: increase despite the missed deadline
+    assert policy.cap == 5
+    plan = policy.plan(cands, 1.0, ctx())
+    policy.observe(plan, 24.5, True)  # 24.5 + 1 > 25: decrease
+    assert policy.cap == 2.5
 
 
 def test_aimd_cap_stops_at_max_batch_and_batch_is_bounded_by_the_queue():
