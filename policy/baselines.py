@@ -66,6 +66,9 @@ class DynamicBatchingPolicy:
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
         return False  # no early drop: Triton serves a late request late
 
+    def hopeless_at(self, p: Pending, ctx: PlanContext) -> None:
+        return None
+
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
         pass
 
@@ -136,6 +139,9 @@ class AIMDPolicy:
 
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
         return False  # Clipper does not drop early
+
+    def hopeless_at(self, p: Pending, ctx: PlanContext) -> None:
+        return None
 
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
         if not candidates:

@@ -96,6 +96,10 @@ class Policy(Protocol):
         """True when ``p`` cannot make its deadline even alone at the fastest level it may use."""
         ...
 
+    def hopeless_at(self, p: Pending, ctx: PlanContext) -> float | None:
+        """When ``p`` becomes hopeless if it is still queued (None: never, e.g. a policy without early drop)."""
+        ...
+
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
         """Choose a batch (a prefix of ``candidates``, which are in order_key order) and its level."""
         ...
@@ -141,9 +145,12 @@ class SLOAwarePolicy:
         return edf_key(p)
 
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
+        return now_s > self.hopeless_at(p, ctx)
+
+    def hopeless_at(self, p: Pending, ctx: PlanContext) -> float:
         i = fastest_allowed(p.min_accuracy, ctx)
         ms = ctx.backlog_ms + ctx.table.safe(ctx.bucket, i, 1) + ctx.overhead_ms
-        return now_s + ms * 1e-3 > p.deadline_s
+        return p.deadline_s - ms * 1e-3
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
         pass

@@ -32,6 +32,7 @@ class SLOClassConfig:
 
     def __post_init__(self) -> None:
         where = f"class {self.name!r}"
+        _check_types(self, where)
         if not self.name:
             raise ValueError("class name must be non-empty")
         if not self.latency_ms > 0:
@@ -46,6 +47,18 @@ class SLOClassConfig:
             raise ValueError(f"{where}: on_late={self.on_late!r} must be one of {ON_LATE}")
         if self.mode not in MODES:
             raise ValueError(f"{where}: mode={self.mode!r} must be one of {MODES}")
+
+
+_NUMBER = (int, float)
+
+
+def _check_types(cfg, where: str) -> None:
+    """A TOML value of the wrong type gets a message naming the field, not a bare TypeError later."""
+    for name, f in cfg.__dataclass_fields__.items():
+        value = getattr(cfg, name)
+        want = {"str": str, "float": _NUMBER, "int": int}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
+            raise ValueError(f"{where}: {name}={value!r} must be of type {f.type if isinstance(f.type, str) else f.type.__name__}")
 
 
 def default_classes_path() -> Path:

@@ -105,11 +105,34 @@ class Scheduler:
     def queue_lengths(self) -> dict[tuple[str, str], int]:
         return {(m, c): len(q) for m, qs in self._queues.items() for c, q in qs.items()}
 
+    def expire(self, now_s: float, contexts: Mapping[str, PlanContext]) -> list[QueuedRequest]:
+        """Remove and return the requests that can no longer make their deadline (class on_late='reject').
+
+        Call it even when no worker is free: a request must not wait for a
+        worker only to learn it is late.
+        """
+        expired: list[QueuedRequest] = []
+        for model, queues in self._queues.items():
+            self._expire(queues.values(), now_s, contexts[model], expired)
+        return expired
+
+    def next_expiry_s(self, contexts: Mapping[str, PlanContext]) -> float | None:
+        """Earliest time a queued head turns hopeless (when to call ``expire`` next), or None."""
+        soonest = None
+        for model, queues in self._queues.items():
+            ctx = contexts[model]
+            for q in queues.values():
+                head = q.peek()
+                if head is None or head.pending.on_late != "reject":
+                    continue
+                t = self.policy.hopeless_at(head.pending, ctx)
+                if t is not None and (soonest is None or t < soonest):
+                    soonest = t
+        return soonest
+
     def schedule(self, now_s: float, contexts: Mapping[str, PlanContext]) -> SchedulerOutput:
         """Expire hopeless requests, then plan at most one batch (call once per free worker)."""
-        out = SchedulerOutput()
-        for model, queues in self._queues.items():
-            self._expire(queues.values(), now_s, contexts[model], out.expired)
+        out = SchedulerOutput(expired=self.expire(now_s, contexts))
         model = self._most_urgent_model()
         if model is None:
             return out

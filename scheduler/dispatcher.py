@@ -126,7 +126,13 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
-            wake_at = self._dispatch()
+            try:
+                wake_at = self._dispatch()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad decision
+                log.exception("dispatch failed; failing the queued requests")
+                for req in self.scheduler.drain():
+                    self._fail(req, RequestError("internal scheduler error; see the server log"))
+                wake_at = None
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
@@ -135,22 +141,29 @@ class Dispatcher:
             self._wakeup.clear()
 
     def _dispatch(self) -> float | None:
-        """Plan a batch per idle worker; returns when the policy wants to be asked again."""
+        """Plan a batch per idle worker; returns when to look again even if nothing happens."""
         wake_at = None
-        while self.pool.idle_count() > 0 and self.scheduler.pending():
+        while self.scheduler.pending():
             now = self.clock.now()
             contexts = self.contexts()
+            if self.pool.idle_count() == 0:
+                # No worker: still answer early whoever can no longer make it.
+                self._expire(self.scheduler.expire(now, contexts), now)
+                wake_at = self.scheduler.next_expiry_s(contexts)
+                break
             out = self.scheduler.schedule(now, contexts)
-            for req in out.expired:
-                self._fail(req, DeadlineUnreachable(
-                    f"deadline cannot be met: {(now - req.pending.arrival_s) * 1e3:.1f} ms queued, "
-                    f"{(req.pending.deadline_s - now) * 1e3:.1f} ms left"))
+            self._expire(out.expired, now)
             if out.batch is None:
                 wake_at = out.wake_at_s
                 break
-            contention = self.contention()
-            self._launch(out.batch, contention)
+            self._launch(out.batch, self.contention())
         return wake_at
+
+    def _expire(self, expired: list[QueuedRequest], now: float) -> None:
+        for req in expired:
+            self._fail(req, DeadlineUnreachable(
+                f"deadline cannot be met: {(now - req.pending.arrival_s) * 1e3:.1f} ms queued, "
+                f"{(req.pending.deadline_s - now) * 1e3:.1f} ms left"))
 
     def _launch(self, batch: Batch, contention: float) -> None:
         inputs = np.stack([r.inputs for r in batch.requests])

@@ -11,7 +11,7 @@ from policy.planner import Pending
 class QueuedRequest:
     """A request waiting for a batch: the planner's view plus what the caller needs back."""
 
-    __slots__ = ("pending", "model", "slo_class", "inputs", "handle", "cancelled", "late")
+    __slots__ = ("pending", "model", "slo_class", "inputs", "handle", "cancelled", "late", "queued")
 
     def __init__(self, pending: Pending, model: str, slo_class: str, inputs: Any, handle: Any = None) -> None:
         self.pending = pending
@@ -23,6 +23,8 @@ class QueuedRequest:
         """Whatever the caller completes (server: an asyncio.Future)."""
         self.cancelled = False
         self.late = False
+        self.queued = False
+        """In a queue right now (False once popped into a batch)."""
 
     def __repr__(self) -> str:
         p = self.pending
@@ -46,13 +48,18 @@ class RequestQueue:
         return self._live >= self.max_len
 
     def push(self, req: QueuedRequest) -> None:
+        if req.cancelled:
+            return  # its caller left while it was out of the queue
         heapq.heappush(self._heap, (self._key(req.pending), req))
+        req.queued = True
         self._live += 1
 
     def cancel(self, req: QueuedRequest) -> None:
-        """Mark ``req`` cancelled; it is skipped (and dropped) when it reaches the head."""
-        if not req.cancelled:
-            req.cancelled = True
+        """Mark ``req`` cancelled; if queued it is skipped (and dropped) when it reaches the head."""
+        if req.cancelled:
+            return
+        req.cancelled = True
+        if req.queued:
             self._live -= 1
 
     def _skip_cancelled(self) -> None:
@@ -71,6 +78,7 @@ class RequestQueue:
     def pop(self) -> QueuedRequest:
         self._skip_cancelled()
         _, req = heapq.heappop(self._heap)
+        req.queued = False
         self._live -= 1
         return req
 
@@ -81,6 +89,8 @@ class RequestQueue:
     def drain(self) -> list[QueuedRequest]:
         """Remove and return every live request."""
         out = [r for _, r in self._heap if not r.cancelled]
+        for r in out:
+            r.queued = False
         self._heap.clear()
         self._live = 0
         return out

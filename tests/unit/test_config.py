@@ -112,8 +112,6 @@ def test_missing_required_field_names_it(tmp_path):
         load_classes(write(tmp_path, '[[class]]\nname = "c"\n'))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a wrongly typed value (latency_ms = \"20\") raises a bare TypeError "
-                   "from the comparison ('>' not supported...), which names neither the field nor the class")
 def test_wrongly_typed_value_names_its_field(tmp_path):
     with pytest.raises(ValueError, match="latency_ms"):
         load_classes(write(tmp_path, '[[class]]\nname = "c"\nlatency_ms = "20"\n'))
