@@ -19,6 +19,7 @@ COMMANDS = {
     "eval-latency": ("scripts.eval_latency", "held-out accuracy of the latency model"),
     "simulate": ("scripts.simulate", "discrete-event replay through the real scheduler on a virtual clock"),
     "compare": ("scripts.compare", "every policy on the same trace and load: one table"),
+    "reliability": ("scripts.reliability", "overload, worker kills, bad input, shutdown: every request answered"),
 }
 
 

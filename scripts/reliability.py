@@ -1,0 +1,246 @@
+"""`slonn reliability --json`: overload, chaos, bad input and shutdown against a real server process.
+
+For each scenario: requests sent, answered OK, answered with each error code,
+unanswered (must be 0), reject latency p99, and the server's peak memory
+(VmHWM of the server process and of each worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos import slonn_pb2 as pb
+from protos.client import AsyncSlonnClient
+from scripts.replay import replay
+from scripts.report import RequestRecord
+from scripts.serverproc import ServerProcess
+from scripts.trace import poisson_arrivals
+
+MIX = {"interactive": 0.4, "standard": 0.45, "batch": 0.15}
+
+# Small queues make overload visible quickly (a user's config would size them to capacity x deadline).
+OVERLOAD_CLASSES = """
+[[class]]
+name = "interactive"
+latency_ms = 25
+min_accuracy = 0.95
+priority = 0
+max_queue = 64
+
+[[class]]
+name = "standard"
+latency_ms = 100
+min_accuracy = 0.96
+priority = 1
+max_queue = 128
+
+[[class]]
+name = "batch"
+latency_ms = 500
+min_accuracy = 0.97
+priority = 2
+max_queue = 256
+on_late = "serve"
+mode = "accuracy"
+"""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The server's spawned worker processes (not multiprocessing's resource tracker)."""
+    out = []
+    for pid in _children(server_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(pid)
+    return out
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM (peak resident set) of ``pid`` in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def memory(server_pid: int) -> dict:
+    return {"server_peak_mib": peak_rss_mib(server_pid),
+            "workers_peak_mib": [peak_rss_mib(p) for p in worker_pids(server_pid)]}
+
+
+def tally(records: list[RequestRecord], duration_s: float) -> dict:
+    statuses = Counter(r.status for r in records)
+    rejects = np.asarray([r.latency_ms for r in records if r.status in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")])
+    ok_late = sum(1 for r in records if r.status == "OK" and not r.on_time)
+    return {
+        "sent": len(records), "offered_per_s": round(len(records) / duration_s, 1),
+        "answered_ok": statuses.pop("OK", 0), "ok_but_late": ok_late,
+        "unanswered": statuses.pop("UNANSWERED", 0) + statuses.pop("CLIENT_TIMEOUT", 0),
+        "errors": dict(statuses),
+        "reject_p50_ms": round(float(np.percentile(rejects, 50)), 3) if len(rejects) else None,
+        "reject_p99_ms": round(float(np.percentile(rejects, 99)), 3) if len(rejects) else None,
+    }
+
+
+def _replay(target: str, model: str, rate: float, duration_s: float, seed: int) -> list[RequestRecord]:
+    arrivals = poisson_arrivals(rate, duration_s, MIX, seed=seed)
+    deadlines = {"interactive": 25.0, "standard": 100.0, "batch": 500.0}
+    return asyncio.run(replay(target, model, arrivals, deadlines, progress=False))
+
+
+def overload(model_dir: Path, rate: float, duration_s: float, log_dir: Path) -> dict:
+    classes = log_dir / "overload_classes.toml"
+    classes.write_text(OVERLOAD_CLASSES)
+    with ServerProcess(["--model-dir", str(model_dir), "--classes", str(classes), "--max-inflight", "512"],
+                       log_dir / "overload.log") as srv:
+        records = _replay(srv.target, _model_name(model_dir), rate, duration_s, seed=1)
+        mem = memory(srv.proc.pid)
+    return {**tally(records, duration_s), **mem, "server_exit_code": srv.returncode}
+
+
+def chaos(model_dir: Path, rate: float, duration_s: float, kill_every_s: float, log_dir: Path) -> dict:
+    kills = []
+    with ServerProcess(["--model-dir", str(model_dir)], log_dir / "chaos.log") as srv:
+        async def killer() -> None:
+            t_end = time.monotonic() + duration_s
+            while time.monotonic() < t_end:
+                await asyncio.sleep(kill_every_s)
+                for pid in worker_pids(srv.proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        kills.append(pid)
+                    except ProcessLookupError:
+                        pass
+
+        async def both() -> list[RequestRecord]:
+            arrivals = poisson_arrivals(rate, duration_s, MIX, seed=2)
+            deadlines = {"interactive": 25.0, "standard": 100.0, "batch": 500.0}
+            k = asyncio.create_task(killer())
+            records = await replay(srv.target, _model_name(model_dir), arrivals, deadlines, progress=False)
+            await k
+            return records
+
+        records = asyncio.run(both())
+        # Still serving after the chaos?
+        after = _replay(srv.target, _model_name(model_dir), 20, 1.0, seed=3)
+        mem = memory(srv.proc.pid)
+    return {**tally(records, duration_s), "workers_killed": len(kills),
+            "after_chaos_ok": sum(r.status == "OK" for r in after), "after_chaos_sent": len(after),
+            **mem, "server_exit_code": srv.returncode}
+
+
+def bad_inputs(model: str) -> list[tuple[str, pb.InferRequest]]:
+    good = np.ones(64, np.float32)
+
+    def req(**kw) -> pb.InferRequest:
+        base = dict(model=model, slo_class="standard",
+                    input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=good.tobytes()))
+        base.update(kw)
+        return pb.InferRequest(**base)
+
+    nan = good.copy()
+    nan[3] = np.nan
+    return [
+        ("wrong_shape", req(input=pb.Tensor(shape=[8, 8], dtype=pb.FLOAT32, data=good.tobytes()))),
+        ("huge_shape", req(input=pb.Tensor(shape=[1 << 40], dtype=pb.FLOAT32, data=good.tobytes()))),
+        ("wrong_dtype", req(input=pb.Tensor(shape=[64], dtype=pb.DATA_TYPE_UNSPECIFIED, data=good.tobytes()))),
+        ("short_data", req(input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=good.tobytes()[:-4]))),
+        ("nan", req(input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=nan.tobytes()))),
+        ("empty", req(input=pb.Tensor(shape=[0], dtype=pb.FLOAT32, data=b""))),
+        ("no_input", pb.InferRequest(model=model, slo_class="standard")),
+        ("unknown_model", req(model="nope")),
+        ("unknown_class", req(slo_class="nope")),
+        ("negative_budget", req(latency_budget_ms=-1.0)),
+        ("impossible_budget", req(latency_budget_ms=0.001)),
+    ]
+
+
+def fuzz(model_dir: Path, log_dir: Path) -> dict:
+    model = _model_name(model_dir)
+    with ServerProcess(["--model-dir", str(model_dir)], log_dir / "fuzz.log") as srv:
+        async def run() -> dict:
+            out = {}
+            async with AsyncSlonnClient(srv.target) as client:
+                for name, request in bad_inputs(model):
+                    try:
+                        await client.stub.Infer(request, timeout=10)
+                        out[name] = "OK"
+                    except grpc.aio.AioRpcError as exc:
+                        out[name] = f"{exc.code().name}: {exc.details()}"
+                good = await client.infer(model, "standard", np.ones(64, np.float32), timeout_s=10)
+                out["good_after"] = f"OK level {good.level}"
+            return out
+        answers = asyncio.run(run())
+    return {"answers": answers, "server_exit_code": srv.returncode}
+
+
+def shutdown(model_dir: Path, rate: float, duration_s: float, stop_after_s: float, log_dir: Path) -> dict:
+    with ServerProcess(["--model-dir", str(model_dir), "--grace-s", "5"], log_dir / "shutdown.log") as srv:
+        async def run() -> list[RequestRecord]:
+            arrivals = poisson_arrivals(rate, duration_s, MIX, seed=4)
+            deadlines = {"interactive": 25.0, "standard": 100.0, "batch": 500.0}
+            task = asyncio.create_task(replay(srv.target, _model_name(model_dir), arrivals, deadlines,
+                                              progress=False))
+            await asyncio.sleep(stop_after_s)
+            srv.proc.send_signal(signal.SIGTERM)
+            return await task
+        records = asyncio.run(run())
+        code = srv.proc.wait(60)
+    return {**tally(records, duration_s), "sigterm_at_s": stop_after_s, "server_exit_code": code}
+
+
+def _model_name(model_dir: Path) -> str:
+    from workers.artifact import load_manifest
+
+    return load_manifest(model_dir).name
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slonn reliability", description=__doc__)
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
+    p.add_argument("--scenarios", default="overload,chaos,fuzz,shutdown")
+    p.add_argument("--overload-rate", type=float, default=2000.0)
+    p.add_argument("--rate", type=float, default=200.0, help="offered load of chaos and shutdown")
+    p.add_argument("--duration-s", type=float, default=10.0)
+    p.add_argument("--kill-every-s", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    log_dir = Path(tempfile.mkdtemp(prefix="slonn-reliability-"))
+    scenarios = {
+        "overload": lambda: overload(args.model_dir, args.overload_rate, args.duration_s / 2, log_dir),
+        "chaos": lambda: chaos(args.model_dir, args.rate, args.duration_s, args.kill_every_s, log_dir),
+        "fuzz": lambda: fuzz(args.model_dir, log_dir),
+        "shutdown": lambda: shutdown(args.model_dir, args.rate, args.duration_s, args.duration_s / 2, log_dir),
+    }
+    results = {"server_logs": str(log_dir)}
+    for name in args.scenarios.split(","):
+        results[name] = scenarios[name]()
+        print(f"{name}: {json.dumps(results[name])}", flush=True) if not args.json else None
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
