@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_INTENSITIES = ("0", "1x0.5", "1", "2", "3")
+DISTURBED_EXCESS = 0.1
+"""Mean signal above ``intensity / n_cpus`` by more than this: someone else was loading the machine."""
 
 
 def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, seed: int) -> None:
@@ -85,8 +87,28 @@ class ProfileWorker:
         self.proc.join(10)
 
 
+def wait_quiet(monitor: ContentionMonitor, max_wait_s: float, threshold: float = DISTURBED_EXCESS) -> float:
+    """Wait (up to ``max_wait_s``) until nobody else loads the machine for ~1 s; returns the seconds waited."""
+    t0 = time.monotonic()
+    quiet_since = None
+    while time.monotonic() - t0 < max_wait_s:
+        now = time.monotonic()
+        if monitor.value <= threshold:
+            quiet_since = quiet_since or now
+            if now - quiet_since >= 1.0:
+                break
+        else:
+            quiet_since = None
+        time.sleep(0.1)
+    waited = time.monotonic() - t0
+    if monitor.value > threshold:
+        log.warning("machine not quiet after %.0f s (others' load %.2f per CPU); measuring anyway", waited,
+                    monitor.value)
+    return waited
+
+
 def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes, intensities, reps: int,
-          settle_s: float, seed: int) -> tuple[list[LatencySample], list[dict], dict]:
+          settle_s: float, seed: int, wait_quiet_s: float = 0.0) -> tuple[list[LatencySample], list[dict], dict]:
     """Run every (level, batch) ``reps`` times at every intensity (shuffled inside each intensity)."""
     rng = random.Random(seed)
     rows, extra, signal = [], [], {}
@@ -97,6 +119,7 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
         spec = BurnSpec.parse(text)
         calls = [(lv, b) for lv in levels for b in batch_sizes for _ in range(reps)]
         rng.shuffle(calls)
+        waited = wait_quiet(monitor, wait_quiet_s) if wait_quiet_s > 0 else 0.0
         t0 = time.monotonic()
         with CpuBurner(spec.n_procs, spec.duty):
             time.sleep(settle_s)  # let the co-runner start and the smoothed signal catch up
@@ -109,10 +132,13 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
                 rows.append(LatencySample(lv, b, c, exec_ms, kernel))
                 extra.append({"intensity": spec.intensity, "burn": spec.label(), "load": round(comp["load"], 4),
                               "probe": round(comp["probe"], 4), "t_s": round(time.monotonic(), 3)})
+        expected = spec.intensity / monitor.n_cpus
         signal[spec.label()] = {"intensity": spec.intensity, "contention_mean": round(statistics.fmean(values), 4),
+                                "contention_expected": round(expected, 4),
+                                "disturbed": statistics.fmean(values) - expected > DISTURBED_EXCESS,
                                 "contention_p10": round(float(np.quantile(values, 0.1)), 4),
                                 "contention_p90": round(float(np.quantile(values, 0.9)), 4),
-                                "seconds": round(time.monotonic() - t0, 1)}
+                                "seconds": round(time.monotonic() - t0, 1), "waited_quiet_s": round(waited, 1)}
         log.info("intensity %s: %s", text, signal[spec.label()])
     return rows, extra, signal
 
@@ -134,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="*", default=list(DEFAULT_BATCH_SIZES))
     p.add_argument("--intensities", nargs="*", default=list(DEFAULT_INTENSITIES),
                    help="co-runner settings: N (N busy processes) or NxD (N processes at duty D)")
-    p.add_argument("--reps", type=int, default=4, help="measurements per (level, batch, intensity)")
+    p.add_argument("--reps", type=int, default=12, help="measurements per (level, batch, intensity)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker (the server's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-calibrate", action="store_true", help="skip ModelRunner.calibrate() (kernel choice)")
     p.add_argument("--settle-s", type=float, default=1.0)
+    p.add_argument("--wait-quiet-s", type=float, default=20.0,
+                   help="before each intensity, wait up to this long for other processes' load to go away")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -155,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
     try:
         rows, extra, signal = sweep(worker, monitor, levels, args.batch_sizes, args.intensities, args.reps,
-                                    args.settle_s, args.seed)
+                                    args.settle_s, args.seed, args.wait_quiet_s)
     finally:
         monitor.stop()
         worker.close()
@@ -165,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     model = LatencyModel(LatencyModelConfig()).fit(rows)
     (out.parent / MODEL_JSON).write_text(json.dumps({"config": model.describe()["config"], "profile_csv": out.name,
                                                      "rows": len(rows), "format_version": 1}, indent=2) + "\n")
+    disturbed = [k for k, v in signal.items() if v["disturbed"]]
+    if disturbed:
+        log.warning("other load during %s (signal above the co-runner's own): rerun on a quieter machine "
+                    "for clean per-intensity figures", disturbed)
     print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
+                      "disturbed_intensities": disturbed,
                       "threads": args.threads, "device": worker.ready["device"], "levels": levels,
                       "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
                       "kernel_table": worker.ready["kernel_table"], "model": model.describe(),
