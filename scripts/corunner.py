@@ -15,16 +15,18 @@ threads or an event loop).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 
 
 def _burn(stop, duty: float, period_s: float) -> None:
-    """Child body: busy-loop ``duty`` of every period until ``stop`` is set."""
+    """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
     busy_s = duty * period_s
     idle_s = period_s - busy_s
+    parent = os.getppid()
     x = 0
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:  # a killed parent must not leave burners behind
         t_end = time.perf_counter() + busy_s
         while time.perf_counter() < t_end:
             for i in range(200):  # pure-Python arithmetic: keeps one core at 100%
