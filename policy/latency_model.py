@@ -302,23 +302,30 @@ class LatencyModel:
         groups = self._feat.group(np.broadcast_to(np.asarray(contention, float), mean.shape).ravel())
         return mean * np.exp(self._q[groups]).reshape(mean.shape)
 
-    def bucket_points(self, contention_edges: Sequence[float]) -> np.ndarray:
-        """Contention at which each table bucket is evaluated: its upper edge (the last, open bucket:
-        the larger of its lower edge and the 95th percentile of the contention seen in fit)."""
-        edges = list(contention_edges)
-        last = max(edges[-1], self._c_max) if edges else self._c_max
-        return np.array([*edges, last], float)
+    def bucket_points(self, contention_edges: Sequence[float], kind: str = "safe") -> np.ndarray:
+        """Contention at which each table bucket is evaluated. ``safe``: the bucket's upper edge (the
+        prediction holds for anything in the bucket); ``mean``: its midpoint (an unbiased typical value).
+        The last, open bucket ends at the larger of its lower edge and the 95th percentile of the
+        contention seen in fit."""
+        edges = [float(e) for e in contention_edges]
+        upper = np.array([*edges, max(edges[-1], self._c_max) if edges else self._c_max])
+        if kind == "safe":
+            return upper
+        lower = np.array([0.0, *edges])
+        return (lower + upper) / 2
 
     def to_table(self, levels: Sequence[float], max_batch: int,
                  contention_edges: Sequence[float] = DEFAULT_CONTENTION_EDGES) -> LatencyTable:
-        """Predictions on (bucket, level, 1..max_batch), made non-decreasing in batch size and contention."""
+        """Predictions on (bucket, level, 1..max_batch) at :meth:`bucket_points`, made non-decreasing in
+        batch size and contention; ``safe_ms >= mean_ms``."""
         self._check()
         levels = tuple(sorted(levels, reverse=True))
-        c = self.bucket_points(contention_edges)[:, None, None]
+        c_safe = self.bucket_points(contention_edges, "safe")[:, None, None]
+        c_mean = self.bucket_points(contention_edges, "mean")[:, None, None]
         lv = np.asarray(levels, float)[None, :, None]
         b = np.arange(1, max_batch + 1, dtype=float)[None, None, :]
-        mean = np.maximum.accumulate(np.maximum.accumulate(self.predict_mean(lv, b, c), axis=2), axis=0)
-        safe = np.maximum.accumulate(np.maximum.accumulate(self.predict_safe(lv, b, c), axis=2), axis=0)
+        mean = np.maximum.accumulate(np.maximum.accumulate(self.predict_mean(lv, b, c_mean), axis=2), axis=0)
+        safe = np.maximum.accumulate(np.maximum.accumulate(self.predict_safe(lv, b, c_safe), axis=2), axis=0)
         return LatencyTable(levels, max_batch, tuple(float(e) for e in contention_edges),
                             np.maximum(safe, mean), mean)
 

@@ -22,8 +22,15 @@ import numpy as np
 
 from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
     read_rows_csv, rows_to_arrays
+from policy.learner import LearnerConfig, OnlineLearner
 
 MAPE_TARGET_PCT = 10.0
+
+
+def burn_intensity(label: str) -> float:
+    """'2x1' -> 2.0, '1x0.5' -> 0.5 (the co-runner's CPU demand in cores)."""
+    n, _, duty = label.partition("x")
+    return int(n) * (float(duty) if duty else 1.0)
 EXCEED_TARGET = 0.02
 
 
@@ -82,6 +89,36 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             "model": model.describe()}
 
 
+def online_adaptation(rows, dicts, base_burn: str, live_burn: str, steps=(0, 10, 25, 50, 100, 200),
+                      edges=DEFAULT_CONTENTION_EDGES) -> dict:
+    """Learner started on the ``base_burn`` rows only; ``live_burn`` rows arrive in time order (first half),
+    and after each step the learner's table is scored on the second half (what the planner would read)."""
+    base = [r for r, d in zip(rows, dicts) if d.get("burn") == base_burn]
+    live = sorted(((float(d.get("t_s", 0) or 0), r) for r, d in zip(rows, dicts) if d.get("burn") == live_burn),
+                  key=lambda tr: tr[0])
+    if not base or len(live) < 20:
+        return {"skipped": f"need rows for burn {base_burn!r} and {live_burn!r}"}
+    stream, test = [r for _, r in live[: len(live) // 2]], [r for _, r in live[len(live) // 2:]]
+    levels = sorted({r.level for r in rows}, reverse=True)
+    learner = OnlineLearner(base, levels, int(max(r.batch_size for r in rows)), edges,
+                            LearnerConfig(max_live=512), clock=lambda: 0.0)
+    out, seen = [], 0
+    for n in steps:
+        n = min(n, len(stream))
+        for r in stream[seen:n]:
+            learner.observe(r, now_s=0.0)
+        seen = n
+        if n:
+            learner.refit_now(now_s=0.0)
+        t = learner.table
+        safe = np.array([t.safe(t.bucket(r.contention), t.level_index(r.level), r.batch_size) for r in test])
+        mean = np.array([t.mean(t.bucket(r.contention), t.level_index(r.level), r.batch_size) for r in test])
+        actual = np.array([r.exec_ms for r in test])
+        out.append({"live_samples": n, "table_mape_pct": round(mape(mean, actual), 2),
+                    "exceed_table_safe_rate": round(float(np.mean(actual > safe)), 4)})
+    return {"base": base_burn, "live": live_burn, "test_rows": len(test), "steps": out}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slonn eval-latency", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
@@ -89,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--holdout-intensity", default=None, help="hold out every row of this co-runner setting, e.g. 1x1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--online", action="store_true",
+                   help="also: learner fitted on the quietest setting, fed live rows of the busiest one")
     p.add_argument("--json", action="store_true", help="print JSON (the only output format; accepted for the CLI)")
     return p
 
@@ -101,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, dicts = read_rows_csv(path, with_extra=True)
     result = evaluate(rows, dicts, args.test_fraction, args.holdout_intensity, args.seed)
+    if args.online:
+        burns = sorted({d.get("burn") for d in dicts}, key=burn_intensity)
+        result["online_adaptation"] = online_adaptation(rows, dicts, burns[0], burns[-1])
     result["profile_csv"] = str(path)
     print(json.dumps(result, indent=2))
     return 0

@@ -56,7 +56,7 @@ def test_safe_is_above_mean_and_covers_most_rows(model):
 def monotone_envelope(model, levels, max_batch, edges, kind):
     """What the table must hold: the model's prediction at each bucket's point, running-maxed over batch and bucket."""
     predict = model.predict_safe if kind == "safe" else model.predict_mean
-    c = model.bucket_points(edges)[:, None, None]
+    c = model.bucket_points(edges, kind)[:, None, None]
     raw = predict(np.asarray(levels)[None, :, None], np.arange(1, max_batch + 1)[None, None, :], c)
     return raw, np.maximum.accumulate(np.maximum.accumulate(raw, axis=2), axis=0)
 
@@ -73,6 +73,7 @@ def test_table_equals_model_at_grid_points_and_is_monotone(model):
                 assert table.mean(bucket, li, b) == pytest.approx(env_mean[bucket, li, b - 1], rel=1e-12)
     # where the model is itself monotone (level 1.0 here) the table is exactly the model's prediction
     np.testing.assert_allclose(table.safe_ms[:, 0, :], raw_safe[:, 0, :], rtol=1e-12)
+    np.testing.assert_allclose(table.mean_ms[:, 0, :], raw_mean[:, 0, :], rtol=1e-12)
     assert np.all(table.safe_ms >= raw_safe - 1e-12)
     assert np.all(np.diff(table.safe_ms, axis=2) >= 0)
     assert np.all(np.diff(table.safe_ms, axis=0) >= 0)

@@ -52,10 +52,12 @@ def test_initial_fit_recovers_known_shape():
 def test_table_lookup_equals_model_prediction_at_grid_points():
     learner = make()
     table, model = learner.table, learner.model
-    for bucket, c in enumerate(model.bucket_points(table.contention_edges)):
+    mean_points = model.bucket_points(table.contention_edges, "mean")
+    for bucket, c in enumerate(model.bucket_points(table.contention_edges, "safe")):
         for b in BATCHES:  # level 1.0: the fitted surface is monotone there, so no envelope applies
             assert table.safe(bucket, 0, b) == pytest.approx(float(model.predict_safe(1.0, b, c)), rel=1e-9)
-            assert table.mean(bucket, 0, b) == pytest.approx(float(model.predict_mean(1.0, b, c)), rel=1e-9)
+            assert table.mean(bucket, 0, b) == pytest.approx(float(model.predict_mean(1.0, b, mean_points[bucket])),
+                                                             rel=1e-9)
         for li, lv in enumerate(LEVELS):
             for b in BATCHES:
                 assert table.safe(bucket, li, b) >= float(model.predict_safe(lv, b, c)) * (1 - 1e-9)
