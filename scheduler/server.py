@@ -19,7 +19,7 @@ from scheduler.clock import MonotonicClock
 from scheduler.config import ServerConfig
 from scheduler.core import Scheduler
 from scheduler.dispatcher import Completion, Dispatcher
-from scheduler.errors import InvalidArgument, RequestError
+from scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from scheduler.latency import StaticLatency, linear_table, warmup_profile
 from workers.pool import InProcessPool, ProcessPool, WorkerPool
 from workers.process import WorkerSpec
@@ -59,7 +59,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             x = from_tensor(request.input, "input", manifest.arch.in_features)
         except TensorError as exc:
             raise InvalidArgument(str(exc)) from None
-        done = await self.dispatcher.infer(request.model, request.slo_class, x, budget or None)
+        work = self.dispatcher.infer(request.model, request.slo_class, x, budget or None)
+        if time_remaining_s is None:
+            done = await work
+        else:
+            # Whatever the class says about late answers, the caller stops listening at its gRPC
+            # deadline: answer before it, so no call ends without a word from the server.
+            try:
+                done = await asyncio.wait_for(work, max(time_remaining_s - 0.005, 0.0))
+            except asyncio.TimeoutError:
+                raise DeadlineUnreachable("not served before the call's gRPC deadline") from None
         return self._response(request_id, request.input, done)
 
     @staticmethod

@@ -123,14 +123,17 @@ def overload(model_dir: Path, rate: float, duration_s: float, log_dir: Path) -> 
     return {**tally(records, duration_s), **mem, "server_exit_code": srv.returncode}
 
 
-def chaos(model_dir: Path, rate: float, duration_s: float, kill_every_s: float, log_dir: Path) -> dict:
+def chaos(model_dir: Path, rate: float, duration_s: float, kill_every_s: float, workers: int,
+          log_dir: Path) -> dict:
     kills = []
-    with ServerProcess(["--model-dir", str(model_dir)], log_dir / "chaos.log") as srv:
+    with ServerProcess(["--model-dir", str(model_dir), "--workers", str(workers)], log_dir / "chaos.log") as srv:
         async def killer() -> None:
             t_end = time.monotonic() + duration_s
             while time.monotonic() < t_end:
                 await asyncio.sleep(kill_every_s)
-                for pid in worker_pids(srv.proc.pid):
+                pids = worker_pids(srv.proc.pid)
+                if pids:  # one worker at a time, in turn: the others keep serving
+                    pid = pids[len(kills) % len(pids)]
                     try:
                         os.kill(pid, signal.SIGKILL)
                         kills.append(pid)
@@ -227,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload-rate", type=float, default=2000.0)
     p.add_argument("--rate", type=float, default=200.0, help="offered load of chaos and shutdown")
     p.add_argument("--duration-s", type=float, default=10.0)
-    p.add_argument("--kill-every-s", type=float, default=1.0)
+    p.add_argument("--kill-every-s", type=float, default=3.0)
+    p.add_argument("--workers", type=int, default=2, help="worker processes in the chaos scenario")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="slonn-reliability-"))
     scenarios = {
         "overload": lambda: overload(args.model_dir, args.overload_rate, args.duration_s / 2, log_dir),
-        "chaos": lambda: chaos(args.model_dir, args.rate, args.duration_s, args.kill_every_s, log_dir),
+        "chaos": lambda: chaos(args.model_dir, args.rate, args.duration_s, args.kill_every_s, args.workers, log_dir),
         "fuzz": lambda: fuzz(args.model_dir, log_dir),
         "shutdown": lambda: shutdown(args.model_dir, args.rate, args.duration_s, args.duration_s / 2, log_dir),
     }

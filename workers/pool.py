@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from workers.artifact import ModelManifest
 from workers.process import WorkerSpec, execute, load_runners, warm_up, worker_main
@@ -158,6 +159,9 @@ class ProcessPool(WorkerPool):
 
     def _on_ready(self, w: _Worker, msg: WorkerReady) -> None:
         self.manifests = {n: ModelManifest.from_json(m) for n, m in msg.models.items()}
+        if not self.spec.kernel_tables and msg.kernel_table:
+            # Replacements reuse this measurement: a restart should not pay for calibration again.
+            self.spec = replace(self.spec, kernel_tables=dict(msg.kernel_table))
         self.device = msg.device
         log.info("worker %d ready (pid %d, %s); kernels %s", w.worker_id, msg.pid, msg.device, msg.kernel_table)
         if not w.ready.done():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -26,6 +26,8 @@ class WorkerSpec:
     threads: int = 1
     calibrate: bool = True
     """Measure the kernel table at start-up (else the chooser's defaults)."""
+    kernel_tables: dict = field(default_factory=dict)
+    """model name -> a measured KernelChooser.to_json(); such models skip calibration (worker restarts)."""
 
 
 def load_runners(spec: WorkerSpec) -> dict[str, ModelRunner]:
@@ -33,7 +35,10 @@ def load_runners(spec: WorkerSpec) -> dict[str, ModelRunner]:
     runners = {}
     for directory in spec.model_dirs:
         runner = ModelRunner.load(Path(directory), spec.device)
-        if spec.calibrate:
+        table = spec.kernel_tables.get(runner.manifest.name)
+        if table:
+            runner.use_kernel_table(table)
+        elif spec.calibrate:
             runner.calibrate()
         runners[runner.manifest.name] = runner
     return runners

@@ -54,6 +54,12 @@ class ModelRunner:
                                             repeats=repeats)
         return self.chooser.to_json()
 
+    def use_kernel_table(self, table: dict) -> None:
+        """Use a table measured earlier on this machine (e.g. by the worker this one replaces)."""
+        from workers.kernels import KernelChooser
+
+        self.chooser = KernelChooser.from_json(table)
+
     def run(self, inputs: np.ndarray, level: float) -> RunOutput:
         if level not in self.manifest.levels:
             raise ValueError(f"level={level} is not one of model {self.manifest.name!r}'s levels {self.manifest.levels}")
