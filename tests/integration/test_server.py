@@ -1,0 +1,305 @@
+"""The real server: SlonnServer + a spawned worker process + real gRPC calls on 127.0.0.1:0.
+
+One module-scoped server keeps the suite fast (start = worker spawn, kernel
+calibration, warm-up profile). Tests assert answers and status codes, never timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import slonn_pb2 as pb
+from protos.client import AsyncSlonnClient, InferResult, make_request
+from protos.tensors import to_tensor
+from scheduler.config import ServerConfig, SLOClassConfig
+from scheduler.server import SlonnServer
+from workers.artifact import load_artifact
+from workers.kernels import EXACT_KERNELS
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MODEL = "tiny"
+FEATURES = 64
+MAX_BATCH = 16
+# Generous deadlines: the suite runs on a busy 2-core machine and must not flake on timing.
+CLASSES = {c.name: c for c in (
+    SLOClassConfig("interactive", latency_ms=5000, min_accuracy=0.0, priority=0, max_queue=1024, on_late="reject"),
+    SLOClassConfig("relaxed", latency_ms=10000, min_accuracy=0.0, priority=1, max_queue=1024, on_late="serve",
+                   mode="accuracy"),
+)}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(tiny_model_dir):
+    cfg = ServerConfig(model_dirs=(tiny_model_dir,), classes=CLASSES, host="127.0.0.1", port=0, workers=1,
+                       max_batch=MAX_BATCH, grace_s=5.0)
+    srv = SlonnServer(cfg)
+    try:
+        await srv.start()
+    except BaseException:
+        if hasattr(srv, "pool"):
+            await srv.pool.close()
+        raise
+    yield srv
+    await srv.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def client(server):
+    c = AsyncSlonnClient(f"127.0.0.1:{server.port}")
+    await c.wait_ready(30.0)
+    yield c
+    await c.close()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir):
+    """The same artifact loaded here: the oracle for the server's answers."""
+    return load_artifact(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def samples(local) -> np.ndarray:
+    """Held-out digits whose top-2 logit margin is wide at every level.
+
+    The server may run a half-precision kernel; with a wide margin its argmax must
+    still equal the fp32 reference's, so the comparison below is deterministic.
+    """
+    from scripts.digits import load_split
+
+    model, manifest = local
+    x = load_split().x_test
+    with torch.inference_mode():
+        margins = []
+        for level in manifest.levels:
+            top2 = torch.topk(model(torch.from_numpy(x), level), 2, dim=-1).values
+            margins.append((top2[:, 0] - top2[:, 1]).numpy())
+    wide = x[np.min(margins, axis=0) > 1.0]
+    assert len(wide) >= 128, "the tiny model should be confident on most held-out digits"
+    return wide[:128]
+
+
+def check_answer(result: InferResult, x: np.ndarray, local) -> None:
+    """The server's answer equals the local model's at the level the server reports."""
+    model, manifest = local
+    assert result.level in manifest.levels
+    assert result.expected_accuracy == manifest.accuracy[result.level]
+    assert 1 <= result.batch_size <= MAX_BATCH
+    assert result.exec_ms > 0
+    assert result.queue_ms >= 0
+    assert result.predicted_ms > 0
+    assert result.kernel
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x.reshape(1, FEATURES)), keep=result.level).numpy()
+    got = result.output.reshape(1, -1)
+    assert got.shape == want.shape == (1, manifest.arch.out_features)
+    assert got.argmax() == want.argmax()
+    tol = 1e-4 if result.kernel in EXACT_KERNELS else 5e-2
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+async def assert_still_serving(client, samples, local) -> None:
+    result = await client.infer(MODEL, "interactive", samples[0], request_id="after-error")
+    assert result.request_id == "after-error"
+    check_answer(result, samples[0], local)
+
+
+# -- answers ---------------------------------------------------------------
+
+
+async def test_unary_infer_matches_local_model(client, samples, local):
+    for i, x in enumerate(samples[:8]):
+        result = await client.infer(MODEL, "interactive", x, request_id=f"unary-{i}")
+        assert result.request_id == f"unary-{i}"
+        assert result.output.shape == (local[1].arch.out_features,)  # [F] in, [classes] out
+        assert not result.late
+        check_answer(result, x, local)
+
+
+async def test_one_by_f_input_gets_one_by_classes_output(client, samples, local):
+    result = await client.infer(MODEL, "interactive", samples[1].reshape(1, FEATURES))
+    assert result.output.shape == (1, local[1].arch.out_features)
+    check_answer(result, samples[1], local)
+
+
+async def test_server_assigns_distinct_request_ids_when_empty(client, samples):
+    a = await client.infer(MODEL, "interactive", samples[0])
+    b = await client.infer(MODEL, "interactive", samples[0])
+    assert a.request_id and b.request_id and a.request_id != b.request_id
+
+
+async def test_concurrent_requests_are_batched_and_correct(client, samples, local):
+    xs = samples[:64]
+    results = await asyncio.gather(*(client.infer(MODEL, "interactive", x, request_id=f"c{i}")
+                                     for i, x in enumerate(xs)))
+    for i, (x, result) in enumerate(zip(xs, results)):
+        assert result.request_id == f"c{i}"
+        check_answer(result, x, local)
+    assert max(r.batch_size for r in results) > 1
+    # Requests of one batch share its level, exec time and size: each group is whole batches.
+    groups = Counter((r.level, r.exec_ms, r.batch_size) for r in results)
+    for (_, _, size), count in groups.items():
+        assert count % size == 0, f"{count} answers claim a batch of {size}"
+
+
+async def test_late_answer_of_a_serve_class_is_flagged(client, samples, local):
+    result = await client.infer(MODEL, "relaxed", samples[2], latency_budget_ms=0.001)
+    assert result.late
+    check_answer(result, samples[2], local)
+
+
+async def test_grpc_deadline_is_accepted_when_it_can_be_met(client, samples, local):
+    result = await client.infer(MODEL, "interactive", samples[3], timeout_s=30.0)
+    check_answer(result, samples[3], local)
+
+
+# -- streaming -------------------------------------------------------------
+
+
+async def test_stream_answers_every_request_once_with_errors_in_stream(client, samples, local):
+    n = 48
+    requests = [make_request(MODEL, "interactive" if i % 2 else "relaxed", samples[i], request_id=f"s{i}")
+                for i in range(n)]
+    bad_shape = pb.InferRequest(model=MODEL, slo_class="interactive", request_id="bad-shape",
+                                input=to_tensor(np.zeros(FEATURES - 1, np.float32)))
+    bad_class = make_request(MODEL, "no-such-class", samples[0], request_id="bad-class")
+    requests[10:10] = [bad_shape]
+    requests[30:30] = [bad_class]
+
+    async def send():
+        for r in requests:
+            yield r
+
+    answers = [a async for a in client.infer_stream(send())]
+    ids = [a.response.request_id if a.HasField("response") else a.error.request_id for a in answers]
+    assert Counter(ids) == Counter(r.request_id for r in requests)  # exactly one answer each
+    by_id = dict(zip(ids, answers))
+    assert by_id["bad-shape"].WhichOneof("result") == "error"
+    assert by_id["bad-shape"].error.code == "INVALID_ARGUMENT"
+    assert "input.shape" in by_id["bad-shape"].error.message
+    assert by_id["bad-class"].error.code == "NOT_FOUND"
+    assert "no-such-class" in by_id["bad-class"].error.message
+    for i in range(n):
+        answer = by_id[f"s{i}"]
+        assert answer.WhichOneof("result") == "response", answer
+        check_answer(InferResult.from_proto(answer.response), samples[i], local)
+
+
+async def test_stream_assigns_ids_to_requests_without_one(client, samples):
+    async def send():
+        for i in range(4):
+            yield make_request(MODEL, "interactive", samples[i])
+
+    answers = [a async for a in client.infer_stream(send())]
+    ids = {a.response.request_id for a in answers}
+    assert len(answers) == 4 and len(ids) == 4 and "" not in ids
+
+
+async def test_empty_stream_ends_cleanly(client):
+    async def send():
+        return
+        yield  # pragma: no cover
+
+    assert [a async for a in client.infer_stream(send())] == []
+
+
+# -- metadata --------------------------------------------------------------
+
+
+async def test_list_models_lists_levels_accuracies_and_classes(client, local):
+    _, manifest = local
+    resp = await client.list_models()
+    assert [m.name for m in resp.models] == [MODEL]
+    info = resp.models[0]
+    assert list(info.input_shape) == [FEATURES]
+    assert list(info.output_shape) == [manifest.arch.out_features]
+    assert list(info.hidden) == list(manifest.arch.hidden)
+    assert [(lv.level, lv.accuracy) for lv in info.levels] == [(lv, manifest.accuracy[lv]) for lv in manifest.levels]
+    classes = {c.name: c for c in resp.slo_classes}
+    assert set(classes) == set(CLASSES)
+    for name, cfg in CLASSES.items():
+        c = classes[name]
+        assert (c.latency_ms, c.min_accuracy, c.priority, c.max_queue, c.on_late, c.mode) == (
+            cfg.latency_ms, cfg.min_accuracy, cfg.priority, cfg.max_queue, cfg.on_late, cfg.mode)
+
+
+@pytest.mark.parametrize("service", ["", "slonn.v1.Inference"])
+async def test_health_reports_serving(client, service):
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- errors: each one a status naming the field, and the server keeps serving --------------------
+
+
+def _tensor(shape, data: bytes, dtype=pb.FLOAT32) -> pb.Tensor:
+    return pb.Tensor(shape=shape, dtype=dtype, data=data)
+
+
+def _with_value(value: float) -> pb.Tensor:
+    x = np.ones(FEATURES, np.float32)
+    x[5] = value
+    return to_tensor(x)
+
+
+GOOD = np.ones(FEATURES, "<f4").tobytes()
+BAD_INPUTS = {
+    "wrong-shape": (_tensor([FEATURES - 1], GOOD[:-4]), "input.shape"),
+    "two-samples": (_tensor([2, FEATURES], GOOD * 2), "input.shape"),
+    "wrong-dtype": (_tensor([FEATURES], GOOD, dtype=pb.DATA_TYPE_UNSPECIFIED), "input.dtype"),
+    "wrong-byte-count": (_tensor([FEATURES], GOOD + b"\0\0\0\0"), "input.data"),
+    "short-data": (_tensor([FEATURES], GOOD[:-1]), "input.data"),
+    "nan": (_with_value(float("nan")), "input.data"),
+    "inf": (_with_value(float("inf")), "input.data"),
+    "minus-inf": (_with_value(float("-inf")), "input.data"),
+    "empty-tensor": (_tensor([0], b""), "input.shape"),
+    "no-shape": (_tensor([], GOOD), "input.shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+async def test_bad_tensor_is_invalid_argument_naming_the_field(client, samples, local, case):
+    tensor, field = BAD_INPUTS[case]
+    request = pb.InferRequest(model=MODEL, slo_class="interactive", input=tensor, request_id=case)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.Infer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details()
+    await assert_still_serving(client, samples, local)
+
+
+REQUEST_ERRORS = {
+    "missing-input": (dict(model=MODEL, slo_class="interactive"), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    "missing-model": (dict(slo_class="interactive"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    "missing-class": (dict(model=MODEL), grpc.StatusCode.INVALID_ARGUMENT, "slo_class"),
+    "unknown-model": (dict(model="no-such-model", slo_class="interactive"), grpc.StatusCode.NOT_FOUND,
+                      "no-such-model"),
+    "unknown-class": (dict(model=MODEL, slo_class="no-such-class"), grpc.StatusCode.NOT_FOUND, "no-such-class"),
+    "negative-budget": (dict(model=MODEL, slo_class="interactive", latency_budget_ms=-1.0),
+                        grpc.StatusCode.INVALID_ARGUMENT, "latency_budget_ms"),
+    "nan-budget": (dict(model=MODEL, slo_class="interactive", latency_budget_ms=float("nan")),
+                   grpc.StatusCode.INVALID_ARGUMENT, "latency_budget_ms"),
+    "impossible-budget": (dict(model=MODEL, slo_class="interactive", latency_budget_ms=0.001),
+                          grpc.StatusCode.DEADLINE_EXCEEDED, "latency budget"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REQUEST_ERRORS))
+async def test_request_error_status(client, samples, local, case):
+    fields, code, needle = REQUEST_ERRORS[case]
+    if case != "missing-input":
+        fields = {**fields, "input": to_tensor(samples[0])}
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.Infer(pb.InferRequest(**fields), timeout=30)
+    assert info.value.code() == code, info.value.details()
+    assert needle in info.value.details()
+    await assert_still_serving(client, samples, local)
