@@ -80,23 +80,27 @@ class LatencyDraw:
 
     @classmethod
     def from_model(cls, model, levels: Sequence[float], max_batch: int, states: Sequence[float],
-                   seed: int = 0, pool_size: int = 1 << 16, min_rows: int = 30) -> "LatencyDraw":
+                   seed: int = 0, pool_size: int = 1 << 16, min_rows: int = 60,
+                   edges: Sequence[float] | None = None) -> "LatencyDraw":
         """Mean from ``model.predict_mean`` at each contention state; ratios resampled from the profile's
-        residuals ``exec_ms / predicted mean`` of the rows nearest that state (all rows if too few)."""
-        from policy.latency_model import rows_to_arrays
+        residuals ``exec_ms / predicted mean`` of the rows in the state's contention bucket (``edges``,
+        the table's), or of the ``min_rows`` rows nearest in contention if the bucket holds fewer."""
+        from policy.latency_model import DEFAULT_CONTENTION_EDGES, rows_to_arrays
 
+        edges = np.asarray(DEFAULT_CONTENTION_EDGES if edges is None else edges, float)
         rng = np.random.default_rng(seed)
         level, batch, cont, ms = rows_to_arrays(model.rows)
         ratio = ms / model.predict_mean(level, batch, cont)
+        row_bucket = np.searchsorted(edges, cont, side="left")
         lv = np.asarray(levels, float)[:, None]
         b = np.arange(1, max_batch + 1, dtype=float)[None, :]
-        state_arr = np.asarray(states, float)
-        nearest = np.argmin(np.abs(cont[:, None] - state_arr[None, :]), axis=1)
         means, pools = {}, {}
-        for k, c in enumerate(states):
+        for c in states:
             means[c] = np.maximum.accumulate(model.predict_mean(lv, b, np.full_like(b, c)), axis=1)
-            mine = ratio[nearest == k]
-            pools[c] = rng.choice(mine if len(mine) >= min_rows else ratio, size=pool_size)
+            mine = ratio[row_bucket == np.searchsorted(edges, c, side="left")]
+            if len(mine) < min_rows:
+                mine = ratio[np.argsort(np.abs(cont - c), kind="stable")[:min_rows]]
+            pools[c] = rng.choice(mine, size=pool_size)
         return cls(means, pools)
 
 
@@ -187,7 +191,7 @@ def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy, 
     contexts = {}  # bucket -> {model: PlanContext}; immutable, so cached
     steady = contention.start_s >= contention.stop_s  # one contention level all along
     steady_ctx = {model: PlanContext(table, table.bucket(contention.base), accuracy, cfg.max_batch,
-                                     cfg.overhead_ms)}
+                                     cfg.overhead_ms, workers=cfg.workers)}
 
     def contexts_at(now_s: float) -> dict[str, PlanContext]:
         if steady:
@@ -195,7 +199,8 @@ def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy, 
         bucket = table.bucket(contention.at(now_s - cfg.signal_lag_s))
         got = contexts.get(bucket)
         if got is None:
-            got = contexts[bucket] = {model: PlanContext(table, bucket, accuracy, cfg.max_batch, cfg.overhead_ms)}
+            got = contexts[bucket] = {model: PlanContext(table, bucket, accuracy, cfg.max_batch, cfg.overhead_ms,
+                                                         workers=cfg.workers)}
         return got
 
     running: list[tuple[float, int, object, float]] = []  # (finish_s, tie, batch, exec_ms)
@@ -367,7 +372,8 @@ class SimSetup:
 
     def draw(self, seed: int) -> LatencyDraw:
         model, levels, max_batch, states = self.draw_args
-        return LatencyDraw.from_model(model, levels, max_batch, states, seed=seed)
+        return LatencyDraw.from_model(model, levels, max_batch, states, seed=seed,
+                                      edges=self.table.contention_edges or None)
 
 
 def build_setup(args) -> SimSetup:

@@ -1,0 +1,167 @@
+"""`slonn compare`: every policy on the same trace and load, one table (JSON + Markdown) and plots.
+
+Simulated (``--sim``: the real scheduler on a virtual clock, scripts/simulate.py)
+and/or live (``--live``: a fresh ``slonn serve --policy NAME`` per policy,
+open-loop gRPC replay). ``--corunner`` turns a CPU co-runner on for the middle
+third of the replay (live: ``scripts.corunner.CpuBurner``; simulated: the
+profile's contention at that intensity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from scripts.report import RequestRecord, summarize, write_csv
+from scripts.trace import Arrivals
+
+DEFAULT_POLICIES = ("slonn", "triton", "fixed:0.1", "aimd")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", name)
+
+
+def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
+    from scripts.simulate import build_setup, run_policy, sim_config
+
+    if window is not None:
+        args.corunner_start_s, args.corunner_stop_s = window
+    setup = build_setup(args)
+    runs, rates = {}, {}
+    for name in args.policies:
+        result = run_policy(setup, arrivals, name, sim_config(args), args.seed)
+        runs[name] = result.records
+        rates[name] = round(result.requests_per_s)
+        print(f"  sim {name:<14} {len(result.records)} requests, {result.wall_s:.2f} s wall "
+              f"({result.requests_per_s:,.0f} simulated requests/s)", file=sys.stderr, flush=True)
+    args.sim_rates = rates
+    return runs
+
+
+def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
+    from scripts.replay import replay, replay_with_corunner
+    from scripts.serverproc import ServerProcess
+    from workers.artifact import load_manifest
+
+    manifest = load_manifest(args.model_dir)
+    runs = {}
+    for name in args.policies:
+        serve_args = ["--model-dir", str(args.model_dir), "--policy", name, "--workers", str(args.workers),
+                      "--max-batch", str(args.max_batch), "--overhead-ms", str(args.overhead_ms)]
+        if args.classes:
+            serve_args += ["--classes", str(args.classes)]
+        t0 = time.monotonic()
+        with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
+            kwargs = dict(split_seed=manifest.seed, progress=False)
+            if window is None:
+                coro = replay(server.target, manifest.name, arrivals, deadlines_ms, **kwargs)
+            else:
+                coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
+                                            window[1], args.corunner_procs, **kwargs)
+            runs[name] = asyncio.run(coro)
+        print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)",
+              file=sys.stderr, flush=True)
+    return runs
+
+
+def table_rows(mode: str, runs: dict[str, list[RequestRecord]], duration_s: float, classes: list[str],
+               window) -> list[dict]:
+    from scripts.replay import phase_summaries
+
+    rows = []
+    for name, records in runs.items():
+        s = summarize(records, duration_s)
+        row = {"mode": mode, "policy": name,
+               **{f"attain_{c}": s.get(c, {}).get("attainment") for c in classes},
+               "attain_all": s["all"]["attainment"], "served_accuracy": s["all"]["served_accuracy"],
+               "p99_ms": s["all"]["p99_ms"], "p99_interactive_ms": s.get("interactive", {}).get("p99_ms"),
+               "levels": s["all"]["levels"], "errors": s["all"]["errors"], "summary": s}
+        if window is not None:
+            phases = phase_summaries(records, window[0], window[1], duration_s)
+            row["phases"] = phases
+            for c in classes:
+                row[f"during_{c}"] = phases.get("during", {}).get("summary", {}).get(c, {}).get("attainment")
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window) -> str:
+    pct = lambda v: "-" if v is None else f"{v * 100:.1f}%"
+    head = ["mode", "policy", *[f"{c} in SLO" for c in classes], "served acc", "p99 ms (all)", "p99 ms (interactive)"]
+    if window is not None:
+        head += [f"{c} in SLO, co-runner on" for c in classes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        acc = "-" if r["served_accuracy"] is None else f"{r['served_accuracy'] * 100:.2f}%"
+        cells = [r["mode"], f"`{r['policy']}`", *[pct(r[f"attain_{c}"]) for c in classes], acc,
+                 f"{r['p99_ms']}", f"{r['p99_interactive_ms']}"]
+        if window is not None:
+            cells += [pct(r.get(f"during_{c}")) for c in classes]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nDense (keep 1.0) held-out accuracy: {dense_accuracy * 100:.2f}%.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scheduler.config import load_classes
+    from scripts.plots import latency_cdf, timeline
+    from scripts.replay import add_arrival_args, arrivals_from_args
+    from scripts.simulate import add_sim_args
+    from workers.artifact import load_manifest
+
+    p = argparse.ArgumentParser(prog="slonn compare", description=__doc__.splitlines()[0])
+    add_arrival_args(p)
+    add_sim_args(p)
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help="comma-separated; ';' also separates (for names with parameters, e.g. 'triton:max_batch=16')")
+    p.add_argument("--sim", action="store_true", help="run the simulator")
+    p.add_argument("--live", action="store_true", help="run live servers (default when --sim is not given)")
+    p.add_argument("--corunner", action="store_true", help="co-runner on for the middle third of the replay")
+    p.add_argument("--corunner-procs", type=int, default=1, help="live co-runner processes (cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--bins", type=int, default=60, help="time bins of the timeline plot")
+    args = p.parse_args(argv)
+    sep = ";" if ";" in args.policies else ","
+    args.policies = [s.strip() for s in args.policies.split(sep) if s.strip()]
+    if not args.sim and not args.live:
+        args.live = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    arrivals = arrivals_from_args(args)
+    classes_cfg = load_classes(args.classes)
+    deadlines = {n: c.latency_ms for n, c in classes_cfg.items()}
+    classes = sorted(set(arrivals.classes), key=lambda c: deadlines[c])
+    duration = arrivals.duration_s
+    window = (duration / 3, 2 * duration / 3) if args.corunner else None
+    manifest = load_manifest(args.model_dir)
+    dense = manifest.accuracy[max(manifest.levels)]
+    print(f"{len(arrivals)} requests over {duration:.1f} s ({arrivals.describe()['mean_rate_per_s']}/s); "
+          f"policies {args.policies}; co-runner {window}", file=sys.stderr, flush=True)
+
+    rows, plots = [], []
+    modes = [m for m, on in (("sim", args.sim), ("live", args.live)) if on]
+    for mode in modes:
+        runs = run_sim(args, arrivals, window) if mode == "sim" else run_live(args, arrivals, window, deadlines)
+        rows += table_rows(mode, runs, duration, classes, window)
+        for name, records in runs.items():
+            write_csv(records, args.out / f"{mode}-{slug(name)}.csv")
+        plots.append(str(latency_cdf(runs, deadlines, args.out / f"{mode}-latency-cdf.png",
+                                     f"{mode}: latency CDF, {arrivals.describe()['mean_rate_per_s']} req/s")))
+        plots.append(str(timeline(runs, duration, args.out / f"{mode}-timeline.png", window, args.bins,
+                                  f"{mode}: attainment and served level over time")))
+    report = {"load": arrivals.describe(), "policies": args.policies, "modes": modes,
+              "corunner_window_s": window, "dense_accuracy": dense,
+              "sim": {"simulated_requests_per_s": getattr(args, "sim_rates", None),
+                      "planner_table": args.planner_table, "workers": args.workers} if args.sim else None,
+              "rows": rows, "plots": plots}
+    (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    md = markdown(rows, classes, dense, window)
+    (args.out / "compare.md").write_text(f"Load: {json.dumps(arrivals.describe(), default=float)}\n\n" + md)
+    print(md)
+    print(f"wrote {args.out / 'compare.json'}, {args.out / 'compare.md'}, plots: {', '.join(plots)}", file=sys.stderr)
+    return 0
