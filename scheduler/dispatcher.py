@@ -14,11 +14,12 @@ from typing import Callable
 
 import numpy as np
 
+from policy.latency_model import LatencySample
 from policy.planner import PlanContext
 from scheduler.clock import Clock
 from scheduler.core import Batch, Scheduler
 from scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
-from scheduler.latency import LatencySource, Sample
+from scheduler.latency import LatencySource
 from scheduler.queues import QueuedRequest
 from workers.pool import TaskFailed, WorkerDied, WorkerPool
 from workers.protocol import BatchTask
@@ -199,7 +200,8 @@ class Dispatcher:
             return
         self._complete(batch, result.outputs, result.exec_ms, result.kernel, now)
         self.scheduler.update_from_output(batch, result.exec_ms, now)
-        self.latency.observe(Sample(batch.model, batch.plan.level, len(batch.requests), contention, result.exec_ms))
+        self.latency.observe(batch.model, LatencySample(batch.plan.level, len(batch.requests), contention,
+                                                        result.exec_ms, result.kernel))
         if self.on_batch:
             self.on_batch(batch, result.exec_ms, contention)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
+from policy.latency_model import PROFILE_CSV, LatencySample, read_rows_csv
+from policy.learner import OnlineLearner
 from policy.table import LatencyTable
 from workers.artifact import ModelManifest
 from workers.pool import WorkerPool
@@ -21,7 +24,7 @@ WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 @dataclass(frozen=True)
 class Sample:
-    """One measured batch."""
+    """One measured batch (kept for linear_table; new code uses policy.latency_model.LatencySample)."""
 
     model: str
     level: float
@@ -35,30 +38,62 @@ class LatencySource(Protocol):
         """The latest published table (O(1), no fitting)."""
         ...
 
-    def observe(self, sample: Sample) -> None:
+    def observe(self, model: str, sample: LatencySample) -> None:
         """A live measurement (O(1); any refit happens off the event loop)."""
         ...
 
 
 class StaticLatency:
-    """Fixed tables (tests, and the policies that never learn)."""
+    """Fixed tables (tests, and policies that never learn)."""
 
     def __init__(self, tables: dict[str, LatencyTable]) -> None:
         self._tables = tables
-        self.samples: list[Sample] = []
+        self.samples: list[tuple[str, LatencySample]] = []
 
     def table(self, model: str) -> LatencyTable:
         return self._tables[model]
 
-    def observe(self, sample: Sample) -> None:
-        self.samples.append(sample)
+    def observe(self, model: str, sample: LatencySample) -> None:
+        self.samples.append((model, sample))
 
 
-async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: int, repeats: int = 3,
-                         seed: int = 0) -> list[Sample]:
-    """Time every level at a few batch sizes on the real workers (distinct random inputs per call)."""
+class LearnedLatency:
+    """One OnlineLearner per model: live samples refit the model off the loop; tables are swapped whole."""
+
+    def __init__(self, learners: dict[str, OnlineLearner]) -> None:
+        self.learners = learners
+
+    def table(self, model: str) -> LatencyTable:
+        return self.learners[model].table
+
+    def observe(self, model: str, sample: LatencySample) -> None:
+        self.learners[model].observe(sample)
+
+    def start(self) -> None:
+        for learner in self.learners.values():
+            learner.start()
+
+    def stop(self) -> None:
+        for learner in self.learners.values():
+            learner.stop()
+
+
+def base_rows(model_dir: Path) -> list[LatencySample] | None:
+    """The profile written by `slonn profile` beside the model, if any."""
+    path = Path(model_dir) / PROFILE_CSV
+    return read_rows_csv(path) if path.exists() else None
+
+
+async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: int,
+                         contention: Callable[[], float] = lambda: 0.0, repeats: int = 3,
+                         seed: int = 0) -> list[LatencySample]:
+    """Time every level at a few batch sizes on the real workers (distinct random inputs per call).
+
+    The cold start when no profile exists: contention is whatever the monitor
+    sees now; live samples teach the model the rest.
+    """
     rng = np.random.default_rng(seed)
-    rows: list[Sample] = []
+    rows: list[LatencySample] = []
     sizes = sorted({b for b in WARMUP_BATCH_SIZES if b <= max_batch} | {max_batch})
     task_id = -1
     for level in manifest.levels:
@@ -69,7 +104,7 @@ async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: i
                 x = rng.uniform(0, 16, size=(b, manifest.arch.in_features)).astype(np.float32)
                 result = await pool.submit(BatchTask(task_id, manifest.name, level, x))
                 task_id -= 1
-                rows.append(Sample(manifest.name, level, b, 0.0, result.exec_ms))
+                rows.append(LatencySample(level, b, contention(), result.exec_ms, result.kernel))
     return rows
 
 

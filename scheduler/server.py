@@ -11,16 +11,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from policy.contention import ContentionMonitor
+from policy.latency_model import LatencySample
+from policy.learner import OnlineLearner
 from policy.planner import SLOAwarePolicy
 from protos import slonn_pb2 as pb
 from protos import slonn_pb2_grpc as pb_grpc
 from protos.tensors import TensorError, from_tensor, to_tensor
 from scheduler.clock import MonotonicClock
 from scheduler.config import ServerConfig
-from scheduler.core import Scheduler
+from scheduler.core import Batch, Scheduler
 from scheduler.dispatcher import Completion, Dispatcher
 from scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
-from scheduler.latency import StaticLatency, linear_table, warmup_profile
+from scheduler.latency import LearnedLatency, base_rows, warmup_profile
+from workers.artifact import ModelManifest, load_manifest
 from workers.pool import InProcessPool, ProcessPool, WorkerPool
 from workers.process import WorkerSpec
 
@@ -153,18 +157,25 @@ class SlonnServer:
         """Start workers, profile, bind; returns the bound port."""
         cfg = self.cfg
         spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads)
-        self.pool: WorkerPool = InProcessPool(spec, cfg.workers) if cfg.in_process else ProcessPool(spec, cfg.workers)
+        # The monitor runs here, not in the workers: one signal per machine, and the workers'
+        # own threads are excluded from it (they are not contention, they are us).
+        self.monitor = ContentionMonitor()
+        if cfg.in_process:
+            self.pool: WorkerPool = InProcessPool(spec, cfg.workers)
+        else:
+            self.pool = ProcessPool(spec, cfg.workers, on_spawn=self.monitor.add_own_pid)
         await self.pool.start()
+        self.monitor.start()
         self.manifests = dict(self.pool.manifests)
-        tables = {}
-        for name, manifest in self.manifests.items():
-            samples = await warmup_profile(self.pool, manifest, cfg.max_batch)
-            tables[name] = linear_table(samples, manifest.levels, cfg.max_batch)
-        latency = StaticLatency(tables)
+        self.latency = LearnedLatency({
+            name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch)
+            for name, manifest in self.manifests.items()})
+        self.latency.start()
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
-        self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), latency, accuracy, cfg.max_batch,
-                                     cfg.overhead_ms, cfg.max_inflight, workers=cfg.workers)
+        self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), self.latency, accuracy, cfg.max_batch,
+                                     cfg.overhead_ms, cfg.max_inflight, contention=lambda: self.monitor.value,
+                                     workers=cfg.workers, on_batch=self._log_batch)
         self.dispatcher.start()
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
@@ -187,6 +198,23 @@ class SlonnServer:
                  self.port, cfg.policy, cfg.workers, self.pool.device)
         return self.port
 
+    async def _base_rows(self, manifest: ModelManifest) -> list[LatencySample]:
+        """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
+        directory = next(d for d in self.cfg.model_dirs if load_manifest(d).name == manifest.name)
+        rows = base_rows(directory)
+        if rows:
+            log.info("%s: latency model from %d profile rows in %s", manifest.name, len(rows), directory)
+            return rows
+        rows = await warmup_profile(self.pool, manifest, self.cfg.max_batch, contention=lambda: self.monitor.value)
+        log.info("%s: no saved profile; latency model from a %d-batch warm-up sweep", manifest.name, len(rows))
+        return rows
+
+    @staticmethod
+    def _log_batch(batch: Batch, exec_ms: float, contention: float) -> None:
+        plan = batch.plan
+        log.debug("batch %s n=%d level=%g predicted=%.2f measured=%.2f ms contention=%.2f: %s", batch.model,
+                  len(batch.requests), plan.level, plan.predicted_ms, exec_ms, contention, plan.reason)
+
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
         for service in ("", SERVICE_NAME):
@@ -194,4 +222,6 @@ class SlonnServer:
         unanswered = await self.dispatcher.drain(self.cfg.grace_s)
         await self.grpc.stop(grace=1.0)
         await self.pool.close()
+        self.latency.stop()
+        self.monitor.stop()
         return unanswered

@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from dataclasses import replace
 
 from workers.artifact import ModelManifest
@@ -113,8 +114,10 @@ class ProcessPool(WorkerPool):
     """Spawned worker processes, restarted when they die."""
 
     def __init__(self, spec: WorkerSpec, workers: int = 1, start_timeout_s: float = 300.0,
-                 task_timeout_s: float = 30.0) -> None:
+                 task_timeout_s: float = 30.0, on_spawn: Callable[[int], None] | None = None) -> None:
         self.spec = spec
+        self.on_spawn = on_spawn
+        """Called with each new worker's pid (e.g. so the contention monitor does not count it)."""
         self.n_workers = workers
         self.start_timeout_s = start_timeout_s
         self.task_timeout_s = task_timeout_s
@@ -127,6 +130,10 @@ class ProcessPool(WorkerPool):
         self._idle_changed = asyncio.Event()
         self._closing = False
         self._ids = itertools.count()
+        self.max_start_failures = 3
+        """Consecutive workers dying before they are ready, after which the pool stops respawning."""
+        self._start_failures = 0
+        self._broken = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -140,6 +147,8 @@ class ProcessPool(WorkerPool):
                                     name=f"slonn-worker-{worker_id}")
         process.start()
         child.close()  # so that the worker's death reads as EOF here
+        if self.on_spawn is not None:
+            self.on_spawn(process.pid)
         w = _Worker(worker_id, process, parent, self._loop)
         self._workers[worker_id] = w
         self._loop.add_reader(parent.fileno(), self._on_readable, w)
@@ -159,6 +168,7 @@ class ProcessPool(WorkerPool):
 
     def _on_ready(self, w: _Worker, msg: WorkerReady) -> None:
         self.manifests = {n: ModelManifest.from_json(m) for n, m in msg.models.items()}
+        self._start_failures = 0
         if not self.spec.kernel_tables and msg.kernel_table:
             # Replacements reuse this measurement: a restart should not pay for calibration again.
             self.spec = replace(self.spec, kernel_tables=dict(msg.kernel_table))
@@ -185,9 +195,16 @@ class ProcessPool(WorkerPool):
         if w.future is not None and not w.future.done():
             w.future.set_exception(WorkerDied(f"worker {w.worker_id} died (exit code {w.process.exitcode})"))
         if not w.ready.done():
+            self._start_failures += 1
             w.ready.set_exception(WorkerDied(f"worker {w.worker_id} died while starting"))
             w.ready.exception()  # retrieved: a start-up death is reported by start()'s gather or not at all
         self.restarts += 1
+        if self._start_failures >= self.max_start_failures:
+            # A worker that cannot even start (bad artifact, OOM at load) would be respawned forever.
+            log.error("%d workers in a row died while starting; not starting more", self._start_failures)
+            self._broken = True
+            self._idle_changed.set()
+            return
         self._spawn()
 
     def _release(self, w: _Worker) -> None:
@@ -201,8 +218,8 @@ class ProcessPool(WorkerPool):
 
     async def _acquire(self) -> _Worker:
         while not self._idle:
-            if self._closing:
-                raise WorkerDied("pool is closing")
+            if self._closing or self._broken:
+                raise WorkerDied("pool is closing" if self._closing else "no worker could be started")
             self._idle_changed.clear()
             await self._idle_changed.wait()
         return self._idle.pop()
