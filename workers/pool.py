@@ -130,7 +130,7 @@ class ProcessPool(WorkerPool):
         self._idle_changed = asyncio.Event()
         self._closing = False
         self._ids = itertools.count()
-        self.max_start_failures = 3
+        self.max_start_failures = 5
         """Consecutive workers dying before they are ready, after which the pool stops respawning."""
         self._start_failures = 0
         self._broken = False
