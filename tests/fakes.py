@@ -1,0 +1,60 @@
+"""Fakes that subclass the real interfaces (after Ray Serve's test fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from workers.pool import TaskFailed, WorkerDied, WorkerPool
+from workers.protocol import BatchResult, BatchTask
+
+
+class FakeWorkerPool(WorkerPool):
+    """A pool whose batches finish when the test says so.
+
+    ``submitted`` holds (task, future) pairs in order; ``finish(i)`` completes
+    one with outputs = inputs[:, :out_features] (so tests can check routing),
+    ``fail(i, exc)`` raises in it. ``workers`` sets how many run at once.
+    """
+
+    def __init__(self, workers: int = 1, out_features: int = 10) -> None:
+        self.workers = workers
+        self.out_features = out_features
+        self.manifests = {}
+        self.submitted: list[tuple[BatchTask, asyncio.Future]] = []
+        self._busy = 0
+
+    async def start(self) -> None:
+        pass
+
+    def idle_count(self) -> int:
+        return self.workers - self._busy
+
+    def submit(self, task: BatchTask) -> asyncio.Future:
+        if self._busy >= self.workers:
+            raise RuntimeError("submit() with no idle worker")
+        self._busy += 1
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._release)
+        self.submitted.append((task, future))
+        return future
+
+    def _release(self, _future: asyncio.Future) -> None:
+        self._busy -= 1
+
+    def finish(self, i: int, exec_ms: float = 1.0) -> None:
+        task, future = self.submitted[i]
+        outputs = np.asarray(task.inputs)[:, : self.out_features].astype(np.float32)
+        future.set_result(BatchResult(task.task_id, 0, outputs, exec_ms, "fake"))
+
+    def fail(self, i: int, exc: Exception) -> None:
+        self.submitted[i][1].set_exception(exc)
+
+    async def close(self) -> None:
+        for _, future in self.submitted:
+            if not future.done():
+                future.set_exception(WorkerDied("pool closed"))
+
+
+__all__ = ["FakeWorkerPool", "TaskFailed", "WorkerDied"]

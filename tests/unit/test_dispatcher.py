@@ -1,0 +1,207 @@
+"""The asyncio dispatcher against a FakeWorkerPool: routing, cancellation, faults, expiry, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import numpy as np
+import pytest
+
+from policy.planner import SLOAwarePolicy
+from policy.table import LatencyTable
+from scheduler.clock import FakeClock, MonotonicClock
+from scheduler.config import SLOClassConfig
+from scheduler.core import Scheduler
+from scheduler.dispatcher import Dispatcher
+from scheduler.errors import DeadlineUnreachable, RequestError, Unavailable
+from scheduler.latency import StaticLatency
+from tests.fakes import FakeWorkerPool
+from workers.pool import TaskFailed, WorkerDied
+
+LEVELS = (1.0, 0.5, 0.1)
+ACC = (0.97, 0.96, 0.95)
+CLASSES = {
+    "slow": SLOClassConfig("slow", latency_ms=10_000, min_accuracy=0.9, max_queue=1000),
+    "tight": SLOClassConfig("tight", latency_ms=10, min_accuracy=0.9),
+}
+
+
+def make(pool: FakeWorkerPool, clock=None, max_inflight: int = 8192) -> Dispatcher:
+    table = LatencyTable.constant(LEVELS, 16, per_item_ms=0.1, fixed_ms=1.0)
+    scheduler = Scheduler({"m": ACC}, CLASSES, SLOAwarePolicy())
+    d = Dispatcher(scheduler, pool, clock or MonotonicClock(), StaticLatency({"m": table}), {"m": ACC},
+                   max_batch=16, overhead_ms=0.0, max_inflight=max_inflight)
+    d.start()
+    return d
+
+
+def x(i: int) -> np.ndarray:
+    return np.full(64, float(i), np.float32)
+
+
+async def until(predicate, what: str) -> None:
+    """Let the loop run until ``predicate()`` holds (bounded: a hang fails the test, not the suite)."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_outputs_go_back_to_their_own_requests():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    first = asyncio.create_task(d.infer("m", "slow", x(100)))
+    await until(lambda: len(pool.submitted) == 1, "first batch submitted")
+    rest = [asyncio.create_task(d.infer("m", "slow", x(i))) for i in range(5)]
+    await until(lambda: d.scheduler.pending() == 5, "five queued behind the busy worker")
+    pool.finish(0)
+    await until(lambda: len(pool.submitted) == 2, "second batch submitted")
+    assert len(pool.submitted[1][0].inputs) == 5  # one batch for all five
+    pool.finish(1)
+    assert (await first).output[0] == 100
+    for i, task in enumerate(rest):
+        done = await task
+        assert done.output[0] == i and done.batch_size == 5 and done.level in LEVELS
+
+
+async def test_a_cancelled_caller_leaves_the_queue_and_its_input_is_never_run():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    busy = asyncio.create_task(d.infer("m", "slow", x(100)))
+    await until(lambda: len(pool.submitted) == 1, "worker busy")
+    stay = asyncio.create_task(d.infer("m", "slow", x(1)))
+    leave = asyncio.create_task(d.infer("m", "slow", x(2)))
+    await until(lambda: d.scheduler.pending() == 2, "two queued")
+    leave.cancel()
+    await until(lambda: d.scheduler.pending() == 1, "cancelled request gone")
+    pool.finish(0)
+    await until(lambda: len(pool.submitted) == 2, "next batch")
+    assert [row[0] for row in pool.submitted[1][0].inputs] == [1.0]
+    pool.finish(1)
+    assert (await stay).output[0] == 1 and (await busy).output[0] == 100
+    assert d.inflight == 0
+
+
+async def test_cancelling_a_request_already_in_a_batch_keeps_the_counts_right():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    running = asyncio.create_task(d.infer("m", "slow", x(1)))
+    await until(lambda: len(pool.submitted) == 1, "running")
+    running.cancel()
+    await until(lambda: d.inflight == 0, "inflight released")
+    pool.finish(0)  # its result arrives after the caller left: dropped, nothing breaks
+    assert d.scheduler.pending() == 0
+    later = asyncio.create_task(d.infer("m", "slow", x(2)))
+    await until(lambda: len(pool.submitted) == 2, "still dispatching")
+    pool.finish(1)
+    assert (await later).output[0] == 2
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (WorkerDied("worker 0 died twice"), grpc.StatusCode.UNAVAILABLE),
+    (TaskFailed("RuntimeError: boom"), grpc.StatusCode.INTERNAL),
+])
+async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(exc, code):
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    first = asyncio.create_task(d.infer("m", "slow", x(0)))
+    await until(lambda: len(pool.submitted) == 1, "running")
+    batch = [asyncio.create_task(d.infer("m", "slow", x(i))) for i in range(1, 4)]
+    await until(lambda: d.scheduler.pending() == 3, "queued")
+    pool.finish(0)
+    await first
+    await until(lambda: len(pool.submitted) == 2, "batch of three running")
+    pool.fail(1, exc)
+    for task in batch:
+        with pytest.raises(RequestError) as info:
+            await task
+        assert info.value.code == code
+    assert d.inflight == 0
+
+
+async def test_a_request_that_turns_hopeless_while_no_worker_is_free_is_answered_early():
+    clock = FakeClock(100.0)
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool, clock)
+    busy = asyncio.create_task(d.infer("m", "slow", x(0)))
+    await until(lambda: len(pool.submitted) == 1, "worker busy")
+    tight = asyncio.create_task(d.infer("m", "tight", x(1)))  # 10 ms deadline
+    await until(lambda: d.scheduler.pending() == 1, "queued")
+    clock.advance(0.009)  # 1 ms left: less than the fastest level's 1.1 ms
+    d._wakeup.set()
+    with pytest.raises(DeadlineUnreachable):
+        await tight
+    assert len(pool.submitted) == 1  # it never ran
+    pool.finish(0)
+    await busy
+
+
+async def test_drain_answers_queued_requests_unavailable_and_lets_running_ones_finish():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    running = asyncio.create_task(d.infer("m", "slow", x(0)))
+    await until(lambda: len(pool.submitted) == 1, "running")
+    queued = asyncio.create_task(d.infer("m", "slow", x(1)))
+    await until(lambda: d.scheduler.pending() == 1, "queued")
+    drained = asyncio.create_task(d.drain(grace_s=0.0))
+    assert await drained == 1
+    with pytest.raises(Unavailable):
+        await queued
+    with pytest.raises(Unavailable):
+        await d.infer("m", "slow", x(2))  # no admission after drain began
+    pool.finish(0)
+    assert (await running).output[0] == 0
+
+
+async def test_in_flight_cap_rejects_resource_exhausted():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool, max_inflight=2)
+    a = asyncio.create_task(d.infer("m", "slow", x(0)))
+    b = asyncio.create_task(d.infer("m", "slow", x(1)))
+    await until(lambda: d.inflight == 2, "two in flight")
+    with pytest.raises(RequestError) as info:
+        await d.infer("m", "slow", x(2))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await until(lambda: len(pool.submitted) == 1, "one batch for both")
+    pool.finish(0)
+    assert [r.output[0] for r in await asyncio.gather(a, b)] == [0, 1]
+    assert d.inflight == 0
+
+
+async def test_every_request_gets_exactly_one_answer_under_random_faults():
+    rng = random.Random(7)
+    pool = FakeWorkerPool(workers=2)
+    d = make(pool)
+    tasks = []
+    answered = 0
+    for i in range(300):
+        tasks.append(asyncio.create_task(d.infer("m", "slow", x(i))))
+        if rng.random() < 0.1:
+            tasks[rng.randrange(len(tasks))].cancel()
+        await asyncio.sleep(0)
+        # Resolve whatever is running, at random: success, worker death, model error.
+        while answered < len(pool.submitted):
+            roll = rng.random()
+            if roll < 0.8:
+                pool.finish(answered)
+            elif roll < 0.9:
+                pool.fail(answered, WorkerDied("killed"))
+            else:
+                pool.fail(answered, TaskFailed("boom"))
+            answered += 1
+            await asyncio.sleep(0)
+    while d.scheduler.pending() or answered < len(pool.submitted):
+        await until(lambda: answered < len(pool.submitted), "a batch for the queued requests")
+        pool.finish(answered)
+        answered += 1
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    kinds = {type(r).__name__ for r in results}
+    assert kinds <= {"Completion", "CancelledError", "Unavailable", "RequestError"}
+    assert all(t.done() for t in tasks) and d.inflight == 0
+    # A successful answer carries its own input back.
+    for i, r in enumerate(results):
+        if type(r).__name__ == "Completion":
+            assert r.output[0] == i
