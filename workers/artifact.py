@@ -48,8 +48,9 @@ class ModelManifest:
         d = asdict(self)
         d["format_version"] = FORMAT_VERSION
         d["arch"]["hidden"] = list(self.arch.hidden)
-        d["levels"] = list(self.levels)
-        d["accuracy"] = {repr(k): v for k, v in self.accuracy.items()}
+        # float(): numpy scalars would write "np.float64(0.5)" keys (numpy 2 repr) that from_json cannot read.
+        d["levels"] = [float(x) for x in self.levels]
+        d["accuracy"] = {repr(float(k)): float(v) for k, v in self.accuracy.items()}
         return d
 
     @classmethod

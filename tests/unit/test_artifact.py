@@ -89,3 +89,17 @@ def test_unknown_format_version_is_rejected(tmp_path):
 def test_manifest_json_roundtrip_is_exact():
     _, manifest = make_model()
     assert ModelManifest.from_json(json.loads(json.dumps(manifest.to_json()))) == manifest
+
+
+def test_numpy_levels_and_accuracies_roundtrip(tmp_path):
+    """Levels from numpy (np.linspace, an array) must write a manifest that loads back."""
+    import numpy as np
+
+    model, manifest = make_model()
+    levels = tuple(np.array(LEVELS, dtype=np.float64))
+    manifest = ModelManifest(name="np", arch=ARCH, levels=levels,
+                             accuracy={lv: np.float32(0.9) for lv in np.array(LEVELS, dtype=np.float64)})
+    save_artifact(model, manifest, tmp_path)
+    loaded = load_manifest(tmp_path)
+    assert loaded.levels == LEVELS
+    assert loaded.accuracy == {lv: pytest.approx(0.9) for lv in LEVELS}
