@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_each_input_keeps_exactly_ceil_k_width_units(model, keep):
         acts = model.hidden_activations(x, keep)
     assert len(acts) == len(ARCH.hidden)
     for width, z in zip(ARCH.hidden, acts):
-        k = max(1, math.ceil(keep * width - 1e-9))
+        k = max(1, math.ceil(Fraction(str(keep)) * width))  # exact decimal arithmetic: 0.1 * 100 is 10
         assert z.shape == (len(x), width)
         if keep < 1.0:
             assert ((z != 0).sum(dim=1) == k).all(), f"width {width}: {(z != 0).sum(dim=1).tolist()} != {k}"
