@@ -143,6 +143,44 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
     return rows, extra, signal
 
 
+def signal_check(worker: ProfileWorker, monitor: ContentionMonitor, intensities, seconds: float,
+                 rounds: int) -> dict:
+    """The contention signal per co-runner setting while the worker runs batches back to back.
+
+    Each setting is measured right after a no-co-runner baseline, ``rounds`` times, so load from other
+    processes that comes and goes shows up in the baseline and ``delta`` is what the co-runner added.
+    """
+    def measure(spec: BurnSpec) -> tuple[float, float]:
+        with CpuBurner(spec.n_procs, spec.duty):
+            t_end = time.monotonic() + 0.6  # let the 0.5 s smoothing window fill with this setting
+            while time.monotonic() < t_end:
+                worker.run(1.0, 16)
+            values, probes = [], []
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                worker.run(1.0, 16)
+                values.append(monitor.value)
+                probes.append(monitor.components()["probe"])
+        return statistics.fmean(values), statistics.fmean(probes)
+
+    out = {}
+    for text in intensities:
+        spec = BurnSpec.parse(text)
+        raw, base, probe = [], [], []
+        for _ in range(rounds):
+            b, _ = measure(BurnSpec(0))
+            v, pr = measure(spec)
+            base.append(b)
+            raw.append(v)
+            probe.append(pr)
+        out[spec.label()] = {"intensity": spec.intensity, "expected": round(spec.intensity / monitor.n_cpus, 3),
+                             "value": round(statistics.fmean(raw), 3), "baseline": round(statistics.fmean(base), 3),
+                             "delta": round(statistics.fmean(raw) - statistics.fmean(base), 3),
+                             "probe_slowdown": round(statistics.fmean(probe), 3)}
+        log.info("signal %s: %s", text, out[spec.label()])
+    return out
+
+
 def _machine() -> dict:
     import torch
 
@@ -168,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-quiet-s", type=float, default=20.0,
                    help="before each intensity, wait up to this long for other processes' load to go away")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signal-only", action="store_true",
+                   help="only report the contention signal per intensity (worker busy, baseline before each)")
+    p.add_argument("--signal-seconds", type=float, default=3.0)
+    p.add_argument("--signal-rounds", type=int, default=2)
     return p
 
 
@@ -181,6 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     worker = ProfileWorker(args.model_dir, args.device, args.threads, not args.no_calibrate, args.seed)
     levels = sorted(args.levels or worker.ready["levels"], reverse=True)
     monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
+    if args.signal_only:
+        try:
+            signal = signal_check(worker, monitor, args.intensities, args.signal_seconds, args.signal_rounds)
+        finally:
+            monitor.stop()
+            worker.close()
+        print(json.dumps({"contention_signal": signal, "mode": monitor.mode, "interval_s": monitor.interval_s,
+                          "probe_baseline_ms": round(monitor.baseline_ms, 4), "seconds": round(time.monotonic() - t0, 1),
+                          "machine": machine}, indent=2))
+        return 0
     try:
         rows, extra, signal = sweep(worker, monitor, levels, args.batch_sizes, args.intensities, args.reps,
                                     args.settle_s, args.seed, args.wait_quiet_s)
