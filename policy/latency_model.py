@@ -11,13 +11,14 @@ Model (see ``docs/latency-model.md``): a weighted ridge regression on
   so a kernel switch at some batch size is learned, not smoothed away; between
   knots it interpolates, beyond the last knot it extrapolates the last segment
   (a power law in batch);
-- a contention part: hat bases in contention (knots at quantiles of the observed
-  contention, the one at 0 dropped), alone and times ``zb`` and ``zl``: the
-  slowdown is multiplicative and may differ by batch size and level.
+- a contention part: smooth increasing terms ``log1p(c)``, ``c`` and
+  ``log(max(1, c + 1/n_cpus))`` (:func:`contention_terms`), alone and times
+  ``zb`` and ``zl``: the slowdown is multiplicative, may differ by batch size
+  and level, and extrapolates smoothly where the profile has few rows.
 
 Safe prediction: split-conformal in log space. Out-of-fold residuals
-``log(y) - log(mean)`` (K-fold) give, per contention group (nearest contention
-knot, if it has enough rows, else all rows), the ``quantile``-th residual
+``log(y) - log(mean)`` (K-fold) give, per contention group (quantile bins of
+the observed contention, if a bin has enough rows, else all rows), the ``quantile``-th residual
 ``q``; ``safe = mean * exp(max(q, 0))``.
 
 No pickle: :meth:`LatencyModel.save` writes the rows as CSV plus a JSON of
@@ -29,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -64,8 +66,10 @@ class LatencyModelConfig:
     """Ridge penalty (> 0): keeps cells with few rows close to the smooth part."""
     quantile: float = 0.99
     """Coverage of the safe prediction, in (0.5, 1)."""
-    n_contention_knots: int = 5
-    """Contention knots (>= 2), at quantiles of the observed contention."""
+    contention_groups: int = 4
+    """Groups (>= 1; edges at quantiles of the observed contention) with their own residual quantile."""
+    n_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """CPUs of the machine the signal was measured on (the oversubscription kink of the contention terms)."""
     folds: int = 5
     """K for the out-of-fold residuals behind the safe prediction (>= 2)."""
     min_group_rows: int = 40
@@ -78,9 +82,9 @@ class LatencyModelConfig:
             raise ValueError(f"LatencyModelConfig.alpha={self.alpha} must be > 0")
         if not 0.5 < self.quantile < 1:
             raise ValueError(f"LatencyModelConfig.quantile={self.quantile} must be in (0.5, 1), e.g. 0.99")
-        if self.n_contention_knots < 2 or self.folds < 2:
-            raise ValueError(f"LatencyModelConfig: n_contention_knots={self.n_contention_knots} and "
-                             f"folds={self.folds} must be >= 2")
+        if self.contention_groups < 1 or self.folds < 2 or self.n_cpus < 1:
+            raise ValueError(f"LatencyModelConfig: contention_groups={self.contention_groups} and n_cpus="
+                             f"{self.n_cpus} must be >= 1, folds={self.folds} >= 2")
 
 
 # --------------------------------------------------------------------------- rows
@@ -136,24 +140,27 @@ def hat_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
     return out
 
 
+def contention_terms(c: np.ndarray, n_cpus: int) -> np.ndarray:
+    """Smooth, increasing functions of contention (others' runnable tasks per CPU): ``log1p(c)``, ``c`` and
+    ``log(max(1, c + 1/n_cpus))`` — the slowdown of a one-thread job once the CPUs are oversubscribed."""
+    return np.stack([np.log1p(c), c, np.log(np.maximum(1.0, c + 1.0 / n_cpus))], axis=1)
+
+
 @dataclass(frozen=True)
 class _Featurizer:
     """Knots fixed at fit time; maps (level, batch, contention) to the design matrix."""
 
     level_knots: np.ndarray
     batch_knots: np.ndarray
-    cont_knots: np.ndarray
+    group_edges: np.ndarray
+    n_cpus: int
 
     @classmethod
-    def from_data(cls, level, batch, cont, n_cont_knots: int) -> "_Featurizer":
+    def from_data(cls, level, batch, cont, groups: int, n_cpus: int) -> "_Featurizer":
         lk = np.unique(np.log2(level))
         bk = np.unique(np.log2(batch))
-        c = np.maximum(cont, 0.0)
-        ck = np.unique(np.round(np.quantile(c, np.linspace(0, 1, n_cont_knots)), 3))
-        ck = np.unique(np.concatenate([[0.0], ck]))
-        if len(ck) < 2:  # no contention seen: one unit-width segment, learned from nothing (penalised to 0)
-            ck = np.array([0.0, 1.0])
-        return cls(lk, bk, ck)
+        edges = np.unique(np.quantile(np.maximum(cont, 0.0), np.linspace(0, 1, groups + 1)[1:-1]))
+        return cls(lk, bk, edges, n_cpus)
 
     def _scaled(self, level, batch):
         zb = np.log2(batch) / max(self.batch_knots[-1], 1.0)
@@ -169,14 +176,17 @@ class _Featurizer:
         hb = hat_basis(np.log2(batch), self.batch_knots)
         hl = hat_basis(np.log2(level), self.level_knots)
         cells = (hl[:, :, None] * hb[:, None, :]).reshape(len(batch), -1)
-        hc = hat_basis(cont, self.cont_knots)[:, 1:]
-        conts = np.concatenate([hc, hc * zb[:, None], hc * zl[:, None]], axis=1)
+        ct = contention_terms(cont, self.n_cpus)
+        conts = np.concatenate([ct, ct * zb[:, None], ct * zl[:, None]], axis=1)
         return np.concatenate([smooth, cells, conts], axis=1)
 
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_edges) + 1
+
     def group(self, cont) -> np.ndarray:
-        """Index of the nearest contention knot (the conformal groups)."""
-        c = np.asarray(cont, float)[:, None]
-        return np.argmin(np.abs(c - self.cont_knots[None, :]), axis=1)
+        """Conformal group of each contention value (bins between quantiles of the fitted contention)."""
+        return np.searchsorted(self.group_edges, np.asarray(cont, float), side="right")
 
 
 def weighted_quantile(x: np.ndarray, q: float, w: np.ndarray | None = None) -> float:
@@ -251,7 +261,7 @@ class LatencyModel:
             raise ValueError("LatencyModel.fit: exec_ms and level must be > 0 and batch_size >= 1 in every row")
         w = np.ones(len(rows)) if weights is None else np.asarray(weights, float)
         self.rows = list(rows)
-        self._feat = _Featurizer.from_data(level, batch, cont, self.config.n_contention_knots)
+        self._feat = _Featurizer.from_data(level, batch, cont, self.config.contention_groups, self.config.n_cpus)
         x, y = self._feat(level, batch, cont), np.log(ms)
         self._ridge, self._q = self._fit_with_residual_quantiles(x, y, w, cont)
         self._c_max = float(np.quantile(cont, 0.95))
@@ -273,7 +283,7 @@ class LatencyModel:
     def _group_quantiles(self, resid, w, cont) -> np.ndarray:
         q_all = weighted_quantile(resid, self.config.quantile, w)
         groups = self._feat.group(cont)
-        q = np.full(len(self._feat.cont_knots), q_all)
+        q = np.full(self._feat.n_groups, q_all)
         for g in range(len(q)):
             sel = groups == g
             if sel.sum() >= self.config.min_group_rows:
@@ -335,7 +345,7 @@ class LatencyModel:
         return {"rows": len(self.rows), "config": asdict(self.config),
                 "level_knots": (2 ** self._feat.level_knots).round(4).tolist(),
                 "batch_knots": (2 ** self._feat.batch_knots).round(2).tolist(),
-                "contention_knots": self._feat.cont_knots.tolist(),
+                "contention_group_edges": self._feat.group_edges.round(4).tolist(),
                 "safe_ratio_per_group": np.exp(self._q).round(4).tolist()}
 
     # ----------------------------------------------------------------- persistence (no pickle)
