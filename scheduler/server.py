@@ -39,6 +39,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.dispatcher = dispatcher
         self.server = server
         self._ids = itertools.count()
+        self.calls = 0
+        """RPCs seen so far (shutdown waits for their arrival to stop before closing the port)."""
 
     async def _answer(self, request: pb.InferRequest, time_remaining_s: float | None) -> pb.InferResponse:
         request_id = request.request_id or f"slonn-{next(self._ids)}"
@@ -84,6 +86,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel)
 
     async def Infer(self, request, context):
+        self.calls += 1
         try:
             return await self._answer(request, context.time_remaining())
         except RequestError as exc:
@@ -91,6 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def InferStream(self, request_iterator, context):
         """Answers in completion order; a failed request yields an error message and the stream goes on."""
+        self.calls += 1
         answers: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
@@ -182,7 +186,8 @@ class SlonnServer:
         # Beyond max_inflight, gRPC's core rejects RESOURCE_EXHAUSTED before any Python runs:
         # the cheapest possible reject under overload.
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.dispatcher, self), self.grpc)
+        self.servicer = InferenceServicer(self.dispatcher, self)
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -219,7 +224,15 @@ class SlonnServer:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.grace_s
         unanswered = await self.dispatcher.drain(self.cfg.grace_s)
+        # Lame duck: calls already on their way are answered UNAVAILABLE by us until they stop
+        # coming; closing the port at once would have gRPC cancel the ones not yet handed to us.
+        seen = -1
+        while seen != self.servicer.calls and loop.time() < deadline:
+            seen = self.servicer.calls
+            await asyncio.sleep(0.1)
         await self.grpc.stop(grace=1.0)
         await self.pool.close()
         self.latency.stop()

@@ -216,6 +216,10 @@ class ProcessPool(WorkerPool):
     def idle_count(self) -> int:
         return len(self._idle)
 
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for monitoring and fault-injection tests)."""
+        return [w.process.pid for w in self._workers.values() if w.alive]
+
     async def _acquire(self) -> _Worker:
         while not self._idle:
             if self._closing or self._broken:
