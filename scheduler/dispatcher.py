@@ -59,8 +59,8 @@ class Dispatcher:
         self.max_inflight = max_inflight
         self.contention = contention
         self.on_batch = on_batch
-        self.workers = workers
         """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
+        self.workers = workers
         self.inflight = 0
         self.running: set[asyncio.Future] = set()
         self._accepting = True
