@@ -247,10 +247,10 @@ class LatencyModel:
 
     config: LatencyModelConfig = field(default_factory=LatencyModelConfig)
     rows: list[LatencySample] = field(default_factory=list)
-    _feat: _Featurizer | None = None
-    _ridge: WeightedRidge | None = None
-    _q: np.ndarray | None = None
-    _c_max: float = 0.0
+    _feat: _Featurizer | None = field(default=None, init=False, repr=False)
+    _ridge: WeightedRidge | None = field(default=None, init=False, repr=False)
+    _q: np.ndarray | None = field(default=None, init=False, repr=False)
+    _c_max: float = field(default=0.0, init=False, repr=False)
 
     def fit(self, rows: Sequence[LatencySample], weights: np.ndarray | None = None) -> "LatencyModel":
         """Fit on ``rows`` (optional per-row ``weights``, e.g. live rows outweighing the profile)."""
