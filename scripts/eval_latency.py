@@ -25,6 +25,8 @@ from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, Latency
 from policy.learner import LearnerConfig, OnlineLearner
 
 MAPE_TARGET_PCT = 10.0
+DISTURBED_EXCESS = 0.1
+"""A row whose contention exceeds its co-runner's own demand (intensity / n_cpus) by more: other load."""
 
 
 def burn_intensity(label: str) -> float:
@@ -80,10 +82,22 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
         sel = burns == key
         per[key] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
         per[key]["contention_mean"] = round(float(cont[sel].mean()), 3)
+    # rows where the signal was no more than the co-runner's own demand: nobody else was loading the machine
+    expected = np.array([float(dicts[i].get("intensity", 0) or 0) for i in test]) / model.config.n_cpus
+    quiet = cont <= expected + DISTURBED_EXCESS
+    undisturbed = _scores(mean[quiet], safe[quiet], table_safe[quiet], actual[quiet]) if quiet.any() else {}
+    per_bucket = {}
+    buckets = np.array([table.bucket(c) for c in cont])
+    bounds = [0.0, *edges, float("inf")]
+    for k in range(len(edges) + 1):
+        sel = buckets == k
+        if sel.any():
+            per_bucket[f"({bounds[k]:g}, {bounds[k + 1]:g}]"] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
     return {"train_rows": len(train), "test_rows": len(test),
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
             f"random {test_fraction:.0%} per intensity (seed {seed})",
-            "overall": overall, "per_intensity": per,
+            "overall": overall, "per_intensity": per, "undisturbed_rows": undisturbed,
+            "per_contention_bucket": per_bucket,
             "targets": {"mape_pct": MAPE_TARGET_PCT, "exceed_safe_rate": EXCEED_TARGET},
             "meets_targets": overall["mape_pct"] <= MAPE_TARGET_PCT and overall["exceed_safe_rate"] <= EXCEED_TARGET,
             "model": model.describe()}
