@@ -118,6 +118,10 @@ class ServerConfig:
     """On shutdown: how long queued and running work may drain (>= 0)."""
     in_process: bool = False
     """Run the model in the server process (debugging, tests) instead of worker processes."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on host:metrics_port/metrics (0 = off)."""
+    stats_interval_s: float = 10.0
+    """Period of the one-line stats summary in the log (0 = off)."""
 
     def __post_init__(self) -> None:
         if not self.model_dirs:
@@ -132,5 +136,7 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be >= 4096")
         if self.overhead_ms < 0 or self.grace_s < 0:
             raise ValueError(f"overhead_ms={self.overhead_ms}, grace_s={self.grace_s} must be >= 0")
+        if self.metrics_port < 0 or self.stats_interval_s < 0:
+            raise ValueError(f"metrics_port={self.metrics_port}, stats_interval_s={self.stats_interval_s} must be >= 0")
         if not self.classes:
             raise ValueError("no SLO classes configured")

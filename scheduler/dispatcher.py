@@ -20,6 +20,7 @@ from scheduler.clock import Clock
 from scheduler.core import Batch, Scheduler
 from scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
 from scheduler.latency import LatencySource
+from scheduler.metrics import ServerMetrics
 from scheduler.queues import QueuedRequest
 from workers.pool import TaskFailed, WorkerDied, WorkerPool
 from workers.protocol import BatchTask
@@ -48,7 +49,8 @@ class Dispatcher:
     def __init__(self, scheduler: Scheduler, pool: WorkerPool, clock: Clock, latency: LatencySource,
                  accuracy: dict[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
                  max_inflight: int = 8192, contention: Callable[[], float] = lambda: 0.0,
-                 on_batch: Callable[[Batch, float, float], None] | None = None, workers: int = 1) -> None:
+                 on_batch: Callable[[Batch, float, float], None] | None = None, workers: int = 1,
+                 metrics: ServerMetrics | None = None) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.clock = clock
@@ -61,6 +63,7 @@ class Dispatcher:
         self.on_batch = on_batch
         """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
         self.workers = workers
+        self.metrics = metrics or ServerMetrics()
         self.inflight = 0
         self.running: set[asyncio.Future] = set()
         self._accepting = True
@@ -110,8 +113,12 @@ class Dispatcher:
             raise QueueFull(f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})")
         now = self.clock.now()
         future = asyncio.get_running_loop().create_future()
-        req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future)
-        self.scheduler.add_request(req, now, self.contexts()[model])
+        try:
+            req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future)
+            self.scheduler.add_request(req, now, self.contexts()[model])
+        except RequestError as exc:
+            self.metrics.answers.labels(model, slo_class, exc.code.name).inc()
+            raise
         self.inflight += 1
         self._wakeup.set()
         try:
@@ -199,6 +206,14 @@ class Dispatcher:
                                              f"{len(batch.requests)} requests"))
             return
         self._complete(batch, result.outputs, result.exec_ms, result.kernel, now)
+        m = self.metrics
+        level = f"{batch.plan.level:g}"
+        m.batches.labels(batch.model, level).inc()
+        m.batch_size.labels(batch.model).observe(len(batch.requests))
+        m.exec_ms.labels(batch.model, level).observe(result.exec_ms)
+        m.contention.set(contention)
+        if result.exec_ms > batch.plan.predicted_ms:
+            m.under_predicted.labels(batch.model).inc()
         self.scheduler.update_from_output(batch, result.exec_ms, now)
         self.latency.observe(batch.model, LatencySample(batch.plan.level, len(batch.requests), contention,
                                                         result.exec_ms, result.kernel))
@@ -209,16 +224,22 @@ class Dispatcher:
         plan = batch.plan
         levels = self.latency.table(batch.model).levels
         accuracy = self.accuracy[batch.model][levels.index(plan.level)]
+        queue_ms = self.metrics.queue_ms
         for req, out in zip(batch.requests, outputs):
             if req.handle.done():
                 continue  # the caller already left
+            late = now > req.pending.deadline_s
+            self.metrics.answers.labels(req.model, req.slo_class, "OK").inc()
+            if late:
+                self.metrics.late.labels(req.model, req.slo_class).inc()
+            queue_ms.labels(req.slo_class).observe((batch.planned_at_s - req.pending.arrival_s) * 1e3)
             req.handle.set_result(Completion(
                 output=out, level=plan.level, expected_accuracy=accuracy,
                 queue_ms=(batch.planned_at_s - req.pending.arrival_s) * 1e3, exec_ms=exec_ms,
                 predicted_ms=plan.predicted_ms, batch_size=len(batch.requests),
-                late=now > req.pending.deadline_s, kernel=kernel))
+                late=late, kernel=kernel))
 
-    @staticmethod
-    def _fail(req: QueuedRequest, error: RequestError) -> None:
+    def _fail(self, req: QueuedRequest, error: RequestError) -> None:
         if not req.handle.done():
+            self.metrics.answers.labels(req.model, req.slo_class, error.code.name).inc()
             req.handle.set_exception(error)

@@ -24,6 +24,7 @@ from scheduler.core import Batch, Scheduler
 from scheduler.dispatcher import Completion, Dispatcher
 from scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from scheduler.latency import LearnedLatency, base_rows, warmup_profile
+from scheduler.metrics import ServerMetrics
 from workers.artifact import ModelManifest, load_manifest
 from workers.pool import InProcessPool, ProcessPool, WorkerPool
 from workers.process import WorkerSpec
@@ -177,10 +178,14 @@ class SlonnServer:
         self.latency.start()
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
+        self.metrics = ServerMetrics()
         self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), self.latency, accuracy, cfg.max_batch,
                                      cfg.overhead_ms, cfg.max_inflight, contention=lambda: self.monitor.value,
-                                     workers=cfg.workers, on_batch=self._log_batch)
+                                     workers=cfg.workers, on_batch=self._log_batch, metrics=self.metrics)
         self.dispatcher.start()
+        if cfg.metrics_port:
+            self.metrics.serve(cfg.metrics_port, cfg.host)
+        self._stats_task = asyncio.create_task(self._log_stats()) if cfg.stats_interval_s else None
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
         # Beyond max_inflight, gRPC's core rejects RESOURCE_EXHAUSTED before any Python runs:
@@ -220,10 +225,21 @@ class SlonnServer:
         log.debug("batch %s n=%d level=%g predicted=%.2f measured=%.2f ms contention=%.2f: %s", batch.model,
                   len(batch.requests), plan.level, plan.predicted_ms, exec_ms, contention, plan.reason)
 
+    async def _log_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval_s)
+            d = self.dispatcher
+            tables = {m: round(d.latency.table(m).safe(d.latency.table(m).bucket(self.monitor.value), -1, 1), 2)
+                      for m in self.manifests}
+            log.info("stats: %s; inflight %d; queued %d; contention %.2f; safe ms at fastest level, batch 1: %s",
+                     self.metrics.summary(), d.inflight, d.scheduler.pending(), self.monitor.value, tables)
+
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._stats_task:
+            self._stats_task.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.grace_s
         unanswered = await self.dispatcher.drain(self.cfg.grace_s)

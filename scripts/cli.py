@@ -17,6 +17,7 @@ COMMANDS = {
     "bench-kernels": ("scripts.bench_kernels", "dense vs sparse kernel latency per batch size and level"),
     "profile": ("scripts.profile", "sweep levels x batch sizes x contention; write the latency profile"),
     "eval-latency": ("scripts.eval_latency", "held-out accuracy of the latency model"),
+    "adapt": ("scripts.adapt", "seconds from a co-runner's start until the chosen levels shift"),
     "simulate": ("scripts.simulate", "discrete-event replay through the real scheduler on a virtual clock"),
     "compare": ("scripts.compare", "every policy on the same trace and load: one table"),
     "reliability": ("scripts.reliability", "overload, worker kills, bad input, shutdown: every request answered"),

@@ -29,6 +29,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-ms", type=float, default=1.0, help="dispatch + IPC time added to predictions")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
+    p.add_argument("--stats-interval-s", type=float, default=10.0, help="period of the stats log line (0 = off)")
 
 
 def config_from_args(args) -> ServerConfig:
@@ -36,7 +38,8 @@ def config_from_args(args) -> ServerConfig:
         model_dirs=tuple(args.model_dir or [DEFAULT_MODEL_DIR]), classes=load_classes(args.classes),
         host=args.host, port=args.port, workers=args.workers, threads=args.threads, device=args.device,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
-        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process)
+        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,
+        metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
 
 
 async def run_server(cfg: ServerConfig) -> int:

@@ -1,0 +1,89 @@
+"""`slonn adapt --json`: seconds from a co-runner's start until the server's chosen levels shift.
+
+Steady open-loop load of one class against a live server; a CPU co-runner
+starts at ``--corunner-start-s``. The chosen keep fraction per request is
+binned over time; the shift time is the end of the first bin after the start
+whose mean level leaves the quiet baseline's band (mean +- max(3 sd, 10%))
+and stays out for the next two bins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.config import load_classes
+from scripts.replay import phase_summaries, replay_with_corunner
+from scripts.report import RequestRecord
+from scripts.serverproc import ServerProcess
+from scripts.trace import poisson_arrivals
+
+
+def level_series(records: list[RequestRecord], bin_s: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bin end times, mean chosen level per bin; NaN where nothing was served)."""
+    edges = np.arange(0.0, duration_s + bin_s, bin_s)
+    t = np.array([r.send_s for r in records if r.status == "OK"])
+    lv = np.array([r.level for r in records if r.status == "OK"])
+    means = np.full(len(edges) - 1, np.nan)
+    for i in range(len(edges) - 1):
+        sel = (t >= edges[i]) & (t < edges[i + 1])
+        if sel.any():
+            means[i] = lv[sel].mean()
+    return edges[1:], means
+
+
+def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: float, hold: int = 2) -> dict:
+    """When the level left the quiet band after ``start_s`` (None if it never did before ``stop_s``)."""
+    quiet = means[(ends <= start_s) & (ends > start_s - 10.0) & ~np.isnan(means)]
+    if len(quiet) < 3:
+        raise ValueError("need at least 3 quiet bins before the co-runner starts; start it later")
+    base, sd = float(quiet.mean()), float(quiet.std())
+    band = max(3 * sd, 0.1 * base)
+    out = {"quiet_mean_level": round(base, 4), "band": round(band, 4), "shift_s": None}
+    idx = np.where((ends > start_s) & (ends <= stop_s))[0]
+    for k, i in enumerate(idx):
+        window = means[i:i + 1 + hold]
+        if len(window) == 1 + hold and np.all(np.abs(window - base) > band):
+            out["shift_s"] = round(float(ends[i] - start_s), 3)
+            out["shifted_mean_level"] = round(float(np.nanmean(means[idx[k:]])), 4)
+            break
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slonn adapt", description=__doc__)
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
+    p.add_argument("--slo-class", default="interactive")
+    p.add_argument("--rate", type=float, default=300.0, help="steady requests/s")
+    p.add_argument("--duration-s", type=float, default=40.0)
+    p.add_argument("--corunner-start-s", type=float, default=15.0)
+    p.add_argument("--corunner-stop-s", type=float, default=30.0)
+    p.add_argument("--corunner-procs", type=int, default=2, help="CPU-burning processes (cores)")
+    p.add_argument("--bin-s", type=float, default=0.5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from workers.artifact import load_manifest
+
+    model = load_manifest(args.model_dir).name
+    deadlines = {n: c.latency_ms for n, c in load_classes(None).items()}
+    arrivals = poisson_arrivals(args.rate, args.duration_s, {args.slo_class: 1.0})
+    log = Path("runs/adapt/server.log")
+    with ServerProcess(["--model-dir", str(args.model_dir), "--stats-interval-s", "2"], log) as srv:
+        records = asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
+                                                   args.corunner_stop_s, args.corunner_procs, progress=False))
+    ends, means = level_series(records, args.bin_s, args.duration_s)
+    result = {
+        "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
+        "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
+        **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),
+        "level_per_bin": [None if np.isnan(m) else round(float(m), 4) for m in means],
+        "phases": {k: {c: {"attainment": s["attainment"], "p99_ms": s["p99_ms"]} for c, s in v["summary"].items()}
+                   for k, v in phase_summaries(records, args.corunner_start_s, args.corunner_stop_s,
+                                               args.duration_s).items()},
+    }
+    print(json.dumps(result, indent=2 if args.json else None))
+    return 0
