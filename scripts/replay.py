@@ -17,11 +17,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos.client import AsyncSlonnClient, InferResult
+from protos.client import AsyncSlonnClient, InferResult, make_request
 from scripts.digits import load_split
 from scripts.report import RequestRecord, format_table, summarize, write_csv
 from scripts.trace import DEFAULT_TRACE, Arrivals, make_arrivals
 
+TRANSPORTS = ("unary", "stream")
 CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
 """Status of a request the server never answered before the client's generous deadline."""
 
@@ -34,48 +35,128 @@ def _progress(done: int, total: int, started: float, stream) -> None:
 
 
 async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
-                 split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True) -> list[RequestRecord]:
-    """Send every arrival at its time; returns one record per request (each with a terminal status)."""
+                 split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
+                 transport: str = "unary") -> list[RequestRecord]:
+    """Send every arrival at its time; returns one record per request (each with a terminal status).
+
+    ``transport``: "unary" (one Infer call per request, with a generous gRPC
+    deadline) or "stream" (all requests on one InferStream: far less per-request
+    CPU on both sides, for high rates on a small machine).
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
     split = load_split(seed=split_seed)
     x, y = split.x_test, split.y_test
     records = [RequestRecord(i, c, deadlines_ms[c], 0.0) for i, c in enumerate(arrivals.classes)]
     async with AsyncSlonnClient(target) as client:
         await client.wait_ready()
         loop_t0 = time.monotonic()
+        clock = lambda: time.monotonic() - loop_t0  # noqa: E731
 
-        async def one(i: int) -> None:
+        def answered(i: int, status: str, res=None) -> None:
             rec = records[i]
-            rec.send_s = time.monotonic() - loop_t0
-            k = i % len(x)
-            # The call's deadline is generous: the server answers DEADLINE_EXCEEDED itself, early.
-            timeout = rec.deadline_ms * 1e-3 * timeout_factor + 1.0
-            try:
-                res: InferResult = await client.infer(model, rec.slo_class, x[k], request_id=str(i),
-                                                      timeout_s=timeout)
-            except grpc.aio.AioRpcError as exc:
-                # The client's own deadline firing means the server never answered.
-                client_timeout = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded"
-                rec.status = CLIENT_TIMEOUT if client_timeout else exc.code().name
-            else:
-                rec.status = "OK"
+            rec.answer_s, rec.status = clock(), status
+            if res is not None:
                 rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
                 rec.exec_ms, rec.predicted_ms = res.exec_ms, res.predicted_ms
-                rec.correct = bool(int(np.argmax(res.output)) == int(y[k]))
-            rec.answer_s = time.monotonic() - loop_t0
+                rec.correct = bool(int(np.argmax(res.output)) == int(y[i % len(x)]))
 
-        tasks = []
+        if transport == "unary":
+            send, finish = _unary_sender(client, model, records, x, timeout_factor, answered, clock)
+        else:
+            send, finish = _stream_sender(client, model, records, x, timeout_factor, answered, clock)
         for i, offset in enumerate(arrivals.offsets_s):
-            delay = offset - (time.monotonic() - loop_t0)
+            delay = offset - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
+            send(i)
             if progress and i % 50 == 0:
                 _progress(i, len(arrivals), loop_t0, sys.stderr)
         if progress:
             _progress(len(arrivals), len(arrivals), loop_t0, sys.stderr)
             sys.stderr.write("\n")
-        await asyncio.gather(*tasks)
+        await finish()
     return records
+
+
+def _unary_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
+                  timeout_factor: float, answered, clock):
+    tasks = []
+
+    async def one(i: int) -> None:
+        rec = records[i]
+        rec.send_s = clock()
+        # The call's deadline is generous: the server answers DEADLINE_EXCEEDED itself, early.
+        timeout = rec.deadline_ms * 1e-3 * timeout_factor + 1.0
+        try:
+            res = await client.infer(model, rec.slo_class, x[i % len(x)], request_id=str(i), timeout_s=timeout)
+        except grpc.aio.AioRpcError as exc:
+            # The client's own deadline firing means the server never answered.
+            client_timeout = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded"
+            answered(i, CLIENT_TIMEOUT if client_timeout else exc.code().name)
+        else:
+            answered(i, "OK", res)
+
+    def send(i: int) -> None:
+        tasks.append(asyncio.create_task(one(i)))
+
+    async def finish() -> None:
+        await asyncio.gather(*tasks)
+
+    return send, finish
+
+
+def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
+                   timeout_factor: float, answered, clock):
+    outbox: asyncio.Queue = asyncio.Queue()
+    waiting: set[int] = set()
+    all_done = asyncio.Event()
+    sending = [True]
+
+    async def requests():
+        while (req := await outbox.get()) is not None:
+            yield req
+
+    call = client.stub.InferStream(requests())
+
+    async def read() -> None:
+        async for msg in call:
+            if msg.HasField("response"):
+                i = int(msg.response.request_id)
+                answered(i, "OK", InferResult.from_proto(msg.response))
+            else:
+                i = int(msg.error.request_id)
+                answered(i, msg.error.code)
+            waiting.discard(i)
+            if not waiting and not sending[0]:
+                all_done.set()
+
+    reader = asyncio.create_task(read())
+
+    def send(i: int) -> None:
+        rec = records[i]
+        rec.send_s = clock()
+        waiting.add(i)
+        outbox.put_nowait(make_request(model, rec.slo_class, x[i % len(x)], request_id=str(i)))
+
+    async def finish() -> None:
+        sending[0] = False
+        if waiting:
+            # Whatever the server has not answered by then stays UNANSWERED in the records.
+            limit = max(r.deadline_ms for r in records) * 1e-3 * timeout_factor + 1.0
+            try:
+                await asyncio.wait_for(all_done.wait(), limit)
+            except asyncio.TimeoutError:
+                pass
+        outbox.put_nowait(None)
+        try:
+            await asyncio.wait_for(reader, 10.0)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+            reader.cancel()
+        for i in waiting:
+            records[i].status = CLIENT_TIMEOUT
+
+    return send, finish
 
 
 async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
@@ -137,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corunner-start-s", type=float, default=None, help="start a CPU co-runner at this second")
     p.add_argument("--corunner-stop-s", type=float, default=None, help="stop it at this second")
     p.add_argument("--corunner-procs", type=int, default=1, help="co-runner busy processes (cores)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
     args = p.parse_args(argv)
     classes = load_classes(args.classes)
     arrivals = arrivals_from_args(args)
@@ -145,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     if corunner:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
         records = asyncio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
-                                                   args.corunner_start_s, stop_s, args.corunner_procs))
+                                                   args.corunner_start_s, stop_s, args.corunner_procs,
+                                                   transport=args.transport))
     else:
-        records = asyncio.run(replay(args.target, args.model, arrivals, deadlines))
+        records = asyncio.run(replay(args.target, args.model, arrivals, deadlines, transport=args.transport))
     summary = summarize(records, arrivals.duration_s)
     if args.csv:
         write_csv(records, args.csv)
