@@ -29,6 +29,13 @@ DISTURBED_EXCESS = 0.1
 """A row whose contention exceeds its co-runner's own demand (intensity / n_cpus) by more: other load."""
 
 
+def _burn_order(label: str) -> float:
+    try:
+        return burn_intensity(label)
+    except ValueError:
+        return float("inf")
+
+
 def burn_intensity(label: str) -> float:
     """'2x1' -> 2.0, '1x0.5' -> 0.5 (the co-runner's CPU demand in cores)."""
     n, _, duty = label.partition("x")
@@ -77,8 +84,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
     overall = _scores(mean, safe, table_safe, actual)
     per = {}
     burns = np.array([dicts[i].get("burn", "?") for i in test])
-    for key in sorted(set(burns), key=lambda k: float(dicts[[i for i in test if dicts[i].get("burn") == k][0]]
-                                                       .get("intensity", 0) or 0)):
+    for key in sorted(set(burns), key=_burn_order):
         sel = burns == key
         per[key] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
         per[key]["contention_mean"] = round(float(cont[sel].mean()), 3)
@@ -92,7 +98,8 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
     for k in range(len(edges) + 1):
         sel = buckets == k
         if sel.any():
-            per_bucket[f"({bounds[k]:g}, {bounds[k + 1]:g}]"] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
+            name = f"({bounds[k]:g}, {bounds[k + 1]:g}]"
+            per_bucket[name] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
     return {"train_rows": len(train), "test_rows": len(test),
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
             f"random {test_fraction:.0%} per intensity (seed {seed})",
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, dicts = read_rows_csv(path, with_extra=True)
     result = evaluate(rows, dicts, args.test_fraction, args.holdout_intensity, args.seed)
     if args.online:
-        burns = sorted({d.get("burn") for d in dicts}, key=burn_intensity)
+        burns = sorted({d.get("burn", "?") for d in dicts}, key=_burn_order)
         result["online_adaptation"] = online_adaptation(rows, dicts, burns[0], burns[-1])
     result["profile_csv"] = str(path)
     print(json.dumps(result, indent=2))

@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             monitor.stop()
             worker.close()
         print(json.dumps({"contention_signal": signal, "mode": monitor.mode, "interval_s": monitor.interval_s,
-                          "probe_baseline_ms": round(monitor.baseline_ms, 4), "seconds": round(time.monotonic() - t0, 1),
-                          "machine": machine}, indent=2))
+                          "probe_baseline_ms": round(monitor.baseline_ms, 4),
+                          "seconds": round(time.monotonic() - t0, 1), "machine": machine}, indent=2))
         return 0
     try:
         rows, extra, signal = sweep(worker, monitor, levels, args.batch_sizes, args.intensities, args.reps,
