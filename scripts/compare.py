@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -51,12 +52,14 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
 
     manifest = load_manifest(args.model_dir)
     runs = {}
+    args.live_loadavg = {}
     for name in args.policies:
         serve_args = ["--model-dir", str(args.model_dir), "--policy", name, "--workers", str(args.workers),
                       "--max-batch", str(args.max_batch), "--overhead-ms", str(args.overhead_ms)]
         if args.classes:
             serve_args += ["--classes", str(args.classes)]
         t0 = time.monotonic()
+        load_before = _loadavg()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
             kwargs = dict(split_seed=manifest.seed, progress=False)
             if window is None:
@@ -65,9 +68,19 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
                 coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
                                             window[1], args.corunner_procs, **kwargs)
             runs[name] = asyncio.run(coro)
+        # The machine may be shared: record how busy it was (1-min load average, all processes).
+        args.live_loadavg[name] = {"before": load_before, "after": _loadavg()}
         print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)",
               file=sys.stderr, flush=True)
     return runs
+
+
+def _loadavg() -> float | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return None
 
 
 def table_rows(mode: str, runs: dict[str, list[RequestRecord]], duration_s: float, classes: list[str],
@@ -158,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               "corunner_window_s": window, "dense_accuracy": dense,
               "sim": {"simulated_requests_per_s": getattr(args, "sim_rates", None),
                       "planner_table": args.planner_table, "workers": args.workers} if args.sim else None,
+              "live_loadavg_1min": getattr(args, "live_loadavg", None), "cpus": os.cpu_count(),
               "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     md = markdown(rows, classes, dense, window)
