@@ -1,7 +1,7 @@
 """Exec-latency model: (level, batch size, contention) -> ms, with a safe upper prediction.
 
-Model (see ``docs/latency-model.md``): a weighted ridge regression on
-``log(ms)`` (closed form, see :class:`WeightedRidge`) over engineered features
+Model (see ``docs/latency-model.md``): scikit-learn's weighted ``Ridge`` on
+``log(ms)`` over engineered features
 
 - a smooth part: ``zb, zl, zb*zl, zb**2`` with ``zb = log2(batch)/log2(max
   batch knot)`` and ``zl = log2(level)`` scaled to [-1, 0];
@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
+from threadpoolctl import threadpool_limits
 
 from policy.table import LatencyTable
 
@@ -202,40 +204,9 @@ def weighted_quantile(x: np.ndarray, q: float, w: np.ndarray | None = None) -> f
 # --------------------------------------------------------------------------- ridge
 
 
-def gram(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``X'WX`` and ``X'Wy`` with einsum: no multi-threaded BLAS call, which under CPU contention
-    (exactly when the learner refits) took 100-200 ms instead of ~10 ms for 4,000 x 90."""
-    xw = x * w[:, None]
-    return np.einsum("ij,ik->jk", xw, x, optimize=False), np.einsum("ij,i->j", xw, y, optimize=False)
-
-
-class WeightedRidge:
-    """Ridge regression with an unpenalised intercept, solved from sufficient statistics.
-
-    Same objective as ``sklearn.linear_model.Ridge(alpha).fit(x, y, sample_weight=w)``
-    (the tests check the coefficients agree); solving from ``(X'WX, X'Wy)`` lets the
-    K folds of the conformal step reuse one pass over the rows.
-    """
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = alpha
-        self.coef_: np.ndarray | None = None
-
-    @staticmethod
-    def design(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.ones((len(x), 1)), x], axis=1)
-
-    def solve(self, g: np.ndarray, b: np.ndarray) -> "WeightedRidge":
-        penalty = np.full(len(g), self.alpha)
-        penalty[0] = 0.0  # intercept
-        self.coef_ = np.linalg.solve(g + np.diag(penalty), b)
-        return self
-
-    def fit(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> "WeightedRidge":
-        return self.solve(*gram(self.design(x), y, w))
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.design(x) @ self.coef_
+def _ridge(alpha: float) -> Ridge:
+    """scikit-learn's Ridge (unpenalised intercept, per-row weights), Cholesky solver."""
+    return Ridge(alpha=alpha, solver="cholesky")
 
 
 # --------------------------------------------------------------------------- model
@@ -248,7 +219,7 @@ class LatencyModel:
     config: LatencyModelConfig = field(default_factory=LatencyModelConfig)
     rows: list[LatencySample] = field(default_factory=list)
     _feat: _Featurizer | None = field(default=None, init=False, repr=False)
-    _ridge: WeightedRidge | None = field(default=None, init=False, repr=False)
+    _ridge: Ridge | None = field(default=None, init=False, repr=False)
     _q: np.ndarray | None = field(default=None, init=False, repr=False)
     _c_max: float = field(default=0.0, init=False, repr=False)
 
@@ -267,18 +238,19 @@ class LatencyModel:
         self._c_max = float(np.quantile(cont, 0.95))
         return self
 
-    def _fit_with_residual_quantiles(self, x, y, w, cont) -> tuple[WeightedRidge, np.ndarray]:
+    def _fit_with_residual_quantiles(self, x, y, w, cont) -> tuple[Ridge, np.ndarray]:
         """The ridge on all rows, and per contention group the ``quantile``-th out-of-fold log-residual
-        (the global one where a group is small). One pass over the rows: fold statistics are summed."""
-        d = WeightedRidge.design(x)
-        folds = list(KFold(self.config.folds, shuffle=True, random_state=self.config.seed).split(x))
-        stats = [gram(d[te], y[te], w[te]) for _, te in folds]
-        g_all, b_all = sum(s[0] for s in stats), sum(s[1] for s in stats)
+        (the global one where a group is small)."""
+        folds = KFold(self.config.folds, shuffle=True, random_state=self.config.seed).split(x)
         resid = np.empty_like(y)
-        for (_, te), (g_k, b_k) in zip(folds, stats):
-            m = WeightedRidge(self.config.alpha).solve(g_all - g_k, b_all - b_k)
-            resid[te] = y[te] - m.predict(x[te])
-        return WeightedRidge(self.config.alpha).solve(g_all, b_all), self._group_quantiles(resid, w, cont)
+        # One BLAS thread: a refit runs beside the event loop, and multi-threaded BLAS under CPU
+        # contention (exactly when the learner refits) took 100-200 ms instead of a few ms.
+        with threadpool_limits(limits=1):
+            for train, test in folds:
+                m = _ridge(self.config.alpha).fit(x[train], y[train], sample_weight=w[train])
+                resid[test] = y[test] - m.predict(x[test])
+            model = _ridge(self.config.alpha).fit(x, y, sample_weight=w)
+        return model, self._group_quantiles(resid, w, cont)
 
     def _group_quantiles(self, resid, w, cont) -> np.ndarray:
         q_all = weighted_quantile(resid, self.config.quantile, w)

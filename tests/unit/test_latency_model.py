@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, WeightedRidge, hat_basis, \
+from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, hat_basis, \
     read_rows_csv, weighted_quantile
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -127,13 +127,3 @@ def test_weighted_quantile_is_conservative_and_weighted():
     assert weighted_quantile(x, 0.5, w) >= 50
 
 
-def test_weighted_ridge_matches_sklearn_ridge():
-    from sklearn.linear_model import Ridge
-
-    rng = np.random.default_rng(3)
-    x, w = rng.normal(size=(200, 6)), rng.uniform(0.5, 5.0, 200)
-    y = x @ rng.normal(size=6) + 2.0 + rng.normal(0, 0.1, 200)
-    ours = WeightedRidge(0.5).fit(x, y, w)
-    ref = Ridge(alpha=0.5).fit(x, y, sample_weight=w)
-    np.testing.assert_allclose(ours.coef_[1:], ref.coef_, rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(ours.coef_[0], ref.intercept_, rtol=1e-6)
