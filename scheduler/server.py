@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from policy.contention import ContentionMonitor
 from policy.latency_model import LatencySample
-from policy.learner import OnlineLearner
+from policy.learner import LearnerConfig, OnlineLearner
 from policy.planner import SLOAwarePolicy
 from protos import slonn_pb2 as pb
 from protos import slonn_pb2_grpc as pb_grpc
@@ -31,6 +31,8 @@ from workers.process import WorkerSpec
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+# Refit once a second: a refit holds the GIL for tens of ms, and the event loop shares it.
+LEARNER = LearnerConfig(refit_interval_s=1.0)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -173,7 +175,7 @@ class SlonnServer:
         self.monitor.start()
         self.manifests = dict(self.pool.manifests)
         self.latency = LearnedLatency({
-            name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch)
+            name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch, config=LEARNER)
             for name, manifest in self.manifests.items()})
         self.latency.start()
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
