@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, split: DigitsSplit | None = None) -> tuple[SLOAwareM
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         sched.step()
         log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, total / len(x),
                  time.perf_counter() - start)
