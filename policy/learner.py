@@ -40,13 +40,16 @@ class LearnerConfig:
     refit_interval_s: float = 0.5
     """Background refit period (> 0); a refit happens only if samples arrived since the last one."""
     min_rows: int = 20
+    max_base_rows: int = 1200
+    """Profile rows kept (a seeded random subset when there are more): bounds the refit's cost, which
+    shares the scheduler process (and its GIL) with the event loop, >= 10."""
     """No refit below this many rows (profile + live), >= 10."""
 
     def __post_init__(self) -> None:
         if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
-                or self.min_rows < 10:
+                or self.min_rows < 10 or self.max_base_rows < 10:
             raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
-                             "refit_interval_s > 0, min_rows >= 10")
+                             "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10")
 
 
 class OnlineLearner:
@@ -66,6 +69,9 @@ class OnlineLearner:
         self.on_table = on_table
         self._clock = clock
         self._base = list(base_rows)
+        if len(self._base) > config.max_base_rows:
+            keep = np.random.default_rng(0).choice(len(self._base), config.max_base_rows, replace=False)
+            self._base = [self._base[i] for i in sorted(keep)]
         self._live: collections.deque[tuple[float, LatencySample]] = collections.deque(maxlen=config.max_live)
         self._lock = threading.Lock()
         self._fit_lock = threading.Lock()

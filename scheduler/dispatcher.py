@@ -7,6 +7,7 @@ One event loop owns everything here. The decisions come from
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from workers.pool import TaskFailed, WorkerDied, WorkerPool
 from workers.protocol import BatchTask
 
 log = logging.getLogger(__name__)
+
+OVERHEAD_WINDOW = 256
+"""Recent batches whose overhead (done - planned - exec) sets the planner's overhead allowance."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,12 @@ class Dispatcher:
         self.latency = latency
         self.accuracy = accuracy
         self.max_batch = max_batch
+        self.min_overhead_ms = overhead_ms
+        """Floor of the per-batch overhead the planner adds to predicted exec time."""
         self.overhead_ms = overhead_ms
+        """Current overhead: the 95th percentile of measured (batch done - planned - exec), at least the floor."""
+        self._overheads: collections.deque[float] = collections.deque(maxlen=OVERHEAD_WINDOW)
+        self._batches_done = 0
         self.max_inflight = max_inflight
         self.contention = contention
         self.on_batch = on_batch
@@ -206,6 +215,7 @@ class Dispatcher:
                                              f"{len(batch.requests)} requests"))
             return
         self._complete(batch, result.outputs, result.exec_ms, result.kernel, now)
+        self._observe_overhead((now - batch.planned_at_s) * 1e3 - result.exec_ms)
         m = self.metrics
         level = f"{batch.plan.level:g}"
         m.batches.labels(batch.model, level).inc()
@@ -219,6 +229,13 @@ class Dispatcher:
                                                         result.exec_ms, result.kernel))
         if self.on_batch:
             self.on_batch(batch, result.exec_ms, contention)
+
+    def _observe_overhead(self, ms: float) -> None:
+        """Learn what a batch costs beyond exec (IPC, event-loop delay): the planner must budget for it."""
+        self._overheads.append(ms)
+        self._batches_done += 1
+        if self._batches_done % 16 == 0:
+            self.overhead_ms = max(self.min_overhead_ms, float(np.percentile(self._overheads, 95)))
 
     def _complete(self, batch: Batch, outputs: np.ndarray, exec_ms: float, kernel: str, now: float) -> None:
         plan = batch.plan

@@ -166,7 +166,7 @@ class SlonnServer:
         spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads)
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
-        self.monitor = ContentionMonitor()
+        self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples
         if cfg.in_process:
             self.pool: WorkerPool = InProcessPool(spec, cfg.workers)
         else:
@@ -233,8 +233,9 @@ class SlonnServer:
             d = self.dispatcher
             tables = {m: round(d.latency.table(m).safe(d.latency.table(m).bucket(self.monitor.value), -1, 1), 2)
                       for m in self.manifests}
-            log.info("stats: %s; inflight %d; queued %d; contention %.2f; safe ms at fastest level, batch 1: %s",
-                     self.metrics.summary(), d.inflight, d.scheduler.pending(), self.monitor.value, tables)
+            log.info("stats: %s; inflight %d; queued %d; contention %.2f; overhead %.2f ms; safe ms at fastest "
+                     "level, batch 1: %s", self.metrics.summary(), d.inflight, d.scheduler.pending(),
+                     self.monitor.value, d.overhead_ms, tables)
 
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""

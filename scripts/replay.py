@@ -36,12 +36,18 @@ def _progress(done: int, total: int, started: float, stream) -> None:
 
 async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
                  split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
-                 transport: str = "unary") -> list[RequestRecord]:
+                 transport: str = "unary", client_deadline: bool = False) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
     deadline) or "stream" (all requests on one InferStream: far less per-request
     CPU on both sides, for high rates on a small machine).
+
+    ``client_deadline`` (unary only): each call's gRPC deadline is its class
+    deadline, as a latency-sensitive client would set it; the server then
+    knows the true time left, ingress delay included, and an answer after it
+    is DEADLINE_EXCEEDED. Otherwise the deadline is generous (class deadline x
+    ``timeout_factor`` + 1 s), so every server answer, late or not, is seen.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
@@ -58,11 +64,12 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
             rec.answer_s, rec.status = clock(), status
             if res is not None:
                 rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
-                rec.exec_ms, rec.predicted_ms = res.exec_ms, res.predicted_ms
+                rec.exec_ms, rec.predicted_ms, rec.queue_ms = res.exec_ms, res.predicted_ms, res.queue_ms
                 rec.correct = bool(int(np.argmax(res.output)) == int(y[i % len(x)]))
 
         if transport == "unary":
-            send, finish = _unary_sender(client, model, records, x, timeout_factor, answered, clock)
+            send, finish = _unary_sender(client, model, records, x, timeout_factor, answered, clock,
+                                         client_deadline)
         else:
             send, finish = _stream_sender(client, model, records, x, timeout_factor, answered, clock)
         for i, offset in enumerate(arrivals.offsets_s):
@@ -80,19 +87,22 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
 
 
 def _unary_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
-                  timeout_factor: float, answered, clock):
+                  timeout_factor: float, answered, clock, client_deadline: bool):
     tasks = []
 
     async def one(i: int) -> None:
         rec = records[i]
         rec.send_s = clock()
-        # The call's deadline is generous: the server answers DEADLINE_EXCEEDED itself, early.
-        timeout = rec.deadline_ms * 1e-3 * timeout_factor + 1.0
+        if client_deadline:
+            timeout = rec.deadline_ms * 1e-3
+        else:  # generous: the server answers DEADLINE_EXCEEDED itself, early
+            timeout = rec.deadline_ms * 1e-3 * timeout_factor + 1.0
         try:
             res = await client.infer(model, rec.slo_class, x[i % len(x)], request_id=str(i), timeout_s=timeout)
         except grpc.aio.AioRpcError as exc:
             # The client's own deadline firing means the server never answered.
-            client_timeout = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded"
+            client_timeout = (not client_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                              and exc.details() == "Deadline Exceeded")
             answered(i, CLIENT_TIMEOUT if client_timeout else exc.code().name)
         else:
             answered(i, "OK", res)

@@ -27,6 +27,8 @@ class RequestRecord:
     late: bool = False
     exec_ms: float = float("nan")
     predicted_ms: float = float("nan")
+    queue_ms: float = float("nan")
+    """Server-side wait from admission to batch start."""
 
     @property
     def latency_ms(self) -> float:
