@@ -46,7 +46,7 @@ def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
 
 
 def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
-    from scripts.replay import replay, replay_with_corunner
+    from scripts.replay import client_kwargs, replay, replay_with_corunner
     from scripts.serverproc import ServerProcess
     from workers.artifact import load_manifest
 
@@ -61,7 +61,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
         t0 = time.monotonic()
         load_before = _loadavg()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
-            kwargs = dict(split_seed=manifest.seed, progress=False)
+            kwargs = dict(split_seed=manifest.seed, progress=False, **client_kwargs(args))
             if window is None:
                 coro = replay(server.target, manifest.name, arrivals, deadlines_ms, **kwargs)
             else:
@@ -124,12 +124,13 @@ def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window
 def main(argv: list[str] | None = None) -> int:
     from scheduler.config import load_classes
     from scripts.plots import latency_cdf, timeline
-    from scripts.replay import add_arrival_args, arrivals_from_args
+    from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args
     from scripts.simulate import add_sim_args
     from workers.artifact import load_manifest
 
     p = argparse.ArgumentParser(prog="slonn compare", description=__doc__.splitlines()[0])
     add_arrival_args(p)
+    add_client_args(p)
     add_sim_args(p)
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help="comma-separated; ';' also separates (for names with parameters, e.g. 'triton:max_batch=16')")

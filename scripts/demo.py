@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from scheduler.config import load_classes
-from scripts.replay import add_arrival_args, arrivals_from_args, replay
+from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args, client_kwargs, replay
 from scripts.report import format_table, summarize, write_csv
 from scripts.serverproc import ServerProcess
 from scripts.train import TrainConfig, train_to
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="slonn")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the CSV, JSON and server log go")
     add_arrival_args(p)
+    add_client_args(p)
     args = p.parse_args(argv)
     ensure_model(args.model_dir)
     manifest = load_manifest(args.model_dir)
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(trace seconds {arrivals.window_s[0]:g}-{arrivals.window_s[1]:g}, x{arrivals.speedup:g} "
               f"-> {arrivals.duration_s:.1f} s)", flush=True)
         records = asyncio.run(replay(server.target, manifest.name, arrivals,
-                                     {n: c.latency_ms for n, c in classes.items()}, split_seed=manifest.seed))
+                                     {n: c.latency_ms for n, c in classes.items()}, split_seed=manifest.seed,
+                                     **client_kwargs(args)))
     summary = summarize(records, arrivals.duration_s)
     write_csv(records, args.out / "requests.csv")
     report = {"load": arrivals.describe(), "policy": args.policy,

@@ -211,6 +211,17 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=None, help="target mean requests/s (overrides --speedup)")
 
 
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
+    p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
+                   help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
+                        "sees the true time left) or generous (every late answer is still received)")
+
+
+def client_kwargs(args) -> dict:
+    return {"transport": args.transport, "client_deadline": args.client_deadline == "class"}
+
+
 def arrivals_from_args(args) -> Arrivals:
     return make_arrivals(args.trace, args.start_s, args.duration_s, args.speedup, args.rate)
 
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corunner-start-s", type=float, default=None, help="start a CPU co-runner at this second")
     p.add_argument("--corunner-stop-s", type=float, default=None, help="stop it at this second")
     p.add_argument("--corunner-procs", type=int, default=1, help="co-runner busy processes (cores)")
-    p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
+    add_client_args(p)
     args = p.parse_args(argv)
     classes = load_classes(args.classes)
     arrivals = arrivals_from_args(args)
@@ -238,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
         records = asyncio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
                                                    args.corunner_start_s, stop_s, args.corunner_procs,
-                                                   transport=args.transport))
+                                                   **client_kwargs(args)))
     else:
-        records = asyncio.run(replay(args.target, args.model, arrivals, deadlines, transport=args.transport))
+        records = asyncio.run(replay(args.target, args.model, arrivals, deadlines, **client_kwargs(args)))
     summary = summarize(records, arrivals.duration_s)
     if args.csv:
         write_csv(records, args.csv)
