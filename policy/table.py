@@ -43,6 +43,7 @@ class LatencyTable:
         object.__setattr__(self, "_safe", self.safe_ms.tolist())
         object.__setattr__(self, "_mean", self.mean_ms.tolist())
         object.__setattr__(self, "_level_index", {lv: i for i, lv in enumerate(self.levels)})
+        object.__setattr__(self, "_fastest", {})
 
     def bucket(self, contention: float) -> int:
         """Index of the contention bucket holding ``contention``."""
@@ -54,6 +55,25 @@ class LatencyTable:
     def safe(self, bucket: int, level_index: int, batch_size: int) -> float:
         """Upper-quantile exec ms; batch sizes beyond max_batch are not plannable."""
         return self._safe[bucket][level_index][batch_size - 1]
+
+    def fastest_index(self, bucket: int, accuracy: tuple[float, ...], min_accuracy: float) -> int:
+        """Index of the level with the lowest batch-1 safe latency among those whose accuracy meets the floor
+        (the most accurate level when none does). Memoised: the table is immutable and this is on every
+        admission and expiry check."""
+        key = (bucket, accuracy, min_accuracy)
+        i = self._fastest.get(key)
+        if i is None:
+            allowed = [j for j, acc in enumerate(accuracy) if acc >= min_accuracy]
+            if not allowed:
+                i = max(range(len(accuracy)), key=accuracy.__getitem__)
+            else:
+                i = min(allowed, key=lambda j: self._safe[bucket][j][0])
+            self._fastest[key] = i
+        return i
+
+    def safe_rows(self, bucket: int) -> list[list[float]]:
+        """``rows[level_index][batch_size - 1]`` = safe ms, for loops that read many cells."""
+        return self._safe[bucket]
 
     def mean(self, bucket: int, level_index: int, batch_size: int) -> float:
         return self._mean[bucket][level_index][batch_size - 1]

@@ -53,6 +53,7 @@ class Scheduler:
             m: {c.name: RequestQueue(policy.order_key, c.max_queue) for c in classes.values()} for m in models
         }
         self._best_accuracy = {m: max(acc) for m, acc in models.items()}
+        self._all_queues = [q for qs in self._queues.values() for q in qs.values()]
 
     # -- admission -------------------------------------------------------
 
@@ -83,7 +84,8 @@ class Scheduler:
             # Requests of classes with deadlines no later than this one's are (about) ahead of it in EDF.
             ahead = sum(len(q) for name, q in self._queues[req.model].items()
                         if self.classes[name].latency_ms <= self.classes[req.slo_class].latency_ms)
-            admit_ctx = replace(ctx, backlog_ms=backlog_ms(ahead, req.pending.min_accuracy, ctx))
+            backlog = backlog_ms(ahead, req.pending.min_accuracy, ctx)
+            admit_ctx = replace(ctx, backlog_ms=backlog) if backlog else ctx
             if self.policy.is_hopeless(req.pending, now_s, admit_ctx):
                 budget_ms = (req.pending.deadline_s - now_s) * 1e3
                 raise DeadlineUnreachable(
@@ -99,8 +101,9 @@ class Scheduler:
     # -- scheduling ------------------------------------------------------
 
     def pending(self, model: str | None = None) -> int:
-        models = [model] if model else self._queues
-        return sum(len(q) for m in models for q in self._queues[m].values())
+        if model is None:
+            return sum(q._live for q in self._all_queues)  # called per event by both drivers: keep it flat
+        return sum(len(q) for q in self._queues[model].values())
 
     def queue_lengths(self) -> dict[tuple[str, str], int]:
         return {(m, c): len(q) for m, qs in self._queues.items() for c, q in qs.items()}
@@ -149,8 +152,10 @@ class Scheduler:
         for r in chosen:
             r.late = decision.late
         out.batch = Batch(model, chosen, decision, now_s)
-        log.debug("plan %s: %d x level %.3g predicted %.2f ms (%s)", model, decision.count, decision.level,
-                  decision.predicted_ms, decision.reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("plan %s: %d of %d candidates at level %g, predicted %.2f ms, slack %.2f ms (%s)", model,
+                      decision.count, decision.candidates, decision.level, decision.predicted_ms,
+                      decision.slack_ms, decision.reason)
         return out
 
     def update_from_output(self, batch: Batch, exec_ms: float, finished_s: float) -> None:
