@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -20,17 +19,6 @@ from workers.protocol import BatchTask
 log = logging.getLogger(__name__)
 
 WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One measured batch (kept for linear_table; new code uses policy.latency_model.LatencySample)."""
-
-    model: str
-    level: float
-    batch_size: int
-    contention: float
-    exec_ms: float
 
 
 class LatencySource(Protocol):
@@ -108,11 +96,12 @@ async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: i
     return rows
 
 
-def linear_table(samples: list[Sample], levels: tuple[float, ...], max_batch: int, margin: float = 1.3,
+def linear_table(samples: list[LatencySample], levels: tuple[float, ...], max_batch: int, margin: float = 1.3,
                  floor_ms: float = 0.2) -> LatencyTable:
-    """Cold-start table: per level, least squares ms = a + b * batch; safe = margin * that + floor_ms.
+    """A contention-blind table: per level, least squares ms = a + b * batch; safe = margin * that + floor_ms.
 
-    A simple, conservative rule for when no learned model exists yet.
+    Not what the server uses (it learns a model from the same warm-up rows); kept as the simulator's
+    "what if the planner ignored contention" baseline (``slonn simulate --planner-table linear``).
     """
     batch = np.arange(1, max_batch + 1)
     mean = np.empty((1, len(levels), max_batch))

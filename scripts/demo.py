@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = ["--model-dir", str(args.model_dir), "--policy", args.policy]
     if args.classes:
         serve_args += ["--classes", str(args.classes)]
-    print(f"starting the server (workers calibrate kernels and profile latency first)...", flush=True)
+    print("starting the server (workers calibrate kernels and profile latency first)...", flush=True)
     with ServerProcess(serve_args, args.out / "server.log") as server:
         print(f"server at {server.target}; replaying {len(arrivals)} requests of {arrivals.source} "
               f"(trace seconds {arrivals.window_s[0]:g}-{arrivals.window_s[1]:g}, x{arrivals.speedup:g} "

@@ -349,14 +349,13 @@ def corunner_contention(profile: Path, intensity: float = 1.0) -> float | None:
 
 def planner_table(model, levels: Sequence[float], max_batch: int, kind: str) -> LatencyTable:
     """The table the planner reads: the learner's ("learned", contention buckets) or the server's
-    cold-start one ("linear": scheduler.latency.linear_table over quiet profile rows, contention-blind)."""
+    contention-blind one ("linear": scheduler.latency.linear_table over quiet profile rows)."""
     if kind == "learned":
         return model.to_table(levels, max_batch)
-    from scheduler.latency import WARMUP_BATCH_SIZES, Sample, linear_table
+    from scheduler.latency import WARMUP_BATCH_SIZES, linear_table
 
     quiet = min(r.contention for r in model.rows)
-    samples = [Sample("m", r.level, r.batch_size, 0.0, r.exec_ms) for r in model.rows
-               if r.contention <= quiet + 0.1 and r.batch_size in WARMUP_BATCH_SIZES]
+    samples = [r for r in model.rows if r.contention <= quiet + 0.1 and r.batch_size in WARMUP_BATCH_SIZES]
     return linear_table(samples, tuple(levels), max_batch)
 
 

@@ -62,14 +62,6 @@ async def server(tiny_model_dir):
     await srv.stop()
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def client(server):
-    c = AsyncSlonnClient(f"127.0.0.1:{server.port}")
-    await c.wait_ready(30.0)
-    yield c
-    await c.close()
-
-
 @pytest.mark.asyncio(loop_scope="module")
 async def test_killed_workers_are_replaced_and_every_request_is_answered(server, client):
     statuses: Counter = Counter()

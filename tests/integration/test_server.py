@@ -17,7 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import slonn_pb2 as pb
-from protos.client import AsyncSlonnClient, InferResult, make_request
+from protos.client import InferResult, make_request
 from protos.tensors import to_tensor
 from scheduler.config import ServerConfig, SLOClassConfig
 from scheduler.server import SlonnServer
@@ -52,14 +52,6 @@ async def server(tiny_model_dir):
         raise
     yield srv
     await srv.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def client(server):
-    c = AsyncSlonnClient(f"127.0.0.1:{server.port}")
-    await c.wait_ready(30.0)
-    yield c
-    await c.close()
 
 
 @pytest.fixture(scope="module")
