@@ -91,6 +91,17 @@ async def test_overload_gets_fast_terminal_answers_and_the_server_stays_up(serve
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_message_over_the_size_limit_is_refused_and_the_server_stays_up(server, client):
+    huge = pb.InferRequest(model=MODEL, slo_class="roomy",
+                           input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=b"\0" * (2 << 20)))
+    # A channel that itself allows any size, so that the server's limit is what refuses it.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
+                                         options=[("grpc.max_send_message_length", -1)]) as channel:
+        assert await outcome(pb_grpc.InferenceStub(channel).Infer(huge, timeout=60)) == "RESOURCE_EXHAUSTED"
+    assert await outcome(client.infer(MODEL, "roomy", x(3), timeout_s=60)) == "OK"
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_a_stream_closed_early_leaves_nothing_behind(server, client):
     async def requests():
         for i in range(50):
