@@ -58,8 +58,14 @@ class Scheduler:
     # -- admission -------------------------------------------------------
 
     def make_request(self, model: str, slo_class: str, arrival_s: float, inputs: Any = None,
-                     budget_ms: float | None = None, handle: Any = None) -> QueuedRequest:
-        """Build a request with its deadline: the class's, tightened (never loosened) by ``budget_ms``."""
+                     budget_ms: float | None = None, handle: Any = None, hard: bool = False) -> QueuedRequest:
+        """Build a request with its deadline: the class's, tightened (never loosened) by ``budget_ms``.
+
+        ``hard``: ``budget_ms`` is the caller's own deadline (e.g. its gRPC deadline), after which nobody
+        listens. When that deadline is the binding one, serving late is pointless whatever the class's
+        ``on_late`` says, so the request is handled as ``on_late='reject'`` (checked at admission, expired
+        early) instead of holding a queue slot and a worker for an answer nobody reads.
+        """
         if model not in self._queues:
             raise NotFound(f"model {model!r} is not served; served models: {sorted(self._queues)}")
         cls = self.classes.get(slo_class)
@@ -70,8 +76,9 @@ class Scheduler:
                 f"slo_class {slo_class!r} min_accuracy={cls.min_accuracy} is above model {model!r}'s best "
                 f"level accuracy {self._best_accuracy[model]:.4f}")
         latency_ms = cls.latency_ms if not budget_ms else min(cls.latency_ms, budget_ms)
+        on_late = "reject" if hard and budget_ms and budget_ms <= cls.latency_ms else cls.on_late
         pending = Pending(next(self._seq), arrival_s, arrival_s + latency_ms * 1e-3, cls.min_accuracy,
-                          cls.priority, cls.mode, cls.on_late)
+                          cls.priority, cls.mode, on_late)
         return QueuedRequest(pending, model, slo_class, inputs, handle)
 
     def add_request(self, req: QueuedRequest, now_s: float, ctx: PlanContext) -> None:

@@ -114,8 +114,11 @@ class Dispatcher:
         return out
 
     async def infer(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None = None,
-                    ) -> Completion:
-        """Admit one request and wait for its answer; raises RequestError subclasses."""
+                    hard: bool = False) -> Completion:
+        """Admit one request and wait for its answer; raises RequestError subclasses.
+
+        ``hard``: ``budget_ms`` is the caller's own deadline (see :meth:`Scheduler.make_request`).
+        """
         if not self._accepting:
             raise Unavailable("server is shutting down; not admitting requests")
         if self.inflight >= self.max_inflight:
@@ -123,7 +126,7 @@ class Dispatcher:
         now = self.clock.now()
         future = asyncio.get_running_loop().create_future()
         try:
-            req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future)
+            req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future, hard)
             self.scheduler.add_request(req, now, self.contexts()[model])
         except RequestError as exc:
             self.metrics.answers.labels(model, slo_class, exc.code.name).inc()

@@ -58,25 +58,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         budget = request.latency_budget_ms
         if not budget >= 0 or budget == float("inf"):
             raise InvalidArgument(f"latency_budget_ms: got {budget}, expected a finite value >= 0 (0 = class default)")
+        hard = False
         if time_remaining_s is not None:
-            # The call's gRPC deadline tightens the class deadline too.
+            # The call's gRPC deadline tightens the class deadline too (time spent reaching us included).
             grpc_ms = max(time_remaining_s * 1e3, 0.0)
-            budget = grpc_ms if budget == 0 else min(budget, grpc_ms)
+            hard = budget == 0 or grpc_ms <= budget
+            budget = grpc_ms if hard else budget
         if not request.HasField("input"):
             raise InvalidArgument(f"input: missing; expected a FLOAT32 tensor of shape [{manifest.arch.in_features}]")
         try:
             x = from_tensor(request.input, "input", manifest.arch.in_features)
         except TensorError as exc:
             raise InvalidArgument(str(exc)) from None
-        work = self.dispatcher.infer(request.model, request.slo_class, x, budget or None)
+        work = self.dispatcher.infer(request.model, request.slo_class, x, budget or None, hard)
         if time_remaining_s is None:
             done = await work
         else:
             # Whatever the class says about late answers, the caller stops listening at its gRPC
             # deadline: answer before it, so no call ends without a word from the server.
+            # (asyncio.timeout, not wait_for: no extra task per request on the hot path.)
             try:
-                done = await asyncio.wait_for(work, max(time_remaining_s - 0.005, 0.0))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(time_remaining_s - 0.005, 0.0)):
+                    done = await work
+            except TimeoutError:
                 raise DeadlineUnreachable("not served before the call's gRPC deadline") from None
         return self._response(request_id, request.input, done)
 

@@ -59,9 +59,9 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
         loop_t0 = time.monotonic()
         clock = lambda: time.monotonic() - loop_t0  # noqa: E731
 
-        def answered(i: int, status: str, res=None) -> None:
+        def answered(i: int, status: str, res=None, detail: str = "") -> None:
             rec = records[i]
-            rec.answer_s, rec.status = clock(), status
+            rec.answer_s, rec.status, rec.detail = clock(), status, detail
             if res is not None:
                 rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
                 rec.exec_ms, rec.predicted_ms, rec.queue_ms = res.exec_ms, res.predicted_ms, res.queue_ms
@@ -103,7 +103,7 @@ def _unary_sender(client: AsyncSlonnClient, model: str, records: list[RequestRec
             # The client's own deadline firing means the server never answered.
             client_timeout = (not client_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                               and exc.details() == "Deadline Exceeded")
-            answered(i, CLIENT_TIMEOUT if client_timeout else exc.code().name)
+            answered(i, CLIENT_TIMEOUT if client_timeout else exc.code().name, detail=exc.details() or "")
         else:
             answered(i, "OK", res)
 
@@ -136,7 +136,7 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
                 answered(i, "OK", InferResult.from_proto(msg.response))
             else:
                 i = int(msg.error.request_id)
-                answered(i, msg.error.code)
+                answered(i, msg.error.code, detail=msg.error.message)
             waiting.discard(i)
             if not waiting and not sending[0]:
                 all_done.set()

@@ -29,6 +29,8 @@ class RequestRecord:
     predicted_ms: float = float("nan")
     queue_ms: float = float("nan")
     """Server-side wait from admission to batch start."""
+    detail: str = ""
+    """The error's message when the status is not OK (who answered, and why)."""
 
     @property
     def latency_ms(self) -> float:

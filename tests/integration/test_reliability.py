@@ -91,6 +91,22 @@ async def test_overload_gets_fast_terminal_answers_and_the_server_stays_up(serve
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_short_grpc_deadlines_on_a_late_serving_class_end_the_calls_and_leave_no_work(server, client):
+    # "roomy" serves late answers, but nobody reads them after the call's own deadline: each call ends
+    # OK or DEADLINE_EXCEEDED, and whatever was not served leaves the queues instead of waiting its turn.
+    calls = [outcome(client.infer(MODEL, "roomy", x(i), timeout_s=0.02)) for i in range(300)]
+    statuses = Counter(await asyncio.gather(*calls))
+    assert sum(statuses.values()) == 300
+    assert set(statuses) <= {"OK", "DEADLINE_EXCEEDED"}, statuses
+    for _ in range(2000):
+        if server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0
+    assert await outcome(client.infer(MODEL, "roomy", x(5), timeout_s=60)) == "OK"
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_a_message_over_the_size_limit_is_refused_and_the_server_stays_up(server, client):
     huge = pb.InferRequest(model=MODEL, slo_class="roomy",
                            input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=b"\0" * (2 << 20)))

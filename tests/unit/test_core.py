@@ -121,6 +121,20 @@ def test_hopeless_request_of_a_serve_class_is_admitted():
     assert sched.pending() == 1
 
 
+@pytest.mark.parametrize(("budget_ms", "expected_on_late"), [(0.05, "reject"), (500, "reject"), (900, "serve")])
+def test_a_binding_caller_deadline_makes_a_serve_class_request_reject(budget_ms, expected_on_late):
+    # Nobody reads an answer after the caller's own (gRPC) deadline: when it binds, no late service.
+    sched, ctxs, clock = make()
+    req = sched.make_request("m", "batch", clock.now(), budget_ms=budget_ms, hard=True)
+    assert req.pending.on_late == expected_on_late
+    if expected_on_late == "reject" and budget_ms < 0.1:
+        with pytest.raises(DeadlineUnreachable):
+            sched.add_request(req, clock.now(), ctxs["m"])
+    # The same budget as a mere request option keeps the class's late service.
+    soft = sched.make_request("m", "batch", clock.now(), budget_ms=budget_ms)
+    assert soft.pending.on_late == "serve"
+
+
 def test_floor_decides_the_fastest_level_at_admission():
     sched, ctxs, clock = make()
     # "precise" needs 0.97: the fastest allowed level is 0.5 (0.5 ms), so 0.3 ms is hopeless for it.
