@@ -28,6 +28,7 @@ from scripts.digits import load_split
 from workers.artifact import load_artifact
 from workers.device import DeviceTimer, pick_device
 from workers.kernels import LOW_PRECISION_DTYPES, SparseMLP, measure_kernel_table
+from workers.kernels_chooser import split_choice
 
 NOISE_STD = 0.5
 """Std (pixel units, pixels are 0..16) of the noise on the held-out copies that extend the input pool."""
@@ -81,10 +82,17 @@ def _time(fn, x: torch.Tensor, device: torch.device) -> float:
     return timer.ms
 
 
-def _bench_cell(model, sparse, pool, b, level, repeats, device) -> dict:
-    """Interleaved timings of dense and every kernel at one (batch, level); each call on fresh inputs."""
+def _bench_cell(model, sparse, pool, b, level, repeats, device, chosen: str) -> dict:
+    """Interleaved timings of dense and every kernel at one (batch, level); each call on fresh inputs.
+
+    ``chosen`` is the chooser's pick; when it runs another level (``"dense@1.0"``) it is timed as its
+    own series in the same interleaving.
+    """
     fns = {"plain_dense": lambda x: model(x, 1.0)}
     fns |= {k: (lambda kk: lambda x: sparse.forward(x, level, kk))(k) for k in sparse.kernels}
+    kernel, run_level = split_choice(chosen, level)
+    if chosen not in fns:
+        fns[chosen] = lambda x: sparse.forward(x, run_level, kernel)
     times: dict[str, list[float]] = {k: [] for k in fns}
     pool.rewind()
     for name, fn in fns.items():  # warm-up
@@ -125,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     split = load_split(seed=manifest.seed or 0)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     t0 = time.perf_counter()
-    chooser = measure_kernel_table(sparse, manifest.levels)  # exactly what the worker runs at start-up
+    # exactly what the worker runs at start-up
+    chooser = measure_kernel_table(sparse, manifest.levels, accuracy=manifest.accuracy)
     calibration_s = time.perf_counter() - t0
     pool = InputPool(split.x_test, device)
     rows = []
@@ -138,16 +147,18 @@ def run(args: argparse.Namespace) -> dict:
             dense_low = None if low is None else _dense_same_precision_ms(model, low, pool, b, min(args.repeats, 5),
                                                                           device)
             for level in manifest.levels:
-                cell = _bench_cell(model, sparse, pool, b, level, args.repeats, device)
-                dense_ms = cell.pop("plain_dense")
                 chosen = chooser.choose(b, level)
+                kernel, run_level = split_choice(chosen, level)
+                cell = _bench_cell(model, sparse, pool, b, level, args.repeats, device, chosen)
+                dense_ms = cell.pop("plain_dense")
                 best = min(cell, key=cell.get)
                 row = {"batch": b, "level": level, "dense_ms": round(dense_ms, 4), "chosen_kernel": chosen,
                        "chosen_ms": round(cell[chosen], 4), "speedup": round(dense_ms / cell[chosen], 2),
                        "best_kernel_in_bench": best, "kernels_ms": {k: round(v, 4) for k, v in cell.items()},
-                       "accuracy": accuracy[repr(level)][chosen],
-                       "accuracy_minus_dense_points": round(100 * (accuracy[repr(level)][chosen] - dense_acc), 2)}
-                if low is not None and chosen.startswith("gather_"):
+                       "accuracy": accuracy[repr(run_level)][kernel],
+                       "accuracy_minus_dense_points": round(100 * (accuracy[repr(run_level)][kernel] - dense_acc),
+                                                            2)}
+                if low is not None and kernel.startswith("gather_"):
                     row["dense_same_precision_ms"] = round(dense_low, 4)
                     row["speedup_vs_same_precision_dense"] = round(dense_low / cell[chosen], 2)
                 rows.append(row)

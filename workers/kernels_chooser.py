@@ -4,7 +4,10 @@
 for every (batch size, level) on distinct inputs per call and keeps the fastest.
 :class:`KernelChooser` answers from that table; a batch size between measured
 points uses the nearest measured size at or above it (the largest beyond the
-last). Before anything is measured it answers from a small prior.
+last). Before anything is measured it answers from a small prior. Given the
+levels' accuracies, a level whose best kernel is slower than a more accurate
+level's is served by that one (``"dense@1.0"``): masking has a cost, and at
+large batches the plain dense model beats dense-plus-mask.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class KernelChooser:
         return bool(self.table)
 
     def choose(self, batch_size: int, level: float) -> str:
+        """The table's choice for ``level`` at ``batch_size``: a kernel name, or ``"kernel@run_level"`` when
+        running a more accurate level is measured faster (see :func:`measure_kernel_table`); split it
+        with :func:`split_choice`."""
+        return self._choose(batch_size, level)
+
+    def _choose(self, batch_size: int, level: float) -> str:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not self.table:
@@ -88,6 +97,32 @@ class KernelChooser:
         )
 
 
+def split_choice(choice: str, level: float) -> tuple[str, float]:
+    """``"gather"`` -> ("gather", level); ``"dense@1.0"`` -> ("dense", 1.0)."""
+    kernel, sep, run_level = choice.partition("@")
+    return kernel, (float(run_level) if sep else level)
+
+
+def promote(chooser: KernelChooser, accuracy: dict[float, float]) -> None:
+    """Where a level's fastest kernel is slower than some kernel of a level at least as accurate, run that.
+
+    Masking costs something (top-k per layer): at large batches, where no sparse kernel beats dense,
+    level 0.5's best kernel (dense matmul plus the mask) is slower than the plain dense model at 1.0,
+    which is at least as accurate. Serving that level with ``dense@1.0`` keeps the promise (accuracy
+    at least the level's, latency no worse than dense) and the response's ``kernel`` says what ran.
+    """
+    for b, row in chooser.timings_ms.items():
+        best = {lv: min(cell.items(), key=lambda kv: kv[1]) for lv, cell in row.items() if cell}
+        for level in row:
+            if level not in best or level not in accuracy:
+                continue
+            kernel, ms = best[level]
+            for other, (k2, ms2) in best.items():
+                if other > level and accuracy.get(other, -1.0) >= accuracy[level] and ms2 < ms:
+                    kernel, ms = f"{k2}@{other!r}", ms2
+            chooser.table[b][level] = kernel
+
+
 def synthetic_inputs(sparse: "SparseMLP", n: int, seed: int = 0) -> torch.Tensor:
     """``n`` raw inputs drawn around the training distribution (mean + std * N(0, 1))."""
     gen = torch.Generator().manual_seed(seed)
@@ -115,8 +150,12 @@ def time_kernel(sparse: "SparseMLP", kernel: str, level: float, batches: list[to
 
 def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats: int = 5,
                          inputs: torch.Tensor | None = None,
-                         kernels: tuple[str, ...] | None = None) -> KernelChooser:
+                         kernels: tuple[str, ...] | None = None,
+                         accuracy: dict[float, float] | None = None) -> KernelChooser:
     """Time every kernel for every (batch size, level) on distinct inputs per call; keep the fastest.
+
+    With ``accuracy`` (level -> held-out accuracy), a level may be served by a more accurate level's
+    kernel when that is measured faster (:func:`promote`).
 
     ``inputs`` (n x in, raw features) are cycled through with a fresh offset per
     call; without them, synthetic inputs around the training distribution are used.
@@ -154,6 +193,9 @@ def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats:
             chooser.table[b][level] = min(cell, key=cell.get)
             if "dense" in cell:
                 dropped[level] |= {k for k, ms in cell.items() if ms > DROP_FACTOR * cell["dense"]}
+    if accuracy:
+        promote(chooser, {float(lv): float(a) for lv, a in accuracy.items()})
+        chooser.meta["promoted"] = True
     return chooser
 
 

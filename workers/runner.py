@@ -15,6 +15,7 @@ import torch
 
 from workers.artifact import ModelManifest, load_artifact
 from workers.device import DeviceTimer, pick_device
+from workers.kernels_chooser import split_choice
 from workers.model import SLOAwareMLP
 
 
@@ -25,7 +26,7 @@ class RunOutput:
     exec_ms: float
     """Wall time of the model call, device-synchronised."""
     kernel: str
-    """Kernel that ran the hidden layers."""
+    """Kernel that ran the hidden layers ("kernel@level" when a more accurate level ran, being faster)."""
 
 
 class ModelRunner:
@@ -51,7 +52,7 @@ class ModelRunner:
         from workers.kernels import measure_kernel_table
 
         self.chooser = measure_kernel_table(self.sparse, self.manifest.levels, batch_sizes=batch_sizes,
-                                            repeats=repeats)
+                                            repeats=repeats, accuracy=self.manifest.accuracy)
         return self.chooser.to_json()
 
     def use_kernel_table(self, table: dict) -> None:
@@ -63,11 +64,12 @@ class ModelRunner:
     def run(self, inputs: np.ndarray, level: float) -> RunOutput:
         if level not in self.manifest.levels:
             raise ValueError(f"level={level} is not one of model {self.manifest.name!r}'s levels {self.manifest.levels}")
-        kernel = self.chooser.choose(len(inputs), level)
+        choice = self.chooser.choose(len(inputs), level)
+        kernel, run_level = split_choice(choice, level)
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         with torch.inference_mode():
             x = x.to(self.device)
             with DeviceTimer(self.device) as timer:
-                y = self.sparse.forward(x, level, kernel)
+                y = self.sparse.forward(x, run_level, kernel)
             out = y.float().cpu().numpy()
-        return RunOutput(out, timer.ms, kernel)
+        return RunOutput(out, timer.ms, choice)

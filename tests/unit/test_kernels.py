@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workers.kernels import EXACT_KERNELS, KernelChooser, SparseMLP, measure_kernel_table
+from workers.kernels_chooser import promote, split_choice
 from workers.model import MLPArchitecture, SLOAwareMLP
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -107,3 +108,33 @@ def test_default_chooser_is_valid():
     for b in (1, 4, 64):
         for level in LEVELS:
             assert chooser.choose(b, level) in EXACT_KERNELS
+
+
+def test_promotion_serves_a_level_with_a_faster_kernel_of_an_at_least_as_accurate_level():
+    timings = {64: {1.0: {"dense": 70.0}, 0.5: {"dense": 80.0, "gather": 150.0}, 0.25: {"union": 60.0, "dense": 85.0},
+                    0.1: {"gather": 40.0, "dense": 90.0}}}
+    chooser = KernelChooser(table={64: {}}, timings_ms=timings, levels=(1.0, 0.5, 0.25, 0.1))
+    promote(chooser, {1.0: 0.98, 0.5: 0.98, 0.25: 0.97, 0.1: 0.96})
+    assert chooser.choose(64, 0.5) == "dense@1.0"  # dense + mask (80) loses to plain dense (70)
+    assert chooser.choose(64, 0.25) == "union"  # its own best is already the fastest
+    assert chooser.choose(64, 0.1) == "gather"
+    assert chooser.choose(64, 1.0) == "dense"
+    assert split_choice("dense@1.0", 0.5) == ("dense", 1.0) and split_choice("gather", 0.1) == ("gather", 0.1)
+    # Never to a level less accurate than the one asked for, however fast.
+    worse = KernelChooser(table={64: {}}, timings_ms=timings, levels=(1.0, 0.5, 0.25, 0.1))
+    promote(worse, {1.0: 0.95, 0.5: 0.98, 0.25: 0.97, 0.1: 0.96})
+    assert worse.choose(64, 0.5) == "dense"
+
+
+def test_runner_runs_the_promoted_level(tmp_path, model):
+    from workers.artifact import ModelManifest, save_artifact
+    from workers.runner import ModelRunner
+
+    save_artifact(model, ModelManifest("t", model.arch, LEVELS, {lv: 0.9 for lv in LEVELS}), tmp_path)
+    runner = ModelRunner.load(tmp_path, "cpu")
+    runner.chooser = KernelChooser(table={1: {lv: "dense@1.0" for lv in LEVELS}}, levels=LEVELS)
+    x = _inputs(model, 1, seed=7)
+    out = runner.run(x.numpy(), 0.1)
+    assert out.kernel == "dense@1.0"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out.outputs), model(x, 1.0), rtol=1e-4, atol=1e-4)
