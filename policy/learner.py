@@ -2,7 +2,11 @@
 
 The dispatcher calls :meth:`OnlineLearner.observe` after every batch (O(1),
 thread-safe, no scikit-learn). A daemon thread refits every
-``refit_interval_s`` when new samples arrived — profile rows plus a sliding
+``refit_interval_s`` when new samples arrived (the fit itself runs in a child
+process when started with ``start(process=True)``, as the server does: a refit
+is ~100+ ms of mostly GIL-holding scikit-learn code, and in a thread of the
+server process it would delay the event loop by up to a GIL switch interval
+at every turn while it runs) — profile rows plus a sliding
 window of live samples (by count and age), the live ones weighted
 ``live_weight`` times a profile row so that a change of load shows within a
 refit or two — and swaps ``learner.table`` (one attribute assignment: readers
@@ -13,7 +17,10 @@ see the old or the new table, never a mix). The planner only reads
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -52,6 +59,30 @@ class LearnerConfig:
                              "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10")
 
 
+def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: LatencyModelConfig,
+              levels: tuple[float, ...], max_batch: int,
+              contention_edges: tuple[float, ...]) -> tuple[LatencyModel, LatencyTable]:
+    """Fit the model and lay out its table (pure; runs in the learner's thread or its child process)."""
+    model = LatencyModel(config).fit(rows, weights)
+    return model, model.to_table(levels, max_batch, contention_edges)
+
+
+_CHILD_BASE: list[LatencySample] = []
+
+
+def _child_init(base: list[LatencySample]) -> None:
+    global _CHILD_BASE
+    _CHILD_BASE = base
+
+
+def _child_fit(live: list[LatencySample], live_weight: float, config: LatencyModelConfig,
+               levels: tuple[float, ...], max_batch: int,
+               contention_edges: tuple[float, ...]) -> tuple[LatencyModel, LatencyTable]:
+    """In the child: the profile rows were sent once at start; only the live window travels per refit."""
+    weights = np.concatenate([np.ones(len(_CHILD_BASE)), np.full(len(live), live_weight)])
+    return fit_table(_CHILD_BASE + live, weights, config, levels, max_batch, contention_edges)
+
+
 class OnlineLearner:
     """Profile rows + a live window -> a refit :class:`LatencyModel` -> a published :class:`LatencyTable`."""
 
@@ -79,6 +110,9 @@ class OnlineLearner:
         self._fitted_seen = 0   # value of _seen at the last refit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._use_process = False
+        self._on_spawn: Callable[[int], None] | None = None
         self.refits = 0
         self.model: LatencyModel | None = None
         self.table: LatencyTable = initial_table or LatencyTable.constant(self.levels, max_batch, per_item_ms=1.0,
@@ -117,17 +151,29 @@ class OnlineLearner:
         """Refit and publish synchronously (tests, start-up); returns the new table, or None if too few rows."""
         with self._fit_lock:
             seen = self._seen
-            rows, weights = self.training_set(now_s)
-            if len(rows) < self.config.min_rows:
-                return None
-            t0 = time.perf_counter()
-            model = LatencyModel(self.model_config).fit(rows, weights)
-            table = model.to_table(self.levels, self.max_batch, self.contention_edges)
+            if self._executor is not None:
+                live = self.live_samples(now_s)
+                if len(self._base) + len(live) < self.config.min_rows:
+                    return None
+                t0 = time.perf_counter()
+                model, table = self._executor.submit(
+                    _child_fit, live, self.config.live_weight, self.model_config, self.levels, self.max_batch,
+                    self.contention_edges).result()
+                n_rows = len(self._base) + len(live)
+            else:
+                rows, weights = self.training_set(now_s)
+                if len(rows) < self.config.min_rows:
+                    return None
+                t0 = time.perf_counter()
+                model, table = fit_table(rows, weights, self.model_config, self.levels, self.max_batch,
+                                         self.contention_edges)
+                n_rows = len(rows)
             self.model, self.table = model, table  # publish: readers see the old or the new table, whole
             self._fitted_seen = seen
             self.refits += 1
-            log.debug("latency refit #%d: %d rows (%d live) in %.1f ms", self.refits, len(rows),
-                      len(rows) - len(self._base), (time.perf_counter() - t0) * 1e3)
+            log.debug("latency refit #%d: %d rows (%d live) in %.1f ms%s", self.refits, n_rows,
+                      n_rows - len(self._base), (time.perf_counter() - t0) * 1e3,
+                      " (child process)" if self._executor is not None else "")
         if self.on_table is not None:
             self.on_table(table)
         return table
@@ -137,8 +183,15 @@ class OnlineLearner:
         """Samples observed since the last refit."""
         return self._seen - self._fitted_seen
 
-    def start(self) -> "OnlineLearner":
-        """Refit in a daemon thread every ``refit_interval_s`` when new samples arrived."""
+    def start(self, process: bool = False, on_spawn: Callable[[int], None] | None = None) -> "OnlineLearner":
+        """Refit in a daemon thread every ``refit_interval_s`` when new samples arrived.
+
+        ``process``: the thread hands each fit to a child process (spawned once; the profile rows are
+        sent to it once) and only waits for its answer, so scikit-learn never holds this process's GIL.
+        ``on_spawn(pid)`` is told the child's pid (the contention monitor must not count it: it is us).
+        If the child dies, fits go on in the thread.
+        """
+        self._use_process, self._on_spawn = process, on_spawn
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="latency-learner", daemon=True)
@@ -150,13 +203,34 @@ class OnlineLearner:
         if self._thread is not None:
             self._thread.join(5.0)
         self._thread = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _spawn_child(self) -> None:
+        try:
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init,
+                initargs=(self._base,))
+            pid = self._executor.submit(os.getpid).result(timeout=120)
+        except Exception:  # noqa: BLE001 - fitting in the thread still works
+            log.exception("could not start the latency learner's child process; fitting in a thread")
+            self._executor = None
+            return
+        if self._on_spawn is not None:
+            self._on_spawn(pid)
 
     def _loop(self) -> None:
+        if self._use_process:
+            self._spawn_child()
         while not self._stop.wait(self.config.refit_interval_s):
             if self.pending == 0:
                 continue
             try:
                 self.refit_now()
+            except concurrent.futures.process.BrokenProcessPool:
+                log.error("latency learner's child process died; fitting in the thread from now on")
+                self._executor = None
             except Exception:  # keep serving on the last good table
                 log.exception("latency refit failed; keeping the previous table")
 

@@ -181,7 +181,7 @@ class SlonnServer:
         self.latency = LearnedLatency({
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch, config=LEARNER)
             for name, manifest in self.manifests.items()})
-        self.latency.start()
+        self.latency.start(process=True, on_spawn=self.monitor.add_own_pid)
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
         self.metrics = ServerMetrics()

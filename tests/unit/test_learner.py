@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -133,6 +134,26 @@ def test_background_thread_refits_and_stops():
     with learner:
         assert done.wait(10.0)  # an event, not a timing assertion
     assert learner.refits >= 2 and learner.pending == 0
+
+
+def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
+    done = threading.Event()
+    pids: list[int] = []
+    clock = FakeClock()
+    learner = make(LearnerConfig(refit_interval_s=0.01), clock=clock)
+    learner.on_table = lambda t: done.set()
+    for b in (2, 4, 8):
+        learner.observe(LatencySample(0.5, b, 0.2, 3.0 * true_ms(0.5, b, 0.2)))
+    learner.start(process=True, on_spawn=pids.append)
+    try:
+        assert done.wait(120.0)  # spawning the child imports scikit-learn: an event, not a timing assertion
+    finally:
+        learner.stop()
+    assert pids and pids[0] != os.getpid()
+    child_table = learner.table
+    local = learner.refit_now()  # same rows, fitted here
+    np.testing.assert_allclose(child_table.mean_ms, local.mean_ms, rtol=1e-9)
+    np.testing.assert_allclose(child_table.safe_ms, local.safe_ms, rtol=1e-9)
 
 
 def test_config_errors_name_the_field():
