@@ -174,7 +174,7 @@ class SLOAwarePolicy:
         for i, acc in enumerate(accuracy):
             # The floor caps the batch: a later candidate with a higher floor would exclude this level.
             n = _max_feasible(rows[i], bisect.bisect_right(floors, acc), budgets)
-            if n > best_n or (n == best_n and n and self._better(i, best_i, accuracy_mode, rows, accuracy)):
+            if n > best_n or (n == best_n and n and self._better(i, best_i, n, accuracy_mode, rows, accuracy)):
                 best_n, best_i = n, i
         if best_n == 0:
             # Even one request at the fastest allowed level is late (its class serves late):
@@ -188,10 +188,14 @@ class SLOAwarePolicy:
                     + " level", slack_ms=budgets[best_n - 1] + ctx.overhead_ms, candidates=len(candidates))
 
     @staticmethod
-    def _better(i: int, j: int, accuracy_mode: bool, rows: list[list[float]], accuracy: tuple[float, ...]) -> bool:
-        """At equal batch size: latency mode prefers accuracy, accuracy mode prefers speed."""
-        if accuracy_mode:
-            return rows[i][0] < rows[j][0]
+    def _better(i: int, j: int, n: int, accuracy_mode: bool, rows: list[list[float]],
+                accuracy: tuple[float, ...]) -> bool:
+        """At equal batch size ``n``: latency mode prefers accuracy, accuracy mode prefers speed; ties in
+        accuracy go to the faster level (a model whose levels 1.0..0.1 are equally accurate on held-out
+        data must not run dense for nothing: the time is taken from the requests queued behind)."""
+        faster = rows[i][n - 1] < rows[j][n - 1]
+        if accuracy_mode or accuracy[i] == accuracy[j]:
+            return faster
         return accuracy[i] > accuracy[j]
 
 

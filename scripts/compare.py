@@ -157,17 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(arrivals)} requests over {duration:.1f} s ({arrivals.describe()['mean_rate_per_s']}/s); "
           f"policies {args.policies}; co-runner {window}", file=sys.stderr, flush=True)
 
-    rows, plots = [], []
+    rows, plots, all_runs = [], [], {}
     modes = [m for m, on in (("sim", args.sim), ("live", args.live)) if on]
     for mode in modes:
         runs = run_sim(args, arrivals, window) if mode == "sim" else run_live(args, arrivals, window, deadlines)
         rows += table_rows(mode, runs, duration, classes, window)
         for name, records in runs.items():
             write_csv(records, args.out / f"{mode}-{slug(name)}.csv")
-        plots.append(str(latency_cdf(runs, deadlines, args.out / f"{mode}-latency-cdf.png",
-                                     f"{mode}: latency CDF, {arrivals.describe()['mean_rate_per_s']} req/s")))
-        plots.append(str(timeline(runs, duration, args.out / f"{mode}-timeline.png", window, args.bins,
-                                  f"{mode}: attainment and served level over time")))
+        all_runs[mode] = runs
+    # Plots last: a plotting failure must not lose a run that took minutes (the CSVs are already written).
+    for mode, runs in all_runs.items():
+        try:
+            plots.append(str(latency_cdf(runs, deadlines, args.out / f"{mode}-latency-cdf.png",
+                                         f"{mode}: latency CDF, {arrivals.describe()['mean_rate_per_s']} req/s")))
+            plots.append(str(timeline(runs, duration, args.out / f"{mode}-timeline.png", window, args.bins,
+                                      f"{mode}: attainment and served level over time")))
+        except Exception as exc:  # noqa: BLE001 - report it, keep the table
+            print(f"plots for {mode} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     report = {"load": arrivals.describe(), "policies": args.policies, "modes": modes,
               "corunner_window_s": window, "dense_accuracy": dense,
               "sim": {"simulated_requests_per_s": getattr(args, "sim_rates", None),

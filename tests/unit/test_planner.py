@@ -87,6 +87,16 @@ def test_latency_mode_with_same_floor_picks_most_accurate_level():
     assert (plan.count, plan.level) == (8, 1.0)
 
 
+def test_latency_mode_breaks_accuracy_ties_toward_the_faster_level():
+    # Levels 1.0, 0.5 and 0.25 equally accurate (as on the digits model): no reason to run dense.
+    tied = PlanContext(TABLE, 0, (0.98, 0.98, 0.98, 0.90), 64, 0.0)
+    plan = POLICY.plan(batch(8, slack_ms=1000, mode="latency"), NOW, tied)
+    assert (plan.count, plan.level) == (8, 0.25)
+    # A strictly more accurate level still wins over a faster one.
+    plan = POLICY.plan(batch(8, slack_ms=1000, mode="latency"), NOW, ctx())
+    assert plan.level == 1.0
+
+
 def test_accuracy_mode_uses_the_table_not_the_level_to_judge_speed():
     # A table where level 0.1 is slower than 0.25 (say, kernel overheads): the floor allows both, 0.25 wins.
     safe = np.array([[[5.0] * 8, [4.0] * 8, [1.0] * 8, [2.0] * 8]])
