@@ -155,8 +155,9 @@ class Dispatcher:
                 wake_at = None
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # not wait_for: no task per turn of the loop
+                    await self._wakeup.wait()
+            except TimeoutError:
                 pass
             self._wakeup.clear()
 
