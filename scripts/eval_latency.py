@@ -100,6 +100,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
         if sel.any():
             name = f"({bounds[k]:g}, {bounds[k + 1]:g}]"
             per_bucket[name] = _scores(mean[sel], safe[sel], table_safe[sel], actual[sel])
+    oracle = cell_median_oracle(rows, dicts, train, test)
     return {"train_rows": len(train), "test_rows": len(test),
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
             f"random {test_fraction:.0%} per intensity (seed {seed})",
@@ -107,7 +108,27 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             "per_contention_bucket": per_bucket,
             "targets": {"mape_pct": MAPE_TARGET_PCT, "exceed_safe_rate": EXCEED_TARGET},
             "meets_targets": overall["mape_pct"] <= MAPE_TARGET_PCT and overall["exceed_safe_rate"] <= EXCEED_TARGET,
+            "noise_floor": oracle,
             "model": model.describe()}
+
+
+def cell_median_oracle(rows, dicts, train: list[int], test: list[int]) -> dict:
+    """MAPE of an oracle that predicts each held-out row by the median of the training rows measured in
+    exactly its cell (level, batch size, co-runner setting): what repeated measurement of the same
+    thing scatters by. A model that only sees the contention signal cannot expect to beat it by much;
+    when it is above the MAPE target, the target is below this machine's measurement noise."""
+    cells: dict[tuple, list[float]] = {}
+    for i in train:
+        cells.setdefault((rows[i].level, rows[i].batch_size, dicts[i].get("burn", "?")), []).append(rows[i].exec_ms)
+    errors: dict[str, list[float]] = {}
+    for i in test:
+        ms = cells.get((rows[i].level, rows[i].batch_size, dicts[i].get("burn", "?")))
+        if ms:
+            errors.setdefault(dicts[i].get("burn", "?"), []).append(abs(np.median(ms) - rows[i].exec_ms) / rows[i].exec_ms)
+    every = [e for errs in errors.values() for e in errs]
+    return {"mape_pct": round(100 * float(np.mean(every)), 2) if every else None,
+            "per_intensity": {k: round(100 * float(np.mean(v)), 2)
+                              for k, v in sorted(errors.items(), key=lambda kv: _burn_order(kv[0]))}}
 
 
 def online_adaptation(rows, dicts, base_burn: str, live_burn: str, steps=(0, 10, 25, 50, 100, 200),

@@ -1,0 +1,37 @@
+"""The eval's noise-floor oracle: the scatter of repeated measurements of one cell."""
+
+from __future__ import annotations
+
+import pytest
+
+from policy.latency_model import LatencySample
+from scripts.eval_latency import cell_median_oracle
+
+
+def _rows(values_by_cell):
+    rows, dicts = [], []
+    for (level, batch, burn), values in values_by_cell.items():
+        for v in values:
+            rows.append(LatencySample(level, batch, 0.0, v))
+            dicts.append({"burn": burn})
+    return rows, dicts
+
+
+def test_constant_cells_have_no_noise():
+    rows, dicts = _rows({(0.1, 1, "0x1"): [2.0] * 4, (1.0, 8, "1x1"): [9.0] * 4})
+    out = cell_median_oracle(rows, dicts, train=[0, 1, 2, 4, 5, 6], test=[3, 7])
+    assert out["mape_pct"] == 0.0
+    assert out["per_intensity"] == {"0x1": 0.0, "1x1": 0.0}
+
+
+def test_scatter_within_a_cell_is_the_floor():
+    # Training median 10; held-out 8 and 12.5: errors 25% and 20%.
+    rows, dicts = _rows({(0.1, 1, "2x1"): [9.0, 10.0, 11.0, 8.0, 12.5]})
+    out = cell_median_oracle(rows, dicts, train=[0, 1, 2], test=[3, 4])
+    assert out["mape_pct"] == pytest.approx(22.5)
+
+
+def test_held_out_rows_of_unmeasured_cells_are_skipped():
+    rows, dicts = _rows({(0.1, 1, "0x1"): [1.0, 1.0], (0.5, 2, "0x1"): [3.0]})
+    out = cell_median_oracle(rows, dicts, train=[0], test=[1, 2])
+    assert out["mape_pct"] == 0.0
