@@ -31,6 +31,8 @@ GIVE_UP_FACTOR = 1.5
 DROP_FACTOR = 2.0
 """Stop timing a kernel at larger batch sizes of a level once it was this many times slower than dense:
 its costs grow with the batch faster than dense's, so it does not come back (keeps start-up short)."""
+SPARSE_MARGIN = 0.1
+"""A sparse kernel is chosen over the best dense option only when measured at least this much faster."""
 CELL_BUDGET_MS = 30.0
 """After this much timed work on one kernel in one cell (and at least 2 calls), its median is good enough."""
 
@@ -103,24 +105,36 @@ def split_choice(choice: str, level: float) -> tuple[str, float]:
     return kernel, (float(run_level) if sep else level)
 
 
-def promote(chooser: KernelChooser, accuracy: dict[float, float]) -> None:
-    """Where a level's fastest kernel is slower than some kernel of a level at least as accurate, run that.
+def promote(chooser: KernelChooser, accuracy: dict[float, float] | None = None,
+            margin: float = SPARSE_MARGIN) -> None:
+    """Fill ``chooser.table`` from its timings: per (batch size, level) the fastest option, where options
+    are every kernel of the level and, given ``accuracy``, every kernel of a level at least as accurate.
 
     Masking costs something (top-k per layer): at large batches, where no sparse kernel beats dense,
     level 0.5's best kernel (dense matmul plus the mask) is slower than the plain dense model at 1.0,
     which is at least as accurate. Serving that level with ``dense@1.0`` keeps the promise (accuracy
     at least the level's, latency no worse than dense) and the response's ``kernel`` says what ran.
+
+    A sparse kernel must beat the best dense option by ``margin`` (a fraction) to be chosen: start-up
+    timings are a few calls on a shared machine, and a wrong sparse pick can cost far more than the
+    margin (gather at a large batch), while dense is never worse than dense.
     """
+    accuracy = accuracy or {}
     for b, row in chooser.timings_ms.items():
-        best = {lv: min(cell.items(), key=lambda kv: kv[1]) for lv, cell in row.items() if cell}
-        for level in row:
-            if level not in best or level not in accuracy:
+        for level, cell in row.items():
+            options = {k: ms for k, ms in cell.items()}
+            for other, other_cell in row.items():
+                if other > level and level in accuracy and accuracy.get(other, -1.0) >= accuracy[level]:
+                    options.update({f"{k}@{other!r}": ms for k, ms in other_cell.items()})
+            if not options:
                 continue
-            kernel, ms = best[level]
-            for other, (k2, ms2) in best.items():
-                if other > level and accuracy.get(other, -1.0) >= accuracy[level] and ms2 < ms:
-                    kernel, ms = f"{k2}@{other!r}", ms2
-            chooser.table[b][level] = kernel
+            best = min(options, key=options.get)
+            dense = [k for k in options if split_choice(k, level)[0] == "dense"]
+            if dense and split_choice(best, level)[0] != "dense":
+                best_dense = min(dense, key=options.get)
+                if options[best] > (1.0 - margin) * options[best_dense]:
+                    best = best_dense
+            chooser.table[b][level] = best
 
 
 def synthetic_inputs(sparse: "SparseMLP", n: int, seed: int = 0) -> torch.Tensor:
@@ -190,12 +204,11 @@ def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats:
                 best = min(cell.values(), default=float("inf"))
                 cell[kernel] = time_kernel(sparse, kernel, level, batches, GIVE_UP_FACTOR * best)
             chooser.timings_ms[b][level] = cell
-            chooser.table[b][level] = min(cell, key=cell.get)
             if "dense" in cell:
                 dropped[level] |= {k for k, ms in cell.items() if ms > DROP_FACTOR * cell["dense"]}
-    if accuracy:
-        promote(chooser, {float(lv): float(a) for lv, a in accuracy.items()})
-        chooser.meta["promoted"] = True
+    promote(chooser, {float(lv): float(a) for lv, a in (accuracy or {}).items()})
+    chooser.meta["promoted"] = bool(accuracy)
+    chooser.meta["sparse_margin"] = SPARSE_MARGIN
     return chooser
 
 
