@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: Latenc
     return model, model.to_table(levels, max_batch, contention_edges)
 
 
+CHILD_START_TIMEOUT_S = 120.0
+"""Spawning the child imports scikit-learn: generous on a loaded machine."""
+CHILD_FIT_TIMEOUT_S = 60.0
+"""A fit takes well under a second; a child this late is hung and gets replaced by the thread."""
 _CHILD_BASE: list[LatencySample] = []
 
 
@@ -118,7 +123,9 @@ class OnlineLearner:
         self._thread: threading.Thread | None = None
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._use_process = False
+        self._child_pid: int | None = None
         self._on_spawn: Callable[[int], None] | None = None
+        self._on_exit: Callable[[int], None] | None = None
         self.refits = 0
         self.model: LatencyModel | None = None
         self.table: LatencyTable = initial_table or LatencyTable.constant(self.levels, max_batch, per_item_ms=1.0,
@@ -164,7 +171,7 @@ class OnlineLearner:
                 t0 = time.perf_counter()
                 model, table = self._executor.submit(
                     _child_fit, live, self.config.live_weight, self.model_config, self.levels, self.max_batch,
-                    self.contention_edges).result()
+                    self.contention_edges).result(timeout=CHILD_FIT_TIMEOUT_S)
                 n_rows = len(self._base) + len(live)
             else:
                 rows, weights = self.training_set(now_s)
@@ -189,42 +196,59 @@ class OnlineLearner:
         """Samples observed since the last refit."""
         return self._seen - self._fitted_seen
 
-    def start(self, process: bool = False, on_spawn: Callable[[int], None] | None = None) -> "OnlineLearner":
+    def start(self, process: bool = False, on_spawn: Callable[[int], None] | None = None,
+              on_exit: Callable[[int], None] | None = None) -> "OnlineLearner":
         """Refit in a daemon thread every ``refit_interval_s`` when new samples arrived.
 
         ``process``: the thread hands each fit to a child process (spawned once; the profile rows are
         sent to it once) and only waits for its answer, so scikit-learn never holds this process's GIL.
-        ``on_spawn(pid)`` is told the child's pid (the contention monitor must not count it: it is us).
-        If the child dies, fits go on in the thread.
+        ``on_spawn(pid)`` is told the child's pid (the contention monitor must not count it: it is us),
+        ``on_exit(pid)`` when it is gone. If the child dies or hangs, fits go on in the thread.
         """
-        self._use_process, self._on_spawn = process, on_spawn
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="latency-learner", daemon=True)
-            self._thread.start()
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._use_process, self._on_spawn, self._on_exit = process, on_spawn, on_exit
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="latency-learner", daemon=True)
+        self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
+            if self._thread.is_alive():
+                log.warning("latency learner thread still busy after 5 s; leaving it (daemon)")
         self._thread = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self._drop_child()
+
+    def _drop_child(self) -> None:
+        """Shut the child down (killing it if it hangs) and forget its pid; fits go on in the thread."""
+        executor, pid = self._executor, self._child_pid
+        self._executor, self._child_pid = None, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
+            if self._on_exit is not None:
+                self._on_exit(pid)
 
     def _spawn_child(self) -> None:
         try:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init,
                 initargs=(self._base,))
-            pid = self._executor.submit(os.getpid).result(timeout=120)
+            self._child_pid = self._executor.submit(os.getpid).result(timeout=CHILD_START_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - fitting in the thread still works
-            log.exception("could not start the latency learner's child process; fitting in a thread")
-            self._executor = None
+            if not self._stop.is_set():
+                log.exception("could not start the latency learner's child process; fitting in a thread")
+            self._drop_child()
             return
         if self._on_spawn is not None:
-            self._on_spawn(pid)
+            self._on_spawn(self._child_pid)
 
     def _loop(self) -> None:
         if self._use_process:
@@ -234,9 +258,10 @@ class OnlineLearner:
                 continue
             try:
                 self.refit_now()
-            except concurrent.futures.process.BrokenProcessPool:
-                log.error("latency learner's child process died; fitting in the thread from now on")
-                self._executor = None
+            except (concurrent.futures.process.BrokenProcessPool, TimeoutError) as exc:
+                log.error("latency learner's child process %s; fitting in the thread from now on",
+                          "hangs" if isinstance(exc, TimeoutError) else "died")
+                self._drop_child()
             except Exception:  # keep serving on the last good table
                 log.exception("latency refit failed; keeping the previous table")
 

@@ -54,6 +54,8 @@ class Scheduler:
         }
         self._best_accuracy = {m: max(acc) for m, acc in models.items()}
         self._all_queues = [q for qs in self._queues.values() for q in qs.values()]
+        self._mixed_late = False
+        """Some request of a late-serving class must not be served late (see make_request's ``hard``)."""
 
     # -- admission -------------------------------------------------------
 
@@ -77,6 +79,8 @@ class Scheduler:
                 f"level accuracy {self._best_accuracy[model]:.4f}")
         latency_ms = cls.latency_ms if not budget_ms else min(cls.latency_ms, budget_ms)
         on_late = "reject" if hard and budget_ms and budget_ms <= cls.latency_ms else cls.on_late
+        if on_late != cls.on_late:
+            self._mixed_late = True  # from now on, schedule() checks such requests behind late heads
         pending = Pending(next(self._seq), arrival_s, arrival_s + latency_ms * 1e-3, cls.min_accuracy,
                           cls.priority, cls.mode, on_late)
         return QueuedRequest(pending, model, slo_class, inputs, handle)
@@ -149,6 +153,13 @@ class Scheduler:
         ctx = contexts[model]
         queues = list(self._queues[model].values())
         candidates = pop_merged(queues, ctx.max_batch)
+        while self._mixed_late:
+            candidates = self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)
+            if candidates or not self.pending(model):
+                break
+            candidates = pop_merged(queues, ctx.max_batch)  # every candidate was dropped: the next ones
+        if not candidates:
+            return out
         decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
         if isinstance(decision, Wait):
             self._requeue(candidates)
@@ -164,6 +175,20 @@ class Scheduler:
                       decision.count, decision.candidates, decision.level, decision.predicted_ms,
                       decision.slack_ms, decision.reason)
         return out
+
+    def _drop_hopeless_hard(self, candidates: list[QueuedRequest], now_s: float, ctx: PlanContext,
+                            expired: list[QueuedRequest]) -> list[QueuedRequest]:
+        """Requests of a late-serving class that must not be served late (their caller's deadline binds)
+        can sit behind a late head that ``expire`` stops at: catch the hopeless ones before they are
+        planned into a late batch nobody reads."""
+        keep = []
+        for r in candidates:
+            if r.pending.on_late == "reject" and self.classes[r.slo_class].on_late != "reject" \
+                    and self.policy.is_hopeless(r.pending, now_s, ctx):
+                expired.append(r)
+            else:
+                keep.append(r)
+        return keep
 
     def update_from_output(self, batch: Batch, exec_ms: float, finished_s: float) -> None:
         """Feedback after a batch ran (stateful policies adapt)."""

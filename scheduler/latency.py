@@ -57,10 +57,11 @@ class LearnedLatency:
     def observe(self, model: str, sample: LatencySample) -> None:
         self.learners[model].observe(sample)
 
-    def start(self, process: bool = True, on_spawn: Callable[[int], None] | None = None) -> None:
+    def start(self, process: bool = True, on_spawn: Callable[[int], None] | None = None,
+              on_exit: Callable[[int], None] | None = None) -> None:
         """Start every learner's refit thread; ``process``: fits run in a child process (off the GIL)."""
         for learner in self.learners.values():
-            learner.start(process=process, on_spawn=on_spawn)
+            learner.start(process=process, on_spawn=on_spawn, on_exit=on_exit)
 
     def stop(self) -> None:
         for learner in self.learners.values():

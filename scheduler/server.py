@@ -59,6 +59,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not budget >= 0 or budget == float("inf"):
             raise InvalidArgument(f"latency_budget_ms: got {budget}, expected a finite value >= 0 (0 = class default)")
         hard = False
+        if time_remaining_s is not None and time_remaining_s <= 0.005:
+            # We answer 5 ms before the caller's deadline: with less left, queueing it would only make
+            # work nobody reads (a request already in a batch cannot be taken back).
+            raise DeadlineUnreachable(f"the call's gRPC deadline leaves {time_remaining_s * 1e3:.1f} ms; "
+                                      "not admitted")
         if time_remaining_s is not None:
             # The call's gRPC deadline tightens the class deadline too (time spent reaching us included).
             grpc_ms = max(time_remaining_s * 1e3, 0.0)
@@ -181,7 +186,7 @@ class SlonnServer:
         self.latency = LearnedLatency({
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch, config=LEARNER)
             for name, manifest in self.manifests.items()})
-        self.latency.start(process=True, on_spawn=self.monitor.add_own_pid)
+        self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
         self.metrics = ServerMetrics()
@@ -258,6 +263,6 @@ class SlonnServer:
             await asyncio.sleep(0.1)
         await self.grpc.stop(grace=1.0)
         await self.pool.close()
-        self.latency.stop()
+        await asyncio.to_thread(self.latency.stop)  # joins the learner threads: off the loop
         self.monitor.stop()
         return unanswered

@@ -110,7 +110,8 @@ def outcome(r: RequestRecord) -> str:
         return "ok"
     if r.status in ("UNANSWERED", "CLIENT_TIMEOUT"):
         return "unanswered"
-    if r.status == "RESOURCE_EXHAUSTED" or (r.status == "DEADLINE_EXCEEDED" and "cannot be met for" in r.detail):
+    if r.status == "RESOURCE_EXHAUSTED" or (r.status == "DEADLINE_EXCEEDED" and (
+            "cannot be met for" in r.detail or "not admitted" in r.detail)):
         return "rejected"
     if r.status == "DEADLINE_EXCEEDED":
         return "grpc_deadline" if r.detail == "Deadline Exceeded" else "expired"
@@ -125,7 +126,7 @@ def _pcts(values: list[float]) -> dict:
 
 def tally(records: list[RequestRecord], duration_s: float) -> dict:
     outcomes = Counter(outcome(r) for r in records)
-    statuses = Counter(r.status for r in records if r.status != "OK")
+    statuses = Counter(r.status for r in records if outcome(r) not in ("ok", "unanswered"))
     ok = [r for r in records if r.status == "OK"]
     rejects = [r.latency_ms for r in records if outcome(r) == "rejected"]
     return {

@@ -308,3 +308,15 @@ def test_fake_clock_moves_only_forward():
         clock.advance(-1)
     with pytest.raises(ValueError):
         clock.set(1.0)
+
+
+def test_hard_requests_behind_a_late_head_of_a_serve_class_are_expired_not_batched():
+    sched, ctxs, clock = make()
+    late_head = submit(sched, ctxs, clock, "batch", budget_ms=0.05)  # soft: served late
+    hard = sched.make_request("m", "batch", clock.now(), budget_ms=0.5, hard=True)
+    sched.add_request(hard, clock.now(), ctxs["m"])
+    clock.advance(0.002)  # both past their deadlines
+    out = sched.schedule(clock.now(), ctxs)
+    assert [r is hard for r in out.expired] == [True]
+    assert out.batch is not None and out.batch.requests == [late_head] and out.batch.plan.late
+    assert sched.pending() == 0

@@ -144,12 +144,14 @@ def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
     learner.on_table = lambda t: done.set()
     for b in (2, 4, 8):
         learner.observe(LatencySample(0.5, b, 0.2, 3.0 * true_ms(0.5, b, 0.2)))
-    learner.start(process=True, on_spawn=pids.append)
+    gone: list[int] = []
+    learner.start(process=True, on_spawn=pids.append, on_exit=gone.append)
     try:
         assert done.wait(120.0)  # spawning the child imports scikit-learn: an event, not a timing assertion
     finally:
         learner.stop()
     assert pids and pids[0] != os.getpid()
+    assert gone == pids  # stop() ends the child and says so (the contention monitor forgets its pid)
     child_table = learner.table
     local = learner.refit_now()  # same rows, fitted here
     np.testing.assert_allclose(child_table.mean_ms, local.mean_ms, rtol=1e-9)
