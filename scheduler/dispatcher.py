@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 OVERHEAD_WINDOW = 256
 """Recent batches whose overhead (done - planned - exec) sets the planner's overhead allowance."""
+OVERHEAD_STALE_S = 1.0
+"""Without a finished batch for this long, a raised overhead allowance is halved (see _forget_stale_overhead)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Dispatcher:
         """Current overhead: the 95th percentile of measured (batch done - planned - exec), at least the floor."""
         self._overheads: collections.deque[float] = collections.deque(maxlen=OVERHEAD_WINDOW)
         self._batches_done = 0
+        self._last_batch_s = clock.now()
+        self._refused_since_batch = False
+        """Admission refused a request as out of reach since the last finished batch."""
         self.max_inflight = max_inflight
         self.contention = contention
         self.on_batch = on_batch
@@ -105,6 +110,7 @@ class Dispatcher:
     # -- admission ----------------------------------------------------------
 
     def contexts(self) -> dict[str, PlanContext]:
+        self._forget_stale_overhead()
         contention = self.contention()
         out = {}
         for model, acc in self.accuracy.items():
@@ -130,6 +136,8 @@ class Dispatcher:
             self.scheduler.add_request(req, now, self.contexts()[model])
         except RequestError as exc:
             self.metrics.answers.labels(model, slo_class, exc.code.name).inc()
+            if isinstance(exc, DeadlineUnreachable):
+                self._refused_since_batch = True
             raise
         self.inflight += 1
         self._wakeup.set()
@@ -234,10 +242,30 @@ class Dispatcher:
         if self.on_batch:
             self.on_batch(batch, result.exec_ms, contention)
 
+    def _forget_stale_overhead(self) -> None:
+        """Halve a raised overhead allowance for every OVERHEAD_STALE_S without a finished batch while
+        admission is refusing requests as out of reach.
+
+        The allowance is learned only from batches that ran. If a burst of contention raises it far
+        enough, admission turns every request away, no batch runs, and it would never come down again:
+        the server would refuse everything after the contention is gone, or, as measured with
+        `slonn adapt`, serve nothing for the whole co-runner window. Without evidence it decays, so a
+        few requests get through and measure the machine again.
+        """
+        if self.overhead_ms <= self.min_overhead_ms or not self._refused_since_batch:
+            return  # an idle server keeps what it learned: the next burst meets the same machine
+        now = self.clock.now()
+        if now - self._last_batch_s > OVERHEAD_STALE_S:
+            self.overhead_ms = max(self.min_overhead_ms, self.overhead_ms / 2)
+            self._overheads.clear()  # the next estimate comes from batches run from here on
+            self._last_batch_s = now
+
     def _observe_overhead(self, ms: float) -> None:
         """Learn what a batch costs beyond exec (IPC, event-loop delay): the planner must budget for it."""
         self._overheads.append(ms)
         self._batches_done += 1
+        self._last_batch_s = self.clock.now()
+        self._refused_since_batch = False
         if self._batches_done % 16 == 0:
             self.overhead_ms = max(self.min_overhead_ms, float(np.percentile(self._overheads, 95)))
 

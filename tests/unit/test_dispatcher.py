@@ -205,3 +205,29 @@ async def test_every_request_gets_exactly_one_answer_under_random_faults():
     for i, r in enumerate(results):
         if type(r).__name__ == "Completion":
             assert r.output[0] == i
+
+
+async def test_a_raised_overhead_allowance_decays_without_batches_so_admission_reopens():
+    # Contention raised the learned overhead so far that every "tight" request (10 ms) is refused at
+    # admission; with no batch running, nothing would ever lower it again.
+    clock = FakeClock(100.0)
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool, clock)
+    d.overhead_ms = 12.0
+    clock.advance(1.5)
+    d.contexts()
+    assert d.overhead_ms == 12.0  # idle, refusing nobody: keeps what it learned
+    with pytest.raises(DeadlineUnreachable):
+        await d.infer("m", "tight", x(0))
+    clock.advance(0.5)
+    d.contexts()
+    assert d.overhead_ms == 12.0  # not stale yet
+    clock.advance(0.6)
+    d.contexts()
+    assert d.overhead_ms == 6.0
+    clock.advance(1.1)
+    task = asyncio.create_task(d.infer("m", "tight", x(1)))  # 3 ms + 1.1 ms fits in 10 ms: admitted, run
+    await until(lambda: len(pool.submitted) == 1, "admitted and running")
+    assert d.overhead_ms == 3.0
+    pool.finish(0)
+    assert (await task).output.shape == (pool.out_features,)
