@@ -136,8 +136,9 @@ class Dispatcher:
             self.scheduler.add_request(req, now, self.contexts()[model])
         except RequestError as exc:
             self.metrics.answers.labels(model, slo_class, exc.code.name).inc()
-            if isinstance(exc, DeadlineUnreachable):
+            if isinstance(exc, DeadlineUnreachable) and not self._refused_since_batch:
                 self._refused_since_batch = True
+                self._last_batch_s = max(self._last_batch_s, now)  # staleness counts from the first refusal
             raise
         self.inflight += 1
         self._wakeup.set()
