@@ -47,6 +47,15 @@ async def outcome(coro) -> str:
     return "OK"
 
 
+async def settled(server: SlonnServer) -> None:
+    """Wait (bounded) until nothing is queued or in flight, then assert it."""
+    for _ in range(2000):
+        if server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0
+
+
 async def start(model_dir: Path, workers: int = 2) -> SlonnServer:
     cfg = ServerConfig(model_dirs=(model_dir,), classes=CLASSES, host="127.0.0.1", port=0, workers=workers,
                        max_batch=16, grace_s=5.0)
@@ -98,11 +107,7 @@ async def test_short_grpc_deadlines_on_a_late_serving_class_end_the_calls_and_le
     statuses = Counter(await asyncio.gather(*calls))
     assert sum(statuses.values()) == 300
     assert set(statuses) <= {"OK", "DEADLINE_EXCEEDED"}, statuses
-    for _ in range(2000):
-        if server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0:
-            break
-        await asyncio.sleep(0.005)
-    assert server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0
+    await settled(server)
     assert await outcome(client.infer(MODEL, "roomy", x(5), timeout_s=60)) == "OK"
 
 
@@ -128,11 +133,7 @@ async def test_a_stream_closed_early_leaves_nothing_behind(server, client):
     assert first.WhichOneof("result") in ("response", "error")
     call.cancel()
     # The server cancels the stream's pending requests; nothing stays queued or in flight.
-    for _ in range(2000):
-        if server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0:
-            break
-        await asyncio.sleep(0.005)
-    assert server.dispatcher.inflight == 0 and server.dispatcher.scheduler.pending() == 0
+    await settled(server)
     assert await outcome(client.infer(MODEL, "roomy", x(1), timeout_s=60)) == "OK"
 
 
