@@ -20,6 +20,9 @@ from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
 
 log = logging.getLogger(__name__)
 
+MAX_ATTEMPTS = 2
+"""Runs a request gets when workers die under it: the first and one retry."""
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -189,6 +192,24 @@ class Scheduler:
             else:
                 keep.append(r)
         return keep
+
+    def retry(self, requests: list[QueuedRequest]) -> list[QueuedRequest]:
+        """Requests of a batch whose worker died go back to their queues for one more run.
+
+        Back in the queue they are ordinary requests again: EDF puts them ahead of later deadlines, and
+        one that can no longer make its deadline is expired (class ``on_late='reject'``) or served late,
+        like any other. Queue limits do not apply: they were admitted once. Returns the requests that
+        already had their retry; the caller answers them UNAVAILABLE.
+        """
+        spent = []
+        for r in requests:
+            r.attempts += 1
+            if r.attempts >= MAX_ATTEMPTS:
+                spent.append(r)
+            else:
+                r.late = False
+                self._queues[r.model][r.slo_class].push(r)  # a caller who left is skipped by push
+        return spent
 
     def update_from_output(self, batch: Batch, exec_ms: float, finished_s: float) -> None:
         """Feedback after a batch ran (stateful policies adapt)."""

@@ -127,6 +127,8 @@ class Dispatcher:
         """
         if not self._accepting:
             raise Unavailable("server is shutting down; not admitting requests")
+        if self.pool.broken():
+            raise Unavailable("no worker is running and none could be started; see the server log")
         if self.inflight >= self.max_inflight:
             raise QueueFull(f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})")
         now = self.clock.now()
@@ -177,9 +179,15 @@ class Dispatcher:
             now = self.clock.now()
             contexts = self.contexts()
             if self.pool.idle_count() == 0:
+                if self.pool.broken():
+                    for req in self.scheduler.drain():
+                        self._fail(req, Unavailable("no worker is running and none could be started"))
+                    break
                 # No worker: still answer early whoever can no longer make it.
                 self._expire(self.scheduler.expire(now, contexts), now)
-                wake_at = self.scheduler.next_expiry_s(contexts)
+                expiry = self.scheduler.next_expiry_s(contexts)
+                # Look again within a second anyway: workers dying while starting send no event here.
+                wake_at = now + 1.0 if expiry is None else min(expiry, now + 1.0)
                 break
             out = self.scheduler.schedule(now, contexts)
             self._expire(out.expired, now)
@@ -211,7 +219,8 @@ class Dispatcher:
             exc = future.exception()
             error = None
             if isinstance(exc, WorkerDied):
-                error = Unavailable(f"worker failed: {exc}")
+                self._retry(batch, exc)
+                return
             elif isinstance(exc, TaskFailed):
                 error = RequestError(f"model failed: {exc}")
             elif exc is not None:
@@ -242,6 +251,20 @@ class Dispatcher:
                                                         result.exec_ms, result.kernel))
         if self.on_batch:
             self.on_batch(batch, result.exec_ms, contention)
+
+    def _retry(self, batch: Batch, exc: WorkerDied) -> None:
+        """The batch's worker died: its requests are queued again, by deadline, for one more run.
+
+        Not retried blindly as a batch: by the time a worker is free the deadlines have moved, and the
+        scheduler decides again (a request that can no longer make it is answered DEADLINE_EXCEEDED at
+        once instead of waiting for a replacement worker). A second death answers UNAVAILABLE.
+        """
+        live = [r for r in batch.requests if not r.handle.done()]
+        spent = self.scheduler.retry(live)
+        log.warning("batch of %d (%s, level %g): %s; %d request(s) queued again, %d failed twice",
+                    len(batch.requests), batch.model, batch.plan.level, exc, len(live) - len(spent), len(spent))
+        for req in spent:
+            self._fail(req, Unavailable(f"worker failed twice under this request: {exc}"))
 
     def _forget_stale_overhead(self) -> None:
         """Halve a raised overhead allowance for every OVERHEAD_STALE_S without a finished batch while

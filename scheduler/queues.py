@@ -11,7 +11,7 @@ from policy.planner import Pending
 class QueuedRequest:
     """A request waiting for a batch: the planner's view plus what the caller needs back."""
 
-    __slots__ = ("pending", "model", "slo_class", "inputs", "handle", "cancelled", "late", "queued")
+    __slots__ = ("pending", "model", "slo_class", "inputs", "handle", "cancelled", "late", "queued", "attempts")
 
     def __init__(self, pending: Pending, model: str, slo_class: str, inputs: Any, handle: Any = None) -> None:
         self.pending = pending
@@ -25,6 +25,8 @@ class QueuedRequest:
         self.late = False
         self.queued = False
         """In a queue right now (False once popped into a batch)."""
+        self.attempts = 0
+        """Batches it was in whose worker died (see Scheduler.retry)."""
 
     def __repr__(self) -> str:
         p = self.pending

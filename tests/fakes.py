@@ -24,12 +24,13 @@ class FakeWorkerPool(WorkerPool):
         self.manifests = {}
         self.submitted: list[tuple[BatchTask, asyncio.Future]] = []
         self._busy = 0
+        self.is_broken = False
 
     async def start(self) -> None:
         pass
 
     def idle_count(self) -> int:
-        return self.workers - self._busy
+        return 0 if self.is_broken else self.workers - self._busy
 
     def submit(self, task: BatchTask) -> asyncio.Future:
         if self._busy >= self.workers:
@@ -39,6 +40,9 @@ class FakeWorkerPool(WorkerPool):
         future.add_done_callback(self._release)
         self.submitted.append((task, future))
         return future
+
+    def broken(self) -> bool:
+        return self.is_broken and self._busy == 0
 
     def _release(self, _future: asyncio.Future) -> None:
         self._busy -= 1

@@ -2,8 +2,9 @@
 
 The pool runs one BatchTask per worker at a time. A worker that dies
 mid-batch (crash, SIGKILL, OOM) is noticed at once through its process
-sentinel, replaced, and its batch retried once on a live worker; a second
-failure raises :class:`WorkerDied`.
+sentinel and replaced; the batch's future raises :class:`WorkerDied`, and the
+dispatcher queues its requests again (retry once, by deadline: see
+``Scheduler.retry``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class WorkerDied(Exception):
-    """The batch's worker died and the one retry failed too."""
+    """The batch's worker died (or hung past the task timeout and was killed)."""
 
 
 class TaskFailed(Exception):
@@ -53,6 +54,10 @@ class WorkerPool(ABC):
         once per idle worker without awaiting. The future raises TaskFailed
         or WorkerDied.
         """
+
+    def broken(self) -> bool:
+        """No worker is left and none can be started: nothing queued will ever run."""
+        return False
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -127,7 +132,6 @@ class ProcessPool(WorkerPool):
         self._ctx = mp.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
-        self._idle_changed = asyncio.Event()
         self._closing = False
         self._ids = itertools.count()
         self.max_start_failures = 5
@@ -203,7 +207,6 @@ class ProcessPool(WorkerPool):
             # A worker that cannot even start (bad artifact, OOM at load) would be respawned forever.
             log.error("%d workers in a row died while starting; not starting more", self._start_failures)
             self._broken = True
-            self._idle_changed.set()
             return
         self._spawn()
 
@@ -211,7 +214,6 @@ class ProcessPool(WorkerPool):
         w.future = None
         if w.alive:
             self._idle.append(w)
-            self._idle_changed.set()
 
     def idle_count(self) -> int:
         return len(self._idle)
@@ -220,32 +222,13 @@ class ProcessPool(WorkerPool):
         """Process ids of the live workers (for monitoring and fault-injection tests)."""
         return [w.process.pid for w in self._workers.values() if w.alive]
 
-    async def _acquire(self) -> _Worker:
-        while not self._idle:
-            if self._closing or self._broken:
-                raise WorkerDied("pool is closing" if self._closing else "no worker could be started")
-            self._idle_changed.clear()
-            await self._idle_changed.wait()
-        return self._idle.pop()
+    def broken(self) -> bool:
+        return self._broken and not self._workers
 
     def submit(self, task: BatchTask) -> "asyncio.Future[BatchResult]":
         if not self._idle:
             raise RuntimeError("submit() with no idle worker")
-        first = self._send(self._idle.pop(), task)
-        return asyncio.ensure_future(self._run(task, first))
-
-    async def _run(self, task: BatchTask, first_try: "asyncio.Future") -> BatchResult:
-        try:
-            return await first_try
-        except WorkerDied as first:
-            log.warning("task %d: %s; retrying once on a live worker", task.task_id, first)
-            try:
-                return await asyncio.wait_for(self._run_once(task), self.start_timeout_s + self.task_timeout_s)
-            except (WorkerDied, asyncio.TimeoutError) as second:
-                raise WorkerDied(f"batch failed on two workers: {first}; then {second}") from None
-
-    async def _run_once(self, task: BatchTask) -> BatchResult:
-        return await self._send(await self._acquire(), task)
+        return self._send(self._idle.pop(), task)
 
     def _send(self, w: _Worker, task: BatchTask) -> "asyncio.Future[BatchResult]":
         w.future = self._loop.create_future()
@@ -274,7 +257,6 @@ class ProcessPool(WorkerPool):
 
     async def close(self) -> None:
         self._closing = True
-        self._idle_changed.set()
         for w in list(self._workers.values()):
             try:
                 w.conn.send(Shutdown())

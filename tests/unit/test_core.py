@@ -236,6 +236,32 @@ def test_cancel_after_the_request_is_in_a_batch_is_a_no_op():
     assert sched.schedule(clock.now(), ctxs).batch.requests == [b]
 
 
+def test_retry_requeues_a_dead_workers_batch_once_ahead_of_later_deadlines_and_past_queue_limits():
+    sched, ctxs, clock = make()
+    first = [submit(sched, ctxs, clock, "interactive") for _ in range(3)]
+    batch = sched.schedule(clock.now(), ctxs).batch
+    assert batch.requests == first
+    clock.advance(0.002)
+    later = [submit(sched, ctxs, clock, "interactive") for _ in range(4)]  # the class queue is full (4)
+    sched.cancel(first[1])  # its caller left while the batch ran: not run again
+    assert sched.retry(batch.requests) == []
+    assert sched.pending() == 6
+    again = sched.schedule(clock.now(), ctxs).batch
+    assert again.requests[:2] == [first[0], first[2]] and again.requests[2:] == later
+    assert sched.retry(again.requests) == [first[0], first[2]]  # their one retry is spent
+    assert sched.pending() == 4
+
+
+def test_a_retried_request_that_turned_hopeless_is_expired():
+    sched, ctxs, clock = make()
+    req = submit(sched, ctxs, clock, "standard")
+    batch = sched.schedule(clock.now(), ctxs).batch
+    clock.advance(0.01995)  # 0.05 ms left: less than the fastest level's 0.1 ms
+    assert sched.retry(batch.requests) == []
+    out = sched.schedule(clock.now(), ctxs)
+    assert out.batch is None and out.expired == [req]
+
+
 def test_candidates_not_chosen_are_requeued_in_order():
     ms = np.tile(np.arange(1.0, 65.0), (1, len(LEVELS), 1))  # 1 ms per request at every level
     table = LatencyTable(LEVELS, 64, (), ms, ms.copy())

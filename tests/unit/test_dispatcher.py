@@ -100,11 +100,11 @@ async def test_cancelling_a_request_already_in_a_batch_keeps_the_counts_right():
     assert (await later).output[0] == 2
 
 
-@pytest.mark.parametrize(("exc", "code"), [
-    (WorkerDied("worker 0 died twice"), grpc.StatusCode.UNAVAILABLE),
-    (TaskFailed("RuntimeError: boom"), grpc.StatusCode.INTERNAL),
+@pytest.mark.parametrize(("failures", "code"), [
+    ([TaskFailed("RuntimeError: boom")], grpc.StatusCode.INTERNAL),
+    ([WorkerDied("killed"), WorkerDied("killed again")], grpc.StatusCode.UNAVAILABLE),
 ])
-async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(exc, code):
+async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(failures, code):
     pool = FakeWorkerPool(workers=1)
     d = make(pool)
     first = asyncio.create_task(d.infer("m", "slow", x(0)))
@@ -113,13 +113,60 @@ async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(ex
     await until(lambda: d.scheduler.pending() == 3, "queued")
     pool.finish(0)
     await first
-    await until(lambda: len(pool.submitted) == 2, "batch of three running")
-    pool.fail(1, exc)
+    for n, exc in enumerate(failures, start=1):
+        await until(lambda: len(pool.submitted) == n + 1, f"batch of three running, try {n}")
+        pool.fail(n, exc)
     for task in batch:
         with pytest.raises(RequestError) as info:
             await task
         assert info.value.code == code
-    assert d.inflight == 0
+    assert d.inflight == 0 and len(pool.submitted) == len(failures) + 1
+
+
+async def test_a_dead_workers_batch_is_run_once_more_with_the_same_inputs_and_answered():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    calls = [asyncio.create_task(d.infer("m", "slow", x(i))) for i in range(3)]
+    await until(lambda: len(pool.submitted) == 1, "first batch running")
+    first = sorted(row[0] for row in pool.submitted[0][0].inputs)
+    pool.fail(0, WorkerDied("SIGKILL"))
+    await until(lambda: len(pool.submitted) == 2, "the retry")
+    assert sorted(row[0] for row in pool.submitted[1][0].inputs) == first
+    pool.finish(1)
+    await until(lambda: len(pool.submitted) == 2 + (d.scheduler.pending() > 0), "the rest, if any")
+    if len(pool.submitted) == 3:
+        pool.finish(2)
+    assert [(await c).output[0] for c in calls] == [0, 1, 2]
+
+
+async def test_a_retried_request_that_can_no_longer_make_its_deadline_is_expired_not_run_late():
+    clock = FakeClock(100.0)
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool, clock)
+    tight = asyncio.create_task(d.infer("m", "tight", x(1)))  # 10 ms deadline, on_late="reject"
+    await until(lambda: len(pool.submitted) == 1, "running")
+    clock.advance(0.0095)  # the worker dies with 0.5 ms left: no level fits any more
+    pool.fail(0, WorkerDied("SIGKILL"))
+    with pytest.raises(DeadlineUnreachable):
+        await tight
+    assert len(pool.submitted) == 1 and d.inflight == 0 and d.scheduler.pending() == 0
+
+
+async def test_a_pool_that_cannot_start_workers_fails_queued_and_new_requests_unavailable():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    busy = asyncio.create_task(d.infer("m", "slow", x(0)))
+    await until(lambda: len(pool.submitted) == 1, "running")
+    queued = asyncio.create_task(d.infer("m", "slow", x(1)))
+    await until(lambda: d.scheduler.pending() == 1, "queued")
+    pool.is_broken = True
+    pool.fail(0, WorkerDied("died; its replacement died while starting"))
+    for call in (busy, queued):
+        with pytest.raises(Unavailable):
+            await call
+    with pytest.raises(Unavailable):
+        await d.infer("m", "slow", x(2))
+    assert d.inflight == 0 and d.scheduler.pending() == 0
 
 
 async def test_a_request_that_turns_hopeless_while_no_worker_is_free_is_answered_early():
