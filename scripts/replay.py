@@ -53,7 +53,8 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
     split = load_split(seed=split_seed)
     x, y = split.x_test, split.y_test
-    records = [RequestRecord(i, c, deadlines_ms[c], 0.0) for i, c in enumerate(arrivals.classes)]
+    records = [RequestRecord(i, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
+               for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
     async with AsyncSlonnClient(target) as client:
         await client.wait_ready()
         loop_t0 = time.monotonic()

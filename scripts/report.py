@@ -31,6 +31,8 @@ class RequestRecord:
     """Server-side wait from admission to batch start."""
     detail: str = ""
     """The error's message when the status is not OK (who answered, and why)."""
+    scheduled_s: float | None = None
+    """When the trace says it should have been sent (live replay: send_s - scheduled_s is the sender's lag)."""
 
     @property
     def latency_ms(self) -> float:
