@@ -5,6 +5,14 @@ starts at ``--corunner-start-s``. The chosen keep fraction per request is
 binned over time; the shift time is the end of the first bin after the start
 whose mean level leaves the quiet baseline's band (mean +- max(3 sd, 10%))
 and stays out for the next two bins.
+
+A level shift needs a reason to shift: when the fastest level is also the most
+accurate one (it can be, on held-out data, by one sample), the planner runs it
+all along and ``shift_s`` stays None. So the same test is also applied to what
+the planner believes, which every response carries: its predicted exec ms,
+divided by the quiet phase's median prediction for the same (level, batch
+size). ``prediction_shift_s`` is when that ratio leaves its quiet band: the
+time for the learned latency table to react, whatever the levels do.
 """
 
 from __future__ import annotations
@@ -36,20 +44,43 @@ def level_series(records: list[RequestRecord], bin_s: float, duration_s: float) 
     return edges[1:], means
 
 
-def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: float, hold: int = 2) -> dict:
-    """When the level left the quiet band after ``start_s`` (None if it never did before ``stop_s``)."""
+def prediction_series(records: list[RequestRecord], bin_s: float, duration_s: float,
+                      start_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bin end times, mean of predicted ms / the quiet median prediction of the same (level, batch size))."""
+    ok = [r for r in records if r.status == "OK"]
+    quiet: dict[tuple[float, int], list[float]] = {}
+    for r in ok:
+        if r.send_s < start_s:
+            quiet.setdefault((r.level, r.batch_size), []).append(r.predicted_ms)
+    ref = {k: float(np.median(v)) for k, v in quiet.items()}
+    edges = np.arange(0.0, duration_s + bin_s, bin_s)
+    kept = [r for r in ok if (r.level, r.batch_size) in ref]
+    t = np.array([r.send_s for r in kept])
+    ratio = np.array([r.predicted_ms / ref[(r.level, r.batch_size)] for r in kept])
+    means = np.full(len(edges) - 1, np.nan)
+    for i in range(len(edges) - 1):
+        sel = (t >= edges[i]) & (t < edges[i + 1])
+        if sel.any():
+            means[i] = ratio[sel].mean()
+    return edges[1:], means
+
+
+def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: float, hold: int = 2,
+               name: str = "level") -> dict:
+    """When the series left the quiet band after ``start_s`` (None if it never did before ``stop_s``)."""
     quiet = means[(ends <= start_s) & (ends > start_s - 10.0) & ~np.isnan(means)]
     if len(quiet) < 3:
         raise ValueError("need at least 3 quiet bins before the co-runner starts; start it later")
     base, sd = float(quiet.mean()), float(quiet.std())
     band = max(3 * sd, 0.1 * base)
-    out = {"quiet_mean_level": round(base, 4), "band": round(band, 4), "shift_s": None}
+    prefix = "" if name == "level" else f"{name}_"
+    out = {f"quiet_mean_{name}": round(base, 4), f"{prefix}band": round(band, 4), f"{prefix}shift_s": None}
     idx = np.where((ends > start_s) & (ends <= stop_s))[0]
     for k, i in enumerate(idx):
         window = means[i:i + 1 + hold]
         if len(window) == 1 + hold and np.all(np.abs(window - base) > band):
-            out["shift_s"] = round(float(ends[i] - start_s), 3)
-            out["shifted_mean_level"] = round(float(np.nanmean(means[idx[k:]])), 4)
+            out[f"{prefix}shift_s"] = round(float(ends[i] - start_s), 3)
+            out[f"shifted_mean_{name}"] = round(float(np.nanmean(means[idx[k:]])), 4)
             break
     return out
 
@@ -76,11 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         records = asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
                                                    args.corunner_stop_s, args.corunner_procs, progress=False))
     ends, means = level_series(records, args.bin_s, args.duration_s)
+    _, ratios = prediction_series(records, args.bin_s, args.duration_s, args.corunner_start_s)
+    served_levels = sorted({r.level for r in records if r.status == "OK"})
     result = {
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),
+        **shift_time(ends, ratios, args.corunner_start_s, args.corunner_stop_s, name="prediction"),
+        "served_levels": served_levels,
         "level_per_bin": [None if np.isnan(m) else round(float(m), 4) for m in means],
+        "prediction_ratio_per_bin": [None if np.isnan(m) else round(float(m), 4) for m in ratios],
         "phases": {k: {c: {"attainment": s["attainment"], "p99_ms": s["p99_ms"]} for c, s in v["summary"].items()}
                    for k, v in phase_summaries(records, args.corunner_start_s, args.corunner_stop_s,
                                                args.duration_s).items()},

@@ -1,0 +1,41 @@
+"""`slonn adapt`'s shift detection on synthetic records (no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scripts.adapt import level_series, prediction_series, shift_time
+from scripts.report import RequestRecord
+
+
+def records(level_after: float, pred_after: float, start_s: float = 10.0, shift_at_s: float = 11.2):
+    out = []
+    for k, t in enumerate(np.arange(0.0, 20.0, 0.01)):
+        r = RequestRecord(k, "interactive", 25.0, float(t), float(t) + 0.003, "OK")
+        after = t >= shift_at_s
+        r.level = level_after if after else 0.1
+        r.batch_size = 1 + k % 2
+        r.predicted_ms = (pred_after if after else 1.0) * r.batch_size
+        out.append(r)
+    return out
+
+
+def test_a_level_shift_is_found_at_the_first_bin_that_stays_out():
+    recs = records(level_after=0.05, pred_after=1.0)
+    ends, levels = level_series(recs, 0.5, 20.0)
+    got = shift_time(ends, levels, 10.0, 20.0)
+    assert got["shift_s"] == 1.5 and got["quiet_mean_level"] == 0.1  # the bin ending at 11.5 s
+    assert got["shifted_mean_level"] < 0.06
+    # Predictions are compared within a (level, batch size) cell: cells never seen quiet do not count.
+    ends, ratios = prediction_series(recs, 0.5, 20.0, 10.0)
+    assert np.isnan(ratios[ends > 12.0]).all()
+
+
+def test_a_pinned_level_has_no_level_shift_but_the_prediction_shift_is_still_measured():
+    recs = records(level_after=0.1, pred_after=2.0)
+    ends, levels = level_series(recs, 0.5, 20.0)
+    assert shift_time(ends, levels, 10.0, 20.0)["shift_s"] is None
+    ends, ratios = prediction_series(recs, 0.5, 20.0, 10.0)
+    got = shift_time(ends, ratios, 10.0, 20.0, name="prediction")
+    assert got["prediction_shift_s"] == 1.5 and got["quiet_mean_prediction"] == 1.0
+    assert abs(got["shifted_mean_prediction"] - 2.0) < 0.1
