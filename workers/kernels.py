@@ -7,15 +7,20 @@ weights. Sparsity is used on the *input* side of layers 2.. and the head: only
 the units a sample kept (and that survived ReLU) contribute, so only those rows
 of ``W.T`` are read.
 
-- ``dense``: ``addmm`` on the masked ``h``. Reads every weight; best when the
+- ``dense``: ``linear`` on the masked ``h``. Reads every weight; best when the
   batch's union of kept units is most of the layer (large batches, keep 1.0).
+  It uses ``W`` in nn.Linear's own (out x in) layout, a second fp32 copy beside
+  ``W.T``: with ``W.T`` as the GEMM's right operand, MKL's single-thread sgemm
+  ran 25-35% slower on 4096 x 4096 at every batch size (2.6 vs 3.8 ms at batch
+  1, 15.5 vs 20.8 ms at batch 64), which made "dense" slower than the plain
+  torch model it is compared with.
 - ``gather``: per-sample gather. ``embedding_bag(idx, W.T, per_sample_weights=v)``
   sums, for each sample, its own selected rows of ``W.T`` (no weight copy).
   Exact up to float summation order. Best at small batches.
 - ``union``: union gather-GEMM. Rows of ``W.T`` that *any* sample needs are
   gathered once and one GEMM runs on the matching columns of ``h``; each
   sample's own mask is already in ``h`` (zeros elsewhere), so it is exact. Falls
-  back to plain dense per layer when the union covers most of the layer.
+  back to dense (``W`` layout) per layer when the union covers most of the layer.
 - ``gather_fp16`` / ``gather_bf16``: the per-sample gather over a half-precision
   copy of ``W.T`` (fp32 accumulation inside embedding_bag; the layer output is
   rounded to half and the bias added in fp32). Not bit-comparable with the
@@ -53,8 +58,10 @@ UNION_DENSE_FRACTION = 0.75
 class SparseLayer:
     """One layer fed by a sparse hidden vector: weights stored input-major (``W.T``)."""
 
+    w: torch.Tensor
+    """out x in float32, contiguous (nn.Linear's layout): the operand of the dense GEMMs."""
     wt: torch.Tensor
-    """in x out float32, contiguous: row j is the weights leaving input unit j."""
+    """in x out float32, contiguous: row j is the weights leaving input unit j (gathers)."""
     bias: torch.Tensor
     """out, float32."""
     wt_low: torch.Tensor | None
@@ -91,9 +98,10 @@ class SparseMLP:
             b = first.bias.detach().float() - w @ model.input_mean.float()
             layers = []
             for lin in [*model.hidden[1:], model.head]:
-                wt = lin.weight.detach().float().t().contiguous().to(device)
+                w_out_in = lin.weight.detach().float().contiguous().to(device)
+                wt = w_out_in.t().contiguous()
                 low = None if low_precision is None else wt.to(LOW_PRECISION_DTYPES[low_precision])
-                layers.append(SparseLayer(wt, lin.bias.detach().float().to(device), low))
+                layers.append(SparseLayer(w_out_in, wt, lin.bias.detach().float().to(device), low))
         return cls(w.contiguous().to(device), b.to(device), layers, model.input_mean.detach().float().to(device),
                    model.input_std.detach().float().to(device), low_precision)
 
@@ -131,7 +139,7 @@ class SparseMLP:
         for layer in self.layers:
             if keep < 1.0:
                 z = topk_mask(z, kept_units(keep, z.shape[-1]))
-            z = torch.addmm(layer.bias, z.relu_(), layer.wt)
+            z = F.linear(z.relu_(), layer.w, layer.bias)
         return z
 
 
@@ -176,7 +184,7 @@ def _union_gemm(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch
         h = torch.zeros(v.shape[0], width, dtype=v.dtype, device=v.device).scatter_(1, idx, v)
     union = torch.nonzero(h.any(0)).squeeze(1)
     if union.numel() > UNION_DENSE_FRACTION * h.shape[1]:
-        return torch.addmm(layer.bias, h, layer.wt)
+        return F.linear(h, layer.w, layer.bias)
     return torch.addmm(layer.bias, h.index_select(1, union), layer.wt.index_select(0, union))
 
 
