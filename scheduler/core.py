@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -19,6 +20,8 @@ from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, 
 from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
 
 log = logging.getLogger(__name__)
+
+_LIVE = operator.attrgetter("_live")
 
 MAX_ATTEMPTS = 2
 """Runs a request gets when workers die under it: the first and one retry."""
@@ -57,6 +60,10 @@ class Scheduler:
         }
         self._best_accuracy = {m: max(acc) for m, acc in models.items()}
         self._all_queues = [q for qs in self._queues.values() for q in qs.values()]
+        self._ahead = {m: {c: [q for name, q in qs.items() if classes[name].latency_ms <= classes[c].latency_ms]
+                           for c in qs} for m, qs in self._queues.items()}
+        """model -> class -> the queues whose requests are (about) ahead of that class's in EDF."""
+        self._only_model = next(iter(self._queues)) if len(self._queues) == 1 else None
         self._mixed_late = False
         """Some request of a late-serving class must not be served late (see make_request's ``hard``)."""
 
@@ -96,8 +103,7 @@ class Scheduler:
                             f"(max_queue={queue.max_len})")
         if req.pending.on_late == "reject":
             # Requests of classes with deadlines no later than this one's are (about) ahead of it in EDF.
-            ahead = sum(len(q) for name, q in self._queues[req.model].items()
-                        if self.classes[name].latency_ms <= self.classes[req.slo_class].latency_ms)
+            ahead = sum(q._live for q in self._ahead[req.model][req.slo_class])
             backlog = backlog_ms(ahead, req.pending.min_accuracy, ctx)
             admit_ctx = replace(ctx, backlog_ms=backlog) if backlog else ctx
             if self.policy.is_hopeless(req.pending, now_s, admit_ctx):
@@ -116,7 +122,7 @@ class Scheduler:
 
     def pending(self, model: str | None = None) -> int:
         if model is None:
-            return sum(q._live for q in self._all_queues)  # called per event by both drivers: keep it flat
+            return sum(map(_LIVE, self._all_queues))  # called per event by both drivers: keep it flat
         return sum(len(q) for q in self._queues[model].values())
 
     def queue_lengths(self) -> dict[tuple[str, str], int]:
@@ -231,6 +237,8 @@ class Scheduler:
                 expired.append(q.pop())
 
     def _most_urgent_model(self) -> str | None:
+        if self._only_model is not None:  # the common case: no need to compare heads
+            return self._only_model if self.pending() else None
         best, best_key = None, None
         for model, queues in self._queues.items():
             for q in queues.values():
