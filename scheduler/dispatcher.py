@@ -81,7 +81,10 @@ class Dispatcher:
         self.inflight = 0
         self.running: set[asyncio.Future] = set()
         self._accepting = True
+        self._drained = False
+        """drain() has answered everything queued: nothing will be dispatched any more."""
         self._wakeup = asyncio.Event()
+        pool.on_idle = self._wakeup.set  # a replacement worker came up: queued requests can run
         self._task_ids = itertools.count()
         self._loop_task: asyncio.Task | None = None
 
@@ -103,6 +106,7 @@ class Dispatcher:
         left = self.scheduler.drain()
         for req in left:
             self._fail(req, Unavailable("server is shutting down; request was not run"))
+        self._drained = True
         if self._loop_task:
             self._loop_task.cancel()
         return len(left)
@@ -260,6 +264,10 @@ class Dispatcher:
         once instead of waiting for a replacement worker). A second death answers UNAVAILABLE.
         """
         live = [r for r in batch.requests if not r.handle.done()]
+        if self._drained:  # shutting down (e.g. close() killed a worker that outran the grace period)
+            for req in live:
+                self._fail(req, Unavailable(f"server is shutting down; worker failed: {exc}"))
+            return
         spent = self.scheduler.retry(live)
         log.warning("batch of %d (%s, level %g): %s; %d request(s) queued again, %d failed twice",
                     len(batch.requests), batch.model, batch.plan.level, exc, len(live) - len(spent), len(spent))

@@ -13,7 +13,7 @@ from policy.latency_model import PROFILE_CSV, LatencySample, read_rows_csv
 from policy.learner import OnlineLearner
 from policy.table import LatencyTable
 from workers.artifact import ModelManifest
-from workers.pool import WorkerPool
+from workers.pool import WorkerDied, WorkerPool
 from workers.protocol import BatchTask
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,27 @@ async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: i
     for level in manifest.levels:
         for b in sizes:
             for _ in range(repeats):
-                while pool.idle_count() == 0:
-                    await asyncio.sleep(0.01)
                 x = rng.uniform(0, 16, size=(b, manifest.arch.in_features)).astype(np.float32)
-                result = await pool.submit(BatchTask(task_id, manifest.name, level, x))
+                result = await _run_with_one_retry(pool, BatchTask(task_id, manifest.name, level, x))
                 task_id -= 1
                 rows.append(LatencySample(level, b, contention(), result.exec_ms, result.kernel))
     return rows
+
+
+async def _run_with_one_retry(pool: WorkerPool, task: BatchTask):
+    """Run ``task`` on the next idle worker; once more if that worker dies (the server is not serving yet,
+    so there is no scheduler to hand the retry to)."""
+    for attempt in (1, 2):
+        while pool.idle_count() == 0:
+            if pool.broken():
+                raise WorkerDied("no worker could be started for the warm-up sweep")
+            await asyncio.sleep(0.01)
+        try:
+            return await pool.submit(task)
+        except WorkerDied:
+            if attempt == 2:
+                raise
+            log.warning("warm-up task %d: its worker died; running it once more", task.task_id)
 
 
 def linear_table(samples: list[LatencySample], levels: tuple[float, ...], max_batch: int, margin: float = 1.3,

@@ -30,6 +30,8 @@ from scripts.serverproc import ServerProcess
 from scripts.trace import poisson_arrivals
 
 MIX = {"interactive": 0.4, "standard": 0.45, "batch": 0.15}
+CLIENT_START_S = 10.0
+"""Load-generator processes start their windows together this long after launch (spawn + imports)."""
 
 # Small queues make overload visible quickly (a user's config would size them to capacity x deadline).
 OVERLOAD_CLASSES = """
@@ -153,10 +155,11 @@ def tally(records: list[RequestRecord], duration_s: float) -> dict:
 
 
 def _replay(target: str, model: str, rate: float, duration_s: float, seed: int,
-            client_deadline: bool = False) -> list[RequestRecord]:
+            client_deadline: bool = False, start_at: float | None = None) -> list[RequestRecord]:
     arrivals = poisson_arrivals(rate, duration_s, MIX, seed=seed)
     deadlines = {"interactive": 25.0, "standard": 100.0, "batch": 500.0}
-    return asyncio.run(replay(target, model, arrivals, deadlines, progress=False, client_deadline=client_deadline))
+    return asyncio.run(replay(target, model, arrivals, deadlines, progress=False, client_deadline=client_deadline,
+                              start_at=start_at))
 
 
 def _replay_from_processes(target: str, model: str, rate: float, duration_s: float, seed: int, clients: int,
@@ -169,10 +172,17 @@ def _replay_from_processes(target: str, model: str, rate: float, duration_s: flo
     if clients <= 1:
         return _replay(target, model, rate, duration_s, seed, client_deadline)
     ctx = mp.get_context("spawn")
+    start_at = time.time() + CLIENT_START_S  # every client's window starts together, after its imports
     with ProcessPoolExecutor(clients, mp_context=ctx) as ex:
-        parts = ex.map(_replay, *zip(*[(target, model, rate / clients, duration_s, seed * 100 + k, client_deadline)
-                                       for k in range(clients)]))
-        return [r for part in parts for r in part]
+        parts = list(ex.map(_replay, *zip(*[(target, model, rate / clients, duration_s, seed * 100 + k,
+                                             client_deadline, start_at) for k in range(clients)])))
+    out: list[RequestRecord] = []
+    for part in parts:  # indices run on across clients, so they stay unique
+        offset = len(out)
+        for r in part:
+            r.index += offset
+        out.extend(part)
+    return out
 
 
 def overload(model_dir: Path, rate: float, duration_s: float, max_inflight: int, clients: int,

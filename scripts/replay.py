@@ -36,7 +36,8 @@ def _progress(done: int, total: int, started: float, stream) -> None:
 
 async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
                  split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
-                 transport: str = "unary", client_deadline: bool = False) -> list[RequestRecord]:
+                 transport: str = "unary", client_deadline: bool = False,
+                 start_at: float | None = None) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
@@ -48,6 +49,9 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     knows the true time left, ingress delay included, and an answer after it
     is DEADLINE_EXCEEDED. Otherwise the deadline is generous (class deadline x
     ``timeout_factor`` + 1 s), so every server answer, late or not, is seen.
+
+    ``start_at``: a ``time.time()`` at which the first arrival's clock starts (several load-generator
+    processes then offer their shares of the load over the same window).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
@@ -57,6 +61,10 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
     async with AsyncSlonnClient(target) as client:
         await client.wait_ready()
+        if start_at is not None:
+            if time.time() > start_at:
+                raise RuntimeError(f"replay was ready {time.time() - start_at:.1f} s after start_at")
+            await asyncio.sleep(start_at - time.time())
         loop_t0 = time.monotonic()
         clock = lambda: time.monotonic() - loop_t0  # noqa: E731
 

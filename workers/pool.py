@@ -38,6 +38,9 @@ class WorkerPool(ABC):
 
     manifests: dict[str, ModelManifest]
     device: str = "cpu"
+    on_idle: Callable[[], None] | None = None
+    """Called when a worker becomes idle other than by a batch's future finishing (a replacement is
+    ready) or when the pool breaks: whoever dispatches should look again."""
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -181,6 +184,8 @@ class ProcessPool(WorkerPool):
         if not w.ready.done():
             w.ready.set_result(msg)
         self._release(w)
+        if self.on_idle is not None:
+            self.on_idle()
 
     def _on_exit(self, w: _Worker) -> None:
         if not w.alive:
@@ -207,6 +212,8 @@ class ProcessPool(WorkerPool):
             # A worker that cannot even start (bad artifact, OOM at load) would be respawned forever.
             log.error("%d workers in a row died while starting; not starting more", self._start_failures)
             self._broken = True
+            if self.on_idle is not None:
+                self.on_idle()
             return
         self._spawn()
 
@@ -234,10 +241,15 @@ class ProcessPool(WorkerPool):
         w.future = self._loop.create_future()
         try:
             w.conn.send(task)
-        except OSError as exc:
+        except OSError as exc:  # the pipe is gone: the worker is dying (_on_exit replaces it)
             w.future = None
             failed = self._loop.create_future()
             failed.set_exception(WorkerDied(f"worker {w.worker_id}: {exc}"))
+            return failed
+        except Exception as exc:  # noqa: BLE001 - e.g. the task did not pickle: the worker is fine
+            self._release(w)
+            failed = self._loop.create_future()
+            failed.set_exception(TaskFailed(f"could not send the batch to worker {w.worker_id}: {exc!r}"))
             return failed
         return asyncio.ensure_future(self._await_result(w, task))
 

@@ -278,3 +278,27 @@ async def test_a_raised_overhead_allowance_decays_without_batches_so_admission_r
     assert d.overhead_ms == 3.0
     pool.finish(0)
     assert (await task).output.shape == (pool.out_features,)
+
+
+async def test_a_replacement_worker_coming_up_wakes_the_dispatcher():
+    pool = FakeWorkerPool(workers=0)  # the only worker died; its replacement is starting
+    d = make(pool)
+    call = asyncio.create_task(d.infer("m", "slow", x(7)))  # a serve-late class: no expiry wakes the loop
+    await until(lambda: d.scheduler.pending() == 1, "queued")
+    pool.workers = 1
+    pool.on_idle()  # what ProcessPool calls when the replacement reports ready
+    await until(lambda: len(pool.submitted) == 1, "dispatched on the new worker without waiting for a tick")
+    pool.finish(0)
+    assert (await call).output[0] == 7
+
+
+async def test_a_worker_dying_after_drain_answers_unavailable_instead_of_requeueing():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    running = asyncio.create_task(d.infer("m", "slow", x(1)))
+    await until(lambda: len(pool.submitted) == 1, "running")
+    assert await d.drain(grace_s=0.0) == 0  # the batch outran the grace period
+    pool.fail(0, WorkerDied("killed by close()"))
+    with pytest.raises(Unavailable):
+        await running
+    assert d.scheduler.pending() == 0 and d.inflight == 0
