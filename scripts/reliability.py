@@ -122,6 +122,15 @@ def outcome(r: RequestRecord) -> str:
     return r.status
 
 
+def reject_reason(r: RequestRecord) -> str:
+    """Why a rejected call was refused: tells the server's own decisions from time lost before it."""
+    if r.status == "RESOURCE_EXHAUSTED":
+        return "queue_full" if "is full" in r.detail else "inflight_cap"  # gRPC's own: "Concurrent RPC limit"
+    if "not admitted" in r.detail:
+        return "arrived_too_late"  # reached the handler with <= 5 ms of its gRPC deadline left
+    return "deadline_unreachable"  # backlog + the fastest level's run would miss the deadline
+
+
 def _pcts(values: list[float]) -> dict:
     if not values:
         return {"p50_ms": None, "p99_ms": None}
@@ -133,6 +142,13 @@ def _send_lag_p99_ms(records: list[RequestRecord]) -> float | None:
     generator, not the server, set the offered rate."""
     lags = [(r.send_s - r.scheduled_s) * 1e3 for r in records if r.scheduled_s is not None]
     return round(float(np.percentile(lags, 99)), 2) if lags else None
+
+
+def _group(pairs) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for key, value in pairs:
+        out.setdefault(key, []).append(value)
+    return out
 
 
 def tally(records: list[RequestRecord], duration_s: float) -> dict:
@@ -149,13 +165,18 @@ def tally(records: list[RequestRecord], duration_s: float) -> dict:
         "unanswered": outcomes.pop("unanswered", 0),
         "outcomes": dict(outcomes), "errors": dict(statuses),
         "reject_latency": _pcts(rejects),
+        "reject_latency_by_reason": {
+            reason: {"count": len(v), **_pcts(v)} for reason, v in sorted(_group(
+                (reject_reason(r), r.latency_ms) for r in records if outcome(r) == "rejected").items())},
         "expired_latency": _pcts([r.latency_ms for r in records if outcome(r) == "expired"]),
         "ok_latency": _pcts([r.latency_ms for r in ok]),
     }
 
 
 def _replay(target: str, model: str, rate: float, duration_s: float, seed: int,
-            client_deadline: bool = False, start_at: float | None = None) -> list[RequestRecord]:
+            client_deadline: bool = False, start_at: float | None = None, nice: int = 0) -> list[RequestRecord]:
+    if nice:
+        os.nice(nice)
     arrivals = poisson_arrivals(rate, duration_s, MIX, seed=seed)
     deadlines = {"interactive": 25.0, "standard": 100.0, "batch": 500.0}
     return asyncio.run(replay(target, model, arrivals, deadlines, progress=False, client_deadline=client_deadline,
@@ -163,7 +184,7 @@ def _replay(target: str, model: str, rate: float, duration_s: float, seed: int,
 
 
 def _replay_from_processes(target: str, model: str, rate: float, duration_s: float, seed: int, clients: int,
-                           client_deadline: bool = False) -> list[RequestRecord]:
+                           client_deadline: bool = False, nice: int = 0) -> list[RequestRecord]:
     """``_replay`` split over ``clients`` processes (rate / clients each, own seeds), records merged.
 
     One Python client stays on schedule up to about 1,000 unary calls/s on these 2 cores; to offer a
@@ -175,7 +196,7 @@ def _replay_from_processes(target: str, model: str, rate: float, duration_s: flo
     start_at = time.time() + CLIENT_START_S  # every client's window starts together, after its imports
     with ProcessPoolExecutor(clients, mp_context=ctx) as ex:
         parts = list(ex.map(_replay, *zip(*[(target, model, rate / clients, duration_s, seed * 100 + k,
-                                             client_deadline, start_at) for k in range(clients)])))
+                                             client_deadline, start_at, nice) for k in range(clients)])))
     out: list[RequestRecord] = []
     for part in parts:  # indices run on across clients, so they stay unique
         offset = len(out)
@@ -186,7 +207,7 @@ def _replay_from_processes(target: str, model: str, rate: float, duration_s: flo
 
 
 def overload(model_dir: Path, rate: float, duration_s: float, max_inflight: int, clients: int,
-             log_dir: Path) -> dict:
+             log_dir: Path, client_nice: int = 0) -> dict:
     """Offered load far above what the server answers in time, from clients that send their deadline.
 
     The clients set each call's gRPC deadline to its class deadline (what a latency-sensitive client
@@ -200,10 +221,10 @@ def overload(model_dir: Path, rate: float, duration_s: float, max_inflight: int,
     with ServerProcess(["--model-dir", str(model_dir), "--classes", str(classes), "--max-inflight",
                         str(max_inflight)], log_dir / "overload.log") as srv:
         records = _replay_from_processes(srv.target, _model_name(model_dir), rate, duration_s, seed=1,
-                                         clients=clients, client_deadline=True)
+                                         clients=clients, client_deadline=True, nice=client_nice)
         mem = memory(srv.proc.pid)
     out = tally(records, duration_s)
-    out["clients"] = clients
+    out["clients"], out["client_nice"] = clients, client_nice
     out["offered_over_goodput"] = round(out["offered_per_s"] / max(out["goodput_per_s"], 1e-9), 2)
     return {**out, "max_inflight": max_inflight, **mem, "server_exit_code": srv.returncode}
 
@@ -315,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload-rate", type=float, default=3000.0,
                    help="offered load of the overload scenario, split over --overload-clients processes")
     p.add_argument("--overload-max-inflight", type=int, default=32)
+    p.add_argument("--overload-client-nice", type=int, default=0,
+                   help="niceness of the load-generator processes: 10 leaves the server the CPU it would have "
+                        "with its clients on other machines (the offered rate then falls behind schedule sooner)")
     p.add_argument("--overload-clients", type=int, default=3,
                    help="load-generator processes (one Python client stays on schedule up to about 1000 "
                         "unary calls/s on 2 cores; send_lag_p99_ms in the output says whether they kept up)")
@@ -327,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="slonn-reliability-"))
     scenarios = {
         "overload": lambda: overload(args.model_dir, args.overload_rate, args.duration_s / 2,
-                                     args.overload_max_inflight, args.overload_clients, log_dir),
+                                     args.overload_max_inflight, args.overload_clients, log_dir,
+                                     args.overload_client_nice),
         "chaos": lambda: chaos(args.model_dir, args.rate, args.duration_s, args.kill_every_s, args.workers, log_dir),
         "fuzz": lambda: fuzz(args.model_dir, log_dir),
         "shutdown": lambda: shutdown(args.model_dir, args.rate, args.duration_s, args.duration_s / 2, log_dir),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scripts.reliability import outcome, tally
+from scripts.reliability import outcome, reject_reason, tally
 from scripts.report import RequestRecord
 
 
@@ -34,4 +34,13 @@ def test_tally_counts_every_record_once_and_reports_reject_latency_and_sender_la
     assert out["outcomes"] == {"ok": 6, "rejected": 3}
     assert out["errors"] == {"RESOURCE_EXHAUSTED": 3}
     assert out["reject_latency"]["p50_ms"] == 2.0
+    assert out["reject_latency_by_reason"] == {"inflight_cap": {"count": 3, "p50_ms": 2.0, "p99_ms": 2.98}}
     assert 1.0 < out["send_lag_p99_ms"] <= 50.0
+
+
+def test_reject_reasons_separate_the_servers_decisions_from_time_lost_before_it():
+    assert reject_reason(rec("RESOURCE_EXHAUSTED", "Concurrent RPC limit exceeded!")) == "inflight_cap"
+    assert reject_reason(rec("RESOURCE_EXHAUSTED", "slo_class 'x' queue for model 'm' is full")) == "queue_full"
+    assert reject_reason(rec("DEADLINE_EXCEEDED", "the call's gRPC deadline leaves 2.0 ms; not admitted")) \
+        == "arrived_too_late"
+    assert reject_reason(rec("DEADLINE_EXCEEDED", "latency budget 3.00 ms cannot be met")) == "deadline_unreachable"
