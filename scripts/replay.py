@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -61,6 +62,8 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
     async with AsyncSlonnClient(target) as client:
         await client.wait_ready()
+        gc.collect()
+        gc.freeze()  # the load generator must not stall its own sending and timing for a full collection
         if start_at is not None:
             if time.time() > start_at:
                 raise RuntimeError(f"replay was ready {time.time() - start_at:.1f} s after start_at")

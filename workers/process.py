@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"worker{worker_id} %(levelname)s %(message)s")
     runners = load_runners(spec)
     warm_up(runners)
+    gc.collect()
+    gc.freeze()  # a full collection over torch's objects stalls a batch by tens of ms (see freeze_startup_heap)
     conn.send(WorkerReady(
         worker_id=worker_id, pid=os.getpid(), device=str(next(iter(runners.values())).device),
         models={name: r.manifest.to_json() for name, r in runners.items()},
