@@ -31,17 +31,21 @@ from scripts.serverproc import ServerProcess
 from scripts.trace import poisson_arrivals
 
 
-def level_series(records: list[RequestRecord], bin_s: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """(bin end times, mean chosen level per bin; NaN where nothing was served)."""
+def _bin_means(t: np.ndarray, values: np.ndarray, bin_s: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bin end times, mean of ``values`` whose time ``t`` falls in each bin; NaN for empty bins)."""
     edges = np.arange(0.0, duration_s + bin_s, bin_s)
-    t = np.array([r.send_s for r in records if r.status == "OK"])
-    lv = np.array([r.level for r in records if r.status == "OK"])
     means = np.full(len(edges) - 1, np.nan)
     for i in range(len(edges) - 1):
         sel = (t >= edges[i]) & (t < edges[i + 1])
         if sel.any():
-            means[i] = lv[sel].mean()
+            means[i] = values[sel].mean()
     return edges[1:], means
+
+
+def level_series(records: list[RequestRecord], bin_s: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bin end times, mean chosen level per bin; NaN where nothing was served)."""
+    ok = [r for r in records if r.status == "OK"]
+    return _bin_means(np.array([r.send_s for r in ok]), np.array([r.level for r in ok]), bin_s, duration_s)
 
 
 def prediction_series(records: list[RequestRecord], bin_s: float, duration_s: float,
@@ -53,16 +57,9 @@ def prediction_series(records: list[RequestRecord], bin_s: float, duration_s: fl
         if r.send_s < start_s:
             quiet.setdefault((r.level, r.batch_size), []).append(r.predicted_ms)
     ref = {k: float(np.median(v)) for k, v in quiet.items()}
-    edges = np.arange(0.0, duration_s + bin_s, bin_s)
     kept = [r for r in ok if (r.level, r.batch_size) in ref]
-    t = np.array([r.send_s for r in kept])
-    ratio = np.array([r.predicted_ms / ref[(r.level, r.batch_size)] for r in kept])
-    means = np.full(len(edges) - 1, np.nan)
-    for i in range(len(edges) - 1):
-        sel = (t >= edges[i]) & (t < edges[i + 1])
-        if sel.any():
-            means[i] = ratio[sel].mean()
-    return edges[1:], means
+    return _bin_means(np.array([r.send_s for r in kept]),
+                      np.array([r.predicted_ms / ref[(r.level, r.batch_size)] for r in kept]), bin_s, duration_s)
 
 
 def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: float, hold: int = 2,

@@ -152,13 +152,19 @@ async def test_a_retried_request_that_can_no_longer_make_its_deadline_is_expired
     assert len(pool.submitted) == 1 and d.inflight == 0 and d.scheduler.pending() == 0
 
 
-async def test_a_pool_that_cannot_start_workers_fails_queued_and_new_requests_unavailable():
-    pool = FakeWorkerPool(workers=1)
-    d = make(pool)
-    busy = asyncio.create_task(d.infer("m", "slow", x(0)))
+async def one_running_one_queued(pool: FakeWorkerPool, d: Dispatcher) -> tuple[asyncio.Task, asyncio.Task]:
+    """The single worker busy with x(0), x(1) queued behind it."""
+    running = asyncio.create_task(d.infer("m", "slow", x(0)))
     await until(lambda: len(pool.submitted) == 1, "running")
     queued = asyncio.create_task(d.infer("m", "slow", x(1)))
     await until(lambda: d.scheduler.pending() == 1, "queued")
+    return running, queued
+
+
+async def test_a_pool_that_cannot_start_workers_fails_queued_and_new_requests_unavailable():
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    busy, queued = await one_running_one_queued(pool, d)
     pool.is_broken = True
     pool.fail(0, WorkerDied("died; its replacement died while starting"))
     for call in (busy, queued):
@@ -189,10 +195,7 @@ async def test_a_request_that_turns_hopeless_while_no_worker_is_free_is_answered
 async def test_drain_answers_queued_requests_unavailable_and_lets_running_ones_finish():
     pool = FakeWorkerPool(workers=1)
     d = make(pool)
-    running = asyncio.create_task(d.infer("m", "slow", x(0)))
-    await until(lambda: len(pool.submitted) == 1, "running")
-    queued = asyncio.create_task(d.infer("m", "slow", x(1)))
-    await until(lambda: d.scheduler.pending() == 1, "queued")
+    running, queued = await one_running_one_queued(pool, d)
     drained = asyncio.create_task(d.drain(grace_s=0.0))
     assert await drained == 1
     with pytest.raises(Unavailable):
