@@ -144,10 +144,20 @@ class SLOAwarePolicy:
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
         return now_s > self.hopeless_at(p, ctx)
 
+    _margin_ctx: PlanContext | None = None
+    _margin_s: dict[float, float] = {}
+
     def hopeless_at(self, p: Pending, ctx: PlanContext) -> float:
-        i = fastest_allowed(p.min_accuracy, ctx)
-        ms = ctx.backlog_ms + ctx.table.safe(ctx.bucket, i, 1) + ctx.overhead_ms
-        return p.deadline_s - ms * 1e-3
+        # The margin depends only on the context and the floor: remembered for the last context seen
+        # (the simulator reuses its contexts; the dispatcher builds one per decision).
+        if ctx is not self._margin_ctx:
+            self._margin_ctx, self._margin_s = ctx, {}
+        margin = self._margin_s.get(p.min_accuracy)
+        if margin is None:
+            i = fastest_allowed(p.min_accuracy, ctx)
+            margin = self._margin_s[p.min_accuracy] = (
+                ctx.backlog_ms + ctx.table.safe(ctx.bucket, i, 1) + ctx.overhead_ms) * 1e-3
+        return p.deadline_s - margin
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
         pass
