@@ -48,10 +48,10 @@ class LearnerConfig:
     refit_interval_s: float = 0.5
     """Background refit period (> 0); a refit happens only if samples arrived since the last one."""
     min_rows: int = 20
-    max_base_rows: int = 1200
-    """Profile rows kept (a seeded random subset when there are more): bounds the refit's cost, which
-    shares the scheduler process (and its GIL) with the event loop, >= 10."""
     """No refit below this many rows (profile + live), >= 10."""
+    max_base_rows: int = 1200
+    """Profile rows kept (a seeded random subset when there are more): bounds the cost of a refit and of
+    sending the rows to the learner's child process, >= 10."""
 
     def __post_init__(self) -> None:
         if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
