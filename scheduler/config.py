@@ -110,6 +110,11 @@ class ServerConfig:
     """Scheduling policy: slonn (SLO-aware), triton, fixed:<level>, aimd."""
     max_inflight: int = 8192
     """Admitted requests not yet answered, across classes; beyond it RESOURCE_EXHAUSTED (> 0)."""
+    max_pending: int = 0
+    """Calls that reached the server but that its event loop has not taken up yet (gRPC core's
+    ``grpc.server.max_pending_requests``; its hard limit is set to twice this). Beyond it gRPC core
+    sheds calls itself, answering CANCELLED within milliseconds, even while the Python loop is
+    saturated. 0 = gRPC's own defaults (1000, hard 3000)."""
     max_message_bytes: int = 1 << 20
     """gRPC max receive/send message size (>= 4 KiB)."""
     overhead_ms: float = 1.0
@@ -132,6 +137,8 @@ class ServerConfig:
             raise ValueError(f"max_batch={self.max_batch} must be in 1..1024")
         if self.max_inflight <= 0:
             raise ValueError(f"max_inflight={self.max_inflight} must be > 0")
+        if self.max_pending < 0:
+            raise ValueError(f"max_pending={self.max_pending} must be >= 0 (0 = gRPC's default)")
         if self.max_message_bytes < 4096:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be >= 4096")
         if self.overhead_ms < 0 or self.grace_s < 0:

@@ -213,6 +213,11 @@ class SlonnServer:
         self._stats_task = asyncio.create_task(self._log_stats()) if cfg.stats_interval_s else None
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
+        if cfg.max_pending:
+            # Shed in gRPC core, before the event loop: under overload the loop is the bottleneck, and
+            # every call it takes up only to reject costs as much CPU as one it serves.
+            options += [("grpc.server.max_pending_requests", cfg.max_pending),
+                        ("grpc.server.max_pending_requests_hard_limit", 2 * cfg.max_pending)]
         # Beyond max_inflight, gRPC rejects RESOURCE_EXHAUSTED before our handler runs: the cheapest
         # reject under overload (still after the call has reached the Python server's loop).
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)

@@ -101,8 +101,8 @@ def outcome(r: RequestRecord) -> str:
     """Who ended the call and when, from its status and message.
 
     - ``ok``: a result.
-    - ``rejected``: refused at admission (queue full, in-flight cap, gRPC's concurrent-RPC limit, or
-      a deadline already out of reach): the fast path.
+    - ``rejected``: refused at admission (queue full, in-flight cap, gRPC's concurrent-RPC limit, gRPC
+      core's pending-request limit (CANCELLED), or a deadline already out of reach): the fast path.
     - ``expired``: admitted, then answered DEADLINE_EXCEEDED by the server once it could no longer make
       the deadline (before the deadline passed).
     - ``grpc_deadline``: the caller's own gRPC deadline ended the call before the server answered
@@ -114,6 +114,8 @@ def outcome(r: RequestRecord) -> str:
         return "ok"
     if r.status in ("UNANSWERED", "CLIENT_TIMEOUT"):
         return "unanswered"
+    if r.status == "CANCELLED" and r.detail == "CANCELLED":
+        return "rejected"  # shed by gRPC core at its pending-request limit (the server's --max-pending)
     if r.status == "RESOURCE_EXHAUSTED" or (r.status == "DEADLINE_EXCEEDED" and (
             "cannot be met for" in r.detail or "not admitted" in r.detail)):
         return "rejected"
@@ -124,6 +126,8 @@ def outcome(r: RequestRecord) -> str:
 
 def reject_reason(r: RequestRecord) -> str:
     """Why a rejected call was refused: tells the server's own decisions from time lost before it."""
+    if r.status == "CANCELLED":
+        return "pending_shed"  # gRPC core: more calls waiting for the event loop than --max-pending allows
     if r.status == "RESOURCE_EXHAUSTED":
         return "queue_full" if "is full" in r.detail else "inflight_cap"  # gRPC's own: "Concurrent RPC limit"
     if "not admitted" in r.detail:
@@ -207,7 +211,7 @@ def _replay_from_processes(target: str, model: str, rate: float, duration_s: flo
 
 
 def overload(model_dir: Path, rate: float, duration_s: float, max_inflight: int, clients: int,
-             log_dir: Path, client_nice: int = 0) -> dict:
+             log_dir: Path, client_nice: int = 0, max_pending: int = 32) -> dict:
     """Offered load far above what the server answers in time, from clients that send their deadline.
 
     The clients set each call's gRPC deadline to its class deadline (what a latency-sensitive client
@@ -219,14 +223,15 @@ def overload(model_dir: Path, rate: float, duration_s: float, max_inflight: int,
     classes = log_dir / "overload_classes.toml"
     classes.write_text(OVERLOAD_CLASSES)
     with ServerProcess(["--model-dir", str(model_dir), "--classes", str(classes), "--max-inflight",
-                        str(max_inflight)], log_dir / "overload.log") as srv:
+                        str(max_inflight), "--max-pending", str(max_pending)], log_dir / "overload.log") as srv:
         records = _replay_from_processes(srv.target, _model_name(model_dir), rate, duration_s, seed=1,
                                          clients=clients, client_deadline=True, nice=client_nice)
         mem = memory(srv.proc.pid)
     out = tally(records, duration_s)
     out["clients"], out["client_nice"] = clients, client_nice
     out["offered_over_goodput"] = round(out["offered_per_s"] / max(out["goodput_per_s"], 1e-9), 2)
-    return {**out, "max_inflight": max_inflight, **mem, "server_exit_code": srv.returncode}
+    return {**out, "max_inflight": max_inflight, "max_pending": max_pending, **mem,
+            "server_exit_code": srv.returncode}
 
 
 def chaos(model_dir: Path, rate: float, duration_s: float, kill_every_s: float, workers: int,
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload-rate", type=float, default=3000.0,
                    help="offered load of the overload scenario, split over --overload-clients processes")
     p.add_argument("--overload-max-inflight", type=int, default=32)
+    p.add_argument("--overload-max-pending", type=int, default=32,
+                   help="the server's --max-pending in the overload scenario (0 = gRPC's default, 1000)")
     p.add_argument("--overload-client-nice", type=int, default=0,
                    help="niceness of the load-generator processes: 10 leaves the server the CPU it would have "
                         "with its clients on other machines (the offered rate then falls behind schedule sooner)")
@@ -352,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = {
         "overload": lambda: overload(args.model_dir, args.overload_rate, args.duration_s / 2,
                                      args.overload_max_inflight, args.overload_clients, log_dir,
-                                     args.overload_client_nice),
+                                     args.overload_client_nice, args.overload_max_pending),
         "chaos": lambda: chaos(args.model_dir, args.rate, args.duration_s, args.kill_every_s, args.workers, log_dir),
         "fuzz": lambda: fuzz(args.model_dir, log_dir),
         "shutdown": lambda: shutdown(args.model_dir, args.rate, args.duration_s, args.duration_s / 2, log_dir),

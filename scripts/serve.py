@@ -26,6 +26,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--policy", default="slonn", help="slonn | triton | fixed:<level> | aimd")
     p.add_argument("--max-inflight", type=int, default=8192)
+    p.add_argument("--max-pending", type=int, default=0,
+                   help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); "
+                        "0 = gRPC's default (1000)")
     p.add_argument("--overhead-ms", type=float, default=1.0, help="dispatch + IPC time added to predictions")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
@@ -38,6 +41,7 @@ def config_from_args(args) -> ServerConfig:
         model_dirs=tuple(args.model_dir or [DEFAULT_MODEL_DIR]), classes=load_classes(args.classes),
         host=args.host, port=args.port, workers=args.workers, threads=args.threads, device=args.device,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
+        max_pending=args.max_pending,
         overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,
         metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
 

@@ -57,8 +57,10 @@ async def settled(server: SlonnServer) -> None:
 
 
 async def start(model_dir: Path, workers: int = 2) -> SlonnServer:
+    # max_pending at gRPC's own default (1000): the tests below must see only our statuses; the server
+    # still runs with the option set.
     cfg = ServerConfig(model_dirs=(model_dir,), classes=CLASSES, host="127.0.0.1", port=0, workers=workers,
-                       max_batch=16, grace_s=5.0)
+                       max_batch=16, grace_s=5.0, max_pending=1000)
     srv = SlonnServer(cfg)
     await srv.start()
     return srv

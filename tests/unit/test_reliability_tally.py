@@ -22,6 +22,7 @@ def test_outcome_tells_who_ended_the_call():
     assert outcome(rec("CLIENT_TIMEOUT")) == "unanswered"
     assert outcome(rec("UNANSWERED")) == "unanswered"
     assert outcome(rec("UNAVAILABLE", "worker failed twice")) == "UNAVAILABLE"
+    assert outcome(rec("CANCELLED", "CANCELLED")) == "rejected"  # gRPC core's pending-request shedding
 
 
 def test_tally_counts_every_record_once_and_reports_reject_latency_and_sender_lag():
@@ -44,3 +45,4 @@ def test_reject_reasons_separate_the_servers_decisions_from_time_lost_before_it(
     assert reject_reason(rec("DEADLINE_EXCEEDED", "the call's gRPC deadline leaves 2.0 ms; not admitted")) \
         == "arrived_too_late"
     assert reject_reason(rec("DEADLINE_EXCEEDED", "latency budget 3.00 ms cannot be met")) == "deadline_unreachable"
+    assert reject_reason(rec("CANCELLED", "CANCELLED")) == "pending_shed"
