@@ -56,9 +56,11 @@ class PlanContext:
     """Workers that share the backlog."""
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Run the first ``count`` candidates as one batch at ``level``."""
+class Plan(NamedTuple):
+    """Run the first ``count`` candidates as one batch at ``level``.
+
+    A NamedTuple, like Pending, because one is built per batch on the hot path of both the server and
+    the simulator (3x cheaper than a frozen dataclass)."""
 
     count: int
     level: float
