@@ -269,6 +269,11 @@ class Dispatcher:
                 self._fail(req, Unavailable(f"server is shutting down; worker failed: {exc}"))
             return
         spent = self.scheduler.retry(live)
+        self.metrics.worker_deaths.labels(batch.model).inc()
+        spent_ids = {id(r) for r in spent}
+        for req in live:
+            if id(req) not in spent_ids and not req.cancelled:
+                self.metrics.retried.labels(req.model, req.slo_class).inc()
         log.warning("batch of %d (%s, level %g): %s; %d request(s) queued again, %d failed twice",
                     len(batch.requests), batch.model, batch.plan.level, exc, len(live) - len(spent), len(spent))
         for req in spent:

@@ -37,6 +37,10 @@ class ServerMetrics:
         self.contention = Gauge("slonn_contention", "Latest contention signal (others' runnable tasks per CPU)",
                                 registry=r)
         self.inflight = Gauge("slonn_inflight", "Admitted requests not yet answered", registry=r)
+        self.worker_deaths = Counter("slonn_batches_lost_to_worker_death",
+                                     "Batches whose worker died while running them", ["model"], registry=r)
+        self.retried = Counter("slonn_requests_requeued", "Requests queued again after their worker died",
+                               ["model", "slo_class"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

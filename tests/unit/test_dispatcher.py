@@ -132,6 +132,9 @@ async def test_a_dead_workers_batch_is_run_once_more_with_the_same_inputs_and_an
     pool.fail(0, WorkerDied("SIGKILL"))
     await until(lambda: len(pool.submitted) == 2, "the retry")
     assert sorted(row[0] for row in pool.submitted[1][0].inputs) == first
+    sample = d.metrics.registry.get_sample_value
+    assert sample("slonn_requests_requeued_total", {"model": "m", "slo_class": "slow"}) == 3
+    assert sample("slonn_batches_lost_to_worker_death_total", {"model": "m"}) == 1
     pool.finish(1)
     await until(lambda: len(pool.submitted) == 2 + (d.scheduler.pending() > 0), "the rest, if any")
     if len(pool.submitted) == 3:
