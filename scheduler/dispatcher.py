@@ -189,9 +189,8 @@ class Dispatcher:
                     break
                 # No worker: still answer early whoever can no longer make it.
                 self._expire(self.scheduler.expire(now, contexts), now)
-                expiry = self.scheduler.next_expiry_s(contexts)
-                # Look again within a second anyway: workers dying while starting send no event here.
-                wake_at = now + 1.0 if expiry is None else min(expiry, now + 1.0)
+                # A worker coming back (or the pool breaking) wakes the loop through pool.on_idle.
+                wake_at = self.scheduler.next_expiry_s(contexts)
                 break
             out = self.scheduler.schedule(now, contexts)
             self._expire(out.expired, now)
@@ -269,13 +268,12 @@ class Dispatcher:
                 self._fail(req, Unavailable(f"server is shutting down; worker failed: {exc}"))
             return
         spent = self.scheduler.retry(live)
+        requeued = [r for r in live if r.queued]  # retry() pushed them (a caller who left is not pushed)
         self.metrics.worker_deaths.labels(batch.model).inc()
-        spent_ids = {id(r) for r in spent}
-        for req in live:
-            if id(req) not in spent_ids and not req.cancelled:
-                self.metrics.retried.labels(req.model, req.slo_class).inc()
+        for req in requeued:
+            self.metrics.retried.labels(req.model, req.slo_class).inc()
         log.warning("batch of %d (%s, level %g): %s; %d request(s) queued again, %d failed twice",
-                    len(batch.requests), batch.model, batch.plan.level, exc, len(live) - len(spent), len(spent))
+                    len(batch.requests), batch.model, batch.plan.level, exc, len(requeued), len(spent))
         for req in spent:
             self._fail(req, Unavailable(f"worker failed twice under this request: {exc}"))
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import signal
 import tempfile
-import multiprocessing as mp
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -148,18 +148,15 @@ def _send_lag_p99_ms(records: list[RequestRecord]) -> float | None:
     return round(float(np.percentile(lags, 99)), 2) if lags else None
 
 
-def _group(pairs) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for key, value in pairs:
-        out.setdefault(key, []).append(value)
-    return out
-
-
 def tally(records: list[RequestRecord], duration_s: float) -> dict:
-    outcomes = Counter(outcome(r) for r in records)
-    statuses = Counter(r.status for r in records if outcome(r) not in ("ok", "unanswered"))
+    kinds = [outcome(r) for r in records]
+    outcomes = Counter(kinds)
+    statuses = Counter(r.status for r, k in zip(records, kinds) if k not in ("ok", "unanswered"))
     ok = [r for r in records if r.status == "OK"]
-    rejects = [r.latency_ms for r in records if outcome(r) == "rejected"]
+    rejected = [r for r, k in zip(records, kinds) if k == "rejected"]
+    by_reason: defaultdict[str, list[float]] = defaultdict(list)
+    for r in rejected:
+        by_reason[reject_reason(r)].append(r.latency_ms)
     return {
         "sent": len(records), "offered_per_s": round(len(records) / duration_s, 1),
         "send_lag_p99_ms": _send_lag_p99_ms(records),
@@ -168,11 +165,10 @@ def tally(records: list[RequestRecord], duration_s: float) -> dict:
         "goodput_per_s": round(sum(r.on_time for r in ok) / duration_s, 1),
         "unanswered": outcomes.pop("unanswered", 0),
         "outcomes": dict(outcomes), "errors": dict(statuses),
-        "reject_latency": _pcts(rejects),
-        "reject_latency_by_reason": {
-            reason: {"count": len(v), **_pcts(v)} for reason, v in sorted(_group(
-                (reject_reason(r), r.latency_ms) for r in records if outcome(r) == "rejected").items())},
-        "expired_latency": _pcts([r.latency_ms for r in records if outcome(r) == "expired"]),
+        "reject_latency": _pcts([r.latency_ms for r in rejected]),
+        "reject_latency_by_reason": {reason: {"count": len(v), **_pcts(v)}
+                                     for reason, v in sorted(by_reason.items())},
+        "expired_latency": _pcts([r.latency_ms for r, k in zip(records, kinds) if k == "expired"]),
         "ok_latency": _pcts([r.latency_ms for r in ok]),
     }
 
@@ -194,7 +190,7 @@ def _replay_from_processes(target: str, model: str, rate: float, duration_s: flo
     One Python client stays on schedule up to about 1,000 unary calls/s on these 2 cores; to offer a
     multiple of a server that answers about as many, the load has to come from several processes.
     """
-    if clients <= 1:
+    if clients <= 1:  # in this process, which must not be reniced: the scenarios after it share it
         return _replay(target, model, rate, duration_s, seed, client_deadline)
     ctx = mp.get_context("spawn")
     start_at = time.time() + CLIENT_START_S  # every client's window starts together, after its imports

@@ -56,7 +56,8 @@ UNION_DENSE_FRACTION = 0.75
 
 @dataclass
 class SparseLayer:
-    """One layer fed by a sparse hidden vector: weights stored input-major (``W.T``)."""
+    """One layer fed by a sparse hidden vector: weights input-major (``W.T``) for the gathers, and
+    output-major (``W``) for the dense GEMMs."""
 
     w: torch.Tensor
     """out x in float32, contiguous (nn.Linear's layout): the operand of the dense GEMMs."""

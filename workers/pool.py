@@ -184,6 +184,9 @@ class ProcessPool(WorkerPool):
         if not w.ready.done():
             w.ready.set_result(msg)
         self._release(w)
+        self._notify_idle()
+
+    def _notify_idle(self) -> None:
         if self.on_idle is not None:
             self.on_idle()
 
@@ -212,8 +215,7 @@ class ProcessPool(WorkerPool):
             # A worker that cannot even start (bad artifact, OOM at load) would be respawned forever.
             log.error("%d workers in a row died while starting; not starting more", self._start_failures)
             self._broken = True
-            if self.on_idle is not None:
-                self.on_idle()
+            self._notify_idle()
             return
         self._spawn()
 
