@@ -21,10 +21,17 @@ of ``W.T`` are read.
   gathered once and one GEMM runs on the matching columns of ``h``; each
   sample's own mask is already in ``h`` (zeros elsewhere), so it is exact. Falls
   back to dense (``W`` layout) per layer when the union covers most of the layer.
-- ``gather_fp16`` / ``gather_bf16``: the per-sample gather over a half-precision
+- ``gather_bf16`` / ``gather_fp16``: the per-sample gather over a half-precision
   copy of ``W.T`` (fp32 accumulation inside embedding_bag; the layer output is
-  rounded to half and the bias added in fp32). Not bit-comparable with the
-  reference; its accuracy is measured by ``scripts/bench_kernels.py``.
+  rounded to half and the bias added in fp32).
+- ``dense_bf16`` / ``dense_fp16``: ``linear`` on the masked ``h`` rounded to
+  half, over a half copy of ``W`` (oneDNN accumulates in fp32; on CPUs with
+  AMX or AVX512-BF16 a bf16 GEMM at batch 16 ran ~4x faster than fp32 sgemm;
+  elsewhere it is slow and the chooser does not pick it). The output is
+  rounded to half and the bias added in fp32.
+
+The half kernels are not bit-comparable with the reference; their accuracy is
+measured by ``scripts/bench_kernels.py``.
 
 Ties in top-k: every kernel selects with the same ``torch.topk`` on fp32
 pre-activations, so kernels agree with the reference unless two pre-activations
@@ -67,6 +74,8 @@ class SparseLayer:
     """out, float32."""
     wt_low: torch.Tensor | None
     """``wt`` in the low precision, or None when no low-precision kernel is built."""
+    w_low: torch.Tensor | None = None
+    """``w`` in the low precision, or None."""
 
 
 @dataclass
@@ -83,13 +92,14 @@ class SparseMLP:
     """in_features: the model's input standardisation (kept to synthesise calibration inputs)."""
     input_std: torch.Tensor
     """in_features."""
-    low_precision: str | None = "fp16"
-    """Name of the half-precision weight copy ("fp16", "bf16") or None for fp32 only."""
+    low_precision: str | None = "bf16"
+    """Name of the half-precision weight copies ("bf16", "fp16") or None for fp32 only."""
 
     @classmethod
     def from_model(cls, model: SLOAwareMLP, device: torch.device,
-                   low_precision: str | None = "fp16") -> "SparseMLP":
-        """Lay out ``model``'s weights on ``device``; ``low_precision`` adds a half copy of every ``W.T``."""
+                   low_precision: str | None = "bf16") -> "SparseMLP":
+        """Lay out ``model``'s weights on ``device``; ``low_precision`` adds half copies of every ``W`` and
+        ``W.T``."""
         if low_precision is not None and low_precision not in LOW_PRECISION_DTYPES:
             raise ValueError(f"low_precision={low_precision!r} must be one of {sorted(LOW_PRECISION_DTYPES)} or None")
         with torch.no_grad():
@@ -101,16 +111,18 @@ class SparseMLP:
             for lin in [*model.hidden[1:], model.head]:
                 w_out_in = lin.weight.detach().float().contiguous().to(device)
                 wt = w_out_in.t().contiguous()
-                low = None if low_precision is None else wt.to(LOW_PRECISION_DTYPES[low_precision])
-                layers.append(SparseLayer(w_out_in, wt, lin.bias.detach().float().to(device), low))
+                dtype = None if low_precision is None else LOW_PRECISION_DTYPES[low_precision]
+                layers.append(SparseLayer(w_out_in, wt, lin.bias.detach().float().to(device),
+                                          None if dtype is None else wt.to(dtype),
+                                          None if dtype is None else w_out_in.to(dtype)))
         return cls(w.contiguous().to(device), b.to(device), layers, model.input_mean.detach().float().to(device),
                    model.input_std.detach().float().to(device), low_precision)
 
     @property
     def kernels(self) -> tuple[str, ...]:
         """Kernels this layout can run."""
-        low = () if self.low_precision is None else (f"gather_{self.low_precision}",)
-        return EXACT_KERNELS + low
+        lp = self.low_precision
+        return EXACT_KERNELS + (() if lp is None else (f"gather_{lp}", f"dense_{lp}"))
 
     @property
     def device(self) -> torch.device:
@@ -125,8 +137,8 @@ class SparseMLP:
         if kernel not in self.kernels:
             raise ValueError(f"kernel={kernel!r} is not one of {self.kernels}")
         z = torch.addmm(self.first_b, x, self.first_w.t())
-        if kernel == "dense":
-            return self._forward_dense(z, keep)
+        if kernel.startswith("dense"):
+            return self._forward_dense(z, keep, low=kernel != "dense")
         if kernel == "union":
             for layer in self.layers:
                 z = _union_gemm(layer, *_select(z, keep))
@@ -136,11 +148,14 @@ class SparseMLP:
             z = _gather(layer, *_select(z, keep), low=low, drop_zeros=keep >= POSITIVE_FILTER_MIN_KEEP)
         return z
 
-    def _forward_dense(self, z: torch.Tensor, keep: float) -> torch.Tensor:
+    def _forward_dense(self, z: torch.Tensor, keep: float, low: bool = False) -> torch.Tensor:
         for layer in self.layers:
             if keep < 1.0:
                 z = topk_mask(z, kept_units(keep, z.shape[-1]))
-            z = F.linear(z.relu_(), layer.w, layer.bias)
+            if low:  # half GEMM, fp32 bias: same rounding as the half gathers
+                z = torch.add(layer.bias, F.linear(z.relu_().to(layer.w_low.dtype), layer.w_low))
+            else:
+                z = F.linear(z.relu_(), layer.w, layer.bias)
         return z
 
 

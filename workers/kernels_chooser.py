@@ -105,6 +105,12 @@ def split_choice(choice: str, level: float) -> tuple[str, float]:
     return kernel, (float(run_level) if sep else level)
 
 
+def is_dense(kernel: str) -> bool:
+    """Dense GEMM kernels ("dense", "dense_bf16"): they read every weight whatever the input, so their
+    start-up timing holds for every input; a sparse kernel's depends on how many units the inputs keep."""
+    return kernel.startswith("dense")
+
+
 def promote(chooser: KernelChooser, accuracy: dict[float, float] | None = None,
             margin: float = SPARSE_MARGIN) -> None:
     """Fill ``chooser.table`` from its timings: per (batch size, level) the fastest option, where options
@@ -129,8 +135,8 @@ def promote(chooser: KernelChooser, accuracy: dict[float, float] | None = None,
             if not options:
                 continue
             best = min(options, key=options.get)
-            dense = [k for k in options if split_choice(k, level)[0] == "dense"]
-            if dense and split_choice(best, level)[0] != "dense":
+            dense = [k for k in options if is_dense(split_choice(k, level)[0])]
+            if dense and not is_dense(split_choice(best, level)[0]):
                 best_dense = min(dense, key=options.get)
                 if options[best] > (1.0 - margin) * options[best_dense]:
                     best = best_dense

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.kernels import EXACT_KERNELS, KernelChooser, SparseMLP, measure_kernel_table
-from workers.kernels_chooser import SPARSE_MARGIN, promote, split_choice
+from workers.kernels_chooser import SPARSE_MARGIN, is_dense, promote, split_choice
 from workers.model import MLPArchitecture, SLOAwareMLP
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -37,14 +37,17 @@ def test_exact_kernels_equal_reference(model, kernel, level, batch):
         torch.testing.assert_close(sparse.forward(x, level, kernel), model(x, level), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gather", "dense"])
 @pytest.mark.parametrize("low", ["fp16", "bf16"])
 @pytest.mark.parametrize("level", LEVELS)
-def test_low_precision_gather_is_close(model, low, level):
+def test_low_precision_kernels_are_close(model, kind, low, level):
     sparse = SparseMLP.from_model(model, CPU, low_precision=low)
+    assert f"{kind}_{low}" in sparse.kernels
     x = _inputs(model, 64, seed=7)
     with torch.inference_mode():
         ref = model(x, level)
-        out = sparse.forward(x, level, f"gather_{low}")
+        out = sparse.forward(x, level, f"{kind}_{low}")
+    assert out.dtype == torch.float32
     # Half weights can flip a near-tie in top-k, so compare predictions, and logits loosely.
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
     assert (out - ref).abs().median() < 0.05 * ref.abs().max()
@@ -73,7 +76,7 @@ def test_no_low_precision_layout(model):
     sparse = SparseMLP.from_model(model, CPU, low_precision=None)
     assert sparse.kernels == EXACT_KERNELS
     with pytest.raises(ValueError, match="kernel="):
-        sparse.forward(_inputs(model, 1, 0), 0.5, "gather_fp16")
+        sparse.forward(_inputs(model, 1, 0), 0.5, "gather_bf16")
     with pytest.raises(ValueError, match="low_precision="):
         SparseMLP.from_model(model, CPU, low_precision="int3")
 
@@ -99,8 +102,10 @@ def test_measured_table_picks_its_fastest(model):
             assert set(cell) <= set(sparse.kernels) and "dense" in cell
             choice = chooser.table[b][level]
             fastest = min(cell, key=cell.get)
-            # The fastest, unless it is a sparse kernel within the margin of dense: then dense.
-            assert choice == fastest or (choice == "dense" and cell[fastest] > (1 - SPARSE_MARGIN) * cell["dense"])
+            # The fastest, unless it is a sparse kernel within the margin of the best dense one: then that.
+            best_dense = min((k for k in cell if is_dense(k)), key=cell.get)
+            assert choice == fastest or (choice == best_dense
+                                         and cell[fastest] > (1 - SPARSE_MARGIN) * cell[best_dense])
             assert chooser.choose(b, level) == choice
     assert KernelChooser.from_json(chooser.to_json()).table == chooser.table
 
@@ -135,6 +140,11 @@ def test_a_sparse_kernel_needs_a_clear_win_over_dense():
     promote(chooser)
     assert chooser.choose(16, 0.5) == "dense"  # 6% faster is within start-up timing noise
     assert chooser.choose(16, 0.1) == "gather"
+    # A half-precision dense GEMM is a dense option too: the sparse kernel must beat it by the margin.
+    half = {16: {0.1: {"dense": 50.0, "dense_bf16": 20.0, "gather_bf16": 19.0}}}
+    chooser = KernelChooser(table={16: {}}, timings_ms=half, levels=(0.1,))
+    promote(chooser)
+    assert chooser.choose(16, 0.1) == "dense_bf16"
 
 
 def test_runner_runs_the_promoted_level(tmp_path, model):
