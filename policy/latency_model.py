@@ -41,8 +41,10 @@ from sklearn.model_selection import KFold
 from threadpoolctl import threadpool_limits
 
 from policy.table import LatencyTable
+from workers.protocol import DEFAULT_PRECISION, low_precision_of
 
 PROFILE_CSV = "latency_profile.csv"
+"""The profile of the default precision's kernels; see :func:`profile_csv_name`."""
 MODEL_JSON = "latency_model.json"
 DEFAULT_CONTENTION_EDGES: tuple[float, ...] = (0.1, 0.3, 0.6, 0.9, 1.25, 1.75)
 """Upper edges of the contention buckets (others' runnable tasks per CPU); the last bucket is open."""
@@ -343,6 +345,14 @@ class LatencyModel:
         if (directory / MODEL_JSON).exists():
             config = LatencyModelConfig(**json.loads((directory / MODEL_JSON).read_text())["config"])
         return cls(config).fit(read_rows_csv(csv_path))
+
+
+def profile_csv_name(precision: str = DEFAULT_PRECISION) -> str:
+    """File name of the latency profile for workers serving in ``precision``: each precision has its own
+    kernels and so its own latencies (``latency_profile.csv`` for the default, else
+    ``latency_profile-<precision>.csv``)."""
+    low_precision_of(precision)  # ValueError naming precision
+    return PROFILE_CSV if precision == DEFAULT_PRECISION else f"latency_profile-{precision}.csv"
 
 
 def mape(pred: np.ndarray, actual: np.ndarray) -> float:

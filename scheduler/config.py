@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from workers.protocol import DEFAULT_PRECISION, low_precision_of
+
 ON_LATE = ("reject", "serve")
 MODES = ("latency", "accuracy")
 
@@ -104,6 +106,10 @@ class ServerConfig:
     """torch intra-op threads per worker (> 0)."""
     device: str = "auto"
     """"auto" (cuda when available, else cpu), "cpu" or "cuda[:N]"."""
+    precision: str = DEFAULT_PRECISION
+    """Weight precision of the workers (bf16, fp16, fp32): half precisions add half-precision kernels, which
+    the measured kernel table picks where they are faster; fp32 serves the exact kernels only. Each has its
+    own latency profile (``slonn profile --precision``)."""
     max_batch: int = 64
     """Largest batch the planner forms (1..1024)."""
     policy: str = "slonn"
@@ -133,6 +139,7 @@ class ServerConfig:
             raise ValueError("model_dirs is empty: pass at least one --model-dir")
         if self.workers <= 0 or self.threads <= 0:
             raise ValueError(f"workers={self.workers}, threads={self.threads}: both must be > 0")
+        low_precision_of(self.precision)  # ValueError naming precision
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch={self.max_batch} must be in 1..1024")
         if self.max_inflight <= 0:

@@ -9,12 +9,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from policy.latency_model import PROFILE_CSV, LatencySample, read_rows_csv
+from policy.latency_model import LatencySample, profile_csv_name, read_rows_csv
 from policy.learner import OnlineLearner
 from policy.table import LatencyTable
 from workers.artifact import ModelManifest
 from workers.pool import WorkerDied, WorkerPool
-from workers.protocol import BatchTask
+from workers.protocol import DEFAULT_PRECISION, BatchTask
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ class LearnedLatency:
             learner.stop()
 
 
-def base_rows(model_dir: Path) -> list[LatencySample] | None:
-    """The profile written by `slonn profile` beside the model, if any."""
-    path = Path(model_dir) / PROFILE_CSV
+def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION) -> list[LatencySample] | None:
+    """The profile `slonn profile --precision` wrote beside the model for workers in ``precision``, if any."""
+    path = Path(model_dir) / profile_csv_name(precision)
     return read_rows_csv(path) if path.exists() else None
 
 

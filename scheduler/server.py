@@ -186,7 +186,7 @@ class SlonnServer:
     async def start(self) -> int:
         """Start workers, profile, bind; returns the bound port."""
         cfg = self.cfg
-        spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads)
+        spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads, precision=cfg.precision)
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
         self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples
@@ -235,14 +235,14 @@ class SlonnServer:
         freeze_startup_heap()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s)", sorted(self.manifests), cfg.host,
-                 self.port, cfg.policy, cfg.workers, self.pool.device)
+        log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s)", sorted(self.manifests), cfg.host,
+                 self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision)
         return self.port
 
     async def _base_rows(self, manifest: ModelManifest) -> list[LatencySample]:
         """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
         directory = next(d for d in self.cfg.model_dirs if load_manifest(d).name == manifest.name)
-        rows = base_rows(directory)
+        rows = base_rows(directory, self.cfg.precision)
         if rows:
             log.info("%s: latency model from %d profile rows in %s", manifest.name, len(rows), directory)
             return rows

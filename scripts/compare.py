@@ -58,6 +58,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
                       "--max-batch", str(args.max_batch), "--overhead-ms", str(args.overhead_ms)]
         if args.classes:
             serve_args += ["--classes", str(args.classes)]
+        serve_args += ["--precision", args.precision]
         t0 = time.monotonic()
         load_before = _loadavg()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:

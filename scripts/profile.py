@@ -32,7 +32,9 @@ import numpy as np
 from policy.contention import ContentionMonitor
 from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
+from policy.latency_model import profile_csv_name
 from scripts.corunner import BurnSpec, CpuBurner
+from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ DISTURBED_EXCESS = 0.1
 """Mean signal above ``intensity / n_cpus`` by more than this: someone else was loading the machine."""
 
 
-def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, seed: int) -> None:
+def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, seed: int, precision: str) -> None:
     """Child: load the model like a server worker, then run batches on request until told to stop."""
     import torch
 
@@ -50,7 +52,7 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
     from workers.runner import ModelRunner
 
     torch.set_num_threads(threads)
-    runner = ModelRunner.load(Path(model_dir), device)
+    runner = ModelRunner.load(Path(model_dir), device, precision)
     kernel_table = runner.calibrate() if calibrate else {}
     pool = load_split().x_test
     rng = np.random.default_rng(seed)
@@ -70,10 +72,11 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
 class ProfileWorker:
     """The worker process and its pipe."""
 
-    def __init__(self, model_dir: Path, device: str, threads: int, calibrate: bool, seed: int) -> None:
+    def __init__(self, model_dir: Path, device: str, threads: int, calibrate: bool, seed: int,
+                 precision: str = DEFAULT_PRECISION) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, str(model_dir), device, threads, calibrate, seed),
+        self.proc = ctx.Process(target=_worker, args=(child, str(model_dir), device, threads, calibrate, seed, precision),
                                 daemon=True)
         self.proc.start()
         self.ready = self.conn.recv()
@@ -193,7 +196,11 @@ def _machine() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slonn profile", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
-    p.add_argument("--out", type=Path, default=None, help=f"CSV path (default <model-dir>/{PROFILE_CSV})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"CSV path (default <model-dir>/{PROFILE_CSV}, latency_profile-<precision>.csv for another "
+                        "precision)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="worker weight precision to profile (the server's --precision)")
     p.add_argument("--levels", type=float, nargs="*", default=None, help="default: the model's levels")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=list(DEFAULT_BATCH_SIZES))
     p.add_argument("--intensities", nargs="*", default=list(DEFAULT_INTENSITIES),
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--reps must be >= 1 and --batch-sizes positive integers")
     t0 = time.monotonic()
     machine = _machine()
-    worker = ProfileWorker(args.model_dir, args.device, args.threads, not args.no_calibrate, args.seed)
+    worker = ProfileWorker(args.model_dir, args.device, args.threads, not args.no_calibrate, args.seed,
+                           args.precision)
     levels = sorted(args.levels or worker.ready["levels"], reverse=True)
     monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
     if args.signal_only:
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         monitor.stop()
         worker.close()
-    out = args.out or args.model_dir / PROFILE_CSV
+    out = args.out or args.model_dir / profile_csv_name(args.precision)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_rows_csv(out, rows, extra)
     model = LatencyModel(LatencyModelConfig()).fit(rows)
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     "for clean per-intensity figures", disturbed)
     print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
                       "disturbed_intensities": disturbed,
-                      "threads": args.threads, "device": worker.ready["device"], "levels": levels,
+                      "threads": args.threads, "device": worker.ready["device"], "precision": args.precision, "levels": levels,
                       "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
                       "kernel_table": worker.ready["kernel_table"], "model": model.describe(),
                       "monitor": {"probe_baseline_ms": round(monitor.baseline_ms, 4), "interval_s": monitor.interval_s,

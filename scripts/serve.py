@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from scheduler.config import ServerConfig, load_classes
+from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
 
@@ -23,6 +24,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="worker weight precision: bf16/fp16 add half-precision kernels (picked where measured "
+                        "faster), fp32 serves exact kernels only")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--policy", default="slonn", help="slonn | triton | fixed:<level> | aimd")
     p.add_argument("--max-inflight", type=int, default=8192)
@@ -40,6 +44,7 @@ def config_from_args(args) -> ServerConfig:
     return ServerConfig(
         model_dirs=tuple(args.model_dir or [DEFAULT_MODEL_DIR]), classes=load_classes(args.classes),
         host=args.host, port=args.port, workers=args.workers, threads=args.threads, device=args.device,
+        precision=args.precision,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
         max_pending=args.max_pending,
         overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from policy.latency_model import profile_csv_name
 from policy.planner import PlanContext
 from policy.table import LatencyTable
 from scheduler.clock import FakeClock
@@ -35,6 +36,7 @@ from scheduler.core import Scheduler
 from scheduler.errors import DeadlineUnreachable, QueueFull
 from scripts.report import RequestRecord
 from scripts.trace import Arrivals
+from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # same status the live replay records (scripts/replay.py)
 
@@ -400,7 +402,7 @@ def build_setup(args) -> SimSetup:
     manifest = load_manifest(args.model_dir)
     levels = tuple(sorted(manifest.levels, reverse=True))
     accuracy = tuple(manifest.accuracy[lv] for lv in levels)
-    profile = args.profile or args.model_dir / "latency_profile.csv"
+    profile = args.profile or args.model_dir / profile_csv_name(args.precision)
     model = load_latency_model(profile)
     value = args.corunner_contention
     if value is None:
@@ -428,7 +430,10 @@ def run_policy(setup: SimSetup, arrivals: Arrivals, policy_name: str, cfg: SimCo
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
-    p.add_argument("--profile", type=Path, default=None, help="latency profile CSV (default <model-dir>/latency_profile.csv)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="latency profile CSV (default: the one `slonn profile --precision` wrote in <model-dir>)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="worker weight precision (the server's --precision): picks the profile")
     p.add_argument("--classes", type=Path, default=None, help="SLO classes TOML (default: the packaged one)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=64)

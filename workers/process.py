@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
+from workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 from workers.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,9 @@ class WorkerSpec:
     threads: int = 1
     calibrate: bool = True
     """Measure the kernel table at start-up (else the chooser's defaults)."""
+    precision: str = DEFAULT_PRECISION
+    """Weight precision (workers.protocol.PRECISIONS): "bf16"/"fp16" add the half kernels, "fp32" serves exact
+    kernels only."""
     kernel_tables: dict = field(default_factory=dict)
     """model name -> a measured KernelChooser.to_json(); such models skip calibration (worker restarts)."""
 
@@ -35,7 +38,7 @@ def load_runners(spec: WorkerSpec) -> dict[str, ModelRunner]:
     torch.set_num_threads(spec.threads)
     runners = {}
     for directory in spec.model_dirs:
-        runner = ModelRunner.load(Path(directory), spec.device)
+        runner = ModelRunner.load(Path(directory), spec.device, spec.precision)
         table = spec.kernel_tables.get(runner.manifest.name)
         if table:
             runner.use_kernel_table(table)

@@ -17,6 +17,7 @@ from workers.artifact import ModelManifest, load_artifact
 from workers.device import DeviceTimer, pick_device
 from workers.kernels_chooser import split_choice
 from workers.model import SLOAwareMLP
+from workers.protocol import DEFAULT_PRECISION, low_precision_of
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,22 @@ class RunOutput:
 class ModelRunner:
     """One loaded model on one device, ready to run batches at any of its levels."""
 
-    def __init__(self, model: SLOAwareMLP, manifest: ModelManifest, device: torch.device) -> None:
+    def __init__(self, model: SLOAwareMLP, manifest: ModelManifest, device: torch.device,
+                 precision: str = DEFAULT_PRECISION) -> None:
         from workers.kernels import KernelChooser, SparseMLP
 
         self.manifest = manifest
         self.device = device
+        self.precision = precision
         self.model = model.to(device).eval()
-        self.sparse = SparseMLP.from_model(self.model, device)
+        self.sparse = SparseMLP.from_model(self.model, device, low_precision=low_precision_of(precision))
         self.chooser = KernelChooser.default(manifest.levels)
 
     @classmethod
-    def load(cls, directory: Path, device: str = "auto") -> "ModelRunner":
+    def load(cls, directory: Path, device: str = "auto", precision: str = DEFAULT_PRECISION) -> "ModelRunner":
         dev = pick_device(device)
         model, manifest = load_artifact(directory, dev)
-        return cls(model, manifest, dev)
+        return cls(model, manifest, dev, precision)
 
     def calibrate(self, batch_sizes: tuple[int, ...] | None = None, repeats: int = 5) -> dict:
         """Measure every kernel on this machine and make the chooser pick the fastest; returns the table."""

@@ -124,6 +124,7 @@ def test_wrongly_typed_value_names_its_field(tmp_path):
     ({"max_batch": 0}, "max_batch"),
     ({"max_batch": 2000}, "max_batch"),
     ({"max_inflight": 0}, "max_inflight"),
+    ({"precision": "fp8"}, "precision"),
     ({"max_pending": -1}, "max_pending"),
     ({"max_message_bytes": 100}, "max_message_bytes"),
     ({"overhead_ms": -1.0}, "overhead_ms"),

@@ -159,3 +159,25 @@ def test_runner_runs_the_promoted_level(tmp_path, model):
     assert out.kernel == "dense@1.0"
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out.outputs), model(x, 1.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("precision", "half_kernels"), [("bf16", {"gather_bf16", "dense_bf16"}),
+                                                         ("fp16", {"gather_fp16", "dense_fp16"}), ("fp32", set())])
+def test_runner_precision_decides_the_kernel_set(tmp_path, model, precision, half_kernels):
+    from workers.artifact import ModelManifest, save_artifact
+    from workers.runner import ModelRunner
+
+    save_artifact(model, ModelManifest("t", model.arch, LEVELS, {lv: 0.9 for lv in LEVELS}), tmp_path)
+    runner = ModelRunner.load(tmp_path, "cpu", precision)
+    assert set(runner.sparse.kernels) == set(EXACT_KERNELS) | half_kernels
+    with pytest.raises(ValueError, match="precision="):
+        ModelRunner.load(tmp_path, "cpu", "int8")
+
+
+def test_profile_file_per_precision():
+    from policy.latency_model import PROFILE_CSV, profile_csv_name
+
+    assert profile_csv_name() == PROFILE_CSV
+    assert profile_csv_name("fp32") == "latency_profile-fp32.csv" != profile_csv_name("fp16")
+    with pytest.raises(ValueError, match="precision="):
+        profile_csv_name("fp8")
