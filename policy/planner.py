@@ -170,6 +170,13 @@ class SLOAwarePolicy:
             raise ValueError("plan() needs at least one candidate")
         table, bucket, accuracy = ctx.table, ctx.bucket, ctx.accuracy
         rows = table.safe_rows(bucket)
+        if n_max == 1:  # one candidate (most decisions at low load): no prefixes to build
+            return self._plan_one(candidates, now_s, ctx, rows)
+        return self._plan_prefixes(candidates, n_max, now_s, ctx, rows)
+
+    def _plan_prefixes(self, candidates: Sequence[Pending], n_max: int, now_s: float, ctx: PlanContext,
+                       rows: list[list[float]]) -> Plan:
+        table, accuracy = ctx.table, ctx.accuracy
         # Prefix constraints of the batch made of the first n candidates: the highest floor, and the
         # time budget (ms) left for exec by the earliest deadline once the overhead is paid.
         floors, budgets = [], []
@@ -198,6 +205,29 @@ class SLOAwarePolicy:
         return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1],
                     reason="largest feasible batch, then the " + ("fastest" if accuracy_mode else "most accurate")
                     + " level", slack_ms=budgets[best_n - 1] + ctx.overhead_ms, candidates=len(candidates))
+
+    def _plan_one(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext,
+                  rows: list[list[float]]) -> Plan:
+        """``plan`` for a batch of at most one: the same choice as the general path, without its lists."""
+        p = candidates[0]
+        accuracy = ctx.accuracy
+        budget = (p.deadline_s - now_s) * 1e3 - ctx.overhead_ms
+        accuracy_mode = p.mode == "accuracy"
+        best_i, best_acc, best_ms = -1, 0.0, 0.0
+        for i, acc in enumerate(accuracy):
+            ms = rows[i][0]
+            if acc < p.min_accuracy or ms > budget:
+                continue
+            # _better at n = 1, inlined (this loop runs for most requests at low load)
+            if best_i < 0 or (ms < best_ms if accuracy_mode or acc == best_acc else acc > best_acc):
+                best_i, best_acc, best_ms = i, acc, ms
+        if best_i < 0:
+            i = fastest_allowed(p.min_accuracy, ctx)
+            return Plan(1, ctx.table.levels[i], rows[i][0], late=True, reason="late: fastest allowed level",
+                        slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
+        return Plan(1, ctx.table.levels[best_i], rows[best_i][0],
+                    reason="largest feasible batch, then the " + ("fastest" if accuracy_mode else "most accurate")
+                    + " level", slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
 
     @staticmethod
     def _better(i: int, j: int, n: int, accuracy_mode: bool, rows: list[list[float]],

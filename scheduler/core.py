@@ -12,7 +12,7 @@ import itertools
 import logging
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
 from scheduler.config import SLOClassConfig
@@ -27,9 +27,9 @@ MAX_ATTEMPTS = 2
 """Runs a request gets when workers die under it: the first and one retry."""
 
 
-@dataclass(frozen=True)
-class Batch:
-    """Requests of one model to run together at one level."""
+class Batch(NamedTuple):
+    """Requests of one model to run together at one level (a NamedTuple, like Plan: one per batch on the
+    hot path of the server and the simulator)."""
 
     model: str
     requests: list[QueuedRequest]
@@ -37,7 +37,7 @@ class Batch:
     planned_at_s: float
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     batch: Batch | None = None
     expired: list[QueuedRequest] = field(default_factory=list)
@@ -60,6 +60,7 @@ class Scheduler:
         }
         self._best_accuracy = {m: max(acc) for m, acc in models.items()}
         self._all_queues = [q for qs in self._queues.values() for q in qs.values()]
+        self._queue_lists = {m: list(qs.values()) for m, qs in self._queues.items()}
         self._ahead = {m: {c: [q for name, q in qs.items() if classes[name].latency_ms <= classes[c].latency_ms]
                            for c in qs} for m, qs in self._queues.items()}
         """model -> class -> the queues whose requests are (about) ahead of that class's in EDF."""
@@ -160,7 +161,7 @@ class Scheduler:
         if model is None:
             return out
         ctx = contexts[model]
-        queues = list(self._queues[model].values())
+        queues = self._queue_lists[model]
         candidates = pop_merged(queues, ctx.max_batch)
         while self._mixed_late:
             candidates = self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)

@@ -216,3 +216,13 @@ def test_plan_matches_brute_force(raw, max_batch, overhead_ms):
     assert plan.count == best_n
     assert plan.level == LEVELS[min(feasible[best_n])]  # lowest index = most accurate
     assert plan.predicted_ms == TABLE.safe(0, LEVELS.index(plan.level), plan.count)
+
+
+@settings(max_examples=200)
+@given(slack=st.floats(-5.0, 20.0), floor=st.sampled_from([0.0, 0.9, 0.95, 0.97, 0.99, 1.0]),
+       mode=st.sampled_from(["latency", "accuracy"]), overhead_ms=st.sampled_from([0.0, 0.5]))
+def test_one_candidate_shortcut_equals_the_general_path(slack, floor, mode, overhead_ms):
+    c = ctx(overhead_ms=overhead_ms)
+    p = [pend(slack, floor, mode=mode, on_late="serve")]
+    rows = TABLE.safe_rows(0)
+    assert POLICY._plan_one(p, NOW, c, rows) == POLICY._plan_prefixes(p, 1, NOW, c, rows) == POLICY.plan(p, NOW, c)
