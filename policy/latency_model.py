@@ -355,6 +355,18 @@ def profile_csv_name(precision: str = DEFAULT_PRECISION) -> str:
     return PROFILE_CSV if precision == DEFAULT_PRECISION else f"latency_profile-{precision}.csv"
 
 
+def foreign_kernels(rows: Iterable[LatencySample], precision: str) -> set[str]:
+    """Kernels in ``rows`` that workers in ``precision`` do not have (a profile taken for another
+    precision, e.g. one written before the default became bf16)."""
+    low = low_precision_of(precision)
+    out = set()
+    for k in {r.kernel.partition("@")[0] for r in rows}:
+        suffix = k.rpartition("_")[2] if "_" in k else None
+        if suffix is not None and suffix != low:
+            out.add(k)
+    return out
+
+
 def mape(pred: np.ndarray, actual: np.ndarray) -> float:
     """Mean absolute percentage error, in %."""
     return float(np.mean(np.abs(pred - actual) / actual) * 100.0) if len(actual) else math.nan

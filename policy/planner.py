@@ -216,7 +216,7 @@ class SLOAwarePolicy:
         best_i, best_acc, best_ms = -1, 0.0, 0.0
         for i, acc in enumerate(accuracy):
             ms = rows[i][0]
-            if acc < p.min_accuracy or ms > budget:
+            if not (acc >= p.min_accuracy and ms <= budget):  # as the general path reads it, NaN included
                 continue
             # _better at n = 1, inlined (this loop runs for most requests at low load)
             if best_i < 0 or (ms < best_ms if accuracy_mode or acc == best_acc else acc > best_acc):

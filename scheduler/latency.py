@@ -9,7 +9,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from policy.latency_model import LatencySample, profile_csv_name, read_rows_csv
+from policy.latency_model import LatencySample, foreign_kernels, profile_csv_name, read_rows_csv
 from policy.learner import OnlineLearner
 from policy.table import LatencyTable
 from workers.artifact import ModelManifest
@@ -71,7 +71,14 @@ class LearnedLatency:
 def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION) -> list[LatencySample] | None:
     """The profile `slonn profile --precision` wrote beside the model for workers in ``precision``, if any."""
     path = Path(model_dir) / profile_csv_name(precision)
-    return read_rows_csv(path) if path.exists() else None
+    if not path.exists():
+        return None
+    rows = read_rows_csv(path)
+    foreign = foreign_kernels(rows, precision)
+    if foreign:
+        log.warning("%s was profiled with kernels %s that %s workers do not have: retake it with "
+                    "`slonn profile --precision %s`", path, sorted(foreign), precision, precision)
+    return rows
 
 
 async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: int,

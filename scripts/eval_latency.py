@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
-    read_rows_csv, rows_to_arrays
+    profile_csv_name, read_rows_csv, rows_to_arrays
 from policy.learner import LearnerConfig, OnlineLearner
+from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 MAPE_TARGET_PCT = 10.0
 DISTURBED_EXCESS = 0.1
@@ -164,7 +165,10 @@ def online_adaptation(rows, dicts, base_burn: str, live_burn: str, steps=(0, 10,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slonn eval-latency", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
-    p.add_argument("--profile", type=Path, default=None, help=f"CSV (default <model-dir>/{PROFILE_CSV})")
+    p.add_argument("--profile", type=Path, default=None,
+                   help=f"CSV (default <model-dir>/{PROFILE_CSV}, or the --precision one)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="evaluate the profile `slonn profile --precision` wrote")
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--holdout-intensity", default=None, help="hold out every row of this co-runner setting, e.g. 1x1")
     p.add_argument("--seed", type=int, default=0)
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = args.profile or args.model_dir / PROFILE_CSV
+    path = args.profile or args.model_dir / profile_csv_name(args.precision)
     if not path.exists():
         print(f"{path} not found: run `slonn profile --model-dir {args.model_dir}` first", file=sys.stderr)
         return 2

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_rows_csv(out, rows, extra)
     model = LatencyModel(LatencyModelConfig()).fit(rows)
-    (out.parent / MODEL_JSON).write_text(json.dumps({"config": model.describe()["config"], "profile_csv": out.name,
+    if args.precision == DEFAULT_PRECISION:  # the hyper-parameters file names the default profile
+      (out.parent / MODEL_JSON).write_text(json.dumps({"config": model.describe()["config"], "profile_csv": out.name,
                                                      "rows": len(rows), "format_version": 1}, indent=2) + "\n")
     disturbed = [k for k, v in signal.items() if v["disturbed"]]
     if disturbed:

@@ -7,6 +7,7 @@ and times the call device-synchronised.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from workers.device import DeviceTimer, pick_device
 from workers.kernels_chooser import split_choice
 from workers.model import SLOAwareMLP
 from workers.protocol import DEFAULT_PRECISION, low_precision_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class ModelRunner:
         self.device = device
         self.precision = precision
         self.model = model.to(device).eval()
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            log.warning("%s has no native bf16: its bf16 kernels will be slow (the measured kernel table should "
+                        "not pick them); --precision fp16 or fp32 may suit it better", device)
         self.sparse = SparseMLP.from_model(self.model, device, low_precision=low_precision_of(precision))
         self.chooser = KernelChooser.default(manifest.levels)
 

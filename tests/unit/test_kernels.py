@@ -181,3 +181,12 @@ def test_profile_file_per_precision():
     assert profile_csv_name("fp32") == "latency_profile-fp32.csv" != profile_csv_name("fp16")
     with pytest.raises(ValueError, match="precision="):
         profile_csv_name("fp8")
+
+
+def test_a_profile_of_another_precision_is_named():
+    from policy.latency_model import LatencySample, foreign_kernels
+
+    rows = [LatencySample(0.1, 1, 0.0, 1.0, k) for k in ("gather_fp16", "dense@1.0", "dense_bf16@1.0", "union")]
+    assert foreign_kernels(rows, "bf16") == {"gather_fp16"}
+    assert foreign_kernels(rows, "fp32") == {"gather_fp16", "dense_bf16"}
+    assert foreign_kernels(rows, "fp16") == {"dense_bf16"}
