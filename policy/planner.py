@@ -54,10 +54,6 @@ class PlanContext:
     """At admission: predicted time to serve the requests queued ahead (0 when planning a head)."""
     workers: int = 1
     """Workers that share the backlog."""
-    block_ms: float = float("inf")
-    """Longest safe predicted exec a batch of two or more requests may take. A batch is not preemptible:
-    a request of the tightest rejecting class that arrives as it starts waits it out, so a batch for a
-    looser class must leave that request time to run (set by the Scheduler from its classes)."""
 
 
 class Plan(NamedTuple):
@@ -185,16 +181,13 @@ class SLOAwarePolicy:
         # time budget (ms) left for exec by the earliest deadline once the overhead is paid.
         floors, budgets = [], []
         floor, deadline = 0.0, float("inf")
-        block = ctx.block_ms
         for p in candidates[:n_max]:
             if p.min_accuracy > floor:
                 floor = p.min_accuracy
             if p.deadline_s < deadline:
                 deadline = p.deadline_s
             floors.append(floor)
-            budget = (deadline - now_s) * 1e3 - ctx.overhead_ms
-            # From two requests on, the head-of-line bound caps the batch too (still non-increasing in n).
-            budgets.append(budget if not budgets or budget < block else block)
+            budgets.append((deadline - now_s) * 1e3 - ctx.overhead_ms)
         accuracy_mode = candidates[0].mode == "accuracy"
         best_n, best_i = 0, -1
         for i, acc in enumerate(accuracy):

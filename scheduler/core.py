@@ -14,7 +14,7 @@ import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, NamedTuple
 
-from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms, fastest_allowed
+from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
 from scheduler.config import SLOClassConfig
 from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
 from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
@@ -66,8 +66,6 @@ class Scheduler:
         """model -> class -> the queues whose requests are (about) ahead of that class's in EDF."""
         self._only_model = next(iter(self._queues)) if len(self._queues) == 1 else None
         self._mixed_late = False
-        self._block_src: PlanContext | None = None
-        self._block_ctx: PlanContext | None = None
         """Some request of a late-serving class must not be served late (see make_request's ``hard``)."""
 
     # -- admission -------------------------------------------------------
@@ -162,7 +160,7 @@ class Scheduler:
         model = self._most_urgent_model()
         if model is None:
             return out
-        ctx = self._with_block(contexts[model])
+        ctx = contexts[model]
         queues = self._queue_lists[model]
         candidates = pop_merged(queues, ctx.max_batch)
         while self._mixed_late:
@@ -238,21 +236,6 @@ class Scheduler:
                         head.pending, now_s, ctx):
                     break
                 expired.append(q.pop())
-
-    def _with_block(self, ctx: PlanContext) -> PlanContext:
-        """``ctx`` with ``block_ms`` set from the classes, unless the caller set it (remembered for the
-        context in hand: the simulator reuses its contexts; the dispatcher builds one per decision)."""
-        if ctx is self._block_src:
-            return self._block_ctx
-        block = ctx.block_ms
-        if block == float("inf"):
-            for cls in self.classes.values():
-                if cls.on_late == "reject":
-                    i = fastest_allowed(cls.min_accuracy, ctx)
-                    own = ctx.table.safe(ctx.bucket, i, 1) + 2 * ctx.overhead_ms  # its own run, and the batch's
-                    block = min(block, max(cls.latency_ms - own, 0.0))
-        self._block_src, self._block_ctx = ctx, (ctx if block == ctx.block_ms else replace(ctx, block_ms=block))
-        return self._block_ctx
 
     def _most_urgent_model(self) -> str | None:
         if self._only_model is not None:  # the common case: no need to compare heads

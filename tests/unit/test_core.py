@@ -346,28 +346,3 @@ def test_hard_requests_behind_a_late_head_of_a_serve_class_are_expired_not_batch
     assert [r is hard for r in out.expired] == [True]
     assert out.batch is not None and out.batch.requests == [late_head] and out.batch.plan.late
     assert sched.pending() == 0
-
-
-def test_a_loose_class_batch_leaves_room_for_the_tightest_rejecting_class():
-    """Batches are not preemptible: a 500 ms class's batch may not run longer than an interactive request
-    arriving as it starts can wait (20 ms minus its own fastest run)."""
-    classes = {c.name: c for c in (
-        SLOClassConfig("interactive", latency_ms=20, on_late="reject"),
-        SLOClassConfig("bulk", latency_ms=500, min_accuracy=0.99, on_late="serve", mode="accuracy"))}
-    clock = FakeClock(1000.0)
-    for block_expected, only_bulk in ((19, False), (30, True)):
-        cfg = classes if not only_bulk else {"bulk": classes["bulk"]}
-        sched = Scheduler({"m": ACCURACY}, cfg, SLOAwarePolicy())
-        ctxs = {"m": PlanContext(TABLE, 0, ACCURACY, 64)}
-        for _ in range(30):
-            submit(sched, ctxs, clock, "bulk")
-        out = sched.schedule(clock.now(), ctxs)
-        # Level 1.0 (the floor) runs 1 ms a request; interactive's fastest run is 0.1 ms: 19.9 ms of room.
-        assert out.batch.plan.level == 1.0 and len(out.batch.requests) == block_expected
-    # A single request is never held back by the bound.
-    sched = Scheduler({"m": ACCURACY}, {c: classes[c] for c in classes}, SLOAwarePolicy())
-    ctxs = {"m": PlanContext(TABLE, 0, ACCURACY, 64, block_ms=0.5)}
-    submit(sched, ctxs, clock, "bulk")
-    submit(sched, ctxs, clock, "bulk")
-    out = sched.schedule(clock.now(), ctxs)
-    assert len(out.batch.requests) == 1 and not out.batch.plan.late
