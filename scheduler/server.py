@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from scheduler.metrics import ServerMetrics
 from workers.artifact import ModelManifest, load_manifest
+from workers.heap import freeze_startup_heap
 from workers.pool import InProcessPool, ProcessPool, WorkerPool
 from workers.process import WorkerSpec
 
@@ -162,19 +162,6 @@ def make_policy(name: str):
     from policy.baselines import make_baseline
 
     return make_baseline(name)
-
-
-def freeze_startup_heap() -> None:
-    """Move everything allocated so far (modules, torch, scikit-learn, grpc: ~240k objects) out of the
-    garbage collector's reach.
-
-    A full collection walks every tracked object: ~40 ms here, long enough to stall the event loop past
-    a 25 ms deadline, and it comes at the allocation-heavy moments, that is, in bursts. Objects made at
-    start-up live as long as the process, so scanning them again finds nothing (CPython's gc.freeze, as
-    used by Instagram's Django fleet). Call once, after start-up.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 @dataclass

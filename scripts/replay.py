@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from protos.client import AsyncSlonnClient, InferResult, make_request
 from scripts.digits import load_split
 from scripts.report import RequestRecord, format_table, summarize, write_csv
 from scripts.trace import DEFAULT_TRACE, Arrivals, make_arrivals
+from workers.heap import freeze_startup_heap
 
 TRANSPORTS = ("unary", "stream")
 CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
@@ -62,8 +62,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
     async with AsyncSlonnClient(target) as client:
         await client.wait_ready()
-        gc.collect()
-        gc.freeze()  # the load generator must not stall its own sending and timing for a full collection
+        freeze_startup_heap()
         if start_at is not None:
             if time.time() > start_at:
                 raise RuntimeError(f"replay was ready {time.time() - start_at:.1f} s after start_at")

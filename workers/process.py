@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workers.heap import freeze_startup_heap
 from workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 from workers.runner import ModelRunner
 
@@ -74,8 +74,7 @@ def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"worker{worker_id} %(levelname)s %(message)s")
     runners = load_runners(spec)
     warm_up(runners)
-    gc.collect()
-    gc.freeze()  # a full collection over torch's objects stalls a batch by tens of ms (see freeze_startup_heap)
+    freeze_startup_heap()
     conn.send(WorkerReady(
         worker_id=worker_id, pid=os.getpid(), device=str(next(iter(runners.values())).device),
         models={name: r.manifest.to_json() for name, r in runners.items()},
