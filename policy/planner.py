@@ -135,6 +135,13 @@ def fastest_allowed(min_accuracy: float, ctx: PlanContext) -> int:
     return ctx.table.fastest_index(ctx.bucket, ctx.accuracy, min_accuracy)
 
 
+_CHOSEN = {False: "largest feasible batch, then the most accurate level",
+           True: "largest feasible batch, then the fastest level"}
+"""Plan.reason of a batch that makes its deadline, by accuracy mode (constant strings: hot path)."""
+_LATE = "late: fastest allowed level"
+"""Plan.reason of a batch that cannot make its earliest deadline."""
+
+
 class SLOAwarePolicy:
     """slonn's policy: EDF, then the largest batch and the best level that meet the deadline and the floor."""
 
@@ -200,11 +207,10 @@ class SLOAwarePolicy:
             # run as much as the head's floor allows at the fastest level, to catch up.
             i = fastest_allowed(candidates[0].min_accuracy, ctx)
             n = max(1, bisect.bisect_right(floors, accuracy[i]))
-            return Plan(n, table.levels[i], rows[i][n - 1], late=True, reason="late: fastest allowed level",
+            return Plan(n, table.levels[i], rows[i][n - 1], late=True, reason=_LATE,
                         slack_ms=budgets[0] + ctx.overhead_ms, candidates=len(candidates))
-        return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1],
-                    reason="largest feasible batch, then the " + ("fastest" if accuracy_mode else "most accurate")
-                    + " level", slack_ms=budgets[best_n - 1] + ctx.overhead_ms, candidates=len(candidates))
+        return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1], reason=_CHOSEN[accuracy_mode],
+                    slack_ms=budgets[best_n - 1] + ctx.overhead_ms, candidates=len(candidates))
 
     def _plan_one(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext,
                   rows: list[list[float]]) -> Plan:
@@ -223,11 +229,10 @@ class SLOAwarePolicy:
                 best_i, best_acc, best_ms = i, acc, ms
         if best_i < 0:
             i = fastest_allowed(p.min_accuracy, ctx)
-            return Plan(1, ctx.table.levels[i], rows[i][0], late=True, reason="late: fastest allowed level",
+            return Plan(1, ctx.table.levels[i], rows[i][0], late=True, reason=_LATE,
                         slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
         return Plan(1, ctx.table.levels[best_i], rows[best_i][0],
-                    reason="largest feasible batch, then the " + ("fastest" if accuracy_mode else "most accurate")
-                    + " level", slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
+                    reason=_CHOSEN[accuracy_mode], slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
 
     @staticmethod
     def _better(i: int, j: int, n: int, accuracy_mode: bool, rows: list[list[float]],

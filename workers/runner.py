@@ -42,7 +42,6 @@ class ModelRunner:
 
         self.manifest = manifest
         self.device = device
-        self.precision = precision
         self.model = model.to(device).eval()
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             log.warning("%s has no native bf16: its bf16 kernels will be slow (the measured kernel table should "
