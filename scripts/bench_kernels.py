@@ -31,6 +31,7 @@ from workers.artifact import load_artifact
 from workers.device import DeviceTimer, pick_device
 from workers.kernels import LOW_PRECISION_DTYPES, SparseMLP, measure_kernel_table
 from workers.kernels_chooser import split_choice
+from workers.protocol import DEFAULT_PRECISION, PRECISIONS, low_precision_of
 
 NOISE_STD = 0.5
 """Std (pixel units, pixels are 0..16) of the noise on the held-out copies that extend the input pool."""
@@ -42,7 +43,8 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
     p.add_argument("--batch-sizes", default="1,4,16,64")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per (batch, level, kernel)")
-    p.add_argument("--low-precision", default="bf16", choices=[*LOW_PRECISION_DTYPES, "none"])
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="worker weight precision, as `slonn serve --precision`")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print only the JSON document")
     args = p.parse_args(argv)
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model, manifest = load_artifact(args.model_dir, device)
-    low = None if args.low_precision == "none" else args.low_precision
+    low = low_precision_of(args.precision)
     sparse = SparseMLP.from_model(model, device, low_precision=low)
     split = load_split(seed=manifest.seed or 0)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -179,6 +181,7 @@ def run(args: argparse.Namespace) -> dict:
                     "python": platform.python_version(), "threads": torch.get_num_threads(), "device": str(device)},
         "model": {"dir": str(args.model_dir), "name": manifest.name, "hidden": list(manifest.arch.hidden),
                   "levels": list(manifest.levels)},
+        "precision": args.precision,
         "low_precision": low,
         "repeats": args.repeats,
         "inputs": {"source": "held-out digits (x_test), distinct per call within a series",

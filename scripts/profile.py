@@ -76,8 +76,8 @@ class ProfileWorker:
                  precision: str = DEFAULT_PRECISION) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, str(model_dir), device, threads, calibrate, seed, precision),
-                                daemon=True)
+        self.proc = ctx.Process(target=_worker, daemon=True,
+                                args=(child, str(model_dir), device, threads, calibrate, seed, precision))
         self.proc.start()
         self.ready = self.conn.recv()
 
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     "for clean per-intensity figures", disturbed)
     print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
                       "disturbed_intensities": disturbed,
-                      "threads": args.threads, "device": worker.ready["device"], "precision": args.precision, "levels": levels,
+                      "threads": args.threads, "device": worker.ready["device"], "precision": args.precision,
+                      "levels": levels,
                       "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
                       "kernel_table": worker.ready["kernel_table"], "model": model.describe(),
                       "monitor": {"probe_baseline_ms": round(monitor.baseline_ms, 4), "interval_s": monitor.interval_s,
