@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.kernels import EXACT_KERNELS, KernelChooser, SparseMLP, measure_kernel_table
+from workers.kernels import EXACT_KERNELS, KernelChooser, SparseMLP, measure_kernel_table, select_topk
 from workers.kernels_chooser import SPARSE_MARGIN, is_dense, promote, split_choice
 from workers.model import MLPArchitecture, SLOAwareMLP
 
@@ -51,6 +51,20 @@ def test_low_precision_kernels_are_close(model, kind, low, level):
     # Half weights can flip a near-tie in top-k, so compare predictions, and logits loosely.
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
     assert (out - ref).abs().median() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 64])
+@pytest.mark.parametrize("k", [1, 7, 50, 99])
+def test_select_topk_picks_torch_topk_set(rows, k):
+    """The CPU selection (numpy argpartition from two rows) keeps the same units and values as torch.topk."""
+    z = torch.randn(rows, 100, generator=torch.Generator().manual_seed(rows * 1000 + k))
+    with torch.inference_mode():
+        v, idx = select_topk(z, k)
+        ref_v, ref_idx = torch.topk(z, k, dim=-1)
+    assert idx.shape == (rows, k) and idx.dtype == torch.int64
+    torch.testing.assert_close(v, z.gather(1, idx))  # values belong to their indices
+    assert [sorted(r) for r in idx.tolist()] == [sorted(r) for r in ref_idx.tolist()]
+    torch.testing.assert_close(v.sort(1, descending=True).values, ref_v)
 
 
 def test_disjoint_units_batch():
