@@ -34,10 +34,11 @@ The half kernels are not bit-comparable with the reference; their accuracy is
 measured by ``scripts/bench_kernels.py``.
 
 Selection: every kernel keeps each row's k largest fp32 pre-activations
-(:func:`select_topk`). On the CPU, for two rows or more, that is numpy's
+(:func:`select_topk`). On the CPU from two rows that is numpy's
 ``argpartition`` (introselect), 3-3.5x faster than ``torch.topk`` there (16 x
 4096, k = 410: 0.12 vs 0.44 ms; 64 rows: 0.54 vs 1.77 ms a layer, which made a
-masked dense GEMM at batch 64 cost 1.7x the plain one); elsewhere ``torch.topk``.
+masked dense GEMM at batch 64 cost 1.7x the plain one); at one row and on a GPU
+``torch.topk``.
 Both pick the same set, so kernels agree with the reference unless two
 pre-activations at the k-th place are equal up to summation-order noise.
 
@@ -63,7 +64,9 @@ POSITIVE_FILTER_MIN_KEEP = 0.25
 about 80% of layer 2's on digits); below it nearly all kept units are positive and the boolean indexing
 (~50 us a layer at batch 1) costs more than the rows it saves."""
 NUMPY_SELECT_MIN_ROWS = 2
-"""CPU rows from which :func:`select_topk` uses numpy's argpartition (at one row torch.topk is as fast)."""
+"""CPU rows from which :func:`select_topk` uses numpy's argpartition. At one row it is faster alone (15 vs
+34 us) but the whole batch-1 forward ran ~40 us slower with it (722 vs 683 us at keep 0.1, alternating
+blocks of 250 calls; cause not found), so one row keeps torch.topk."""
 UNION_DENSE_FRACTION = 0.75
 """Union kernel: above this fraction of a layer's inputs in the batch union, gathering costs more than it saves."""
 
@@ -176,7 +179,7 @@ def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.topk(z, k, dim=-1, sorted=False)
     zn = z.detach().contiguous().numpy()
     n = zn.shape[-1]
-    idx = np.argpartition(zn, n - k, axis=-1)[:, n - k:]
+    idx = np.ascontiguousarray(np.argpartition(zn, n - k, axis=-1)[:, n - k:])
     return torch.from_numpy(np.take_along_axis(zn, idx, -1)), torch.from_numpy(idx.astype(np.int64, copy=False))
 
 
