@@ -10,7 +10,12 @@ ratio dense / chosen (``speedup_of_medians`` is the ratio of the two medians).
 Calls are interleaved (dense, kernel 1, kernel 2, ...) so drift hits all
 alike, and every call gets distinct held-out inputs; beyond the 540 held-out
 digits the pool continues with noisy copies of them (recorded in the JSON).
-Accuracy per level and precision is on the held-out digits.
+Accuracy per level and precision is on the held-out digits. Each row also
+gives the batch's union fraction per hidden layer: the share of the layer's
+units that some sample of the batch keeps and ReLU leaves positive (mean over
+consecutive held-out batches), i.e. the share of the next layer's weight rows
+that any exact kernel must read once; it bounds what sparsity can save at that
+batch size against a dense GEMM in the same precision.
 """
 
 from __future__ import annotations
@@ -130,6 +135,14 @@ def _accuracy(model, sparse, x, y, levels) -> dict:
     return out
 
 
+def _union_fractions(model, x: torch.Tensor, b: int, level: float) -> list[float]:
+    """Per hidden layer: mean over consecutive batches of ``b`` inputs of the share of units that some
+    sample of the batch keeps with a positive value (the weight rows the next layer must read)."""
+    n = (len(x) // b) * b
+    acts = model.hidden_activations(x[:n], level)
+    return [round(float((z > 0).reshape(-1, b, z.shape[-1]).any(1).float().mean()), 3) for z in acts]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -168,7 +181,8 @@ def run(args: argparse.Namespace) -> dict:
                        "best_kernel_in_bench": best, "kernels_ms": {k: round(v, 4) for k, v in cell.items()},
                        "accuracy": accuracy[repr(run_level)][kernel],
                        "accuracy_minus_dense_points": round(100 * (accuracy[repr(run_level)][kernel] - dense_acc),
-                                                            2)}
+                                                            2),
+                       "union_fraction_per_layer": _union_fractions(model, x_test, b, level)}
                 if low is not None and kernel.endswith(f"_{low}"):
                     row["dense_same_precision_ms"] = round(dense_low_ms, 4)
                     row["speedup_vs_same_precision_dense"] = round(

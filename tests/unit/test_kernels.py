@@ -148,6 +148,18 @@ def test_promotion_serves_a_level_with_a_faster_kernel_of_an_at_least_as_accurat
     assert worse.choose(64, 0.5) == "dense"
 
 
+def test_masked_dense_never_beats_the_plain_model_it_contains():
+    # Masked dense does the plain model's GEMMs plus top-k: a calibration where it measured faster is noise.
+    timings = {64: {1.0: {"dense": 70.0, "dense_bf16": 90.0}, 0.5: {"dense": 68.0, "dense_bf16": 89.0}}}
+    chooser = KernelChooser(table={64: {}}, timings_ms=timings, levels=(1.0, 0.5))
+    promote(chooser, {1.0: 0.98, 0.5: 0.98})
+    assert chooser.choose(64, 0.5) == "dense@1.0"
+    # Unless 1.0 may not serve the level (less accurate): then the level's own dense runs.
+    strict = KernelChooser(table={64: {}}, timings_ms=timings, levels=(1.0, 0.5))
+    promote(strict, {1.0: 0.97, 0.5: 0.98})
+    assert strict.choose(64, 0.5) == "dense"
+
+
 def test_a_sparse_kernel_needs_a_clear_win_over_dense():
     timings = {16: {0.5: {"dense": 50.0, "union": 47.0}, 0.1: {"dense": 50.0, "gather": 30.0}}}
     chooser = KernelChooser(table={16: {}}, timings_ms=timings, levels=(0.5, 0.1))
