@@ -34,12 +34,14 @@ class InferResult:
     batch_size: int
     late: bool
     kernel: str
+    server_ms: float
+    """Time inside the server's handler (receive to response built)."""
 
     @classmethod
     def from_proto(cls, r: pb.InferResponse) -> "InferResult":
         out = np.frombuffer(r.output.data, dtype="<f4").reshape(tuple(r.output.shape))
         return cls(out, r.request_id, r.level, r.expected_accuracy, r.queue_ms, r.exec_ms, r.predicted_ms,
-                   r.batch_size, r.late, r.kernel)
+                   r.batch_size, r.late, r.kernel, r.server_ms)
 
 
 def make_request(model: str, slo_class: str, x: np.ndarray, request_id: str = "",

@@ -39,7 +39,7 @@ class InferRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., slo_class: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., latency_budget_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("output", "request_id", "level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel")
+    __slots__ = ("output", "request_id", "level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel", "server_ms")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class InferResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LATE_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     request_id: str
     level: float
@@ -60,7 +61,8 @@ class InferResponse(_message.Message):
     batch_size: int
     late: bool
     kernel: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: _Optional[bool] = ..., kernel: _Optional[str] = ...) -> None: ...
+    server_ms: float
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: _Optional[bool] = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("response", "error")

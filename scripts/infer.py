@@ -46,5 +46,5 @@ def main(argv: list[str] | None = None) -> int:
                       "level": r.level, "expected_accuracy": round(r.expected_accuracy, 4),
                       "queue_ms": round(r.queue_ms, 3), "exec_ms": round(r.exec_ms, 3),
                       "predicted_ms": round(r.predicted_ms, 3), "batch_size": r.batch_size, "late": r.late,
-                      "kernel": r.kernel}, indent=2))
+                      "kernel": r.kernel, "server_ms": round(r.server_ms, 3)}, indent=2))
     return 0

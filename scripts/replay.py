@@ -76,6 +76,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
             if res is not None:
                 rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
                 rec.exec_ms, rec.predicted_ms, rec.queue_ms = res.exec_ms, res.predicted_ms, res.queue_ms
+                rec.server_ms = res.server_ms
                 rec.correct = bool(int(np.argmax(res.output)) == int(y[i % len(x)]))
 
         if transport == "unary":

@@ -29,6 +29,8 @@ class RequestRecord:
     predicted_ms: float = float("nan")
     queue_ms: float = float("nan")
     """Server-side wait from admission to batch start."""
+    server_ms: float = float("nan")
+    """Time inside the server's handler; latency_ms minus this is what the transport and the client cost."""
     detail: str = ""
     """The error's message when the status is not OK (who answered, and why)."""
     scheduled_s: float | None = None

@@ -90,6 +90,8 @@ def check_answer(result: InferResult, x: np.ndarray, local) -> None:
     assert 1 <= result.batch_size <= MAX_BATCH
     assert result.exec_ms > 0
     assert result.queue_ms >= 0
+    # The handler's time holds the queue wait and the batch's exec (plus admission and IPC).
+    assert result.server_ms >= result.queue_ms + result.exec_ms
     assert result.predicted_ms > 0
     assert result.kernel
     # "kernel@level": the worker ran a more accurate level, measured faster at this batch size.
