@@ -16,8 +16,9 @@ import numpy as np
 class LatencyTable:
     """Predicted exec ms per (contention bucket, level, batch size).
 
-    ``safe_ms`` is an upper prediction (what decisions use); ``mean_ms`` the
-    expected value (for reporting and the simulator's mean).
+    ``safe_ms`` is an upper prediction (what batch and level choices use);
+    ``mean_ms`` the expected value (whether a request can still make its
+    deadline at all, reporting, and the simulator's mean).
     """
 
     levels: tuple[float, ...]

@@ -132,6 +132,17 @@ def test_is_hopeless(slack_ms, floor, overhead_ms, hopeless):
     assert POLICY.is_hopeless(pend(slack_ms, floor), NOW, ctx(overhead_ms=overhead_ms)) is hopeless
 
 
+def test_hopeless_means_the_expected_run_misses_not_the_safe_bound():
+    # safe = 10x mean: a request whose slack lies between them may still make it, so it is planned
+    # (at the fastest allowed level, as a late-risk batch), not turned away.
+    noisy = LatencyTable(LEVELS, 64, (), TABLE.safe_ms * 10, TABLE.mean_ms.copy())
+    between = pend(1.0, floor=0.95)  # fastest allowed: 0.25 -> mean 0.25 ms, safe 2.5 ms
+    assert not POLICY.is_hopeless(between, NOW, ctx(noisy))
+    plan = POLICY.plan([between], NOW, ctx(noisy))
+    assert (plan.count, plan.level) == (1, 0.25)
+    assert POLICY.is_hopeless(pend(0.2, floor=0.95), NOW, ctx(noisy))  # even the expected run misses
+
+
 def test_fastest_allowed_falls_back_to_most_accurate():
     assert LEVELS[fastest_allowed(0.0, ctx())] == 0.1
     assert LEVELS[fastest_allowed(0.96, ctx())] == 0.5
