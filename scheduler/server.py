@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -48,7 +47,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """RPCs seen so far (shutdown waits for their arrival to stop before closing the port)."""
 
     async def _answer(self, request: pb.InferRequest, time_remaining_s: float | None) -> pb.InferResponse:
-        received_s = time.monotonic()
+        clock = self.dispatcher.clock  # the timeline queue_ms is measured on
+        received_s = clock.now()
         request_id = request.request_id or f"slonn-{next(self._ids)}"
         manifest = self.server.manifests.get(request.model)
         if not request.model:
@@ -90,16 +90,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     done = await work
             except TimeoutError:
                 raise DeadlineUnreachable("not served before the call's gRPC deadline") from None
-        return self._response(request_id, request.input, done, received_s)
+        return self._response(request_id, request.input, done, (clock.now() - received_s) * 1e3)
 
     @staticmethod
-    def _response(request_id: str, input_tensor: pb.Tensor, done: Completion, received_s: float) -> pb.InferResponse:
+    def _response(request_id: str, input_tensor: pb.Tensor, done: Completion, server_ms: float) -> pb.InferResponse:
         out = done.output if len(input_tensor.shape) == 1 else done.output[None, :]
         return pb.InferResponse(
             output=to_tensor(out), request_id=request_id, level=done.level,
             expected_accuracy=done.expected_accuracy, queue_ms=done.queue_ms, exec_ms=done.exec_ms,
             predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel,
-            server_ms=(time.monotonic() - received_s) * 1e3)
+            server_ms=server_ms)
 
     async def Infer(self, request, context):
         self.calls += 1
