@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("scripts.demo", "train if needed, serve, replay a trace minute, print the SLO report"),
     "replay": ("scripts.replay", "open-loop trace replay against a live server"),
     "bench-kernels": ("scripts.bench_kernels", "dense vs sparse kernel latency per batch size and level"),
+    "bench-frontend": ("scripts.bench_frontend", "CPU per request of the serving path: server, workers, client"),
     "profile": ("scripts.profile", "sweep levels x batch sizes x contention; write the latency profile"),
     "eval-latency": ("scripts.eval_latency", "held-out accuracy of the latency model"),
     "adapt": ("scripts.adapt", "seconds from a co-runner's start until the chosen levels shift"),

@@ -124,6 +124,12 @@ class SimConfig:
     """Simulated dispatch + IPC + reply time of a batch, added to its exec time (>= 0)."""
     reply_ms_per_request: float = 0.05
     """Serial reply cost: the i-th answer of a batch leaves i times this later (>= 0)."""
+    ingress_ms_per_request: float = 0.0
+    """Serial admission cost of the frontend (>= 0; 0 = off): request k reaches the scheduler at
+    ``a_k = max(send_k, a_{k-1}) + this``, a one-server FIFO in front of the queues. On a small machine the
+    frontend's gRPC + handler CPU per request (~1 ms on session 6's 2-vCPU EPYC, ``slonn bench-frontend``)
+    turns a clump of simultaneous arrivals into a staircase; the request's deadline still counts from its
+    send time, as the live server's does from the caller's gRPC deadline."""
     signal_lag_s: float = 0.25
     """The planner sees the contention of this long ago (the monitor's smoothing window)."""
     max_inflight: int = 8192
@@ -135,8 +141,10 @@ class SimConfig:
         if self.workers < 1 or self.max_batch < 1 or self.max_inflight < 1:
             raise ValueError(f"SimConfig: workers={self.workers}, max_batch={self.max_batch}, "
                              f"max_inflight={self.max_inflight} must be >= 1")
-        if min(self.overhead_ms, self.dispatch_ms, self.reply_ms_per_request, self.signal_lag_s) < 0:
-            raise ValueError("SimConfig: overhead_ms, dispatch_ms, reply_ms_per_request, signal_lag_s must be >= 0")
+        if min(self.overhead_ms, self.dispatch_ms, self.reply_ms_per_request, self.ingress_ms_per_request,
+               self.signal_lag_s) < 0:
+            raise ValueError("SimConfig: overhead_ms, dispatch_ms, reply_ms_per_request, ingress_ms_per_request, "
+                             "signal_lag_s must be >= 0")
 
 
 @dataclass
@@ -201,6 +209,9 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
     give_up = np.asarray(offsets) + np.asarray([deadline_ms[c] for c in cls_names]) * 1e-3 * cfg.timeout_factor + 1.0
     to_order = np.argsort(give_up, kind="stable").tolist()
     give_up = give_up.tolist()
+    ingress = cfg.ingress_ms_per_request > 0
+    reach = admission_times(offsets, cfg.ingress_ms_per_request * 1e-3) if ingress else offsets
+    """When each request reaches the scheduler (its send time unless the frontend is modelled)."""
 
     # Per-request outcome, filled in place; RequestRecords are built once at the end.
     status: list[str | None] = [None] * n
@@ -242,7 +253,7 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
         t_fin = running[0][0] if running else inf
         t_wake = wake_at if (wake_at is not None and free) else inf
         t_next = t_fin if t_fin < t_wake else t_wake
-        t_arr = offsets[i] if i < n else inf
+        t_arr = reach[i] if i < n else inf
         now = t_arr if t_arr < t_next else t_next
         if now == inf:
             break
@@ -266,17 +277,27 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
                 if inflight >= max_inflight:
                     status[k], answer_s[k] = "RESOURCE_EXHAUSTED", now
                 else:
-                    req = make_request(model, cls_names[k], now, None, None, k)
+                    left_ms = None
+                    if ingress and now > offsets[k]:
+                        # The caller's deadline counts from its send (the live server reads it from the call's
+                        # gRPC deadline): the scheduler gets what is left, as a hard deadline.
+                        left_ms = deadline_ms[cls_names[k]] - (now - offsets[k]) * 1e3
                     try:
+                        if left_ms is None:
+                            req = make_request(model, cls_names[k], now, None, None, k)
+                        elif left_ms > 0:
+                            req = make_request(model, cls_names[k], now, None, left_ms, k, True)
+                        else:
+                            raise DeadlineUnreachable(f"{-left_ms:.1f} ms past the deadline at admission")
                         add_request(req, now, contexts_at(now)[model])
                     except (QueueFull, DeadlineUnreachable) as exc:
                         status[k], answer_s[k] = exc.code.name, now
                     else:
                         reqs[k] = req
                         inflight += 1
-                if free or i >= n or offsets[i] >= t_next or (j < n and give_up[to_order[j]] <= offsets[i]):
+                if free or i >= n or reach[i] >= t_next or (j < n and give_up[to_order[j]] <= reach[i]):
                     break
-                now = offsets[i]
+                now = reach[i]
                 clock.set(now)
         elif t_fin <= now:  # a batch finished: answer it, free the worker, feed back
             _, _, batch, exec_ms = heapq.heappop(running)
@@ -321,6 +342,15 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
             correct_rows[li][k % n_inputs] if ok else None, ok and answer_s[k] - offsets[k] > deadline_ms[cls_names[k]] * 1e-3,
             out_exec[k], out_pred[k]))
     return SimResult(records, batches, time.perf_counter() - t0, time.process_time() - c0, clock.now())
+
+
+def admission_times(send_s: Sequence[float], cost_s: float) -> list[float]:
+    """When each request clears a one-server FIFO of ``cost_s`` per request (``send_s`` nondecreasing)."""
+    out, t = [], float("-inf")
+    for s in send_s:
+        t = (s if s > t else t) + cost_s
+        out.append(t)
+    return out
 
 
 # --------------------------------------------------------------------------- building blocks from disk
@@ -418,6 +448,7 @@ def build_setup(args) -> SimSetup:
 def sim_config(args) -> SimConfig:
     return SimConfig(workers=args.workers, max_batch=args.max_batch, overhead_ms=args.overhead_ms,
                      dispatch_ms=args.dispatch_ms, reply_ms_per_request=args.reply_ms_per_request,
+                     ingress_ms_per_request=args.ingress_ms_per_request,
                      signal_lag_s=args.signal_lag_s)
 
 
@@ -440,6 +471,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-ms", type=float, default=1.0, help="planner allowance (the server's --overhead-ms)")
     p.add_argument("--dispatch-ms", type=float, default=1.0, help="simulated dispatch+IPC+reply ms per batch")
     p.add_argument("--reply-ms-per-request", type=float, default=0.05, help="simulated serial reply ms per answer")
+    p.add_argument("--ingress-ms-per-request", type=float, default=0.0,
+                   help="simulated serial admission ms per request in the frontend (0 = off; ~1 on a 2-vCPU VM, "
+                        "see slonn bench-frontend)")
     p.add_argument("--signal-lag-s", type=float, default=0.25, help="contention signal lag seen by the planner")
     p.add_argument("--planner-table", choices=("learned", "linear"), default="learned",
                    help="learned: LatencyModel.to_table (contention buckets); linear: the server's cold-start table")

@@ -142,3 +142,34 @@ def test_contention_window_slows_the_draw_and_moves_the_planner_bucket():
     outside = [per_item(r) for r in result.records if r.status == "OK" and r.send_s < 0.45]
     assert during and outside
     assert min(during) == pytest.approx(4.0) and max(outside) == pytest.approx(1.0)
+
+
+def test_admission_times_are_a_one_server_fifo():
+    from scripts.simulate import admission_times
+
+    # A clump of three at t=0 leaves one cost apart; a later arrival after the queue emptied waits for nobody.
+    assert admission_times([0.0, 0.0, 0.0, 0.0105, 1.0], 0.005) == pytest.approx([0.005, 0.010, 0.015, 0.020, 1.005])
+
+
+def test_a_slow_frontend_turns_a_clump_into_a_staircase_and_deadlines_count_from_the_send():
+    from scripts.trace import Arrivals
+
+    # 40 interactive requests sent at the same instant; the frontend admits one every 0.5 ms.
+    n = 40
+    arrivals = Arrivals(np.zeros(n), ["interactive"] * n, "clump", (0.0, 1.0), 1.0)
+    t = table(per_item_ms=0.01)
+    draw = LatencyDraw.from_table(t, ContentionProfile().states)
+    plain = simulate(arrivals, CLASSES, make_policy("slonn"), t, ACCURACY, draw, SimConfig(max_batch=16))
+    slow = simulate(arrivals, CLASSES, make_policy("slonn"), t, ACCURACY, draw,
+                    SimConfig(max_batch=16, ingress_ms_per_request=0.5))
+    for result in (plain, slow):
+        assert_answered_once(arrivals, result)
+    assert all(r.status == "OK" for r in plain.records)
+    # The 20th admission is at 10 ms, the interactive deadline: from there on nothing can be on time, and
+    # the server side says so (DEADLINE_EXCEEDED) instead of serving late.
+    late = [r for r in slow.records if r.status != "OK"]
+    assert late and all(r.status == "DEADLINE_EXCEEDED" for r in late)
+    assert min(r.index for r in late) >= 10
+    ok = [r for r in slow.records if r.status == "OK"]
+    assert all(r.answer_s - r.send_s <= 0.010 for r in ok)
+    assert max(r.answer_s for r in ok) > max(r.answer_s for r in plain.records)
