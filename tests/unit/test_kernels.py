@@ -124,6 +124,20 @@ def test_measured_table_picks_its_fastest(model):
     assert KernelChooser.from_json(chooser.to_json()).table == chooser.table
 
 
+def test_calibration_skips_masked_dense_where_the_plain_model_may_serve(model):
+    sparse = SparseMLP.from_model(model, CPU)
+    # 1.0 is as accurate as 0.5 and 0.25 (it may serve them) but less accurate than 0.1 (it may not).
+    accuracy = {1.0: 0.97, 0.5: 0.97, 0.25: 0.96, 0.1: 0.98}
+    chooser = measure_kernel_table(sparse, LEVELS, batch_sizes=(1, 16), repeats=2, accuracy=accuracy)
+    for b, row in chooser.timings_ms.items():
+        assert "dense" in row[1.0]
+        assert not any(is_dense(k) for k in row[0.5]) and not any(is_dense(k) for k in row[0.25])
+        assert "dense" in row[0.1]  # its own masked dense is the only dense option it has
+        for level in (0.5, 0.25):
+            kernel, run_level = split_choice(chooser.choose(b, level), level)
+            assert kernel in row[run_level] and (run_level == level or accuracy[run_level] >= accuracy[level])
+
+
 def test_default_chooser_is_valid():
     chooser = KernelChooser.default(LEVELS)
     assert not chooser.measured
