@@ -1,8 +1,9 @@
 """Online refit of the latency model from live batches; publishes immutable LatencyTables.
 
 The dispatcher calls :meth:`OnlineLearner.observe` after every batch (O(1),
-thread-safe, no scikit-learn). A daemon thread refits every
-``refit_interval_s`` when new samples arrived (the fit itself runs in a child
+thread-safe, no scikit-learn). A daemon thread checks every
+``refit_interval_s`` and refits when the samples since the last refit drifted
+from the published table, or ``quiet_refit_s`` after it otherwise (the fit itself runs in a child
 process when started with ``start(process=True)``, as the server does: a refit
 is ~100+ ms of mostly GIL-holding scikit-learn code, and in a thread of the
 server process it would delay the event loop by up to a GIL switch interval
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -46,7 +48,19 @@ class LearnerConfig:
     live_weight: float = 10.0
     """Weight of a live sample relative to a profile row (>= 1): live evidence outweighs a stale profile."""
     refit_interval_s: float = 0.5
-    """Background refit period (> 0); a refit happens only if samples arrived since the last one."""
+    """Background check period (> 0): a refit happens at a check if samples arrived since the last one and
+    they drifted from the published table (``drift``) or ``quiet_refit_s`` has passed."""
+    quiet_refit_s: float = 10.0
+    """With new samples but no drift, refit at most this often (>= refit_interval_s): slow changes and cells
+    the profile missed still reach the model. Equal to ``refit_interval_s``: refit at every check, as before
+    drift gating."""
+    drift: float = 0.15
+    """Refit at the next check once the samples since the last refit average this far from the published
+    table's mean (|mean log(measured / mean)| > log(1 + drift)), > 0. A refit is ~40 ms of CPU in the child
+    (session 7's EPYC): on a 2-vCPU machine, once a second under load it took one vCPU in 4% of the
+    moments a burst needed both, for a table that had not changed."""
+    drift_samples: int = 5
+    """Samples since the last refit before drift is judged (>= 1)."""
     min_rows: int = 20
     """No refit below this many rows (profile + live), >= 10."""
     max_base_rows: int = 1200
@@ -55,9 +69,11 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
-                or self.min_rows < 10 or self.max_base_rows < 10:
+                or self.min_rows < 10 or self.max_base_rows < 10 or self.quiet_refit_s < self.refit_interval_s \
+                or self.drift <= 0 or self.drift_samples < 1:
             raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
-                             "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10")
+                             "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10, "
+                             "quiet_refit_s >= refit_interval_s, drift > 0, drift_samples >= 1")
 
 
 def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: LatencyModelConfig,
@@ -115,6 +131,9 @@ class OnlineLearner:
         self._fit_lock = threading.Lock()
         self._seen = 0          # samples observed (monotone counter)
         self._fitted_seen = 0   # value of _seen at the last refit
+        self._fitted_at = clock()
+        self._drift_sum = 0.0   # sum of log(measured / published mean) since the last refit
+        self._drift_n = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
@@ -133,11 +152,30 @@ class OnlineLearner:
     # ----------------------------------------------------------------- hot path
 
     def observe(self, sample: LatencySample, now_s: float | None = None) -> None:
-        """Record one live batch (O(1); the deque's maxlen evicts the oldest by count)."""
+        """Record one live batch (O(1): a table lookup and the deque's append; maxlen evicts the oldest)."""
         t = self._clock() if now_s is None else now_s
+        table = self.table
+        try:
+            mean = table.mean(table.bucket(sample.contention), table.level_index(sample.level), sample.batch_size)
+        except (KeyError, IndexError):  # a level or batch size the table does not have: no drift evidence
+            mean = 0.0
         with self._lock:
             self._live.append((t, sample))
             self._seen += 1
+            if mean > 0 and sample.exec_ms > 0:
+                self._drift_sum += math.log(sample.exec_ms / mean)
+                self._drift_n += 1
+
+    def refit_due(self, now_s: float | None = None) -> bool:
+        """New samples, and they drifted from the published table or ``quiet_refit_s`` has passed."""
+        if self.pending == 0:
+            return False
+        now = self._clock() if now_s is None else now_s
+        if now - self._fitted_at >= self.config.quiet_refit_s:
+            return True
+        with self._lock:
+            n, total = self._drift_n, self._drift_sum
+        return n >= self.config.drift_samples and abs(total / n) > math.log1p(self.config.drift)
 
     # ----------------------------------------------------------------- refit
 
@@ -159,7 +197,10 @@ class OnlineLearner:
     def refit_now(self, now_s: float | None = None) -> LatencyTable | None:
         """Refit and publish synchronously (tests, start-up); returns the new table, or None if too few rows."""
         with self._fit_lock:
-            seen = self._seen
+            with self._lock:
+                seen = self._seen
+                self._drift_sum, self._drift_n = 0.0, 0
+            self._fitted_at = self._clock() if now_s is None else now_s
             if self._executor is not None:
                 live = self.live_samples(now_s)
                 if len(self._base) + len(live) < self.config.min_rows:
@@ -250,7 +291,7 @@ class OnlineLearner:
         if self._use_process:
             self._spawn_child()
         while not self._stop.wait(self.config.refit_interval_s):
-            if self.pending == 0:
+            if not self.refit_due():
                 continue
             try:
                 self.refit_now()

@@ -127,7 +127,7 @@ def test_observe_is_thread_safe():
 
 def test_background_thread_refits_and_stops():
     done = threading.Event()
-    learner = make(LearnerConfig(refit_interval_s=0.01))
+    learner = make(LearnerConfig(refit_interval_s=0.01, quiet_refit_s=0.01))
     assert learner.refits == 1  # the synchronous start-up fit
     learner.on_table = lambda t: done.set()
     learner.observe(LatencySample(1.0, 2, 0.0, 1.0))
@@ -140,7 +140,7 @@ def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
     done = threading.Event()
     pids: list[int] = []
     clock = FakeClock()
-    learner = make(LearnerConfig(refit_interval_s=0.01), clock=clock)
+    learner = make(LearnerConfig(refit_interval_s=0.01, drift_samples=3), clock=clock)
     learner.on_table = lambda t: done.set()
     for b in (2, 4, 8):
         learner.observe(LatencySample(0.5, b, 0.2, 3.0 * true_ms(0.5, b, 0.2)))
@@ -161,3 +161,36 @@ def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="live_weight"):
         LearnerConfig(live_weight=0.5)
+
+
+def test_a_refit_is_due_at_once_on_drift_and_only_after_the_quiet_interval_otherwise():
+    clock = FakeClock()
+    learner = make(LearnerConfig(refit_interval_s=0.5, quiet_refit_s=10.0, drift=0.15, drift_samples=5),
+                   clock=clock)
+    assert not learner.refit_due()  # nothing new
+    # Samples the published table already predicts: no refit until the quiet interval has passed.
+    for b in (1, 2, 4, 8, 16, 32):
+        learner.observe(LatencySample(0.5, b, 0.0, true_ms(0.5, b, 0.0)))
+    clock.t += 9.0
+    assert learner.pending == 6 and not learner.refit_due()
+    clock.t += 1.0
+    assert learner.refit_due()
+    learner.refit_now()
+    assert not learner.refit_due()
+    # The machine got 2x slower: due as soon as enough samples say so, long before the quiet interval.
+    for i, b in enumerate((1, 2, 4, 8, 16)):
+        assert not learner.refit_due()  # fewer than drift_samples so far
+        learner.observe(LatencySample(0.25, b, 0.5, 2.0 * true_ms(0.25, b, 0.5)))
+    clock.t += 0.5
+    assert learner.refit_due()
+    learner.refit_now()
+    assert not learner.refit_due() and learner.pending == 0
+
+
+def test_samples_the_table_cannot_place_are_kept_but_are_no_drift_evidence():
+    clock = FakeClock()
+    learner = make(LearnerConfig(quiet_refit_s=10.0, drift_samples=1), clock=clock)
+    learner.observe(LatencySample(0.3, 4, 0.0, 50.0))  # a level the model does not have
+    learner.observe(LatencySample(0.5, 500, 0.0, 50.0))  # beyond max_batch
+    assert learner.pending == 2 and len(learner.live_samples()) == 2
+    assert not learner.refit_due()
