@@ -55,8 +55,9 @@ class LearnerConfig:
     the profile missed still reach the model. Equal to ``refit_interval_s``: refit at every check, as before
     drift gating."""
     drift: float = 0.15
-    """Refit at the next check once the samples since the last refit average this far from the published
-    table's mean (|mean log(measured / mean)| > log(1 + drift)), > 0. A refit is ~40 ms of CPU in the child
+    """Refit at the next check once recent samples run this far from the published table's mean: an
+    exponentially weighted mean of log(measured / mean) (weight ``DRIFT_EWMA_ALPHA``, so the last ~10 batches
+    count, not the many before a change) beyond log(1 + drift), > 0. A refit is ~40 ms of CPU in the child
     (session 7's EPYC): on a 2-vCPU machine, once a second under load it took one vCPU in 4% of the
     moments a burst needed both, for a table that had not changed."""
     drift_samples: int = 5
@@ -74,6 +75,11 @@ class LearnerConfig:
             raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
                              "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10, "
                              "quiet_refit_s >= refit_interval_s, drift > 0, drift_samples >= 1")
+
+
+DRIFT_EWMA_ALPHA = 0.1
+"""Weight of the newest sample in the drift average. A cumulative mean since the last refit let the quiet
+samples before a co-runner outvote it: `slonn adapt` saw predictions follow 7.5 s after its start."""
 
 
 def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: LatencyModelConfig,
@@ -132,7 +138,7 @@ class OnlineLearner:
         self._seen = 0          # samples observed (monotone counter)
         self._fitted_seen = 0   # value of _seen at the last refit
         self._fitted_at = clock()
-        self._drift_sum = 0.0   # sum of log(measured / published mean) since the last refit
+        self._drift = 0.0       # EWMA of log(measured / published mean) since the last refit
         self._drift_n = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,7 +169,8 @@ class OnlineLearner:
             self._live.append((t, sample))
             self._seen += 1
             if mean > 0 and sample.exec_ms > 0:
-                self._drift_sum += math.log(sample.exec_ms / mean)
+                r = math.log(sample.exec_ms / mean)
+                self._drift = r if self._drift_n == 0 else self._drift + DRIFT_EWMA_ALPHA * (r - self._drift)
                 self._drift_n += 1
 
     def refit_due(self, now_s: float | None = None) -> bool:
@@ -174,8 +181,8 @@ class OnlineLearner:
         if now - self._fitted_at >= self.config.quiet_refit_s:
             return True
         with self._lock:
-            n, total = self._drift_n, self._drift_sum
-        return n >= self.config.drift_samples and abs(total / n) > math.log1p(self.config.drift)
+            n, drift = self._drift_n, self._drift
+        return n >= self.config.drift_samples and abs(drift) > math.log1p(self.config.drift)
 
     # ----------------------------------------------------------------- refit
 
@@ -199,7 +206,7 @@ class OnlineLearner:
         with self._fit_lock:
             with self._lock:
                 seen = self._seen
-                self._drift_sum, self._drift_n = 0.0, 0
+                self._drift, self._drift_n = 0.0, 0
             self._fitted_at = self._clock() if now_s is None else now_s
             if self._executor is not None:
                 live = self.live_samples(now_s)

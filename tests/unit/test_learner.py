@@ -194,3 +194,16 @@ def test_samples_the_table_cannot_place_are_kept_but_are_no_drift_evidence():
     learner.observe(LatencySample(0.5, 500, 0.0, 50.0))  # beyond max_batch
     assert learner.pending == 2 and len(learner.live_samples()) == 2
     assert not learner.refit_due()
+
+
+def test_drift_after_a_long_quiet_stretch_is_seen_within_a_few_dozen_batches():
+    clock = FakeClock()
+    learner = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5), clock=clock)
+    for i in range(2000):  # a long stretch the table predicts well
+        b = (1, 2, 4, 8)[i % 4]
+        learner.observe(LatencySample(0.5, b, 0.0, true_ms(0.5, b, 0.0)))
+    assert not learner.refit_due()
+    for i in range(40):  # then 40 batches at 1.6x: a cumulative mean since the refit would still read ~1%
+        b = (1, 2, 4, 8)[i % 4]
+        learner.observe(LatencySample(0.5, b, 0.0, 1.6 * true_ms(0.5, b, 0.0)))
+    assert learner.refit_due()
