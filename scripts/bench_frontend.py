@@ -38,19 +38,6 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == str(pid):
-                        out.append(int(entry))
-            except OSError:
-                continue
-    return out
-
-
 def distinct_inputs(n: int, seed: int = 0) -> np.ndarray:
     from scripts.digits import load_split
 
@@ -64,6 +51,7 @@ async def measure(target: str, server_pid: int, model: str, slo_class: str, n: i
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protos.client import AsyncSlonnClient
+    from scripts.serverproc import child_pids
 
     x = distinct_inputs(3 * n)
     phases = {}
@@ -79,7 +67,7 @@ async def measure(target: str, server_pid: int, model: str, slo_class: str, n: i
                 await client.infer(model, slo_class, x[next(used)])
 
         for name in ("health", "infer_seq", "infer_conc"):
-            kids = children(server_pid)
+            kids = child_pids(server_pid, all_threads=True)
             s0, k0 = process_cpu_s(server_pid), sum(map(process_cpu_s, kids))
             c0, t0 = time.process_time(), time.perf_counter()
             if name == "health":

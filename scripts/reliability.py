@@ -60,18 +60,10 @@ mode = "accuracy"
 """
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
 def worker_pids(server_pid: int) -> list[int]:
     """The server's spawned worker processes (not multiprocessing's resource tracker)."""
     out = []
-    for pid in _children(server_pid):
+    for pid in child_pids(server_pid):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:

@@ -1,4 +1,5 @@
-"""Start `slonn serve` as a child process on a free loopback port; stop it with SIGTERM."""
+"""Start `slonn serve` as a child process on a free loopback port; stop it with SIGTERM. Plus the /proc
+reader that finds the processes it started."""
 
 from __future__ import annotations
 
@@ -51,3 +52,21 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def child_pids(pid: int, all_threads: bool = False) -> list[int]:
+    """Children of ``pid`` (Linux /proc): those its main thread started, or with ``all_threads`` those any of
+    its threads started (the server's learner spawns its fit process from a thread of its own)."""
+    tids = [str(pid)]
+    if all_threads:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return []
+    out = []
+    for tid in tids:
+        try:
+            out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue
+    return out
