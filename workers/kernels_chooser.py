@@ -111,6 +111,12 @@ def is_dense(kernel: str) -> bool:
     return kernel.startswith("dense")
 
 
+def may_serve(accuracy: dict[float, float], by: float, level: float) -> bool:
+    """Level ``by`` may serve ``level`` (promotion): it is a higher keep and at least as accurate on the
+    held-out digits. Without an accuracy for ``level`` nothing may serve it."""
+    return by > level and level in accuracy and accuracy.get(by, -1.0) >= accuracy[level]
+
+
 def promote(chooser: KernelChooser, accuracy: dict[float, float] | None = None,
             margin: float = SPARSE_MARGIN) -> None:
     """Fill ``chooser.table`` from its timings: per (batch size, level) the fastest option, where options
@@ -130,7 +136,7 @@ def promote(chooser: KernelChooser, accuracy: dict[float, float] | None = None,
         for level, cell in row.items():
             options = {k: ms for k, ms in cell.items()}
             for other, other_cell in row.items():
-                if other > level and level in accuracy and accuracy.get(other, -1.0) >= accuracy[level]:
+                if may_serve(accuracy, other, level):
                     options.update({f"{k}@{other!r}": ms for k, ms in other_cell.items()})
             # A dense GEMM on masked inputs runs the plain model's GEMMs plus a top-k per layer: where the
             # plain model (1.0) may serve the level, it is dominated by construction, whatever start-up
@@ -208,7 +214,7 @@ def measure_kernel_table(sparse: "SparseMLP", levels, batch_sizes=None, repeats:
         row = chooser.timings_ms[b]
         for level in sorted(levels, reverse=True):  # 1.0 first: the plain model's timings are needed below
             cell: dict[str, float] = {}
-            plain = row.get(1.0, {}) if level < 1.0 and accuracy.get(1.0, -1.0) >= accuracy.get(level, 2.0) else {}
+            plain = row.get(1.0, {}) if may_serve(accuracy, 1.0, level) else {}
             for kernel in kernels:
                 if kernel in dropped[level]:
                     continue
