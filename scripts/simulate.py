@@ -127,9 +127,12 @@ class SimConfig:
     ingress_ms_per_request: float = 0.0
     """Serial admission cost of the frontend (>= 0; 0 = off): request k reaches the scheduler at
     ``a_k = max(send_k, a_{k-1}) + this``, a one-server FIFO in front of the queues. On a small machine the
-    frontend's gRPC + handler CPU per request (~1 ms on session 6's 2-vCPU EPYC, ``slonn bench-frontend``)
-    turns a clump of simultaneous arrivals into a staircase; the request's deadline still counts from its
-    send time, as the live server's does from the caller's gRPC deadline."""
+    frontend's CPU per request turns a clump of simultaneous arrivals into a staircase (``slonn
+    bench-frontend``: ~1-1.3 ms for the server process on the 2-vCPU EPYC, ~3-3.9 ms for the whole machine
+    with the workers and the client; 2-2.5 ms reproduces slonn's live attainment there, docs/simulation.md).
+    The request's deadline still counts from its send time, as the live server's does from the caller's
+    gRPC deadline; one with no time left at admission is answered DEADLINE_EXCEEDED (the live server
+    already does so with 5 ms left)."""
     signal_lag_s: float = 0.25
     """The planner sees the contention of this long ago (the monitor's smoothing window)."""
     max_inflight: int = 8192
@@ -472,8 +475,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatch-ms", type=float, default=1.0, help="simulated dispatch+IPC+reply ms per batch")
     p.add_argument("--reply-ms-per-request", type=float, default=0.05, help="simulated serial reply ms per answer")
     p.add_argument("--ingress-ms-per-request", type=float, default=0.0,
-                   help="simulated serial admission ms per request in the frontend (0 = off; ~1 on a 2-vCPU VM, "
-                        "see slonn bench-frontend)")
+                   help="simulated serial admission ms per request in the frontend (0 = off; 2-2.5 reproduced slonn's "
+                        "live attainment on a 2-vCPU VM; see slonn bench-frontend)")
     p.add_argument("--signal-lag-s", type=float, default=0.25, help="contention signal lag seen by the planner")
     p.add_argument("--planner-table", choices=("learned", "linear"), default="learned",
                    help="learned: LatencyModel.to_table (contention buckets); linear: the server's cold-start table")
