@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     module = importlib.import_module(COMMANDS[ns.command][0])
-    return module.main(ns.args) or 0
+    return module.main(subcommand_argv(argv, ns.command)) or 0
+
+
+def subcommand_argv(argv: list[str], command: str) -> list[str]:
+    """What follows the command in ``argv``, verbatim: REMAINDER drops a ``--`` there, which subcommands
+    that pass extra arguments on (``bench-frontend -- --precision fp32``) need."""
+    return argv[argv.index(command) + 1:]
 
 
 if __name__ == "__main__":
