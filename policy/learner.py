@@ -141,6 +141,7 @@ class OnlineLearner:
         self._drift = 0.0       # EWMA of log(measured / published mean) since the last refit
         self._drift_n = 0
         self._stop = threading.Event()
+        self._started = threading.Event()
         self._thread: threading.Thread | None = None
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._use_process = False
@@ -253,9 +254,26 @@ class OnlineLearner:
             return self
         self._use_process, self._on_spawn, self._on_exit = process, on_spawn, on_exit
         self._stop.clear()
+        self._started.clear()
         self._thread = threading.Thread(target=self._loop, name="latency-learner", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def child_pid(self) -> int | None:
+        """Pid of the child process fits run in, or None (not started, or fitting in the thread)."""
+        return self._child_pid
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until the refit thread is running and, with ``process``, its child is up (or failed and
+        fits fall back to the thread); False on timeout.
+
+        A server calls this before it takes traffic: spawning the child imports scikit-learn (~1.5 s of
+        CPU), and done under load it stalled the event loop's first batches by 10-27 ms each; the
+        overhead allowance learned from them then turned a class's requests away as out of reach for
+        ~10 s (`slonn adapt` at 100 req/s, session 8: 36% of the quiet phase answered in time).
+        """
+        return self._started.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
@@ -295,8 +313,11 @@ class OnlineLearner:
             self._on_spawn(self._child_pid)
 
     def _loop(self) -> None:
-        if self._use_process:
-            self._spawn_child()
+        try:
+            if self._use_process:
+                self._spawn_child()
+        finally:
+            self._started.set()
         while not self._stop.wait(self.config.refit_interval_s):
             if not self.refit_due():
                 continue

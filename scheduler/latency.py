@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -62,6 +63,12 @@ class LearnedLatency:
         """Start every learner's refit thread; ``process``: fits run in a child process (off the GIL)."""
         for learner in self.learners.values():
             learner.start(process=process, on_spawn=on_spawn, on_exit=on_exit)
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Every learner's thread (and child process) is up: see :meth:`OnlineLearner.wait_started`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return all(learner.wait_started(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                   for learner in self.learners.values())
 
     def stop(self) -> None:
         for learner in self.learners.values():

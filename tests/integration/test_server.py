@@ -7,6 +7,7 @@ calibration, warm-up profile). Tests assert answers and status codes, never timi
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 
 import grpc
@@ -229,6 +230,14 @@ async def test_list_models_lists_levels_accuracies_and_classes(client, local):
         c = classes[name]
         assert (c.latency_ms, c.min_accuracy, c.priority, c.max_queue, c.on_late, c.mode) == (
             cfg.latency_ms, cfg.min_accuracy, cfg.priority, cfg.max_queue, cfg.on_late, cfg.mode)
+
+
+async def test_learner_child_is_up_before_the_server_takes_traffic(server):
+    # start() returned (the port is bound): each learner's fitting process already runs, so its
+    # start-up (scikit-learn imports) does not compete with the first requests.
+    for learner in server.latency.learners.values():
+        assert learner.child_pid is not None and learner.child_pid != os.getpid()
+        os.kill(learner.child_pid, 0)  # raises if there is no such process
 
 
 @pytest.mark.parametrize("service", ["", "slonn.v1.Inference"])

@@ -147,6 +147,8 @@ def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
     gone: list[int] = []
     learner.start(process=True, on_spawn=pids.append, on_exit=gone.append)
     try:
+        assert learner.wait_started(120.0)
+        assert len(pids) == 1  # the child is up (and known to the monitor) when wait_started returns
         assert done.wait(120.0)  # spawning the child imports scikit-learn: an event, not a timing assertion
     finally:
         learner.stop()
