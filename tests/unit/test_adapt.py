@@ -39,3 +39,14 @@ def test_a_pinned_level_has_no_level_shift_but_the_prediction_shift_is_still_mea
     got = shift_time(ends, ratios, 10.0, 20.0, name="prediction")
     assert got["prediction_shift_s"] == 1.5 and got["quiet_mean_prediction"] == 1.0
     assert abs(got["shifted_mean_prediction"] - 2.0) < 0.1
+
+
+def test_quiet_overload_is_flagged_only_below_the_threshold():
+    from scripts.adapt import QUIET_ATTAINMENT_MIN, quiet_overloaded
+
+    def phases(before):
+        return {"before": {"interactive": {"attainment": before, "p99_ms": 10.0}}}
+
+    assert quiet_overloaded(phases(QUIET_ATTAINMENT_MIN - 0.01), "interactive")
+    assert not quiet_overloaded(phases(QUIET_ATTAINMENT_MIN), "interactive")
+    assert not quiet_overloaded(phases(0.5), "standard")  # no such class in the phase: nothing to judge
