@@ -24,6 +24,18 @@ from scripts.trace import Arrivals
 DEFAULT_POLICIES = ("slonn", "triton", "fixed:0.1", "aimd")
 
 
+def live_serve_args(args: argparse.Namespace, policy: str) -> list[str]:
+    """`slonn serve` arguments of the live server for ``policy``: the same settings the simulator models."""
+    out = ["--model-dir", str(args.model_dir), "--policy", policy, "--workers", str(args.workers),
+           "--max-batch", str(args.max_batch), "--overhead-ms", str(args.overhead_ms)]
+    if args.classes:
+        out += ["--classes", str(args.classes)]
+    out += ["--precision", args.precision]
+    if args.in_process:
+        out.append("--in-process")
+    return out
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", name)
 
@@ -54,11 +66,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
     runs = {}
     args.live_loadavg = {}
     for name in args.policies:
-        serve_args = ["--model-dir", str(args.model_dir), "--policy", name, "--workers", str(args.workers),
-                      "--max-batch", str(args.max_batch), "--overhead-ms", str(args.overhead_ms)]
-        if args.classes:
-            serve_args += ["--classes", str(args.classes)]
-        serve_args += ["--precision", args.precision]
+        serve_args = live_serve_args(args, name)
         t0 = time.monotonic()
         load_before = _loadavg()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
@@ -139,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live", action="store_true", help="run live servers (default when --sim is not given)")
     p.add_argument("--corunner", action="store_true", help="co-runner on for the middle third of the replay")
     p.add_argument("--corunner-procs", type=int, default=1, help="live co-runner processes (cores)")
+    p.add_argument("--in-process", action="store_true",
+                   help="live servers run the model on a thread of the server process (`slonn serve --in-process`)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.add_argument("--bins", type=int, default=60, help="time bins of the timeline plot")
     args = p.parse_args(argv)

@@ -1,0 +1,30 @@
+"""`slonn compare` starts its live servers with the settings it was given."""
+
+import argparse
+from pathlib import Path
+
+from scripts.compare import live_serve_args
+from scripts.serve import add_server_args
+
+
+def namespace(**over) -> argparse.Namespace:
+    base = dict(model_dir=Path("models/x"), workers=2, max_batch=32, overhead_ms=1.5, classes=None,
+                precision="fp32", in_process=False)
+    return argparse.Namespace(**{**base, **over})
+
+
+def serve_parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_server_args(p)
+    return p.parse_args(argv)
+
+
+def test_live_server_gets_policy_precision_and_pool_settings():
+    got = serve_parse(live_serve_args(namespace(), "triton:max_batch=16"))
+    assert (got.policy, got.precision, got.workers, got.max_batch) == ("triton:max_batch=16", "fp32", 2, 32)
+    assert got.overhead_ms == 1.5 and not got.in_process
+
+
+def test_in_process_and_classes_are_passed_on():
+    got = serve_parse(live_serve_args(namespace(in_process=True, classes=Path("c.toml")), "slonn"))
+    assert got.in_process and got.classes == Path("c.toml")
