@@ -191,7 +191,10 @@ class SlonnServer:
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch, config=LEARNER)
             for name, manifest in self.manifests.items()})
         self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
-        learners_up = asyncio.create_task(asyncio.to_thread(self.latency.wait_started, CHILD_START_TIMEOUT_S))
+        # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)
+        # under load inflates the first batches' overhead, which admission then acts on.
+        if not await asyncio.to_thread(self.latency.wait_started, CHILD_START_TIMEOUT_S):
+            log.warning("latency learner child not up after %.0f s; serving anyway", CHILD_START_TIMEOUT_S)
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
         self.metrics = ServerMetrics()
@@ -222,10 +225,6 @@ class SlonnServer:
         self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
-        # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)
-        # under load inflates the first batches' overhead, which admission then acts on.
-        if not await learners_up:
-            log.warning("latency learner child not up after %.0f s; serving anyway", CHILD_START_TIMEOUT_S)
         await self.grpc.start()
         freeze_startup_heap()
         for service in ("", SERVICE_NAME):
