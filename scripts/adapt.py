@@ -38,6 +38,16 @@ QUIET_ATTAINMENT_MIN = 0.95
 shift times then describe an overloaded server, and the result says so (``quiet_overloaded``)."""
 
 
+def flag_quiet_overload(result: dict, slo_class: str, rate: float) -> bool:
+    """Set ``result["quiet_overloaded"]`` from its phases, warning when it is true; returns it."""
+    over = result["quiet_overloaded"] = quiet_overloaded(result["phases"], slo_class)
+    if over:
+        log.warning("only %.1f%% of %s answered in time before the co-runner: %.0f req/s overloads this machine "
+                    "on its own; lower --rate", 100 * result["phases"]["before"][slo_class]["attainment"],
+                    slo_class, rate)
+    return over
+
+
 def quiet_overloaded(phases: dict, slo_class: str) -> bool:
     """Whether the phase before the co-runner answered fewer than QUIET_ATTAINMENT_MIN of ``slo_class``."""
     before = phases.get("before", {}).get(slo_class)
@@ -114,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_manifest(args.model_dir).name
     deadlines = {n: c.latency_ms for n, c in load_classes(None).items()}
     arrivals = poisson_arrivals(args.rate, args.duration_s, {args.slo_class: 1.0})
-    log = Path("runs/adapt/server.log")
-    with ServerProcess(["--model-dir", str(args.model_dir), "--stats-interval-s", "2"], log) as srv:
+    server_log = Path("runs/adapt/server.log")
+    with ServerProcess(["--model-dir", str(args.model_dir), "--stats-interval-s", "2"], server_log) as srv:
         records = asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
                                                    args.corunner_stop_s, args.corunner_procs, progress=False))
     ends, means = level_series(records, args.bin_s, args.duration_s)
@@ -133,10 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                    for k, v in phase_summaries(records, args.corunner_start_s, args.corunner_stop_s,
                                                args.duration_s).items()},
     }
-    result["quiet_overloaded"] = quiet_overloaded(result["phases"], args.slo_class)
-    if result["quiet_overloaded"]:
-        log.warning("only %.1f%% of %s answered in time before the co-runner: %.0f req/s overloads this machine "
-                    "on its own; lower --rate", 100 * result["phases"]["before"][args.slo_class]["attainment"],
-                    args.slo_class, args.rate)
+    flag_quiet_overload(result, args.slo_class, args.rate)
     print(json.dumps(result, indent=2 if args.json else None))
     return 0

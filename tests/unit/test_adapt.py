@@ -50,3 +50,15 @@ def test_quiet_overload_is_flagged_only_below_the_threshold():
     assert quiet_overloaded(phases(QUIET_ATTAINMENT_MIN - 0.01), "interactive")
     assert not quiet_overloaded(phases(QUIET_ATTAINMENT_MIN), "interactive")
     assert not quiet_overloaded(phases(0.5), "standard")  # no such class in the phase: nothing to judge
+
+
+def test_flag_quiet_overload_sets_the_field_and_warns(caplog):
+    from scripts.adapt import flag_quiet_overload
+
+    result = {"phases": {"before": {"interactive": {"attainment": 0.5, "p99_ms": 90.0}}}}
+    with caplog.at_level("WARNING", logger="scripts.adapt"):
+        assert flag_quiet_overload(result, "interactive", 300.0)
+    assert result["quiet_overloaded"] is True
+    assert "50.0% of interactive" in caplog.text and "300 req/s" in caplog.text
+    quiet = {"phases": {"before": {"interactive": {"attainment": 1.0, "p99_ms": 9.0}}}}
+    assert not flag_quiet_overload(quiet, "interactive", 100.0) and quiet["quiet_overloaded"] is False
