@@ -92,6 +92,8 @@ def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: Latenc
 
 CHILD_START_TIMEOUT_S = 120.0
 """Spawning the child imports scikit-learn: generous on a loaded machine."""
+STOP_JOIN_S = 5.0
+"""stop() waits this long for the refit thread (a child still being spawned can outlast it)."""
 CHILD_FIT_TIMEOUT_S = 60.0
 """A fit takes well under a second; a child this late is hung and gets replaced by the thread."""
 _CHILD_BASE: list[LatencySample] = []
@@ -253,9 +255,11 @@ class OnlineLearner:
         if self._thread is not None and self._thread.is_alive():
             return self
         self._use_process, self._on_spawn, self._on_exit = process, on_spawn, on_exit
-        self._stop.clear()
-        self._started.clear()
-        self._thread = threading.Thread(target=self._loop, name="latency-learner", daemon=True)
+        # Fresh events per start: a thread a previous stop() left behind (still spawning its child) keeps
+        # its own, set, stop event and cannot mark this start as started.
+        self._stop, self._started = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(self._stop, self._started),
+                                        name="latency-learner", daemon=True)
         self._thread.start()
         return self
 
@@ -278,9 +282,9 @@ class OnlineLearner:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(5.0)
+            self._thread.join(STOP_JOIN_S)
             if self._thread.is_alive():
-                log.warning("latency learner thread still busy after 5 s; leaving it (daemon)")
+                log.warning("latency learner thread still busy after %.0f s; leaving it (daemon)", STOP_JOIN_S)
         self._thread = None
         self._drop_child()
 
@@ -298,27 +302,37 @@ class OnlineLearner:
             if self._on_exit is not None:
                 self._on_exit(pid)
 
-    def _spawn_child(self) -> None:
+    def _spawn_child(self, stop: threading.Event) -> None:
+        executor = None
         try:
-            self._executor = concurrent.futures.ProcessPoolExecutor(
+            executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init,
                 initargs=(self._base,))
-            self._child_pid = self._executor.submit(os.getpid).result(timeout=CHILD_START_TIMEOUT_S)
+            pid = executor.submit(os.getpid).result(timeout=CHILD_START_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - fitting in the thread still works
-            if not self._stop.is_set():
+            if not stop.is_set():
                 log.exception("could not start the latency learner's child process; fitting in a thread")
-            self._drop_child()
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
             return
+        if stop.is_set():  # stopped while spawning: the child is no one's
+            executor.shutdown(wait=False, cancel_futures=True)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            return
+        self._executor, self._child_pid = executor, pid
         if self._on_spawn is not None:
-            self._on_spawn(self._child_pid)
+            self._on_spawn(pid)
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event, started: threading.Event) -> None:
         try:
             if self._use_process:
-                self._spawn_child()
+                self._spawn_child(stop)
         finally:
-            self._started.set()
-        while not self._stop.wait(self.config.refit_interval_s):
+            started.set()
+        while not stop.wait(self.config.refit_interval_s):
             if not self.refit_due():
                 continue
             try:

@@ -193,8 +193,9 @@ class SlonnServer:
         self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
         # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)
         # under load inflates the first batches' overhead, which admission then acts on.
-        if not await asyncio.to_thread(self.latency.wait_started, CHILD_START_TIMEOUT_S):
-            log.warning("latency learner child not up after %.0f s; serving anyway", CHILD_START_TIMEOUT_S)
+        # (A little longer than the learner's own spawn timeout, after which it fits in a thread instead.)
+        if not await asyncio.to_thread(self.latency.wait_started, CHILD_START_TIMEOUT_S + 5.0):
+            log.warning("latency learners not started after %.0f s; serving anyway", CHILD_START_TIMEOUT_S + 5.0)
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
         self.metrics = ServerMetrics()

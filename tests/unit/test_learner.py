@@ -160,6 +160,32 @@ def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
     np.testing.assert_allclose(child_table.safe_ms, local.safe_ms, rtol=1e-9)
 
 
+def test_a_thread_left_spawning_by_stop_cannot_mark_a_later_start_as_started(monkeypatch):
+    import policy.learner as learner_module
+
+    monkeypatch.setattr(learner_module, "STOP_JOIN_S", 0.05)
+    gates = [threading.Event(), threading.Event()]
+    calls = []
+
+    def slow_spawn(self, stop):  # stands in for a child that takes long to start
+        gate = gates[len(calls)]
+        calls.append(stop)
+        gate.wait(10.0)
+
+    monkeypatch.setattr(OnlineLearner, "_spawn_child", slow_spawn)
+    learner = make(LearnerConfig(refit_interval_s=0.01))
+    learner.start(process=True)
+    assert not learner.wait_started(0.05)
+    learner.stop()  # gives up on the thread: it is still "spawning"
+    learner.start(process=True)
+    gates[0].set()  # the old thread's spawn ends now
+    assert not learner.wait_started(0.2)  # ...but this start's child is not up yet
+    assert calls[0].is_set() and not calls[1].is_set()  # each thread has its own stop event
+    gates[1].set()
+    assert learner.wait_started(10.0)
+    learner.stop()
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="live_weight"):
         LearnerConfig(live_weight=0.5)
