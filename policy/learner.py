@@ -114,6 +114,17 @@ def _child_fit(live: list[LatencySample], live_weight: float, config: LatencyMod
     return fit_table(_CHILD_BASE + live, weights, config, levels, max_batch, contention_edges)
 
 
+def _end_child(executor: concurrent.futures.ProcessPoolExecutor | None, pid: int | None) -> None:
+    """Shut a fit child's executor down and kill the child (it may hang), whichever of the two is known."""
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass  # already gone
+
+
 class OnlineLearner:
     """Profile rows + a live window -> a refit :class:`LatencyModel` -> a published :class:`LatencyTable`."""
 
@@ -292,15 +303,9 @@ class OnlineLearner:
         """Shut the child down (killing it if it hangs) and forget its pid; fits go on in the thread."""
         executor, pid = self._executor, self._child_pid
         self._executor, self._child_pid = None, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass  # already gone
-            if self._on_exit is not None:
-                self._on_exit(pid)
+        _end_child(executor, pid)
+        if pid is not None and self._on_exit is not None:
+            self._on_exit(pid)
 
     def _spawn_child(self, stop: threading.Event) -> None:
         executor = None
@@ -312,15 +317,10 @@ class OnlineLearner:
         except Exception:  # noqa: BLE001 - fitting in the thread still works
             if not stop.is_set():
                 log.exception("could not start the latency learner's child process; fitting in a thread")
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+            _end_child(executor, None)
             return
         if stop.is_set():  # stopped while spawning: the child is no one's
-            executor.shutdown(wait=False, cancel_futures=True)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            _end_child(executor, pid)
             return
         self._executor, self._child_pid = executor, pid
         if self._on_spawn is not None:
