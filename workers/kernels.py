@@ -48,16 +48,21 @@ The measured choice of kernel per (batch size, level) lives in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workers import native
 from workers.model import SLOAwareMLP, kept_units
 
 EXACT_KERNELS: tuple[str, ...] = ("dense", "gather", "union")
-"""Kernels equal to the reference up to float summation order."""
+"""Kernels equal to the reference up to float summation order that every layout has."""
+NATIVE_KERNEL = "fused"
+"""The native fused per-sample forward (:mod:`workers.native`) over fp32 weights: exact like "gather", offered
+where the library builds (CPU); ``fused_bf16`` is the same over the bf16 weights."""
 LOW_PRECISION_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 POSITIVE_FILTER_MIN_KEEP = 0.25
 """Gather kernels drop non-positive kept units from keep >= this: there ReLU zeroes many of them (at keep 0.5
@@ -104,6 +109,8 @@ class SparseMLP:
     """in_features."""
     low_precision: str | None = "bf16"
     """Name of the half-precision weight copies ("bf16", "fp16") or None for fp32 only."""
+    _native: dict[bool, "_NativePlan"] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Argument arrays of the native forward, per weight precision (True: bf16), built on first use."""
 
     @classmethod
     def from_model(cls, model: SLOAwareMLP, device: torch.device,
@@ -130,9 +137,13 @@ class SparseMLP:
 
     @property
     def kernels(self) -> tuple[str, ...]:
-        """Kernels this layout can run."""
+        """Kernels this layout can run: the exact ones, the half ones of its low precision, and the native
+        fused forward where it builds (CPU only; its half variant for bf16 only)."""
         lp = self.low_precision
-        return EXACT_KERNELS + (() if lp is None else (f"gather_{lp}", f"dense_{lp}"))
+        out = EXACT_KERNELS + (() if lp is None else (f"gather_{lp}", f"dense_{lp}"))
+        if self.device.type == "cpu" and native.available():
+            out += (NATIVE_KERNEL,) + ((f"{NATIVE_KERNEL}_bf16",) if lp == "bf16" else ())
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -146,6 +157,8 @@ class SparseMLP:
         """Logits (batch x out, float32) of ``x`` (raw inputs, batch x in) at level ``keep``."""
         if kernel not in self.kernels:
             raise ValueError(f"kernel={kernel!r} is not one of {self.kernels}")
+        if kernel.startswith(NATIVE_KERNEL):
+            return self._forward_native(x, keep, bf16=kernel != NATIVE_KERNEL)
         z = torch.addmm(self.first_b, x, self.first_w.t())
         if kernel.startswith("dense"):
             return self._forward_dense(z, keep, low=kernel != "dense")
@@ -158,6 +171,20 @@ class SparseMLP:
             z = _gather(layer, *_select(z, keep), low=low, drop_zeros=keep >= POSITIVE_FILTER_MIN_KEEP)
         return z
 
+    def _forward_native(self, x: torch.Tensor, keep: float, bf16: bool) -> torch.Tensor:
+        plan = self._native.get(bf16)
+        if plan is None:
+            plan = self._native[bf16] = _NativePlan.build(self, bf16)
+        x = x.to(torch.float32).contiguous()
+        out = torch.empty(x.shape[0], plan.out_features, dtype=torch.float32)
+        rc = plan.lib.slonn_sparse_forward(
+            x.shape[0], x.data_ptr(), self.in_features, plan.first_wt.data_ptr(), self.first_b.data_ptr(),
+            self.first_b.shape[0], len(self.layers), plan.wts, plan.biases, plan.outs, plan.kept(keep),
+            int(bf16), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native sparse forward refused its arguments (rc={rc})")
+        return out
+
     def _forward_dense(self, z: torch.Tensor, keep: float, low: bool = False) -> torch.Tensor:
         for layer in self.layers:
             if keep < 1.0:
@@ -168,6 +195,48 @@ class SparseMLP:
             else:
                 z = F.linear(z.relu_(), layer.w, layer.bias)
         return z
+
+
+@dataclass
+class _NativePlan:
+    """What :func:`workers.native` needs for one weight precision: pointer arrays into the tensors of a
+    :class:`SparseMLP` (which they keep alive) and, per level, each layer's kept-unit count."""
+
+    lib: ctypes.CDLL
+    first_wt: torch.Tensor
+    """in_features x hidden[0] fp32 (the first layer's ``W.T``, input scaling folded in)."""
+    tensors: list[torch.Tensor]
+    wts: ctypes.Array
+    biases: ctypes.Array
+    outs: ctypes.Array
+    widths: list[int]
+    """Input width of each layer fed by a sparse vector (hidden layers 2.., head)."""
+    out_features: int
+    _kept: dict[float, ctypes.Array] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, sparse: "SparseMLP", bf16: bool) -> "_NativePlan":
+        lib = native.library()
+        if lib is None or sparse.device.type != "cpu":
+            raise ValueError(f"the native kernels need a CPU layout and a built library "
+                             f"({native.unavailable_reason() or sparse.device})")
+        wts = [layer.wt_low if bf16 else layer.wt for layer in sparse.layers]
+        if bf16 and any(w is None or w.dtype != torch.bfloat16 for w in wts):
+            raise ValueError("fused_bf16 needs bf16 weight copies (low_precision='bf16')")
+        tensors = [w.contiguous() for w in wts] + [layer.bias.contiguous() for layer in sparse.layers]
+        n = len(sparse.layers)
+        ptrs = ctypes.c_void_p * n
+        return cls(lib, sparse.first_w.t().contiguous(), tensors,
+                   ptrs(*(t.data_ptr() for t in tensors[:n])), ptrs(*(t.data_ptr() for t in tensors[n:])),
+                   (ctypes.c_int64 * n)(*(layer.wt.shape[1] for layer in sparse.layers)),
+                   [layer.wt.shape[0] for layer in sparse.layers], sparse.layers[-1].wt.shape[1])
+
+    def kept(self, keep: float) -> ctypes.Array:
+        arr = self._kept.get(keep)
+        if arr is None:
+            arr = self._kept[keep] = (ctypes.c_int64 * len(self.widths))(
+                *(kept_units(keep, w) for w in self.widths))
+        return arr
 
 
 def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from workers.kernels import EXACT_KERNELS, KernelChooser, SparseMLP, measure_kernel_table, select_topk
+from workers import native
+from workers.kernels import EXACT_KERNELS, NATIVE_KERNEL, KernelChooser, SparseMLP, measure_kernel_table, select_topk
 from workers.kernels_chooser import SPARSE_MARGIN, is_dense, promote, split_choice
 from workers.model import MLPArchitecture, SLOAwareMLP
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
 CPU = torch.device("cpu")
+NATIVE = (NATIVE_KERNEL,) if native.available() else ()
+"""The native kernels built here: with a C++ compiler on the machine they must build (tested below)."""
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +32,32 @@ def _inputs(model: SLOAwareMLP, n: int, seed: int) -> torch.Tensor:
     return model.input_mean + model.input_std * torch.randn(n, 64, generator=gen)
 
 
-@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+@pytest.mark.parametrize("kernel", EXACT_KERNELS + (NATIVE_KERNEL,))
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("batch", [1, 3, 16, 33])
 def test_exact_kernels_equal_reference(model, kernel, level, batch):
     sparse = SparseMLP.from_model(model, CPU)
+    if kernel not in sparse.kernels:
+        pytest.skip(f"{kernel}: {native.unavailable_reason()}")
     x = _inputs(model, batch, seed=batch)
     with torch.inference_mode():
         torch.testing.assert_close(sparse.forward(x, level, kernel), model(x, level), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gather", "dense"])
-@pytest.mark.parametrize("low", ["fp16", "bf16"])
+def test_native_kernels_build_where_a_compiler_is():
+    """CI machines have g++: a silent fallback would leave the fused kernels untested and unserved."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert native.available(), native.unavailable_reason()
+
+
+@pytest.mark.parametrize(("kind", "low"), [("gather", "fp16"), ("gather", "bf16"), ("dense", "fp16"),
+                                           ("dense", "bf16"), (NATIVE_KERNEL, "bf16")])
 @pytest.mark.parametrize("level", LEVELS)
 def test_low_precision_kernels_are_close(model, kind, low, level):
     sparse = SparseMLP.from_model(model, CPU, low_precision=low)
+    if kind == NATIVE_KERNEL and not NATIVE:
+        pytest.skip(f"{kind}: {native.unavailable_reason()}")
     assert f"{kind}_{low}" in sparse.kernels
     x = _inputs(model, 64, seed=7)
     with torch.inference_mode():
@@ -82,13 +98,32 @@ def test_disjoint_units_batch():
     with torch.inference_mode():
         kept = (m.hidden_activations(x, 0.25)[0] > 0)
         assert kept.sum(1).tolist() == [16] * 4 and kept.any(0).sum() == 64  # disjoint
-        for kernel in sparse.kernels[:3]:
+        for kernel in EXACT_KERNELS + NATIVE:
             torch.testing.assert_close(sparse.forward(x, 0.25, kernel), m(x, 0.25), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernels not built here")
+@pytest.mark.parametrize("level", [0.5, 0.25, 0.1])
+def test_native_selection_keeps_exactly_k_of_tied_units(level):
+    """Every hidden unit ties (identical first-layer rows) and every unit feeds the next layer alike, so
+    the logits count how many units were kept: exactly k per layer, as the reference keeps."""
+    m = SLOAwareMLP(MLPArchitecture(3, (40, 24), 2)).eval()
+    with torch.no_grad():
+        m.hidden[0].weight.copy_(torch.tensor([0.5, -0.25, 1.0]).expand(40, 3))
+        m.hidden[0].bias.fill_(0.125)
+        m.hidden[1].weight.fill_(0.25)
+        m.hidden[1].bias.zero_()
+        m.head.weight.copy_(torch.tensor([[1.0], [-2.0]]).expand(2, 24))
+        m.head.bias.fill_(0.5)
+    sparse = SparseMLP.from_model(m, CPU)
+    x = torch.tensor([[1.0, 2.0, 3.0], [2.0, 0.0, 1.0]])
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse.forward(x, level, NATIVE_KERNEL), m(x, level), rtol=1e-5, atol=1e-5)
 
 
 def test_no_low_precision_layout(model):
     sparse = SparseMLP.from_model(model, CPU, low_precision=None)
-    assert sparse.kernels == EXACT_KERNELS
+    assert sparse.kernels == EXACT_KERNELS + NATIVE  # no half kernel, native or not
     with pytest.raises(ValueError, match="kernel="):
         sparse.forward(_inputs(model, 1, 0), 0.5, "gather_bf16")
     with pytest.raises(ValueError, match="low_precision="):
@@ -201,15 +236,16 @@ def test_runner_runs_the_promoted_level(tmp_path, model):
         torch.testing.assert_close(torch.from_numpy(out.outputs), model(x, 1.0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("precision", "half_kernels"), [("bf16", {"gather_bf16", "dense_bf16"}),
-                                                         ("fp16", {"gather_fp16", "dense_fp16"}), ("fp32", set())])
+@pytest.mark.parametrize(("precision", "half_kernels"), [
+    ("bf16", {"gather_bf16", "dense_bf16"} | {f"{k}_bf16" for k in NATIVE}),
+    ("fp16", {"gather_fp16", "dense_fp16"}), ("fp32", set())])
 def test_runner_precision_decides_the_kernel_set(tmp_path, model, precision, half_kernels):
     from workers.artifact import ModelManifest, save_artifact
     from workers.runner import ModelRunner
 
     save_artifact(model, ModelManifest("t", model.arch, LEVELS, {lv: 0.9 for lv in LEVELS}), tmp_path)
     runner = ModelRunner.load(tmp_path, "cpu", precision)
-    assert set(runner.sparse.kernels) == set(EXACT_KERNELS) | half_kernels
+    assert set(runner.sparse.kernels) == set(EXACT_KERNELS) | set(NATIVE) | half_kernels
     with pytest.raises(ValueError, match="precision="):
         ModelRunner.load(tmp_path, "cpu", "int8")
 

@@ -1,0 +1,64 @@
+"""workers.native: built once per machine into its cache, and absent (not broken) without a compiler."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from workers import native
+from workers.kernels import NATIVE_KERNEL, SparseMLP
+from workers.model import MLPArchitecture, SLOAwareMLP
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A cold module: its own cache directory, nothing loaded; restored afterwards."""
+    monkeypatch.setenv("SLONN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_reason", None)
+    native.library.cache_clear()
+    yield tmp_path / "cache"
+    native.library.cache_clear()
+
+
+def _sparse() -> SparseMLP:
+    torch.manual_seed(0)
+    return SparseMLP.from_model(SLOAwareMLP(MLPArchitecture(8, (32, 16), 3)).eval(), torch.device("cpu"))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here")
+def test_builds_into_the_cache_once(fresh):
+    assert native.library() is not None, native.unavailable_reason()
+    built = sorted(fresh.glob("sparse_forward-*.so"))
+    assert len(built) == 1 and not list(fresh.glob("*.so.*")) and not list(fresh.glob("tmp*"))
+    mtime = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert sorted(fresh.glob("sparse_forward-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+def test_disabled_by_env(fresh, monkeypatch):
+    monkeypatch.setenv("SLONN_NATIVE", "0")
+    assert native.library() is None and "SLONN_NATIVE=0" in native.unavailable_reason()
+    sparse = _sparse()
+    assert NATIVE_KERNEL not in sparse.kernels and f"{NATIVE_KERNEL}_bf16" not in sparse.kernels
+    with pytest.raises(ValueError, match="kernel="):
+        sparse.forward(torch.zeros(1, 8), 0.5, NATIVE_KERNEL)
+
+
+def test_no_compiler_means_no_native_kernels(fresh, monkeypatch):
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert native.library() is None and "no C++ compiler" in native.unavailable_reason()
+    assert NATIVE_KERNEL not in _sparse().kernels
+
+
+def test_a_compile_error_is_reported_not_raised(fresh, monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    assert native.library() is None
+    assert "compiling" in native.unavailable_reason() and not list(fresh.glob("*"))
