@@ -27,7 +27,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_forward.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 """``slonn_abi_version()`` of the source this module's signatures describe."""
 FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 ARCH_FLAGS: tuple[tuple[str, ...], ...] = (("-march=native",), ())
@@ -111,8 +111,8 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slonn_sparse_forward.restype = ctypes.c_int
-    lib.slonn_sparse_forward.argtypes = [i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int32,
-                                         ptr]
+    i32 = ctypes.c_int32
+    lib.slonn_sparse_forward.argtypes = [i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i32, ptr]
     return lib
 
 

@@ -123,7 +123,7 @@ def test_native_selection_keeps_exactly_k_of_tied_units(level):
 
 def test_no_low_precision_layout(model):
     sparse = SparseMLP.from_model(model, CPU, low_precision=None)
-    assert sparse.kernels == EXACT_KERNELS + NATIVE  # no half kernel, native or not
+    assert set(sparse.kernels) == set(EXACT_KERNELS + NATIVE)  # no half kernel, native or not
     with pytest.raises(ValueError, match="kernel="):
         sparse.forward(_inputs(model, 1, 0), 0.5, "gather_bf16")
     with pytest.raises(ValueError, match="low_precision="):
