@@ -33,6 +33,8 @@ def live_serve_args(args: argparse.Namespace, policy: str) -> list[str]:
     out += ["--precision", args.precision]
     if args.in_process:
         out.append("--in-process")
+    if args.serve_nice:
+        out += ["--nice", str(args.serve_nice)]
     return out
 
 
@@ -65,6 +67,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
     manifest = load_manifest(args.model_dir)
     runs = {}
     args.live_loadavg = {}
+    args.corunner_usage = {}
     for name in args.policies:
         serve_args = live_serve_args(args, name)
         t0 = time.monotonic()
@@ -74,13 +77,15 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
             if window is None:
                 coro = replay(server.target, manifest.name, arrivals, deadlines_ms, **kwargs)
             else:
+                usage = args.corunner_usage[name] = {}
                 coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
-                                            window[1], args.corunner_procs, **kwargs)
+                                            window[1], args.corunner_procs, usage=usage, **kwargs)
             runs[name] = asyncio.run(coro)
         # The machine may be shared: record how busy it was (1-min load average, all processes).
         args.live_loadavg[name] = {"before": load_before, "after": _loadavg()}
-        print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)",
-              file=sys.stderr, flush=True)
+        got = args.corunner_usage.get(name, {}).get("cores")
+        print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)"
+              + (f"; co-runner got {got} cores" if got is not None else ""), file=sys.stderr, flush=True)
     return runs
 
 
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live", action="store_true", help="run live servers (default when --sim is not given)")
     p.add_argument("--corunner", action="store_true", help="co-runner on for the middle third of the replay")
     p.add_argument("--corunner-procs", type=int, default=1, help="live co-runner processes (cores)")
+    p.add_argument("--serve-nice", type=int, default=0,
+                   help="live servers' `slonn serve --nice`: -10 runs them (and their workers) ahead of the "
+                        "co-runner, as a latency-critical tier above a best-effort neighbour (needs CAP_SYS_NICE)")
     p.add_argument("--in-process", action="store_true",
                    help="live servers run the model on a thread of the server process (`slonn serve --in-process`)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
               "sim": {"simulated_requests_per_s": getattr(args, "sim_rates", None),
                       "planner_table": args.planner_table, "workers": args.workers} if args.sim else None,
               "live_loadavg_1min": getattr(args, "live_loadavg", None), "cpus": os.cpu_count(),
+              "live_corunner_usage": getattr(args, "corunner_usage", None) or None,
+              "serve_nice": args.serve_nice,
               "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     md = markdown(rows, classes, dense, window)

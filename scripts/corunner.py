@@ -62,6 +62,16 @@ class BurnSpec:
         return f"{self.n_procs}x{self.duty:g}"
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class CpuBurner:
     """Start/stop ``n_procs`` CPU-burning processes; also a context manager."""
 
@@ -74,6 +84,10 @@ class CpuBurner:
         self._ctx = mp.get_context("spawn")
         self._stop = None
         self._procs: list = []
+        self.cpu_s: float | None = None
+        """CPU seconds the burners got between the last start() and stop()."""
+        self.wall_s: float | None = None
+        self._t0 = 0.0
 
     @property
     def intensity(self) -> float:
@@ -86,6 +100,8 @@ class CpuBurner:
     def start(self) -> "CpuBurner":
         if self._procs:
             raise RuntimeError("CpuBurner already started")
+        self.cpu_s, self.wall_s = None, None
+        self._t0 = time.monotonic()
         self._stop = self._ctx.Event()
         for _ in range(self.spec.n_procs):
             p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s), daemon=True)
@@ -94,6 +110,10 @@ class CpuBurner:
         return self
 
     def stop(self, timeout_s: float = 2.0) -> None:
+        if self._procs:  # what it got, read before it exits: did it really take its cores?
+            cpu = [_cpu_seconds(p.pid) for p in self._procs]
+            self.cpu_s = None if None in cpu else sum(cpu)
+            self.wall_s = time.monotonic() - self._t0
         if self._stop is not None:
             self._stop.set()
         for p in self._procs:
@@ -102,6 +122,14 @@ class CpuBurner:
                 p.terminate()
                 p.join(timeout_s)
         self._procs = []
+
+    def usage(self) -> dict | None:
+        """CPU the burners got over their last run (cores = CPU seconds / wall seconds; None on a system
+        without /proc or before a stop)."""
+        if self.cpu_s is None or not self.wall_s:
+            return None
+        return {"cores": round(self.cpu_s / self.wall_s, 3), "asked_cores": self.intensity,
+                "cpu_s": round(self.cpu_s, 2), "wall_s": round(self.wall_s, 2)}
 
     def __enter__(self) -> "CpuBurner":
         return self.start()

@@ -182,9 +182,11 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
 
 
 async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
-                               start_s: float, stop_s: float, n_procs: int = 1, **kwargs) -> list[RequestRecord]:
+                               start_s: float, stop_s: float, n_procs: int = 1, usage: dict | None = None,
+                               **kwargs) -> list[RequestRecord]:
     """:func:`replay` with a CPU co-runner (``scripts.corunner.CpuBurner``) on from ``start_s`` to ``stop_s``
-    (seconds from the first send)."""
+    (seconds from the first send). ``usage``, if given, receives the CPU the co-runner got
+    (``CpuBurner.usage``)."""
     from scripts.corunner import CpuBurner
 
     burner = CpuBurner(n_procs=n_procs)
@@ -195,6 +197,8 @@ async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, dead
         await asyncio.to_thread(burner.start)  # spawning takes a moment: off the sending loop
         await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - t0)))
         await asyncio.to_thread(burner.stop)
+        if usage is not None:
+            usage.update(burner.usage() or {})
 
     task = asyncio.create_task(interfere())
     try:
@@ -257,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     arrivals = arrivals_from_args(args)
     deadlines = {n: c.latency_ms for n, c in classes.items()}
     corunner = args.corunner_start_s is not None
+    usage: dict = {}
     if corunner:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
         records = asyncio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
                                                    args.corunner_start_s, stop_s, args.corunner_procs,
-                                                   **client_kwargs(args)))
+                                                   usage=usage, **client_kwargs(args)))
     else:
         records = asyncio.run(replay(args.target, args.model, arrivals, deadlines, **client_kwargs(args)))
     summary = summarize(records, arrivals.duration_s)
@@ -271,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"load": arrivals.describe(), "summary": summary}
         if corunner:
             out["phases"] = phase_summaries(records, args.corunner_start_s, stop_s, arrivals.duration_s)
+            out["corunner_usage"] = usage or None
         print(json.dumps(out, indent=2))
     else:
         print(format_table(summary))

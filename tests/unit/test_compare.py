@@ -9,7 +9,7 @@ from scripts.serve import add_server_args
 
 def namespace(**over) -> argparse.Namespace:
     base = dict(model_dir=Path("models/x"), workers=2, max_batch=32, overhead_ms=1.5, classes=None,
-                precision="fp32", in_process=False)
+                precision="fp32", in_process=False, serve_nice=0)
     return argparse.Namespace(**{**base, **over})
 
 
@@ -28,3 +28,8 @@ def test_live_server_gets_policy_precision_and_pool_settings():
 def test_in_process_and_classes_are_passed_on():
     got = serve_parse(live_serve_args(namespace(in_process=True, classes=Path("c.toml")), "slonn"))
     assert got.in_process and got.classes == Path("c.toml")
+
+
+def test_serve_nice_is_passed_on_only_when_set():
+    assert serve_parse(live_serve_args(namespace(), "slonn")).nice == 0
+    assert serve_parse(live_serve_args(namespace(serve_nice=-10), "slonn")).nice == -10

@@ -62,3 +62,9 @@ def test_a_compile_error_is_reported_not_raised(fresh, monkeypatch, tmp_path):
         pytest.skip("no C++ compiler here")
     assert native.library() is None
     assert "compiling" in native.unavailable_reason() and not list(fresh.glob("*"))
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built here")
+def test_wrong_input_width_is_refused_before_the_call():
+    with pytest.raises(ValueError, match="expected"):
+        _sparse().forward(torch.zeros(2, 7), 0.5, NATIVE_KERNEL)
