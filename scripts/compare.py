@@ -71,7 +71,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
     for name in args.policies:
         serve_args = live_serve_args(args, name)
         t0 = time.monotonic()
-        load_before = _loadavg()
+        load_before, cpu_before = _loadavg(), _cpu_times()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
             kwargs = dict(split_seed=manifest.seed, progress=False, **client_kwargs(args))
             if window is None:
@@ -82,11 +82,31 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
                                             window[1], args.corunner_procs, usage=usage, **kwargs)
             runs[name] = asyncio.run(coro)
         # The machine may be shared: record how busy it was (1-min load average, all processes).
-        args.live_loadavg[name] = {"before": load_before, "after": _loadavg()}
+        steal = steal_pct(cpu_before, _cpu_times())
+        args.live_loadavg[name] = {"before": load_before, "after": _loadavg(), "steal_pct": steal}
         got = args.corunner_usage.get(name, {}).get("cores")
         print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)"
+              f"; CPU stolen by the host {steal}%"
               + (f"; co-runner got {got} cores" if got is not None else ""), file=sys.stderr, flush=True)
     return runs
+
+
+def _cpu_times() -> list[int] | None:
+    """The aggregate ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal ...), or None."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_pct(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Share of all CPU time between two :func:`_cpu_times` readings that the hypervisor gave to other guests
+    (steal, the 8th field): on a shared VM the same code answers slower when this is up."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round(100.0 * (after[7] - before[7]) / total, 2) if total > 0 else None
 
 
 def _loadavg() -> float | None:

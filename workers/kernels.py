@@ -29,6 +29,9 @@ of ``W.T`` are read.
   AMX or AVX512-BF16 a bf16 GEMM at batch 16 ran ~4x faster than fp32 sgemm;
   elsewhere it is slow and the chooser does not pick it). The output is
   rounded to half and the bias added in fp32.
+- ``fused`` / ``fused_bf16`` (CPU, where :mod:`workers.native` builds): the whole forward in one C++ call,
+  per sample a radix top-k of each layer and the sum of its kept, positive rows of ``W.T`` (fp32 or bf16
+  rows, fp32 accumulation, nothing rounded to half between layers); at batch 1 ~2x the torch gathers.
 
 The half kernels are not bit-comparable with the reference; their accuracy is
 measured by ``scripts/bench_kernels.py``.
@@ -174,6 +177,8 @@ class SparseMLP:
         return z
 
     def _forward_native(self, x: torch.Tensor, keep: float, bf16: bool) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:  # the C++ side trusts the shapes it is given
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, {self.in_features})")
         plan = self._native.get(bf16)
         if plan is None:
             plan = self._native[bf16] = _NativePlan.build(self, bf16)

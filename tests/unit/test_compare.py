@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from scripts.compare import live_serve_args
+from scripts.compare import live_serve_args, steal_pct
 from scripts.serve import add_server_args
 
 
@@ -33,3 +33,10 @@ def test_in_process_and_classes_are_passed_on():
 def test_serve_nice_is_passed_on_only_when_set():
     assert serve_parse(live_serve_args(namespace(), "slonn")).nice == 0
     assert serve_parse(live_serve_args(namespace(serve_nice=-10), "slonn")).nice == -10
+
+
+def test_steal_share_of_cpu_time_between_readings():
+    before = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
+    after = [200, 0, 100, 1500, 0, 0, 0, 150, 0, 0]  # 950 ticks in all, 100 of them stolen
+    assert steal_pct(before, after) == round(100 * 100 / 950, 2)
+    assert steal_pct(None, after) is None and steal_pct(before, before) is None

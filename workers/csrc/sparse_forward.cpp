@@ -117,12 +117,17 @@ void axpy_rows(const W* w, int64_t n, const int32_t* idx, const float* v, int64_
 }
 #endif
 
-// The units of z[0:n] among its k largest values that are > 0 (ReLU keeps only those), as (idx, v);
-// returns how many. Ties at the k-th value are broken by unit index (lowest first).
+// The units of z[0:n] among its k largest values that are > 0 (ReLU keeps only those), as (idx, v), in
+// increasing unit order (rows are then read in address order); returns how many. Ties at the k-th value are
+// broken by unit index (lowest first).
 //
-// A positive float's bit pattern orders like its value, so a histogram of the top 12 bits finds the bin
-// holding the k-th largest in one pass; only that bin's values are partially sorted. ~4x faster than
-// std::nth_element over the whole row (which cost ~55 us of a ~200 us batch-1 forward per layer).
+// 1. The positive units are compacted into (idx, v) (AVX-512 compress-stores where built for it).
+// 2. If more than k: a positive float's bit pattern orders like its value, so a histogram of the top 12
+//    bits of the compacted values finds the bin holding the k-th largest; only that bin's values are
+//    partially sorted (std::nth_element) for the exact threshold.
+// 3. (idx, v) are compacted again in place to the values above it, plus ties while room is left.
+// Every pass is branch-free: whether a unit passes is a coin flip the branch predictor loses. Per 4096-wide
+// layer ~55 us with std::nth_element over the row, ~30 us with a histogram over the whole row, less now.
 constexpr int kBinShift = 20;
 constexpr int kBins = 1 << (32 - 1 - kBinShift);  // sign bit is 0 for positive values
 
@@ -132,50 +137,59 @@ inline uint32_t bits_of(float f) {
   return u;
 }
 
-// The loops are branch-free: whether a unit is positive is a coin flip the branch predictor loses
-// (branchy versions of these passes cost ~15 us each on a 4096-wide layer).
-int64_t select_positive_topk(const float* z, int64_t n, int64_t k, std::vector<float>& tmp, int32_t* idx,
-                             float* v) {
-  uint32_t count[kBins] = {};
-  int64_t positive = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool pos = z[i] > 0.0f;
-    count[(bits_of(z[i]) >> kBinShift) & (kBins - 1)] += pos;
-    positive += pos;
+int64_t compact_positive(const float* z, int64_t n, int32_t* idx, float* v) {
+  int64_t m = 0, i = 0;
+#ifdef SLONN_AVX512
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16, lanes = _mm512_add_epi32(lanes, step)) {
+    const __m512 x = _mm512_loadu_ps(z + i);
+    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_epi32(idx + m, pos, lanes);
+    _mm512_mask_compressstoreu_ps(v + m, pos, x);
+    m += __builtin_popcount(pos);
   }
-  float threshold = 0.0f;  // keep z > threshold, then units equal to it while room
-  if (positive > k) {      // else every positive unit is among the top k: no selection needed
-    int64_t above = 0;
-    uint32_t bin = kBins - 1;
-    while (above + count[bin] < k) above += count[bin--];
-    tmp.resize(count[bin] + 1);
-    int64_t t = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      tmp[t] = z[i];
-      t += (z[i] > 0.0f) & ((bits_of(z[i]) >> kBinShift) == bin);
-    }
-    const int64_t need = k - above;  // 1 <= need <= count[bin] == t
-    std::nth_element(tmp.begin(), tmp.begin() + (need - 1), tmp.begin() + t, std::greater<float>());
-    threshold = tmp[need - 1];  // the k-th largest value, > 0
-  }
-  // In increasing unit order (rows are then read in address order); units equal to the threshold fill
-  // what room the strictly greater ones leave, lowest index first.
-  int64_t room = k;
-  if (positive > k) {
-    int64_t greater = 0;
-    for (int64_t i = 0; i < n; ++i) greater += z[i] > threshold;
-    room = k - greater;  // >= 1
-  }
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool tie = positive > k && z[i] == threshold;
-    const bool take = z[i] > threshold || (tie && room > 0);
-    room -= tie & take;
+#endif
+  for (; i < n; ++i) {
     idx[m] = static_cast<int32_t>(i);
     v[m] = z[i];
-    m += take;
+    m += z[i] > 0.0f;
   }
   return m;
+}
+
+int64_t select_positive_topk(const float* z, int64_t n, int64_t k, std::vector<float>& tmp, int32_t* idx,
+                             float* v) {
+  const int64_t m = compact_positive(z, n, idx, v);
+  if (m <= k) return m;  // every positive unit is among the top k
+  uint32_t count[kBins] = {};
+  for (int64_t j = 0; j < m; ++j) ++count[bits_of(v[j]) >> kBinShift];
+  int64_t above = 0;
+  uint32_t bin = kBins - 1;
+  while (above + count[bin] < k) above += count[bin--];
+  tmp.resize(count[bin] + 1);
+  int64_t t = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    tmp[t] = v[j];
+    t += (bits_of(v[j]) >> kBinShift) == bin;
+  }
+  const int64_t need = k - above;  // 1 <= need <= count[bin] == t
+  std::nth_element(tmp.begin(), tmp.begin() + (need - 1), tmp.begin() + t, std::greater<float>());
+  const float threshold = tmp[need - 1];  // the k-th largest value, > 0
+  int64_t greater = 0;
+  for (int64_t j = 0; j < m; ++j) greater += v[j] > threshold;
+  int64_t room = k - greater;  // >= 1: units equal to the threshold that still fit
+  int64_t out = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const float x = v[j];
+    const bool tie = x == threshold;
+    const bool take = x > threshold || (tie && room > 0);
+    room -= tie & take;
+    idx[out] = idx[j];
+    v[out] = x;
+    out += take;
+  }
+  return out;
 }
 
 struct Scratch {
