@@ -3,8 +3,9 @@
 Steady open-loop load of one class against a live server; a CPU co-runner
 starts at ``--corunner-start-s``. The chosen keep fraction per request is
 binned over time; the shift time is the end of the first bin after the start
-whose mean level leaves the quiet baseline's band (mean +- max(3 sd, 10%))
-and stays out for the next two bins.
+whose mean level leaves the quiet baseline's band (mean +- max(3 sd, 10%) over
+the last 3 s before the start, see ``BASELINE_S``) and stays out for the next
+two bins.
 
 A level shift needs a reason to shift: when the fastest level is also the most
 accurate one (it can be, on held-out data, by one sample), the planner runs it
@@ -85,10 +86,19 @@ def prediction_series(records: list[RequestRecord], bin_s: float, duration_s: fl
                       np.array([r.predicted_ms / ref[(r.level, r.batch_size)] for r in kept]), bin_s, duration_s)
 
 
+BASELINE_S = 3.0
+"""The quiet band is taken over this many seconds before the co-runner starts. Not the whole quiet phase:
+early in it the learner is still moving from the profile's prior to the live latencies (a step of -40%
+in predictions ~10 s in, sessions 8-9), and a band over that step is wide enough to hide the co-runner's
+own jump (session 9: predictions x2 within 1 s of the start, reported at 6.0 and 11.5 s with a 10 s
+baseline)."""
+
+
 def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: float, hold: int = 2,
-               name: str = "level") -> dict:
-    """When the series left the quiet band after ``start_s`` (None if it never did before ``stop_s``)."""
-    quiet = means[(ends <= start_s) & (ends > start_s - 10.0) & ~np.isnan(means)]
+               name: str = "level", baseline_s: float = BASELINE_S) -> dict:
+    """When the series left the quiet band after ``start_s`` (None if it never did before ``stop_s``); the
+    band is the mean +- max(3 sd, 10%) of the bins ending in the ``baseline_s`` before ``start_s``."""
+    quiet = means[(ends <= start_s) & (ends > start_s - baseline_s) & ~np.isnan(means)]
     if len(quiet) < 3:
         raise ValueError("need at least 3 quiet bins before the co-runner starts; start it later")
     base, sd = float(quiet.mean()), float(quiet.std())

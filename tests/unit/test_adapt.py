@@ -62,3 +62,13 @@ def test_flag_quiet_overload_sets_the_field_and_warns(caplog):
     assert "50.0% of interactive" in caplog.text and "300 req/s" in caplog.text
     quiet = {"phases": {"before": {"interactive": {"attainment": 1.0, "p99_ms": 9.0}}}}
     assert not flag_quiet_overload(quiet, "interactive", 100.0) and quiet["quiet_overloaded"] is False
+
+
+def test_the_band_is_taken_just_before_the_start_not_over_an_earlier_step():
+    """A learner settling early in the quiet phase (a step from 1.0 to 0.6 at 5 s) must not widen the band
+    so much that a doubling at the co-runner's start goes unseen."""
+    ends = np.arange(0.5, 20.01, 0.5)
+    means = np.where(ends <= 5.0, 1.0, 0.6)
+    means = np.where(ends > 10.0, 1.2, means)  # the co-runner starts at 10 s: predictions x2 at once
+    assert shift_time(ends, means, 10.0, 20.0, name="prediction")["prediction_shift_s"] == 0.5
+    assert shift_time(ends, means, 10.0, 20.0, name="prediction", baseline_s=10.0)["prediction_shift_s"] is None

@@ -68,3 +68,21 @@ def test_a_compile_error_is_reported_not_raised(fresh, monkeypatch, tmp_path):
 def test_wrong_input_width_is_refused_before_the_call():
     with pytest.raises(ValueError, match="expected"):
         _sparse().forward(torch.zeros(2, 7), 0.5, NATIVE_KERNEL)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here")
+@pytest.mark.parametrize("level", [1.0, 0.25, 0.1])
+def test_portable_build_equals_the_reference(fresh, monkeypatch, level):
+    """Built for the compiler's default target (no -march=native: no AVX-512 path), as on a machine
+    whose CPU lacks it, the kernels still equal the reference."""
+    monkeypatch.setattr(native, "ARCH_FLAGS", ((),))
+    assert native.library() is not None, native.unavailable_reason()
+    torch.manual_seed(3)
+    model = SLOAwareMLP(MLPArchitecture(8, (48, 40), 3)).eval()
+    sparse = SparseMLP.from_model(model, torch.device("cpu"))
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse.forward(x, level, NATIVE_KERNEL), model(x, level), rtol=1e-4, atol=1e-5)
+        ref = model(x, level)
+        out = sparse.forward(x, level, f"{NATIVE_KERNEL}_bf16")
+    assert (out - ref).abs().median() < 0.05 * ref.abs().max()  # half weights can flip a near-tie in top-k
