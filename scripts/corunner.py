@@ -110,18 +110,18 @@ class CpuBurner:
         return self
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        if self._procs:  # what it got, read before it exits: did it really take its cores?
-            cpu = [_cpu_seconds(p.pid) for p in self._procs]
+        procs, self._procs = self._procs, []  # a second stop() (another thread's) finds nothing to do
+        if procs:  # what it got, read before it exits: did it really take its cores?
+            cpu = [_cpu_seconds(p.pid) for p in procs]
             self.cpu_s = None if None in cpu else sum(cpu)
             self.wall_s = time.monotonic() - self._t0
         if self._stop is not None:
             self._stop.set()
-        for p in self._procs:
+        for p in procs:
             p.join(timeout_s)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout_s)
-        self._procs = []
 
     def usage(self) -> dict | None:
         """CPU the burners got over their last run (cores = CPU seconds / wall seconds; None on a system

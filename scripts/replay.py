@@ -206,6 +206,8 @@ async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, dead
     finally:
         task.cancel()
         await asyncio.to_thread(burner.stop)
+        if usage is not None and not usage:  # the replay ended before stop_s: interfere() was cancelled
+            usage.update(burner.usage() or {})
 
 
 def phase_summaries(records: list[RequestRecord], start_s: float, stop_s: float, duration_s: float) -> dict:

@@ -138,6 +138,10 @@ class SparseMLP:
         return cls(w.contiguous().to(device), b.to(device), layers, model.input_mean.detach().float().to(device),
                    model.input_std.detach().float().to(device), low_precision)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the native plan behind (ctypes pointers into this object's tensors)."""
+        return {**self.__dict__, "_native": {}}
+
     @property
     def kernels(self) -> tuple[str, ...]:
         """Kernels this layout can run: the exact ones, the half ones of its low precision, and the native
@@ -177,16 +181,17 @@ class SparseMLP:
         return z
 
     def _forward_native(self, x: torch.Tensor, keep: float, bf16: bool) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:  # the C++ side trusts the shapes it is given
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, {self.in_features})")
         plan = self._native.get(bf16)
         if plan is None:
             plan = self._native[bf16] = _NativePlan.build(self, bf16)
+        # The C++ side trusts what it is given: every shape and pointer comes from the plan, checked here.
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != plan.in_features:
+            raise ValueError(f"x is {tuple(x.shape)} on {x.device}; expected (batch, {plan.in_features}) on the CPU")
         x = x.to(torch.float32).contiguous()
         out = torch.empty(x.shape[0], plan.out_features, dtype=torch.float32)
         rc = plan.lib.slonn_sparse_forward(
-            x.shape[0], x.data_ptr(), self.in_features, plan.first_wt.data_ptr(), self.first_b.data_ptr(),
-            self.first_b.shape[0], len(self.layers), plan.wts, plan.biases, plan.outs, plan.kept(keep),
+            x.shape[0], x.data_ptr(), plan.in_features, plan.first_wt.data_ptr(), plan.first_b.data_ptr(),
+            plan.first_b.shape[0], len(plan.widths), plan.wts, plan.biases, plan.outs, plan.kept(keep),
             int(bf16), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native sparse forward refused its arguments (rc={rc})")
@@ -212,6 +217,8 @@ class _NativePlan:
     lib: ctypes.CDLL
     first_wt: torch.Tensor
     """in_features x hidden[0] fp32 (the first layer's ``W.T``, input scaling folded in)."""
+    first_b: torch.Tensor
+    in_features: int
     tensors: list[torch.Tensor]
     wts: ctypes.Array
     biases: ctypes.Array
@@ -233,7 +240,7 @@ class _NativePlan:
         tensors = [w.contiguous() for w in wts] + [layer.bias.contiguous() for layer in sparse.layers]
         n = len(sparse.layers)
         ptrs = ctypes.c_void_p * n
-        return cls(lib, sparse.first_w.t().contiguous(), tensors,
+        return cls(lib, sparse.first_w.t().contiguous(), sparse.first_b.contiguous(), sparse.in_features, tensors,
                    ptrs(*(t.data_ptr() for t in tensors[:n])), ptrs(*(t.data_ptr() for t in tensors[n:])),
                    (ctypes.c_int64 * n)(*(layer.wt.shape[1] for layer in sparse.layers)),
                    [layer.wt.shape[0] for layer in sparse.layers], sparse.layers[-1].wt.shape[1])

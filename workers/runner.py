@@ -64,10 +64,18 @@ class ModelRunner:
         return self.chooser.to_json()
 
     def use_kernel_table(self, table: dict) -> None:
-        """Use a table measured earlier on this machine (e.g. by the worker this one replaces)."""
+        """Use a table measured earlier on this machine (e.g. by the worker this one replaces); if it names a
+        kernel this worker cannot run (the native library did not load here), measure a table instead."""
         from workers.kernels import KernelChooser
 
-        self.chooser = KernelChooser.from_json(table)
+        chooser = KernelChooser.from_json(table)
+        missing = {split_choice(k, 1.0)[0] for row in chooser.table.values() for k in row.values()}
+        missing -= set(self.sparse.kernels)
+        if missing:
+            log.warning("kernel table names %s, which this worker cannot run; calibrating instead", sorted(missing))
+            self.calibrate()
+            return
+        self.chooser = chooser
 
     def run(self, inputs: np.ndarray, level: float) -> RunOutput:
         if level not in self.manifest.levels:

@@ -21,3 +21,18 @@ def test_burner_reports_the_cpu_it_got():
     assert usage is not None and usage["asked_cores"] == 1.0
     assert usage["cpu_s"] > 0 and usage["wall_s"] >= 0.5 and usage["cores"] == pytest.approx(
         usage["cpu_s"] / usage["wall_s"], abs=1e-2)
+
+
+def test_usage_is_reported_when_the_replay_ends_before_the_corunner_would_stop(monkeypatch):
+    import asyncio
+
+    from scripts import replay as replay_mod
+
+    async def short_replay(*args, **kwargs):
+        await asyncio.sleep(0.6)
+        return []
+
+    monkeypatch.setattr(replay_mod, "replay", short_replay)
+    usage: dict = {}
+    records = asyncio.run(replay_mod.replay_with_corunner("localhost:1", "m", None, {}, 0.0, 100.0, usage=usage))
+    assert records == [] and usage.get("asked_cores") == 1.0 and usage.get("cpu_s", 0) > 0

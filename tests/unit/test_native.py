@@ -86,3 +86,35 @@ def test_portable_build_equals_the_reference(fresh, monkeypatch, level):
         ref = model(x, level)
         out = sparse.forward(x, level, f"{NATIVE_KERNEL}_bf16")
     assert (out - ref).abs().median() < 0.05 * ref.abs().max()  # half weights can flip a near-tie in top-k
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built here")
+def test_a_copy_leaves_the_native_plan_behind_and_still_runs():
+    import copy
+    import pickle
+
+    sparse = _sparse()
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        first = sparse.forward(x, 0.5, NATIVE_KERNEL)
+        for other in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+            assert not other._native
+            torch.testing.assert_close(other.forward(x, 0.5, NATIVE_KERNEL), first)
+
+
+def test_a_kernel_table_naming_kernels_this_worker_lacks_is_measured_again(tmp_path, monkeypatch):
+    from workers.artifact import ModelManifest, save_artifact
+    from workers.kernels import EXACT_KERNELS
+    from workers.runner import ModelRunner
+
+    torch.manual_seed(0)
+    model = SLOAwareMLP(MLPArchitecture(8, (32, 16), 3)).eval()
+    save_artifact(model, ModelManifest("t", model.arch, (1.0, 0.5), {1.0: 0.9, 0.5: 0.9}), tmp_path)
+    runner = ModelRunner.load(tmp_path, "cpu", "fp32")
+    calls = []
+    monkeypatch.setattr(runner, "calibrate", lambda *a, **k: calls.append(1))
+    runner.use_kernel_table({"table": {"1": {"0.5": "gather"}}, "levels": [1.0, 0.5]})
+    assert not calls and runner.chooser.choose(1, 0.5) == "gather"
+    runner.use_kernel_table({"table": {"1": {"0.5": "no_such_kernel@1.0"}}, "levels": [1.0, 0.5]})
+    assert calls == [1]
+    assert "gather" in EXACT_KERNELS
