@@ -197,16 +197,14 @@ async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, dead
         await asyncio.to_thread(burner.start)  # spawning takes a moment: off the sending loop
         await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - t0)))
         await asyncio.to_thread(burner.stop)
-        if usage is not None:
-            usage.update(burner.usage() or {})
 
     task = asyncio.create_task(interfere())
     try:
         return await replay(target, model, arrivals, deadlines_ms, **kwargs)
     finally:
         task.cancel()
-        await asyncio.to_thread(burner.stop)
-        if usage is not None and not usage:  # the replay ended before stop_s: interfere() was cancelled
+        await asyncio.to_thread(burner.stop)  # a no-op if interfere() stopped it; else the replay ended first
+        if usage is not None:
             usage.update(burner.usage() or {})
 
 

@@ -218,14 +218,12 @@ class _NativePlan:
     first_wt: torch.Tensor
     """in_features x hidden[0] fp32 (the first layer's ``W.T``, input scaling folded in)."""
     first_b: torch.Tensor
-    in_features: int
     tensors: list[torch.Tensor]
     wts: ctypes.Array
     biases: ctypes.Array
     outs: ctypes.Array
     widths: list[int]
     """Input width of each layer fed by a sparse vector (hidden layers 2.., head)."""
-    out_features: int
     _kept: dict[float, ctypes.Array] = field(default_factory=dict)
 
     @classmethod
@@ -240,10 +238,18 @@ class _NativePlan:
         tensors = [w.contiguous() for w in wts] + [layer.bias.contiguous() for layer in sparse.layers]
         n = len(sparse.layers)
         ptrs = ctypes.c_void_p * n
-        return cls(lib, sparse.first_w.t().contiguous(), sparse.first_b.contiguous(), sparse.in_features, tensors,
+        return cls(lib, sparse.first_w.t().contiguous(), sparse.first_b.contiguous(), tensors,
                    ptrs(*(t.data_ptr() for t in tensors[:n])), ptrs(*(t.data_ptr() for t in tensors[n:])),
                    (ctypes.c_int64 * n)(*(layer.wt.shape[1] for layer in sparse.layers)),
-                   [layer.wt.shape[0] for layer in sparse.layers], sparse.layers[-1].wt.shape[1])
+                   [layer.wt.shape[0] for layer in sparse.layers])
+
+    @property
+    def in_features(self) -> int:
+        return self.first_wt.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.outs[len(self.widths) - 1]
 
     def kept(self, keep: float) -> ctypes.Array:
         arr = self._kept.get(keep)

@@ -209,8 +209,6 @@ void forward_batch(int64_t batch, const float* x, int64_t in_features, const flo
                    const float* first_b, int64_t first_out, int64_t n_layers, const void* const* wts,
                    const float* const* biases, const int64_t* outs, const int64_t* ks, float* out,
                    int64_t widest, Scratch& sc) {
-  // Per-sample rows of the scratch buffers are padded off multiples of 4 KB (no 4K aliasing between samples).
-  widest = (widest + 31) / 32 * 32 + 16;
   sc.z.resize(batch * widest);
   sc.y.resize(batch * widest);
   sc.v.resize(batch * widest);
