@@ -61,6 +61,7 @@ def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
 
 def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
     from scripts.replay import client_kwargs, replay, replay_with_corunner
+    from scripts.serve import niceness
     from scripts.serverproc import ServerProcess
     from workers.artifact import load_manifest
 
@@ -80,7 +81,8 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
                 usage = args.corunner_usage[name] = {}
                 coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
                                             window[1], args.corunner_procs, usage=usage, **kwargs)
-            runs[name] = asyncio.run(coro)
+            with niceness(args.client_nice):  # the server started above keeps its own
+                runs[name] = asyncio.run(coro)
         # The machine may be shared: record how busy it was (1-min load average, all processes).
         steal = steal_pct(cpu_before, _cpu_times())
         args.live_loadavg[name] = {"before": load_before, "after": _loadavg(), "steal_pct": steal}
@@ -175,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-nice", type=int, default=0,
                    help="live servers' `slonn serve --nice`: -10 runs them (and their workers) ahead of the "
                         "co-runner, as a latency-critical tier above a best-effort neighbour (needs CAP_SYS_NICE)")
+    p.add_argument("--client-nice", type=int, default=None,
+                   help="niceness of the live replay client (absolute; default: unchanged). The load generator "
+                        "stands for callers on other machines: -10 with --serve-nice -10 keeps it from competing "
+                        "with the co-runner, which runs at niceness 0 (needs CAP_SYS_NICE)")
     p.add_argument("--in-process", action="store_true",
                    help="live servers run the model on a thread of the server process (`slonn serve --in-process`)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                       "planner_table": args.planner_table, "workers": args.workers} if args.sim else None,
               "live_loadavg_1min": getattr(args, "live_loadavg", None), "cpus": os.cpu_count(),
               "live_corunner_usage": getattr(args, "corunner_usage", None) or None,
-              "serve_nice": args.serve_nice,
+              "serve_nice": args.serve_nice, "client_nice": args.client_nice,
               "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     md = markdown(rows, classes, dense, window)

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass
 
 
-def _burn(stop, duty: float, period_s: float) -> None:
+def _burn(stop, duty: float, period_s: float, nice: int | None = None) -> None:
     """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
+    if nice is not None:
+        _set_niceness(nice)
     busy_s = duty * period_s
     idle_s = period_s - busy_s
     parent = os.getppid()
@@ -33,6 +35,14 @@ def _burn(stop, duty: float, period_s: float) -> None:
                 x = (x * 1103515245 + i) & 0xFFFFFFFF
         if idle_s > 0:
             time.sleep(idle_s)
+
+
+def _set_niceness(value: int) -> None:
+    """Set this process's niceness to ``value`` (absolute); lowering it needs CAP_SYS_NICE, else it stays."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, value)
+    except PermissionError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -75,12 +85,16 @@ def _cpu_seconds(pid: int) -> float | None:
 class CpuBurner:
     """Start/stop ``n_procs`` CPU-burning processes; also a context manager."""
 
-    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02) -> None:
+    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02, nice: int | None = 0) -> None:
+        """``nice``: the burners' niceness (absolute), 0 by default: a neighbour at the default priority
+        whatever the niceness of the process that starts it (``slonn compare --client-nice`` raises the
+        load generator's); None inherits it."""
         if n_procs < 0 or not 0.0 < duty <= 1.0 or period_s <= 0:
             raise ValueError(f"CpuBurner(n_procs={n_procs}, duty={duty}, period_s={period_s}): "
                              "need n_procs >= 0, 0 < duty <= 1, period_s > 0")
         self.spec = BurnSpec(n_procs, duty)
         self.period_s = period_s
+        self.nice = nice
         self._ctx = mp.get_context("spawn")
         self._stop = None
         self._procs: list = []
@@ -104,7 +118,8 @@ class CpuBurner:
         self._t0 = time.monotonic()
         self._stop = self._ctx.Event()
         for _ in range(self.spec.n_procs):
-            p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s), daemon=True)
+            p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s, self.nice),
+                                 daemon=True)
             p.start()
             self._procs.append(p)
         return self

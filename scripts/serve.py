@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -42,6 +43,31 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nice", type=int, default=0,
                    help="add this to the server's niceness before the workers start (they inherit it); negative "
                         "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
+
+
+@contextlib.contextmanager
+def niceness(value: int | None):
+    """Run the block at niceness ``value`` (absolute; None: unchanged), then go back to the one before.
+
+    On Linux niceness is per thread: this sets the calling thread's, which threads and processes it starts
+    inherit. Lowering it needs CAP_SYS_NICE: without it, a warning and no change.
+    """
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    changed = False
+    if value is not None and value != before:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, value)
+            changed = True
+        except PermissionError:
+            logging.warning("niceness %d: not permitted (needs CAP_SYS_NICE); staying at %d", value, before)
+    try:
+        yield
+    finally:
+        if changed:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, before)
+            except PermissionError:
+                logging.warning("niceness: cannot go back to %d (needs CAP_SYS_NICE)", before)
 
 
 def apply_nice(increment: int) -> int:
