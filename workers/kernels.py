@@ -28,7 +28,8 @@ of ``W.T`` are read.
   half, over a half copy of ``W`` (oneDNN accumulates in fp32; on CPUs with
   AMX or AVX512-BF16 a bf16 GEMM at batch 16 ran ~4x faster than fp32 sgemm;
   elsewhere it is slow and the chooser does not pick it). The output is
-  rounded to half and the bias added in fp32.
+  rounded to half and the bias added in fp32. At level 1.0 it is the plain
+  model in half precision: half activations throughout, bias inside the GEMM.
 - ``fused`` / ``fused_bf16`` (CPU, where :mod:`workers.native` builds): the whole forward in one C++ call,
   per sample a radix top-k of each layer and the sum of its kept, positive rows of ``W.T`` (fp32 or bf16
   rows, fp32 accumulation, nothing rounded to half between layers); at batch 1 ~2x the torch gathers.
@@ -94,6 +95,8 @@ class SparseLayer:
     """``wt`` in the low precision, or None when no low-precision kernel is built."""
     w_low: torch.Tensor | None = None
     """``w`` in the low precision, or None."""
+    bias_low: torch.Tensor | None = None
+    """``bias`` in the low precision, or None (the all-half dense forward at level 1.0)."""
 
 
 @dataclass
@@ -134,7 +137,8 @@ class SparseMLP:
                 dtype = None if low_precision is None else LOW_PRECISION_DTYPES[low_precision]
                 layers.append(SparseLayer(w_out_in, wt, lin.bias.detach().float().to(device),
                                           None if dtype is None else wt.to(dtype),
-                                          None if dtype is None else w_out_in.to(dtype)))
+                                          None if dtype is None else w_out_in.to(dtype),
+                                          None if dtype is None else lin.bias.detach().to(device, dtype)))
         return cls(w.contiguous().to(device), b.to(device), layers, model.input_mean.detach().float().to(device),
                    model.input_std.detach().float().to(device), low_precision)
 
@@ -198,6 +202,14 @@ class SparseMLP:
         return out
 
     def _forward_dense(self, z: torch.Tensor, keep: float, low: bool = False) -> torch.Tensor:
+        if low and keep >= 1.0:
+            # The plain model in half precision, what the chooser falls back to: activations stay half from
+            # layer to layer and the GEMM adds the bias (no round trip through fp32 per layer: at batch 64
+            # that cost 2-9% against the all-half module).
+            z = z.to(self.layers[0].w_low.dtype)
+            for layer in self.layers:
+                z = F.linear(z.relu_(), layer.w_low, layer.bias_low)
+            return z.float()
         for layer in self.layers:
             if keep < 1.0:
                 v, idx = select_topk(z, kept_units(keep, z.shape[-1]))
