@@ -89,6 +89,7 @@ async def measure(target: str, server_pid: int, model: str, slo_class: str, n: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scripts import aio
     from scripts.serverproc import ServerProcess
 
     p = argparse.ArgumentParser(prog="slonn bench-frontend", description=__doc__.splitlines()[0])
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=1500, help="per phase")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--log", type=Path, default=Path("runs/bench-frontend-server.log"))
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+                   help="event loop of the server and of this client")
     p.add_argument("serve_args", nargs="*", help="extra `slonn serve` arguments (after --)")
     args = p.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
@@ -105,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/stat").exists():
         print("bench_frontend reads /proc: Linux only", file=sys.stderr)
         return 2
-    with ServerProcess(["--model-dir", str(args.model_dir), *args.serve_args], args.log) as server:
-        phases = asyncio.run(measure(server.target, server.proc.pid, args.model, args.slo_class, args.requests,
-                                     args.concurrency))
+    serve_args = ["--model-dir", str(args.model_dir), "--event-loop", args.event_loop, *args.serve_args]
+    with ServerProcess(serve_args, args.log) as server:
+        phases = aio.run(measure(server.target, server.proc.pid, args.model, args.slo_class, args.requests,
+                                 args.concurrency), args.event_loop)
     health = phases["health"]["server_cpu_ms"]
     out = {"requests_per_phase": args.requests, "concurrency": args.concurrency, "cpus": os.cpu_count(),
+           "event_loop": args.event_loop,
            "phases": phases,
            "server_cpu_vs_null_rpc": {k: round(v["server_cpu_ms"] / max(health, 1e-9), 2)
                                       for k, v in phases.items() if k != "health"}}

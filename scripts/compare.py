@@ -10,7 +10,6 @@ profile's contention at that intensity).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -35,6 +34,8 @@ def live_serve_args(args: argparse.Namespace, policy: str) -> list[str]:
         out.append("--in-process")
     if args.serve_nice:
         out += ["--nice", str(args.serve_nice)]
+    if args.event_loop != "asyncio":
+        out += ["--event-loop", args.event_loop]
     return out
 
 
@@ -61,6 +62,7 @@ def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
 
 def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
     from scripts.replay import client_kwargs, replay, replay_with_corunner
+    from scripts import aio
     from scripts.serve import niceness
     from scripts.serverproc import ServerProcess
     from workers.artifact import load_manifest
@@ -81,11 +83,16 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
                 usage = args.corunner_usage[name] = {}
                 coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
                                             window[1], args.corunner_procs, usage=usage, **kwargs)
-            with niceness(args.client_nice):  # the server started above keeps its own
-                runs[name] = asyncio.run(coro)
+            with niceness(args.client_nice), StealSampler() as sampler:  # the server above keeps its niceness
+                t_replay = time.monotonic()  # the replay's t = 0, to within its set-up
+                runs[name] = aio.run(coro, args.event_loop)
         # The machine may be shared: record how busy it was (1-min load average, all processes).
         steal = steal_pct(cpu_before, _cpu_times())
         args.live_loadavg[name] = {"before": load_before, "after": _loadavg(), "steal_pct": steal}
+        if window is not None:
+            bounds = {"before": (0.0, window[0]), "during": window, "after": (window[1], arrivals.duration_s)}
+            args.live_loadavg[name]["steal_pct_by_phase"] = {
+                phase: sampler.steal_pct_between(t_replay + a, t_replay + b) for phase, (a, b) in bounds.items()}
         got = args.corunner_usage.get(name, {}).get("cores")
         print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)"
               f"; CPU stolen by the host {steal}%"
@@ -109,6 +116,47 @@ def steal_pct(before: list[int] | None, after: list[int] | None) -> float | None
         return None
     total = sum(after[:8]) - sum(before[:8])
     return round(100.0 * (after[7] - before[7]) / total, 2) if total > 0 else None
+
+
+class StealSampler:
+    """Samples :func:`_cpu_times` every ``period_s`` on a thread, so steal can be split by phase of a replay
+    (``steal_pct_between``): on a shared VM, the hypervisor's share during the co-runner's window says how
+    much of a miss there is the host's."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        import threading
+
+        self.period_s = period_s
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steal-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            times = _cpu_times()
+            if times:
+                self.samples.append((time.monotonic(), times))
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self) -> "StealSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        times = _cpu_times()
+        if times:
+            self.samples.append((time.monotonic(), times))
+
+    def steal_pct_between(self, t0: float, t1: float) -> float | None:
+        """Steal % between the samples nearest to monotonic times ``t0`` and ``t1``."""
+        if len(self.samples) < 2:
+            return None
+        first = min(self.samples, key=lambda s: abs(s[0] - t0))
+        last = min(self.samples, key=lambda s: abs(s[0] - t1))
+        return steal_pct(first[1], last[1]) if last[0] > first[0] else None
 
 
 def _loadavg() -> float | None:
@@ -226,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
               "live_loadavg_1min": getattr(args, "live_loadavg", None), "cpus": os.cpu_count(),
               "live_corunner_usage": getattr(args, "corunner_usage", None) or None,
               "serve_nice": args.serve_nice, "client_nice": args.client_nice,
+              "event_loop": args.event_loop,
               "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     md = markdown(rows, classes, dense, window)

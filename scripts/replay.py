@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from protos.client import AsyncSlonnClient, InferResult, make_request
+from scripts import aio
 from scripts.digits import load_split
 from scripts.report import RequestRecord, format_table, summarize, write_csv
 from scripts.trace import DEFAULT_TRACE, Arrivals, make_arrivals
@@ -229,6 +230,8 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+                   help="the load generator's event loop (uvloop: less CPU per call; optional dependency)")
     p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
                    help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
                         "sees the true time left) or generous (every late answer is still received)")
@@ -264,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     usage: dict = {}
     if corunner:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
-        records = asyncio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
-                                                   args.corunner_start_s, stop_s, args.corunner_procs,
-                                                   usage=usage, **client_kwargs(args)))
+        records = aio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
+                                               args.corunner_start_s, stop_s, args.corunner_procs,
+                                               usage=usage, **client_kwargs(args)), args.event_loop)
     else:
-        records = asyncio.run(replay(args.target, args.model, arrivals, deadlines, **client_kwargs(args)))
+        records = aio.run(replay(args.target, args.model, arrivals, deadlines, **client_kwargs(args)),
+                          args.event_loop)
     summary = summarize(records, arrivals.duration_s)
     if args.csv:
         write_csv(records, args.csv)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from scheduler.config import ServerConfig, load_classes
+from scripts import aio
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
@@ -40,6 +41,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
     p.add_argument("--stats-interval-s", type=float, default=10.0, help="period of the stats log line (0 = off)")
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+                   help="the server's event loop (uvloop: less CPU per call; optional dependency)")
     p.add_argument("--nice", type=int, default=0,
                    help="add this to the server's niceness before the workers start (they inherit it); negative "
                         "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
@@ -125,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slonn serve: {exc}", file=sys.stderr)
         return 2
     apply_nice(args.nice)
-    return asyncio.run(run_server(cfg))
+    return aio.run(run_server(cfg), args.event_loop)

@@ -3,13 +3,15 @@
 import argparse
 from pathlib import Path
 
-from scripts.compare import live_serve_args, steal_pct
+import pytest
+
+from scripts.compare import StealSampler, live_serve_args, steal_pct
 from scripts.serve import add_server_args
 
 
 def namespace(**over) -> argparse.Namespace:
     base = dict(model_dir=Path("models/x"), workers=2, max_batch=32, overhead_ms=1.5, classes=None,
-                precision="fp32", in_process=False, serve_nice=0)
+                precision="fp32", in_process=False, serve_nice=0, event_loop="asyncio")
     return argparse.Namespace(**{**base, **over})
 
 
@@ -33,6 +35,32 @@ def test_in_process_and_classes_are_passed_on():
 def test_serve_nice_is_passed_on_only_when_set():
     assert serve_parse(live_serve_args(namespace(), "slonn")).nice == 0
     assert serve_parse(live_serve_args(namespace(serve_nice=-10), "slonn")).nice == -10
+
+
+def test_event_loop_is_passed_on():
+    assert serve_parse(live_serve_args(namespace(), "slonn")).event_loop == "asyncio"
+    assert serve_parse(live_serve_args(namespace(event_loop="uvloop"), "slonn")).event_loop == "uvloop"
+
+
+def test_steal_by_phase_uses_the_samples_nearest_each_bound():
+    sampler = StealSampler()
+    # 100 ticks per second; the host steals 10% of them from t = 10 on, nothing before.
+    for t in range(0, 21):
+        stolen = max(0, t - 10) * 10
+        sampler.samples.append((float(t), [t * 100 - stolen, 0, 0, 0, 0, 0, 0, stolen]))
+    assert sampler.steal_pct_between(0.0, 10.0) == 0.0
+    assert sampler.steal_pct_between(10.2, 19.9) == 10.0
+    assert sampler.steal_pct_between(5.0, 15.0) == 5.0
+    assert sampler.steal_pct_between(3.0, 3.1) is None  # one sample: no interval
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
+def test_steal_sampler_samples_while_open():
+    with StealSampler(period_s=0.01) as sampler:
+        import time
+
+        time.sleep(0.05)
+    assert len(sampler.samples) >= 2 and all(len(s[1]) >= 8 for s in sampler.samples)
 
 
 def test_steal_share_of_cpu_time_between_readings():
