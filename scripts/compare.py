@@ -93,6 +93,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
             bounds = {"before": (0.0, window[0]), "during": window, "after": (window[1], arrivals.duration_s)}
             args.live_loadavg[name]["steal_pct_by_phase"] = {
                 phase: sampler.steal_pct_between(t_replay + a, t_replay + b) for phase, (a, b) in bounds.items()}
+        args.live_loadavg[name]["steal_pct_per_10s"] = sampler.series(t_replay, t_replay + arrivals.duration_s, 10.0)
         got = args.corunner_usage.get(name, {}).get("cores")
         print(f"  live {name:<14} {len(runs[name])} requests, {time.monotonic() - t0:.0f} s (incl. server start)"
               f"; CPU stolen by the host {steal}%"
@@ -157,6 +158,11 @@ class StealSampler:
         first = min(self.samples, key=lambda s: abs(s[0] - t0))
         last = min(self.samples, key=lambda s: abs(s[0] - t1))
         return steal_pct(first[1], last[1]) if last[0] > first[0] else None
+
+    def series(self, t0: float, t1: float, bin_s: float) -> list[float | None]:
+        """Steal % per ``bin_s`` from monotonic time ``t0`` to ``t1`` (to set misses beside the host's share)."""
+        n = max(0, int(round((t1 - t0) / bin_s)))
+        return [self.steal_pct_between(t0 + k * bin_s, t0 + (k + 1) * bin_s) for k in range(n)]
 
 
 def _loadavg() -> float | None:

@@ -109,6 +109,7 @@ async def run_server(cfg: ServerConfig) -> int:
     print(f"slonn listening on {cfg.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    logging.info("event loop: %s.%s; niceness %d", type(loop).__module__, type(loop).__name__, os.nice(0))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
