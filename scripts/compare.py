@@ -61,8 +61,8 @@ def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
 
 
 def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
-    from scripts.replay import client_kwargs, replay, replay_with_corunner
     from scripts import aio
+    from scripts.replay import client_kwargs, replay, replay_with_corunner
     from scripts.serve import niceness
     from scripts.serverproc import ServerProcess
     from workers.artifact import load_manifest

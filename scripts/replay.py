@@ -231,7 +231,8 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
 def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
-                   help="the load generator's event loop (uvloop: less CPU per call; optional dependency)")
+                   help="the load generator's event loop, and in `slonn compare` the live servers' too "
+                        "(uvloop: less CPU per call; optional dependency)")
     p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
                    help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
                         "sees the true time left) or generous (every late answer is still received)")
