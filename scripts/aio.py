@@ -1,6 +1,6 @@
 """Which asyncio event loop the server and the load generator run on.
 
-``asyncio`` is the standard library's loop; ``uvloop`` (libuv, optional: ``pip install 'slonn[uvloop]'``)
+``asyncio`` is the standard library's loop; ``uvloop`` (libuv, optional: ``pip install uvloop``, or ``pip install -e '.[uvloop]'`` from the checkout)
 costs less CPU per event, which matters where the frontend, the workers and the load generator share two
 cores (docs/simulation.md, session 10).
 """
@@ -23,6 +23,7 @@ def run(coro: Coroutine[Any, Any, Any], event_loop: str = "asyncio") -> Any:
             import uvloop
         except ImportError:
             coro.close()
-            raise SystemExit("--event-loop uvloop: uvloop is not installed (pip install 'slonn[uvloop]')") from None
+            raise SystemExit("--event-loop uvloop: uvloop is not installed (pip install uvloop, or "
+                             "pip install -e '.[uvloop]' in the checkout)") from None
         return uvloop.run(coro)
     return asyncio.run(coro)

@@ -10,7 +10,9 @@ profile's contention at that intensity).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -63,7 +65,7 @@ def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
 def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
     from scripts import aio
     from scripts.replay import client_kwargs, replay, replay_with_corunner
-    from scripts.serve import niceness
+    from scripts.serve import call_at_niceness
     from scripts.serverproc import ServerProcess
     from workers.artifact import load_manifest
 
@@ -71,21 +73,26 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
     runs = {}
     args.live_loadavg = {}
     args.corunner_usage = {}
+    client_niceness = args.client_niceness = {}
     for name in args.policies:
         serve_args = live_serve_args(args, name)
         t0 = time.monotonic()
         load_before, cpu_before = _loadavg(), _cpu_times()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
-            kwargs = dict(split_seed=manifest.seed, progress=False, **client_kwargs(args))
+            origin: dict = {}
+            kwargs = dict(split_seed=manifest.seed, progress=False, **client_kwargs(args),
+                          on_start=lambda t: origin.setdefault("t0", t))  # the records' t = 0
             if window is None:
                 coro = replay(server.target, manifest.name, arrivals, deadlines_ms, **kwargs)
             else:
                 usage = args.corunner_usage[name] = {}
                 coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
                                             window[1], args.corunner_procs, usage=usage, **kwargs)
-            with niceness(args.client_nice), StealSampler() as sampler:  # the server above keeps its niceness
-                t_replay = time.monotonic()  # the replay's t = 0, to within its set-up
-                runs[name] = aio.run(coro, args.event_loop)
+            with StealSampler() as sampler:
+                # On a thread of its own at the client's niceness: the servers started here keep theirs.
+                runs[name], client_niceness[name] = call_at_niceness(lambda: aio.run(coro, args.event_loop),
+                                                                     args.client_nice)
+            t_replay = origin.get("t0", sampler.started)
         # The machine may be shared: record how busy it was (1-min load average, all processes).
         steal = steal_pct(cpu_before, _cpu_times())
         args.live_loadavg[name] = {"before": load_before, "after": _loadavg(), "steal_pct": steal}
@@ -127,7 +134,10 @@ class StealSampler:
     def __init__(self, period_s: float = 0.5) -> None:
         import threading
 
+        if period_s <= 0:
+            raise ValueError(f"StealSampler(period_s={period_s}): must be > 0")
         self.period_s = period_s
+        self.started = time.monotonic()
         self.samples: list[tuple[float, list[int]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="steal-sampler", daemon=True)
@@ -141,6 +151,7 @@ class StealSampler:
                 return
 
     def __enter__(self) -> "StealSampler":
+        self.started = time.monotonic()
         self._thread.start()
         return self
 
@@ -161,8 +172,8 @@ class StealSampler:
 
     def series(self, t0: float, t1: float, bin_s: float) -> list[float | None]:
         """Steal % per ``bin_s`` from monotonic time ``t0`` to ``t1`` (to set misses beside the host's share)."""
-        n = max(0, int(round((t1 - t0) / bin_s)))
-        return [self.steal_pct_between(t0 + k * bin_s, t0 + (k + 1) * bin_s) for k in range(n)]
+        n = max(0, math.ceil((t1 - t0) / bin_s - 1e-9))
+        return [self.steal_pct_between(t0 + k * bin_s, min(t1, t0 + (k + 1) * bin_s)) for k in range(n)]
 
 
 def _loadavg() -> float | None:
@@ -240,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.add_argument("--bins", type=int, default=60, help="time bins of the timeline plot")
     args = p.parse_args(argv)
+    if args.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        p.error("--event-loop uvloop: uvloop is not installed (pip install uvloop, or pip install -e '.[uvloop]')")
     sep = ";" if ";" in args.policies else ","
     args.policies = [s.strip() for s in args.policies.split(sep) if s.strip()]
     if not args.sim and not args.live:
@@ -280,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
               "live_loadavg_1min": getattr(args, "live_loadavg", None), "cpus": os.cpu_count(),
               "live_corunner_usage": getattr(args, "corunner_usage", None) or None,
               "serve_nice": args.serve_nice, "client_nice": args.client_nice,
+              "client_niceness_effective": getattr(args, "client_niceness", None) or None,
               "event_loop": args.event_loop,
               "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -82,13 +82,23 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _niceness(pid: int) -> int | None:
+    """Niceness of process ``pid`` (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[16])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class CpuBurner:
     """Start/stop ``n_procs`` CPU-burning processes; also a context manager."""
 
-    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02, nice: int | None = 0) -> None:
-        """``nice``: the burners' niceness (absolute), 0 by default: a neighbour at the default priority
-        whatever the niceness of the process that starts it (``slonn compare --client-nice`` raises the
-        load generator's); None inherits it."""
+    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02, nice: int | None = None) -> None:
+        """``nice``: the burners' niceness (absolute; None: the starting thread's). The replay's co-runner
+        uses 0, a neighbour at the default priority whatever the load generator's (``slonn compare
+        --client-nice``). Lowering it needs CAP_SYS_NICE: without it the burners keep their parent's, and
+        :meth:`usage` reports the niceness they ran at."""
         if n_procs < 0 or not 0.0 < duty <= 1.0 or period_s <= 0:
             raise ValueError(f"CpuBurner(n_procs={n_procs}, duty={duty}, period_s={period_s}): "
                              "need n_procs >= 0, 0 < duty <= 1, period_s > 0")
@@ -98,6 +108,8 @@ class CpuBurner:
         self._ctx = mp.get_context("spawn")
         self._stop = None
         self._procs: list = []
+        self.niceness: int | None = None
+        """The burners' niceness while they ran (read at stop)."""
         self.cpu_s: float | None = None
         """CPU seconds the burners got between the last start() and stop()."""
         self.wall_s: float | None = None
@@ -127,6 +139,7 @@ class CpuBurner:
     def stop(self, timeout_s: float = 2.0) -> None:
         procs, self._procs = self._procs, []  # a second stop() (another thread's) finds nothing to do
         if procs:  # what it got, read before it exits: did it really take its cores?
+            self.niceness = _niceness(procs[0].pid)
             cpu = [_cpu_seconds(p.pid) for p in procs]
             self.cpu_s = None if None in cpu else sum(cpu)
             self.wall_s = time.monotonic() - self._t0
@@ -144,7 +157,7 @@ class CpuBurner:
         if self.cpu_s is None or not self.wall_s:
             return None
         return {"cores": round(self.cpu_s / self.wall_s, 3), "asked_cores": self.intensity,
-                "cpu_s": round(self.cpu_s, 2), "wall_s": round(self.wall_s, 2)}
+                "cpu_s": round(self.cpu_s, 2), "wall_s": round(self.wall_s, 2), "niceness": self.niceness}
 
     def __enter__(self) -> "CpuBurner":
         return self.start()

@@ -8,12 +8,12 @@ digits as inputs, prints the per-class SLO report, and shuts everything down.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from pathlib import Path
 
 from scheduler.config import load_classes
+from scripts import aio
 from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args, client_kwargs, replay
 from scripts.report import format_table, summarize, write_csv
 from scripts.serverproc import ServerProcess
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = load_manifest(args.model_dir)
     classes = load_classes(args.classes)
     arrivals = arrivals_from_args(args)
-    serve_args = ["--model-dir", str(args.model_dir), "--policy", args.policy]
+    serve_args = ["--model-dir", str(args.model_dir), "--policy", args.policy, "--event-loop", args.event_loop]
     if args.classes:
         serve_args += ["--classes", str(args.classes)]
     print("starting the server (workers calibrate kernels and profile latency first)...", flush=True)
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server at {server.target}; replaying {len(arrivals)} requests of {arrivals.source} "
               f"(trace seconds {arrivals.window_s[0]:g}-{arrivals.window_s[1]:g}, x{arrivals.speedup:g} "
               f"-> {arrivals.duration_s:.1f} s)", flush=True)
-        records = asyncio.run(replay(server.target, manifest.name, arrivals,
-                                     {n: c.latency_ms for n, c in classes.items()}, split_seed=manifest.seed,
-                                     **client_kwargs(args)))
+        records = aio.run(replay(server.target, manifest.name, arrivals,
+                                 {n: c.latency_ms for n, c in classes.items()}, split_seed=manifest.seed,
+                                 **client_kwargs(args)), args.event_loop)
     summary = summarize(records, arrivals.duration_s)
     write_csv(records, args.out / "requests.csv")
     report = {"load": arrivals.describe(), "policy": args.policy,

@@ -39,7 +39,7 @@ def _progress(done: int, total: int, started: float, stream) -> None:
 async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
                  split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
                  transport: str = "unary", client_deadline: bool = False,
-                 start_at: float | None = None) -> list[RequestRecord]:
+                 start_at: float | None = None, on_start=None) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
@@ -54,6 +54,9 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
 
     ``start_at``: a ``time.time()`` at which the first arrival's clock starts (several load-generator
     processes then offer their shares of the load over the same window).
+
+    ``on_start``: called with the ``time.monotonic()`` of the first arrival's clock, once it starts (a caller
+    that samples the machine meanwhile lines its samples up with the records' ``send_s``).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
@@ -70,6 +73,8 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
             await asyncio.sleep(start_at - time.time())
         loop_t0 = time.monotonic()
         clock = lambda: time.monotonic() - loop_t0  # noqa: E731
+        if on_start is not None:
+            on_start(loop_t0)
 
         def answered(i: int, status: str, res=None, detail: str = "") -> None:
             rec = records[i]
@@ -190,18 +195,29 @@ async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, dead
     (``CpuBurner.usage``)."""
     from scripts.corunner import CpuBurner
 
-    burner = CpuBurner(n_procs=n_procs)
+    burner = CpuBurner(n_procs=n_procs, nice=0)  # a neighbour at the default priority, whatever this process's
+
+    started = asyncio.Event()
+    origin: dict = {}
+    caller_on_start = kwargs.pop("on_start", None)
+
+    def on_start(t0: float) -> None:
+        origin["t0"] = t0
+        started.set()
+        if caller_on_start is not None:
+            caller_on_start(t0)
 
     async def interfere() -> None:
-        t0 = time.monotonic()
-        await asyncio.sleep(max(0.0, start_s))
+        await started.wait()  # times count from the records' t = 0, after the replay's set-up
+        t0 = origin["t0"]
+        await asyncio.sleep(max(0.0, start_s - (time.monotonic() - t0)))
         await asyncio.to_thread(burner.start)  # spawning takes a moment: off the sending loop
         await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - t0)))
         await asyncio.to_thread(burner.stop)
 
     task = asyncio.create_task(interfere())
     try:
-        return await replay(target, model, arrivals, deadlines_ms, **kwargs)
+        return await replay(target, model, arrivals, deadlines_ms, on_start=on_start, **kwargs)
     finally:
         task.cancel()
         await asyncio.to_thread(burner.stop)  # a no-op if interfere() stopped it; else the replay ended first

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from scheduler.config import ServerConfig, load_classes
 from scripts import aio
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
+T = TypeVar("T")
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -48,29 +50,36 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
 
 
-@contextlib.contextmanager
-def niceness(value: int | None):
-    """Run the block at niceness ``value`` (absolute; None: unchanged), then go back to the one before.
+def call_at_niceness(fn: Callable[[], T], value: int | None) -> tuple[T, int]:
+    """``fn()`` on a thread of its own at niceness ``value`` (absolute; None: this thread's): its result and
+    the niceness it ran at, or its exception.
 
-    On Linux niceness is per thread: this sets the calling thread's, which threads and processes it starts
-    inherit. Lowering it needs CAP_SYS_NICE: without it, a warning and no change.
+    On Linux niceness is per thread, and the threads and processes a thread starts inherit it: a thread
+    that sets its own and then ends leaves nothing to undo (going back down would need CAP_SYS_NICE), so
+    processes started afterwards from this thread, e.g. the next policy's server, are not affected.
+    Lowering the niceness needs CAP_SYS_NICE: without it, a warning and ``fn`` runs at the inherited one.
     """
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    changed = False
-    if value is not None and value != before:
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, value)
-            changed = True
-        except PermissionError:
-            logging.warning("niceness %d: not permitted (needs CAP_SYS_NICE); staying at %d", value, before)
-    try:
-        yield
-    finally:
-        if changed:
+    out: dict = {}
+
+    def body() -> None:
+        if value is not None:
             try:
-                os.setpriority(os.PRIO_PROCESS, 0, before)
+                os.setpriority(os.PRIO_PROCESS, 0, value)
             except PermissionError:
-                logging.warning("niceness: cannot go back to %d (needs CAP_SYS_NICE)", before)
+                logging.warning("niceness %d: not permitted (needs CAP_SYS_NICE); staying at %d", value,
+                                os.getpriority(os.PRIO_PROCESS, 0))
+        out["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=body, name=f"at-niceness-{value}")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"], out["niceness"]
 
 
 def apply_nice(increment: int) -> int:

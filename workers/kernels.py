@@ -29,7 +29,8 @@ of ``W.T`` are read.
   AMX or AVX512-BF16 a bf16 GEMM at batch 16 ran ~4x faster than fp32 sgemm;
   elsewhere it is slow and the chooser does not pick it). The output is
   rounded to half and the bias added in fp32. At level 1.0 it is the plain
-  model in half precision: half activations throughout, bias inside the GEMM.
+  model in half precision after the fp32 first layer: half activations,
+  bias inside the GEMM.
 - ``fused`` / ``fused_bf16`` (CPU, where :mod:`workers.native` builds): the whole forward in one C++ call,
   per sample a radix top-k of each layer and the sum of its kept, positive rows of ``W.T`` (fp32 or bf16
   rows, fp32 accumulation, nothing rounded to half between layers); at batch 1 ~2x the torch gathers.
@@ -203,9 +204,10 @@ class SparseMLP:
 
     def _forward_dense(self, z: torch.Tensor, keep: float, low: bool = False) -> torch.Tensor:
         if low and keep >= 1.0:
-            # The plain model in half precision, what the chooser falls back to: activations stay half from
-            # layer to layer and the GEMM adds the bias (no round trip through fp32 per layer: at batch 64
-            # that cost 2-9% against the all-half module).
+            # The plain model in half precision after the (fp32, 64-input) first layer, what the chooser falls
+            # back to: activations stay half from layer to layer and the GEMM adds the bias (no round trip
+            # through fp32 per layer: at batch 64 that cost 2-9% against the all-half module). The logits are
+            # rounded to half before the cast back, as the plain half model's are.
             z = z.to(self.layers[0].w_low.dtype)
             for layer in self.layers:
                 z = F.linear(z.relu_(), layer.w_low, layer.bias_low)

@@ -42,5 +42,5 @@ def test_missing_uvloop_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_uvloop)
-    with pytest.raises(SystemExit, match=r"slonn\[uvloop\]"):
+    with pytest.raises(SystemExit, match=r"pip install uvloop"):
         aio.run(_loop_name(), "uvloop")

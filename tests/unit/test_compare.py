@@ -53,6 +53,8 @@ def test_steal_by_phase_uses_the_samples_nearest_each_bound():
     assert sampler.steal_pct_between(5.0, 15.0) == 5.0
     assert sampler.steal_pct_between(3.0, 3.1) is None  # one sample: no interval
     assert sampler.series(0.0, 20.0, 5.0) == [0.0, 0.0, 10.0, 10.0]
+    assert sampler.series(0.0, 12.0, 5.0) == [0.0, 0.0, 10.0]  # a short last bin, up to the end only
+    assert sampler.series(0.0, 15.0, 10.0) == [0.0, 10.0]
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")

@@ -6,6 +6,8 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from scripts import serve
 
 
@@ -31,28 +33,38 @@ def test_a_refused_priority_raise_warns_and_keeps_the_niceness(monkeypatch, capl
     assert "--nice -10" in caplog.text and "CAP_SYS_NICE" in caplog.text
 
 
-def test_niceness_sets_the_block_and_goes_back():
-    # In a child process, so the test runner's niceness never changes; going back up needs no privilege
-    # when the block raised the niceness value, which is what this does.
-    code = ("import os; from scripts.serve import niceness; before = os.getpriority(os.PRIO_PROCESS, 0)\n"
-            "with niceness(before + 4):\n"
-            "    inside = os.getpriority(os.PRIO_PROCESS, 0)\n"
-            "after = os.getpriority(os.PRIO_PROCESS, 0)\n"
-            "print(before, inside, after)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, inside, after = map(int, out.stdout.split())
-    assert inside == before + 4
-    # Lowering it back needs CAP_SYS_NICE: without it, a warning instead.
-    assert after == before or "cannot go back" in out.stderr
+def test_call_at_niceness_runs_on_a_thread_at_that_niceness_and_leaves_the_caller_alone():
+    import os
+    import threading
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    target = min(before + 4, 19)  # raising the niceness value needs no privilege
+    seen = {}
+
+    def fn():
+        seen["thread"] = threading.current_thread() is not threading.main_thread()
+        seen["inside"] = os.getpriority(os.PRIO_PROCESS, 0)
+        return "done"
+
+    assert serve.call_at_niceness(fn, target) == ("done", target)
+    assert seen == {"thread": True, "inside": target}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # nothing to undo in the caller's thread
 
 
-def test_niceness_refused_warns_and_runs_the_block(monkeypatch, caplog):
+def test_call_at_niceness_reraises_in_the_caller():
+    def boom():
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        serve.call_at_niceness(boom, None)
+
+
+def test_call_at_niceness_refused_warns_and_runs(monkeypatch, caplog):
     def refuse(which, who, value):
         raise PermissionError("no CAP_SYS_NICE")
 
     monkeypatch.setattr(serve.os, "setpriority", refuse)
-    ran = False
     with caplog.at_level(logging.WARNING):
-        with serve.niceness(serve.os.getpriority(serve.os.PRIO_PROCESS, 0) - 5):
-            ran = True
-    assert ran and "CAP_SYS_NICE" in caplog.text
+        result, nice = serve.call_at_niceness(lambda: 7, -5)
+    assert result == 7 and nice == serve.os.getpriority(serve.os.PRIO_PROCESS, 0)
+    assert "CAP_SYS_NICE" in caplog.text
