@@ -25,17 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` (all threads), 0.0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    from scripts.corunner import cpu_seconds
+
+    cpu = cpu_seconds(pid)
+    return 0.0 if cpu is None else cpu
 
 
 def distinct_inputs(n: int, seed: int = 0) -> np.ndarray:

@@ -72,23 +72,27 @@ class BurnSpec:
         return f"{self.n_procs}x{self.duty:g}"
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or None."""
+def _stat_fields(pid: int, *indexes: int) -> list[int] | None:
+    """Fields ``indexes`` of ``/proc/<pid>/stat`` counted from the state (the comm may hold spaces and
+    parentheses), read once; None if the process is gone or there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return [int(fields[i]) for i in indexes]
     except (OSError, ValueError, IndexError):
         return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all threads) so far (Linux /proc), or None."""
+    got = _stat_fields(pid, 11, 12)
+    return None if got is None else sum(got) / os.sysconf("SC_CLK_TCK")
 
 
 def _niceness(pid: int) -> int | None:
     """Niceness of process ``pid`` (Linux /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[16])
-    except (OSError, ValueError, IndexError):
-        return None
+    got = _stat_fields(pid, 16)
+    return None if got is None else got[0]
 
 
 class CpuBurner:
@@ -140,7 +144,7 @@ class CpuBurner:
         procs, self._procs = self._procs, []  # a second stop() (another thread's) finds nothing to do
         if procs:  # what it got, read before it exits: did it really take its cores?
             self.niceness = _niceness(procs[0].pid)
-            cpu = [_cpu_seconds(p.pid) for p in procs]
+            cpu = [cpu_seconds(p.pid) for p in procs]
             self.cpu_s = None if None in cpu else sum(cpu)
             self.wall_s = time.monotonic() - self._t0
         if self._stop is not None:
