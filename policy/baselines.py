@@ -146,7 +146,7 @@ class AIMDPolicy:
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
         if not candidates:
             raise ValueError("plan() needs at least one candidate")
-        self._limit = ctx.max_batch
+        self._limit = float(ctx.max_batch)
         n = max(1, min(len(candidates), int(self.cap), ctx.max_batch))
         try:
             i = ctx.table.level_index(self.config.level)

@@ -62,7 +62,7 @@ class Plan(NamedTuple):
     A NamedTuple, like Pending, because one is built per batch on the hot path of both the server and
     the simulator (3x cheaper than a frozen dataclass)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count on purpose (mypy objects)
     level: float
     predicted_ms: float
     """Safe predicted exec ms (without overhead)."""
@@ -147,14 +147,15 @@ class SLOAwarePolicy:
 
     name = "slonn"
 
+    def __init__(self) -> None:
+        self._margin_ctx: PlanContext | None = None
+        self._margin_s: dict[float, float] = {}
+
     def order_key(self, p: Pending) -> tuple:
         return edf_key(p)
 
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
         return now_s > self.hopeless_at(p, ctx)
-
-    _margin_ctx: PlanContext | None = None
-    _margin_s: dict[float, float] = {}
 
     def hopeless_at(self, p: Pending, ctx: PlanContext) -> float:
         # The margin depends only on the context and the floor: remembered for the last context seen

@@ -32,7 +32,7 @@ from policy.planner import PlanContext
 from policy.table import LatencyTable
 from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
-from scheduler.core import Scheduler
+from scheduler.core import Batch, Scheduler
 from scheduler.errors import DeadlineUnreachable, QueueFull
 from scripts.report import RequestRecord
 from scripts.trace import Arrivals
@@ -90,17 +90,17 @@ class LatencyDraw:
         the table's), or of the ``min_rows`` rows nearest in contention if the bucket holds fewer."""
         from policy.latency_model import DEFAULT_CONTENTION_EDGES, rows_to_arrays
 
-        edges = np.asarray(DEFAULT_CONTENTION_EDGES if edges is None else edges, float)
+        edge_arr = np.asarray(DEFAULT_CONTENTION_EDGES if edges is None else edges, float)
         rng = np.random.default_rng(seed)
         level, batch, cont, ms = rows_to_arrays(model.rows)
         ratio = ms / model.predict_mean(level, batch, cont)
-        row_bucket = np.searchsorted(edges, cont, side="left")
+        row_bucket = np.searchsorted(edge_arr, cont, side="left")
         lv = np.asarray(levels, float)[:, None]
         b = np.arange(1, max_batch + 1, dtype=float)[None, :]
         means, pools = {}, {}
         for c in states:
             means[c] = np.maximum.accumulate(model.predict_mean(lv, b, np.full_like(b, c)), axis=1)
-            mine = ratio[row_bucket == np.searchsorted(edges, c, side="left")]
+            mine = ratio[row_bucket == np.searchsorted(edge_arr, c, side="left")]
             if len(mine) < min_rows:
                 mine = ratio[np.argsort(np.abs(cont - c), kind="stable")[:min_rows]]
             pools[c] = rng.choice(mine, size=pool_size)
@@ -225,7 +225,7 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
     out_pred = [float("nan")] * n
     reqs: list = [None] * n  # index -> its QueuedRequest once admitted (the client cancels it on giving up)
 
-    contexts = {}  # bucket -> {model: PlanContext}; immutable, so cached
+    contexts: dict[int, dict[str, PlanContext]] = {}  # bucket -> {model: PlanContext}; immutable, so cached
     steady = contention.start_s >= contention.stop_s  # one contention level all along
     steady_ctx = {model: PlanContext(table, table.bucket(contention.base), accuracy, cfg.max_batch,
                                      cfg.overhead_ms, workers=cfg.workers)}
@@ -240,7 +240,7 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
                                                          workers=cfg.workers)}
         return got
 
-    running: list[tuple[float, int, object, float]] = []  # (finish_s, tie, batch, exec_ms)
+    running: list[tuple[float, int, Batch, float]] = []  # (finish_s, tie, batch, exec_ms)
     free = cfg.workers
     inflight = 0
     wake_at = None
@@ -326,14 +326,14 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
                 if status[k] is None:
                     status[k], answer_s[k] = "DEADLINE_EXCEEDED", now
                     inflight -= 1
-            batch = out.batch
-            if batch is None:
+            planned = out.batch
+            if planned is None:
                 wake_at = out.wake_at_s
                 break
-            exec_ms = draw(contention.at(now), table.level_index(batch.plan.level), len(batch.requests))
+            exec_ms = draw(contention.at(now), table.level_index(planned.plan.level), len(planned.requests))
             batches += 1
             free -= 1
-            heapq.heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, batch, exec_ms))
+            heapq.heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms))
 
     records = []
     for k in range(n):

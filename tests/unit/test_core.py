@@ -14,6 +14,7 @@ from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
 from scheduler.core import Scheduler
 from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
+from tests.fakes import WrappedPolicy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
 ACCURACY = (0.99, 0.97, 0.95, 0.90)
@@ -27,15 +28,16 @@ CLASSES = {c.name: c for c in (
 )}
 
 
-class RecordingPolicy(SLOAwarePolicy):
+class RecordingPolicy(WrappedPolicy):
     def __init__(self) -> None:
+        super().__init__()
         self.observed: list[tuple[float, bool]] = []
 
     def observe(self, plan, exec_ms, deadline_met):
         self.observed.append((exec_ms, deadline_met))
 
 
-class WaitPolicy(SLOAwarePolicy):
+class WaitPolicy(WrappedPolicy):
     def plan(self, candidates, now_s, ctx):
         return Wait(now_s + 0.005)
 

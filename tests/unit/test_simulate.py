@@ -7,7 +7,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from policy.planner import SLOAwarePolicy
 from policy.table import LatencyTable
 from scheduler.config import SLOClassConfig
 from scheduler.core import Scheduler
@@ -15,6 +14,7 @@ from scheduler.server import make_policy
 from scripts.report import summarize
 from scripts.simulate import ContentionProfile, LatencyDraw, SimConfig, simulate
 from scripts.trace import poisson_arrivals
+from tests.fakes import WrappedPolicy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
 ACCURACY = (0.97, 0.965, 0.96, 0.95)
@@ -77,10 +77,11 @@ def test_triton_never_drops_early_and_late_requests_time_out_at_the_client():
     assert summary["interactive"]["attainment"] < 0.5
 
 
-class SpyPolicy(SLOAwarePolicy):
+class SpyPolicy(WrappedPolicy):
     """The real slonn policy, counting what the Scheduler asks of it."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls = Counter()
 
     def is_hopeless(self, p, now_s, ctx):

@@ -1,0 +1,111 @@
+"""The scheduling hot path compiled with mypyc, with its Python sources as the fallback.
+
+``pip install -e .`` (``setup.py``) compiles :data:`COMPILED_MODULES` with mypyc into C extensions beside
+their sources, and Python then imports the extension instead of the ``.py``. It is the same code: mypyc
+compiles the sources as they are, so the server and the simulator still run one scheduler; the
+simulator runs 2-3x faster (docs/simulation.md). The build is optional: without mypy or a C compiler the
+sources run.
+
+The sources are imported instead of the extensions when
+
+- ``SLONN_COMPILED=0`` is set in the environment, or
+- a source changed since the build (its SHA-256 differs from the one the build recorded in
+  :data:`STAMP`): the old extension would silently ignore the edit, so the sources load and a warning says
+  to rebuild.
+
+All or nothing: compiled modules call each other's native code directly, so they are never mixed with
+interpreted ones. Every package that holds one calls :func:`install` in its ``__init__``, so the choice
+is made before the first of them is imported. Standard library only: ``setup.py`` loads this file too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+COMPILED_MODULES = ("policy.planner", "policy.baselines", "scheduler.queues", "scheduler.core",
+                    "scripts.simulate")
+"""What setup.py compiles: the per-request and per-batch path of the scheduler and the simulator's event loop."""
+
+ROOT = Path(__file__).resolve().parent.parent
+"""Where the packages live (the checkout, or site-packages)."""
+
+STAMP = Path(__file__).with_name("compiled_sources.json")
+"""{module: SHA-256 of its source} as compiled; written by setup.py."""
+
+ENV = "SLONN_COMPILED"
+
+_state: dict | None = None
+
+
+def source_path(module: str, root: Path = ROOT) -> Path:
+    return root.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def source_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _extension_built(module: str) -> bool:
+    src = source_path(module)
+    return any(src.with_name(src.stem + suffix).exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _decide() -> dict:
+    built = [m for m in COMPILED_MODULES if _extension_built(m)]
+    if not built:
+        return {"compiled": False, "reason": "not built (pip install -e . compiles it when mypy and a C compiler are there)"}
+    if os.environ.get(ENV, "1") == "0":
+        return {"compiled": False, "reason": f"{ENV}=0"}
+    try:
+        recorded = json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    missing = [m for m in COMPILED_MODULES if m not in built]
+    stale = [m for m in built if recorded.get(m) != source_digest(source_path(m))]
+    if missing or stale:
+        why = f"not built: {', '.join(missing)}" if missing else f"changed since the build: {', '.join(stale)}"
+        warnings.warn(f"slonn: running the scheduler's Python sources, not its compiled extensions ({why}); "
+                      f"rebuild with `pip install -e .`", RuntimeWarning, stacklevel=3)
+        return {"compiled": False, "reason": why}
+    return {"compiled": True, "reason": "mypyc extensions match their sources"}
+
+
+class _SourcesFirst(importlib.abc.MetaPathFinder):
+    """Imports the ``.py`` of a compiled module even though its extension sits beside it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in COMPILED_MODULES:
+            return None
+        return importlib.util.spec_from_file_location(name, source_path(name))
+
+
+def install() -> dict:
+    """Decide once per process whether the compiled modules load, and arrange it; returns :func:`state`."""
+    global _state
+    if _state is None:
+        _state = _decide()
+        if not _state["compiled"] and any(_extension_built(m) for m in COMPILED_MODULES):
+            sys.meta_path.insert(0, _SourcesFirst())
+    return _state
+
+
+def state() -> dict:
+    """{"compiled": bool, "reason": str}, plus which file each module was loaded from if it was."""
+    out = dict(install())
+    loaded = {m: getattr(sys.modules[m], "__file__", None) for m in COMPILED_MODULES if m in sys.modules}
+    out["loaded"] = {m: Path(f).name if f else None for m, f in loaded.items()}
+    return out
+
+
+def write_stamp(root: Path) -> None:
+    """Record the sources about to be compiled (setup.py)."""
+    stamp = root / STAMP.relative_to(ROOT)
+    stamp.write_text(json.dumps({m: source_digest(source_path(m, root)) for m in COMPILED_MODULES}, indent=1) + "\n")
