@@ -17,25 +17,37 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from policy.table import LatencyTable
 
 
-class Pending(NamedTuple):
-    """What the planner sees of one queued request (immutable; a NamedTuple because one is built per
-    request and that is 3x cheaper than a frozen dataclass)."""
+class Pending:
+    """What the planner sees of one queued request; treated as immutable.
 
-    seq: int
-    """Admission order, unique."""
-    arrival_s: float
-    deadline_s: float
-    min_accuracy: float
-    priority: int
-    mode: str
-    """"latency" or "accuracy"."""
-    on_late: str
-    """"reject" or "serve"."""
+    A plain class with slots, built once per request: under mypyc it is a native class whose fields
+    compiled code reads directly (a NamedTuple's fields went through generic attribute lookup there),
+    and interpreted it costs about what the NamedTuple did."""
+
+    __slots__ = ("seq", "arrival_s", "deadline_s", "min_accuracy", "priority", "mode", "on_late")
+
+    def __init__(self, seq: int, arrival_s: float, deadline_s: float, min_accuracy: float, priority: int,
+                 mode: str, on_late: str) -> None:
+        self.seq = seq
+        """Admission order, unique."""
+        self.arrival_s = arrival_s
+        self.deadline_s = deadline_s
+        self.min_accuracy = min_accuracy
+        self.priority = priority
+        self.mode = mode
+        """"latency" or "accuracy"."""
+        self.on_late = on_late
+        """"reject" or "serve"."""
+
+    def __repr__(self) -> str:
+        return (f"Pending(seq={self.seq}, arrival_s={self.arrival_s}, deadline_s={self.deadline_s}, "
+                f"min_accuracy={self.min_accuracy}, priority={self.priority}, mode={self.mode!r}, "
+                f"on_late={self.on_late!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,24 +68,41 @@ class PlanContext:
     """Workers that share the backlog."""
 
 
-class Plan(NamedTuple):
-    """Run the first ``count`` candidates as one batch at ``level``.
+class Plan:
+    """Run the first ``count`` candidates as one batch at ``level``; treated as immutable.
 
-    A NamedTuple, like Pending, because one is built per batch on the hot path of both the server and
-    the simulator (3x cheaper than a frozen dataclass)."""
+    A plain class with slots like Pending: one is built per batch on the hot path of both the server and
+    the simulator."""
 
-    count: int  # type: ignore[assignment]  # the field shadows tuple.count on purpose (mypy objects)
-    level: float
-    predicted_ms: float
-    """Safe predicted exec ms (without overhead)."""
-    late: bool = False
-    """The batch cannot make its earliest deadline (served late on purpose)."""
-    reason: str = ""
-    """Why, in words (constant strings: this is on the hot path; numbers go in the fields below)."""
-    slack_ms: float = float("nan")
-    """Time left to the batch's earliest deadline when it was planned."""
-    candidates: int = 0
-    """Requests the policy considered."""
+    __slots__ = ("count", "level", "predicted_ms", "late", "reason", "slack_ms", "candidates")
+
+    def __init__(self, count: int, level: float, predicted_ms: float, late: bool = False, reason: str = "",
+                 slack_ms: float = float("nan"), candidates: int = 0) -> None:
+        self.count = count
+        self.level = level
+        self.predicted_ms = predicted_ms
+        """Safe predicted exec ms (without overhead)."""
+        self.late = late
+        """The batch cannot make its earliest deadline (served late on purpose)."""
+        self.reason = reason
+        """Why, in words (constant strings: this is on the hot path; numbers go in the fields below)."""
+        self.slack_ms = slack_ms
+        """Time left to the batch's earliest deadline when it was planned."""
+        self.candidates = candidates
+        """Requests the policy considered."""
+
+    def _fields(self) -> tuple:
+        return (self.count, self.level, self.predicted_ms, self.late, self.reason, self.slack_ms, self.candidates)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (f"Plan(count={self.count}, level={self.level}, predicted_ms={self.predicted_ms}, late={self.late}, "
+                f"reason={self.reason!r}, slack_ms={self.slack_ms}, candidates={self.candidates})")
 
 
 @dataclass(frozen=True, slots=True)

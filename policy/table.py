@@ -7,7 +7,7 @@ publishes a new immutable :class:`LatencyTable`; the planner only indexes it.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,11 @@ class LatencyTable:
     """shape (n_buckets, n_levels, max_batch)."""
     mean_ms: np.ndarray
     """shape (n_buckets, n_levels, max_batch)."""
+    # Derived in __post_init__. Python lists: indexing them is faster than numpy scalar indexing on the hot path.
+    _safe: list = field(init=False, repr=False, compare=False)
+    _mean: list = field(init=False, repr=False, compare=False)
+    _level_index: dict = field(init=False, repr=False, compare=False)
+    _fastest: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shape = (len(self.contention_edges) + 1, len(self.levels), self.max_batch)
@@ -40,11 +45,15 @@ class LatencyTable:
                 raise ValueError(f"LatencyTable.{name} has shape {arr.shape}, expected {shape}")
         if list(self.levels) != sorted(self.levels, reverse=True):
             raise ValueError(f"LatencyTable.levels={self.levels} must be sorted most accurate (largest) first")
-        # Python lists: indexing them is faster than numpy scalar indexing on the hot path.
         object.__setattr__(self, "_safe", self.safe_ms.tolist())
         object.__setattr__(self, "_mean", self.mean_ms.tolist())
         object.__setattr__(self, "_level_index", {lv: i for i, lv in enumerate(self.levels)})
         object.__setattr__(self, "_fastest", {})
+
+    def __reduce__(self) -> tuple:
+        """Pickle (the learner's refit process sends tables back) through __init__, which derives the rest:
+        the default way sets each field on a frozen instance, which fails once mypyc compiles this class."""
+        return (LatencyTable, (self.levels, self.max_batch, self.contention_edges, self.safe_ms, self.mean_ms))
 
     def bucket(self, contention: float) -> int:
         """Index of the contention bucket holding ``contention``."""

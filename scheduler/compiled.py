@@ -29,16 +29,18 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Mapping
 
-COMPILED_MODULES = ("policy.planner", "policy.baselines", "scheduler.queues", "scheduler.core",
-                    "scripts.simulate")
-"""What setup.py compiles: the per-request and per-batch path of the scheduler and the simulator's event loop."""
+COMPILED_MODULES = ("policy.table", "policy.planner", "policy.baselines", "scheduler.clock", "scheduler.queues",
+                    "scheduler.core", "scripts.report", "scripts.simulate")
+"""What setup.py compiles: the per-request and per-batch path of the scheduler, and the simulator's event loop
+with the records it fills."""
 
 ROOT = Path(__file__).resolve().parent.parent
 """Where the packages live (the checkout, or site-packages)."""
 
-STAMP = Path(__file__).with_name("compiled_sources.json")
-"""{module: SHA-256 of its source} as compiled; written by setup.py."""
+STAMP = Path("scheduler", "compiled_sources.json")
+"""{module: SHA-256 of its source} as compiled, relative to the root; written by setup.py."""
 
 ENV = "SLONN_COMPILED"
 
@@ -53,27 +55,28 @@ def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _extension_built(module: str) -> bool:
-    src = source_path(module)
+def extension_built(module: str, root: Path = ROOT) -> bool:
+    src = source_path(module, root)
     return any(src.with_name(src.stem + suffix).exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
-def _decide() -> dict:
-    built = [m for m in COMPILED_MODULES if _extension_built(m)]
+def decide(root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> dict:
+    """Whether the extensions under ``root`` may load: {"compiled": bool, "reason": str}."""
+    built = [m for m in COMPILED_MODULES if extension_built(m, root)]
     if not built:
         return {"compiled": False, "reason": "not built (pip install -e . compiles it when mypy and a C compiler are there)"}
-    if os.environ.get(ENV, "1") == "0":
+    if environ.get(ENV, "1") == "0":
         return {"compiled": False, "reason": f"{ENV}=0"}
     try:
-        recorded = json.loads(STAMP.read_text())
+        recorded = json.loads((root / STAMP).read_text())
     except (OSError, ValueError):
         recorded = {}
     missing = [m for m in COMPILED_MODULES if m not in built]
-    stale = [m for m in built if recorded.get(m) != source_digest(source_path(m))]
+    stale = [m for m in built if recorded.get(m) != source_digest(source_path(m, root))]
     if missing or stale:
         why = f"not built: {', '.join(missing)}" if missing else f"changed since the build: {', '.join(stale)}"
         warnings.warn(f"slonn: running the scheduler's Python sources, not its compiled extensions ({why}); "
-                      f"rebuild with `pip install -e .`", RuntimeWarning, stacklevel=3)
+                      f"rebuild with `pip install -e .`", RuntimeWarning, stacklevel=4)
         return {"compiled": False, "reason": why}
     return {"compiled": True, "reason": "mypyc extensions match their sources"}
 
@@ -91,8 +94,8 @@ def install() -> dict:
     """Decide once per process whether the compiled modules load, and arrange it; returns :func:`state`."""
     global _state
     if _state is None:
-        _state = _decide()
-        if not _state["compiled"] and any(_extension_built(m) for m in COMPILED_MODULES):
+        _state = decide()
+        if not _state["compiled"] and any(extension_built(m) for m in COMPILED_MODULES):
             sys.meta_path.insert(0, _SourcesFirst())
     return _state
 
@@ -107,5 +110,4 @@ def state() -> dict:
 
 def write_stamp(root: Path) -> None:
     """Record the sources about to be compiled (setup.py)."""
-    stamp = root / STAMP.relative_to(ROOT)
-    stamp.write_text(json.dumps({m: source_digest(source_path(m, root)) for m in COMPILED_MODULES}, indent=1) + "\n")
+    (root / STAMP).write_text(json.dumps({m: source_digest(source_path(m, root)) for m in COMPILED_MODULES}, indent=1) + "\n")
