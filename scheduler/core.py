@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, NamedTuple
+from dataclasses import replace
+from typing import Any, Mapping
 
 from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
 from scheduler.config import SLOClassConfig
@@ -27,23 +27,30 @@ MAX_ATTEMPTS = 2
 """Runs a request gets when workers die under it: the first and one retry."""
 
 
-class Batch(NamedTuple):
-    """Requests of one model to run together at one level (a NamedTuple, like Plan: one per batch on the
-    hot path of the server and the simulator)."""
+class Batch:
+    """Requests of one model to run together at one level (a slotted class, like Plan: one per batch on the
+    hot path of the server and the simulator, native under mypyc)."""
 
-    model: str
-    requests: list[QueuedRequest]
-    plan: Plan
-    planned_at_s: float
+    __slots__ = ("model", "requests", "plan", "planned_at_s")
+
+    def __init__(self, model: str, requests: list[QueuedRequest], plan: Plan, planned_at_s: float) -> None:
+        self.model = model
+        self.requests = requests
+        self.plan = plan
+        self.planned_at_s = planned_at_s
 
 
-@dataclass(slots=True)
 class SchedulerOutput:
-    batch: Batch | None = None
-    expired: list[QueuedRequest] = field(default_factory=list)
-    """Requests that can no longer make their deadline (class on_late='reject')."""
-    wake_at_s: float | None = None
-    """When the policy wants to decide again even if nothing arrives."""
+    """What one ``Scheduler.schedule`` call decided."""
+
+    __slots__ = ("batch", "expired", "wake_at_s")
+
+    def __init__(self, expired: list[QueuedRequest]) -> None:
+        self.batch: Batch | None = None
+        self.expired = expired
+        """Requests that can no longer make their deadline (class on_late='reject')."""
+        self.wake_at_s: float | None = None
+        """When the policy wants to decide again even if nothing arrives."""
 
 
 class Scheduler:

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from scheduler.compiled import state as compiled_state
 from scheduler.config import ServerConfig, load_classes
 from scripts import aio
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
@@ -118,7 +119,8 @@ async def run_server(cfg: ServerConfig) -> int:
     print(f"slonn listening on {cfg.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    logging.info("event loop: %s.%s; niceness %d", type(loop).__module__, type(loop).__name__, os.nice(0))
+    logging.info("event loop: %s.%s; niceness %d; scheduler %s", type(loop).__module__, type(loop).__name__,
+                 os.nice(0), "compiled (mypyc)" if compiled_state()["compiled"] else "from Python sources")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

@@ -21,7 +21,7 @@ import heapq
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -33,7 +33,7 @@ from policy.table import LatencyTable
 from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
 from scheduler.core import Batch, Scheduler
-from scheduler.errors import DeadlineUnreachable, QueueFull
+from scheduler.errors import DeadlineUnreachable, RequestError
 from scripts.report import RequestRecord
 from scripts.trace import Arrivals
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
@@ -293,7 +293,7 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
                         else:
                             raise DeadlineUnreachable(f"{-left_ms:.1f} ms past the deadline at admission")
                         add_request(req, now, contexts_at(now)[model])
-                    except (QueueFull, DeadlineUnreachable) as exc:
+                    except RequestError as exc:  # refused at admission, as the live servicer answers it
                         status[k], answer_s[k] = exc.code.name, now
                     else:
                         reqs[k] = req
@@ -491,10 +491,13 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scheduler.compiled import state as compiled_state
     from scripts.replay import add_arrival_args, arrivals_from_args, phase_summaries
     from scripts.report import format_table, summarize, write_csv
 
-    p = argparse.ArgumentParser(prog="slonn simulate", description=__doc__.splitlines()[0])
+    # A literal, not __doc__: mypyc drops module docstrings (scheduler/compiled.py).
+    p = argparse.ArgumentParser(prog="slonn simulate",
+                                description="Discrete-event replay of a trace through the real scheduler on a virtual clock.")
     add_arrival_args(p)
     add_sim_args(p)
     p.add_argument("--policy", default="slonn", help="slonn | triton[:k=v,...] | fixed:<level> | aimd")
@@ -510,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     sim = {"requests": len(result.records), "batches": result.batches, "wall_s": round(result.wall_s, 3),
            "cpu_s": round(result.cpu_s, 3), "simulated_requests_per_s": round(result.requests_per_s),
            "simulated_requests_per_cpu_s": round(result.requests_per_cpu_s), "virtual_s": round(result.sim_s, 3),
-           "planner_table": args.planner_table, "contention": vars(setup.contention)}
+           "planner_table": args.planner_table, "contention": asdict(setup.contention),
+           "compiled": compiled_state()["compiled"]}
     out = {"load": arrivals.describe(), "policy": args.policy, "summary": summary, "sim": sim}
     if args.corunner_start_s is not None:
         out["phases"] = phase_summaries(result.records, args.corunner_start_s, args.corunner_stop_s,
