@@ -91,14 +91,14 @@ class Plan:
         self.candidates = candidates
         """Requests the policy considered."""
 
-    def _fields(self) -> tuple:
-        return (self.count, self.level, self.predicted_ms, self.late, self.reason, self.slack_ms, self.candidates)
-
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Plan) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
+        """Field by field; an unset ``slack_ms`` (NaN) equals another unset one."""
+        if not isinstance(other, Plan):
+            return NotImplemented
+        a, b = self.slack_ms, other.slack_ms
+        return (self.count == other.count and self.level == other.level and self.predicted_ms == other.predicted_ms
+                and self.late == other.late and self.reason == other.reason and self.candidates == other.candidates
+                and (a == b or (a != a and b != b)))
 
     def __repr__(self) -> str:
         return (f"Plan(count={self.count}, level={self.level}, predicted_ms={self.predicted_ms}, late={self.late}, "

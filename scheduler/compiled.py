@@ -36,6 +36,14 @@ COMPILED_MODULES = ("policy.table", "policy.planner", "policy.baselines", "sched
 """What setup.py compiles: the per-request and per-batch path of the scheduler, and the simulator's event loop
 with the records it fills."""
 
+TYPED_DEPENDENCIES = ("scheduler.config", "scheduler.errors", "scripts.trace")
+"""Interpreted modules whose values flow into compiled attributes and arguments (class settings, the
+exceptions raised and caught, the arrivals): mypyc builds their declared types in and checks them at run time,
+so a change there also makes the build stale."""
+
+SHARED_LIB = "scheduler.hotpath__mypyc"
+"""The extension that holds all the compiled code (setup.py's mypyc group); the others are shims into it."""
+
 ROOT = Path(__file__).resolve().parent.parent
 """Where the packages live (the checkout, or site-packages)."""
 
@@ -60,6 +68,11 @@ def extension_built(module: str, root: Path = ROOT) -> bool:
     return any(src.with_name(src.stem + suffix).exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
+def sources_digests(root: Path = ROOT) -> dict[str, str]:
+    """What the stamp records: the SHA-256 of every compiled module's source and of its typed dependencies."""
+    return {m: source_digest(source_path(m, root)) for m in COMPILED_MODULES + TYPED_DEPENDENCIES}
+
+
 def decide(root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> dict:
     """Whether the extensions under ``root`` may load: {"compiled": bool, "reason": str}."""
     built = [m for m in COMPILED_MODULES if extension_built(m, root)]
@@ -70,11 +83,15 @@ def decide(root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> dict:
     try:
         recorded = json.loads((root / STAMP).read_text())
     except (OSError, ValueError):
-        recorded = {}
-    missing = [m for m in COMPILED_MODULES if m not in built]
-    stale = [m for m in built if recorded.get(m) != source_digest(source_path(m, root))]
-    if missing or stale:
-        why = f"not built: {', '.join(missing)}" if missing else f"changed since the build: {', '.join(stale)}"
+        recorded = None
+    missing = [m for m in COMPILED_MODULES + (SHARED_LIB,) if not extension_built(m, root)]
+    if missing:
+        why = f"not built: {', '.join(missing)}"
+    elif recorded is None:
+        why = f"no record of a finished build ({STAMP})"
+    else:
+        why = "changed since the build: " + ", ".join(m for m, d in sources_digests(root).items() if recorded.get(m) != d)
+    if missing or recorded != sources_digests(root):
         warnings.warn(f"slonn: running the scheduler's Python sources, not its compiled extensions ({why}); "
                       f"rebuild with `pip install -e .`", RuntimeWarning, stacklevel=4)
         return {"compiled": False, "reason": why}
@@ -108,6 +125,8 @@ def state() -> dict:
     return out
 
 
-def write_stamp(root: Path) -> None:
-    """Record the sources about to be compiled (setup.py)."""
-    (root / STAMP).write_text(json.dumps({m: source_digest(source_path(m, root)) for m in COMPILED_MODULES}, indent=1) + "\n")
+def write_stamp(root: Path, out_dir: Path | None = None) -> None:
+    """Record the sources just compiled (setup.py, once every extension is built) in ``out_dir``
+    (default: beside this file under ``root``)."""
+    path = (out_dir / STAMP.name) if out_dir is not None else root / STAMP
+    path.write_text(json.dumps(sources_digests(root), indent=1) + "\n")

@@ -49,18 +49,33 @@ class SLOClassConfig:
             raise ValueError(f"{where}: on_late={self.on_late!r} must be one of {ON_LATE}")
         if self.mode not in MODES:
             raise ValueError(f"{where}: mode={self.mode!r} must be one of {MODES}")
+        _store_floats(self)
 
 
 _NUMBER = (int, float)
+
+
+def _type_name(f) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
 
 
 def _check_types(cfg, where: str) -> None:
     """A TOML value of the wrong type gets a message naming the field, not a bare TypeError later."""
     for name, f in cfg.__dataclass_fields__.items():
         value = getattr(cfg, name)
-        want = {"str": str, "float": _NUMBER, "int": int}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        want = {"str": str, "float": _NUMBER, "int": int}.get(_type_name(f))
         if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
-            raise ValueError(f"{where}: {name}={value!r} must be of type {f.type if isinstance(f.type, str) else f.type.__name__}")
+            raise ValueError(f"{where}: {name}={value!r} must be of type {_type_name(f)}")
+
+
+def _store_floats(cfg) -> None:
+    """A whole number given for a float field is stored as a float (after validation, whose messages quote
+    the value as given): the compiled scheduler (mypyc) stores such values as floats anyway, and both modes
+    must report the same (``25.0``, not ``25``)."""
+    for name, f in cfg.__dataclass_fields__.items():
+        value = getattr(cfg, name)
+        if _type_name(f) == "float" and isinstance(value, int):
+            object.__setattr__(cfg, name, float(value))
 
 
 def default_classes_path() -> Path:

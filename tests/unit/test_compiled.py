@@ -19,12 +19,17 @@ from scheduler import compiled
 EXT = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
-def tree(tmp_path: Path, built: tuple[str, ...] = compiled.COMPILED_MODULES, stamp: bool = True) -> Path:
-    """A fake install: every compiled module's source, an (empty) extension for those in ``built``."""
-    for m in compiled.COMPILED_MODULES:
+ALL_BUILT = compiled.COMPILED_MODULES + (compiled.SHARED_LIB,)
+
+
+def tree(tmp_path: Path, built: tuple[str, ...] = ALL_BUILT, stamp: bool = True) -> Path:
+    """A fake install: the sources of the compiled modules and their typed dependencies, an (empty)
+    extension for each module in ``built``, and the build record."""
+    for m in compiled.COMPILED_MODULES + compiled.TYPED_DEPENDENCIES + (compiled.SHARED_LIB,):
         src = compiled.source_path(m, tmp_path)
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_text(f"# {m}\n")
+        if m != compiled.SHARED_LIB:
+            src.write_text(f"# {m}\n")
         if m in built:
             src.with_name(src.stem + EXT).write_bytes(b"")
     if stamp:
@@ -54,21 +59,33 @@ def test_an_edited_source_runs_from_source_with_a_warning(tmp_path):
     assert not got["compiled"] and "changed since the build: scheduler.core" in got["reason"]
 
 
+def test_an_edited_typed_dependency_makes_the_build_stale(tmp_path):
+    root = tree(tmp_path)
+    compiled.source_path("scheduler.config", root).write_text("# a field changed type\n")
+    with pytest.warns(RuntimeWarning, match="scheduler.config"):
+        assert not compiled.decide(root, {})["compiled"]
+
+
 def test_a_partial_build_runs_every_module_from_source(tmp_path):
     with pytest.warns(RuntimeWarning, match="not built: scripts.simulate"):
-        got = compiled.decide(tree(tmp_path, built=compiled.COMPILED_MODULES[:-1]), {})
+        got = compiled.decide(tree(tmp_path, built=ALL_BUILT[:-2] + ALL_BUILT[-1:]), {})
     assert not got["compiled"]
 
 
-def test_a_missing_stamp_counts_as_stale(tmp_path):
-    with pytest.warns(RuntimeWarning):
+def test_shims_without_the_shared_library_run_the_sources(tmp_path):
+    with pytest.warns(RuntimeWarning, match=compiled.SHARED_LIB):
+        assert not compiled.decide(tree(tmp_path, built=compiled.COMPILED_MODULES), {})["compiled"]
+
+
+def test_no_build_record_runs_the_sources(tmp_path):
+    with pytest.warns(RuntimeWarning, match="no record of a finished build"):
         assert not compiled.decide(tree(tmp_path, stamp=False), {})["compiled"]
 
 
-def test_the_stamp_records_every_compiled_source(tmp_path):
+def test_the_stamp_records_every_compiled_source_and_typed_dependency(tmp_path):
     root = tree(tmp_path)
     recorded = json.loads((root / compiled.STAMP).read_text())
-    assert set(recorded) == set(compiled.COMPILED_MODULES)
+    assert set(recorded) == set(compiled.COMPILED_MODULES + compiled.TYPED_DEPENDENCIES)
     assert recorded["scheduler.core"] == compiled.source_digest(compiled.source_path("scheduler.core", root))
 
 
@@ -115,18 +132,21 @@ for name in ("slonn", "triton", "fixed:0.25", "aimd"):
                        {c: np.random.default_rng(1).lognormal(0, 0.3, 997) for c in (0.0, 0.6)})
     res = simulate(arrivals, classes, make_policy(name), table, (0.98, 0.97, 0.96, 0.9), draw,
                    SimConfig(ingress_ms_per_request=0.5), ContentionProfile(0.0, 0.6, 1.0, 2.5), seed=5)
-    out[name] = [[r.status, r.answer_s, r.level, r.batch_size, r.correct, r.exec_ms] for r in res.records]
+    out[name] = [[r.status, r.answer_s, r.level, r.batch_size, r.correct, r.exec_ms, r.deadline_ms]
+                 for r in res.records]
 print(json.dumps(out))
 """
     here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=compiled.ROOT)
     assert here.returncode == 0, here.stderr
-    compiled_run, source_run = json.loads(here.stdout), json.loads(_sources_only(code))
+    source_text = _sources_only(code)
+    compiled_run, source_run = json.loads(here.stdout), json.loads(source_text)
     assert set(compiled_run) == {"slonn", "triton", "fixed:0.25", "aimd"}
     for name, records in compiled_run.items():
         assert len(records) > 1000
         assert {r[0] for r in records} >= {"OK"}
         assert records == source_run[name], name
+    assert here.stdout == source_text  # formatted alike too (25.0 is not 25 in a CSV)
 
 
 def test_a_table_pickles_through_its_constructor():
@@ -136,9 +156,20 @@ def test_a_table_pickles_through_its_constructor():
     assert back.fastest_index(0, (0.99, 0.98), 0.985) == 0
 
 
+def test_records_pickle(tmp_path):
+    """slonn reliability sends RequestRecords back from its client processes."""
+    from scripts.report import RequestRecord
+
+    r = RequestRecord(3, "interactive", 25.0, 1.5, 1.52, "OK", 0.5, 4, True, False, 1.1, 1.3)
+    back = pickle.loads(pickle.dumps(r))
+    assert (back.index, back.status, back.latency_ms, back.correct) == (3, "OK", r.latency_ms, True)
+
+
 def test_plans_compare_by_value_and_pending_shows_its_fields():
     a = Plan(3, 0.5, 2.0, reason="r", slack_ms=1.0, candidates=4)
     assert a == Plan(3, 0.5, 2.0, reason="r", slack_ms=1.0, candidates=4)
     assert a != Plan(3, 0.25, 2.0, reason="r", slack_ms=1.0, candidates=4)
+    assert Plan(1, 1.0, 2.0) == Plan(1, 1.0, 2.0)  # slack_ms unset (NaN) on both
+    assert Plan(1, 1.0, 2.0) != Plan(1, 1.0, 2.0, slack_ms=3.0)
     assert "level=0.5" in repr(a)
     assert "deadline_s=2.5" in repr(Pending(1, 2.0, 2.5, 0.9, 0, "latency", "reject"))

@@ -47,6 +47,12 @@ def test_load_classes_from_toml(tmp_path):
     assert classes["batch"] == SLOClassConfig("batch", 500, 0.97, 2, 4096, "serve", "accuracy")
 
 
+def test_whole_numbers_in_float_fields_are_stored_as_floats(tmp_path):
+    c = load_classes(write(tmp_path, GOOD))["interactive"]  # latency_ms = 20 in the file
+    assert type(c.latency_ms) is float and c.latency_ms == 20.0
+    assert type(c.priority) is int
+
+
 def test_defaults_fill_optional_fields(tmp_path):
     classes = load_classes(write(tmp_path, one_class()))
     c = classes["c"]
