@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -20,8 +19,6 @@ from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, 
 from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
 
 log = logging.getLogger(__name__)
-
-_LIVE = operator.attrgetter("_live")
 
 MAX_ATTEMPTS = 2
 """Runs a request gets when workers die under it: the first and one retry."""
@@ -95,9 +92,10 @@ class Scheduler:
             raise FailedPrecondition(
                 f"slo_class {slo_class!r} min_accuracy={cls.min_accuracy} is above model {model!r}'s best "
                 f"level accuracy {self._best_accuracy[model]:.4f}")
-        latency_ms = cls.latency_ms if not budget_ms else min(cls.latency_ms, budget_ms)
-        on_late = "reject" if hard and budget_ms and budget_ms <= cls.latency_ms else cls.on_late
-        if on_late != cls.on_late:
+        class_ms, class_on_late = cls.latency_ms, cls.on_late
+        latency_ms = class_ms if not budget_ms else min(class_ms, budget_ms)
+        on_late = "reject" if hard and budget_ms and budget_ms <= class_ms else class_on_late
+        if on_late != class_on_late:
             self._mixed_late = True  # from now on, schedule() checks such requests behind late heads
         pending = Pending(next(self._seq), arrival_s, arrival_s + latency_ms * 1e-3, cls.min_accuracy,
                           cls.priority, cls.mode, on_late)
@@ -111,7 +109,9 @@ class Scheduler:
                             f"(max_queue={queue.max_len})")
         if req.pending.on_late == "reject":
             # Requests of classes with deadlines no later than this one's are (about) ahead of it in EDF.
-            ahead = sum(q._live for q in self._ahead[req.model][req.slo_class])
+            ahead = 0
+            for q in self._ahead[req.model][req.slo_class]:
+                ahead += q._live
             backlog = backlog_ms(ahead, req.pending.min_accuracy, ctx)
             admit_ctx = replace(ctx, backlog_ms=backlog) if backlog else ctx
             if self.policy.is_hopeless(req.pending, now_s, admit_ctx):
@@ -130,7 +130,10 @@ class Scheduler:
 
     def pending(self, model: str | None = None) -> int:
         if model is None:
-            return sum(map(_LIVE, self._all_queues))  # called per event by both drivers: keep it flat
+            n = 0
+            for q in self._all_queues:  # called per event by both drivers: a loop of native field reads
+                n += q._live
+            return n
         return sum(len(q) for q in self._queues[model].values())
 
     def queue_lengths(self) -> dict[tuple[str, str], int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import heapq
+from heapq import heapify, heappop, heappush
 from typing import Any, Callable, Iterator
 
 from policy.planner import Pending
@@ -52,7 +52,7 @@ class RequestQueue:
     def push(self, req: QueuedRequest) -> None:
         if req.cancelled:
             return  # its caller left while it was out of the queue
-        heapq.heappush(self._heap, (self._key(req.pending), req))
+        heappush(self._heap, (self._key(req.pending), req))
         req.queued = True
         self._live += 1
 
@@ -67,7 +67,7 @@ class RequestQueue:
     def _skip_cancelled(self) -> None:
         heap = self._heap
         while heap and heap[0][1].cancelled:
-            heapq.heappop(heap)
+            heappop(heap)
 
     def peek(self) -> QueuedRequest | None:
         self._skip_cancelled()
@@ -79,7 +79,7 @@ class RequestQueue:
 
     def pop(self) -> QueuedRequest:
         self._skip_cancelled()
-        _, req = heapq.heappop(self._heap)
+        _, req = heappop(self._heap)
         req.queued = False
         self._live -= 1
         return req
@@ -105,12 +105,12 @@ def pop_merged(queues: list[RequestQueue], limit: int) -> list[QueuedRequest]:
         k = q.peek_key()
         if k is not None:
             heads.append((k, qi))
-    heapq.heapify(heads)
+    heapify(heads)
     out: list[QueuedRequest] = []
     while heads and len(out) < limit:
-        _, qi = heapq.heappop(heads)
+        _, qi = heappop(heads)
         out.append(queues[qi].pop())
         k = queues[qi].peek_key()
         if k is not None:
-            heapq.heappush(heads, (k, qi))
+            heappush(heads, (k, qi))
     return out

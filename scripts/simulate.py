@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import heapq
+from heapq import heappop, heappush
 import json
 import sys
 import time
@@ -303,7 +303,7 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
                 now = reach[i]
                 clock.set(now)
         elif t_fin <= now:  # a batch finished: answer it, free the worker, feed back
-            _, _, batch, exec_ms = heapq.heappop(running)
+            _, _, batch, exec_ms = heappop(running)
             free += 1
             plan = batch.plan
             size = len(batch.requests)
@@ -333,7 +333,7 @@ def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention,
             exec_ms = draw(contention.at(now), table.level_index(planned.plan.level), len(planned.requests))
             batches += 1
             free -= 1
-            heapq.heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms))
+            heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms))
 
     records = []
     for k in range(n):
