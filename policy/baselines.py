@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from policy.planner import Pending, Plan, PlanContext, Wait, fifo_key
+from policy.planner import Pending, Plan, PlanContext, Policy, Wait, fifo_key
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,12 @@ class BatchingConfig:
             raise ValueError(f"max_batch={self.max_batch} must be >= 0 and preferred={self.preferred} sizes >= 1")
 
 
-class DynamicBatchingPolicy:
+class DynamicBatchingPolicy(Policy):
     """Triton-style dynamic batching at one fixed level (``triton`` is level 1.0)."""
 
     def __init__(self, config: BatchingConfig = BatchingConfig(), name: str = "triton") -> None:
+        super().__init__(name)
         self.config = config
-        self.name = name
         self._preferred_desc = tuple(sorted(set(config.preferred), reverse=True))
 
     def order_key(self, p: Pending) -> tuple:
@@ -120,12 +120,11 @@ class AIMDConfig:
             raise ValueError(f"AIMDConfig.signal={self.signal!r} must be 'exec' or 'deadline'")
 
 
-class AIMDPolicy:
+class AIMDPolicy(Policy):
     """FIFO, dense, no queue delay; the batch cap adapts to whether batches make their deadlines."""
 
-    name = "aimd"
-
     def __init__(self, config: AIMDConfig = AIMDConfig()) -> None:
+        super().__init__("aimd")
         self.config = config
         self.cap = float(config.start)
         """Current batch cap (fractional: additive steps may be < 1)."""

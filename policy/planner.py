@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
+
+from mypy_extensions import mypyc_attr
 
 from policy.table import LatencyTable
 
@@ -121,28 +123,33 @@ def fifo_key(p: Pending) -> tuple:
     return (p.arrival_s, p.seq)
 
 
-class Policy(Protocol):
-    name: str
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Policy:
+    """What the scheduler asks of a scheduling policy. A base class rather than a Protocol: compiled
+    (mypyc), the scheduler's calls into the built-in policies go through a vtable instead of a generic
+    attribute lookup; other policies (tests' wrappers) subclass it from Python."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def order_key(self, p: Pending) -> tuple:
         """Queue order (the scheduler keeps each queue sorted by this)."""
-        ...
+        raise NotImplementedError
 
     def is_hopeless(self, p: Pending, now_s: float, ctx: PlanContext) -> bool:
         """True when ``p`` cannot make its deadline even alone at the fastest level it may use."""
-        ...
+        raise NotImplementedError
 
     def hopeless_at(self, p: Pending, ctx: PlanContext) -> float | None:
         """When ``p`` becomes hopeless if it is still queued (None: never, e.g. a policy without early drop)."""
-        ...
+        raise NotImplementedError
 
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
         """Choose a batch (a prefix of ``candidates``, which are in order_key order) and its level."""
-        ...
+        raise NotImplementedError
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
         """Feedback after a batch ran (stateful policies such as AIMD adapt here)."""
-        ...
 
 
 def backlog_ms(ahead: int, min_accuracy: float, ctx: PlanContext) -> float:
@@ -171,12 +178,11 @@ _LATE = "late: fastest allowed level"
 """Plan.reason of a batch that cannot make its earliest deadline."""
 
 
-class SLOAwarePolicy:
+class SLOAwarePolicy(Policy):
     """slonn's policy: EDF, then the largest batch and the best level that meet the deadline and the floor."""
 
-    name = "slonn"
-
     def __init__(self) -> None:
+        super().__init__("slonn")
         self._margin_ctx: PlanContext | None = None
         self._margin_s: dict[float, float] = {}
 

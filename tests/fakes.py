@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from policy.planner import Policy, SLOAwarePolicy
 from workers.pool import TaskFailed, WorkerDied, WorkerPool
 from workers.protocol import BatchResult, BatchTask
 
@@ -64,15 +65,13 @@ class FakeWorkerPool(WorkerPool):
 __all__ = ["FakeWorkerPool", "TaskFailed", "WorkerDied"]
 
 
-class WrappedPolicy:
-    """slonn's real policy behind a wrapper whose methods a test overrides (composition, not a subclass:
-    the compiled ``SLOAwarePolicy`` is a native class, which interpreted classes cannot inherit from)."""
+class WrappedPolicy(Policy):
+    """slonn's real policy behind a wrapper whose methods a test overrides (composition: compiled, the
+    ``SLOAwarePolicy`` class cannot be subclassed from Python; the ``Policy`` base can)."""
 
     def __init__(self) -> None:
-        from policy.planner import SLOAwarePolicy
-
         self.inner = SLOAwarePolicy()
-        self.name = self.inner.name
+        super().__init__(self.inner.name)
 
     def order_key(self, p):
         return self.inner.order_key(p)
