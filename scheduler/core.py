@@ -146,8 +146,8 @@ class Scheduler:
         worker only to learn it is late.
         """
         expired: list[QueuedRequest] = []
-        for model, queues in self._queues.items():
-            self._expire(queues.values(), now_s, contexts[model], expired)
+        for model, queues in self._queue_lists.items():
+            self._expire(queues, now_s, contexts[model], expired)
         return expired
 
     def next_expiry_s(self, contexts: Mapping[str, PlanContext]) -> float | None:
@@ -185,8 +185,11 @@ class Scheduler:
             self._requeue(candidates)
             out.wake_at_s = decision.until_s
             return out
-        chosen, rest = candidates[:decision.count], candidates[decision.count:]
-        self._requeue(rest)
+        if decision.count < len(candidates):
+            chosen = candidates[:decision.count]
+            self._requeue(candidates[decision.count:])
+        else:  # the whole candidate list (the common case at low load: one candidate)
+            chosen = candidates
         for r in chosen:
             r.late = decision.late
         out.batch = Batch(model, chosen, decision, now_s)
@@ -237,7 +240,7 @@ class Scheduler:
         """Remove every queued request (shutdown)."""
         return [r for qs in self._queues.values() for q in qs.values() for r in q.drain()]
 
-    def _expire(self, queues, now_s: float, ctx: PlanContext, expired: list[QueuedRequest]) -> None:
+    def _expire(self, queues: list[RequestQueue], now_s: float, ctx: PlanContext, expired: list[QueuedRequest]) -> None:
         for q in queues:
             while True:
                 head = q.peek()

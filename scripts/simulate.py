@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from policy.latency_model import profile_csv_name
-from policy.planner import PlanContext
+from policy.planner import PlanContext, Policy
 from policy.table import LatencyTable
 from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
@@ -170,7 +170,7 @@ class SimResult:
         return len(self.records) / max(self.cpu_s, 1e-9)
 
 
-def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy, table: LatencyTable,
+def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: Policy, table: LatencyTable,
              accuracy: Sequence[float], draw: LatencyDraw, cfg: SimConfig = SimConfig(),
              contention: ContentionProfile = ContentionProfile(), correct: np.ndarray | None = None,
              model: str = "model", seed: int = 0, scheduler: Scheduler | None = None) -> SimResult:
@@ -191,8 +191,9 @@ def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy, 
             gc.enable()
 
 
-def _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention, correct, model, seed,
-              scheduler) -> SimResult:
+def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: Policy, table: LatencyTable,
+              accuracy: Sequence[float], draw: LatencyDraw, cfg: SimConfig, contention: ContentionProfile,
+              correct: np.ndarray | None, model: str, seed: int, scheduler: Scheduler | None) -> SimResult:
     t0, c0 = time.perf_counter(), time.process_time()
     accuracy = tuple(accuracy)
     sched = scheduler or Scheduler({model: accuracy}, classes, policy)
