@@ -75,27 +75,26 @@ def sources_digests(root: Path = ROOT) -> dict[str, str]:
 
 def decide(root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> dict:
     """Whether the extensions under ``root`` may load: {"compiled": bool, "reason": str}."""
-    built = [m for m in COMPILED_MODULES if extension_built(m, root)]
-    if not built:
+    missing = [m for m in COMPILED_MODULES + (SHARED_LIB,) if not extension_built(m, root)]
+    if set(COMPILED_MODULES) <= set(missing):
         return {"compiled": False, "reason": "not built (pip install -e . compiles it when mypy and a C compiler are there)"}
     if environ.get(ENV, "1") == "0":
         return {"compiled": False, "reason": f"{ENV}=0"}
-    try:
-        recorded = json.loads((root / STAMP).read_text())
-    except (OSError, ValueError):
-        recorded = None
-    missing = [m for m in COMPILED_MODULES + (SHARED_LIB,) if not extension_built(m, root)]
     if missing:
         why = f"not built: {', '.join(missing)}"
-    elif recorded is None:
-        why = f"no record of a finished build ({STAMP})"
     else:
-        why = "changed since the build: " + ", ".join(m for m, d in sources_digests(root).items() if recorded.get(m) != d)
-    if missing or recorded != sources_digests(root):
-        warnings.warn(f"slonn: running the scheduler's Python sources, not its compiled extensions ({why}); "
-                      f"rebuild with `pip install -e .`", RuntimeWarning, stacklevel=4)
-        return {"compiled": False, "reason": why}
-    return {"compiled": True, "reason": "mypyc extensions match their sources"}
+        current = sources_digests(root)  # hashed once per process: this runs at every start-up
+        try:
+            recorded = json.loads((root / STAMP).read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == current:
+            return {"compiled": True, "reason": "mypyc extensions match their sources"}
+        why = (f"no record of a finished build ({STAMP})" if recorded is None else
+               "changed since the build: " + ", ".join(m for m, d in current.items() if recorded.get(m) != d))
+    warnings.warn(f"slonn: running the scheduler's Python sources, not its compiled extensions ({why}); "
+                  f"rebuild with `pip install -e .`", RuntimeWarning, stacklevel=4)
+    return {"compiled": False, "reason": why}
 
 
 class _SourcesFirst(importlib.abc.MetaPathFinder):
