@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-from heapq import heappop, heappush
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from heapq import heappop, heappush
 from pathlib import Path
 from typing import Mapping, Sequence
 
