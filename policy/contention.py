@@ -273,6 +273,48 @@ class ContentionMonitor:
         self.stop()
 
 
+# --------------------------------------------------------------------------- host pauses, per call
+
+
+def thread_runq_ns(proc_root: str = "/proc") -> int | None:
+    """Nanoseconds the calling thread has waited on a run queue behind other tasks of this machine
+    (``/proc/thread-self/schedstat``, second field); None where the kernel keeps no schedstats."""
+    try:
+        with open(f"{proc_root}/thread-self/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class CallTimes:
+    """Where one call's wall time went, measured on the calling thread."""
+
+    wall_ms: float
+    cpu_ms: float
+    """The thread's CPU time over the call (``time.thread_time_ns``)."""
+    runq_ms: float | None
+    """Time the thread waited on the run queue behind other tasks of this machine (None: no schedstats)."""
+
+    @property
+    def host_pause_ms(self) -> float:
+        """Wall time in which the thread neither ran nor waited for a CPU of this machine: on a VM, the
+        hypervisor running someone else on our vCPU (steal). Only meaningful when the call computes on the
+        calling thread alone (one torch thread, CPU)."""
+        return max(0.0, self.wall_ms - self.cpu_ms - (self.runq_ms or 0.0))
+
+
+def time_call(fn: Callable, *args):
+    """``fn(*args)`` and its :class:`CallTimes`."""
+    q0, c0 = thread_runq_ns(), time.thread_time_ns()
+    w0 = time.perf_counter_ns()
+    out = fn(*args)
+    w1 = time.perf_counter_ns()
+    c1, q1 = time.thread_time_ns(), thread_runq_ns()
+    runq = None if q0 is None or q1 is None else (q1 - q0) / 1e6
+    return out, CallTimes((w1 - w0) / 1e6, (c1 - c0) / 1e6, runq)
+
+
 # --------------------------------------------------------------------------- optional NVML
 
 

@@ -7,7 +7,8 @@ on the rest and reports, overall and per intensity, the MAPE of the mean
 prediction (target <= 10%) and the share of rows whose measured latency
 exceeds the safe prediction (target <= 2%). Also the same for the table the
 planner would read (bucketed contention, batch-monotone), which is what
-decisions use.
+decisions use, and (``host_pauses``) for the rows the host did not pause,
+where the profile recorded it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 MAPE_TARGET_PCT = 10.0
 DISTURBED_EXCESS = 0.1
 """A row whose contention exceeds its co-runner's own demand (intensity / n_cpus) by more: other load."""
+PAUSE_SHARE = 0.05
+"""A row whose host pause (``host_pause_ms``, time the worker's vCPU did not run) exceeds this share of its exec
+ms counts as paused by the host (docs/latency-model.md, "Where the scatter comes from")."""
 
 
 def _burn_order(label: str) -> float:
@@ -93,6 +97,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
     expected = np.array([float(dicts[i].get("intensity", 0) or 0) for i in test]) / model.config.n_cpus
     quiet = cont <= expected + DISTURBED_EXCESS
     undisturbed = _scores(mean[quiet], safe[quiet], table_safe[quiet], actual[quiet]) if quiet.any() else {}
+    unpaused = _unpaused(dicts, test, actual, mean, safe, table_safe)
     per_bucket = {}
     buckets = np.array([table.bucket(c) for c in cont])
     bounds = [0.0, *edges, float("inf")]
@@ -106,11 +111,30 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
             f"random {test_fraction:.0%} per intensity (seed {seed})",
             "overall": overall, "per_intensity": per, "undisturbed_rows": undisturbed,
+            "host_pauses": unpaused,
             "per_contention_bucket": per_bucket,
             "targets": {"mape_pct": MAPE_TARGET_PCT, "exceed_safe_rate": EXCEED_TARGET},
             "meets_targets": overall["mape_pct"] <= MAPE_TARGET_PCT and overall["exceed_safe_rate"] <= EXCEED_TARGET,
             "noise_floor": oracle,
             "model": model.describe()}
+
+
+def _unpaused(dicts, test: list[int], actual, mean, safe, table_safe) -> dict:
+    """Scores on the held-out rows the host did not pause (``host_pause_ms`` at most ``PAUSE_SHARE`` of the
+    row's exec ms): what the model does where the machine is what its features describe. The model is the
+    same (fitted on every row); {} if the profile has no ``host_pause_ms`` column (older profiles, GPU, or more
+    than one torch thread)."""
+    pause = np.array([float(dicts[i].get("host_pause_ms") or "nan") for i in test])
+    if np.isnan(pause).all():
+        return {}
+    known = ~np.isnan(pause)
+    ok = known & (pause <= PAUSE_SHARE * actual)
+    out = {"pause_share_limit": PAUSE_SHARE, "rows_with_pause_ms": int(known.sum()),
+           "paused_rows_share": round(float(1 - ok.sum() / known.sum()), 4),
+           "pause_ms_mean": round(float(np.nanmean(pause)), 3)}
+    if ok.any():
+        out["unpaused_rows"] = _scores(mean[ok], safe[ok], table_safe[ok], actual[ok])
+    return out
 
 
 def cell_median_oracle(rows, dicts, train: list[int], test: list[int]) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.contention import ContentionMonitor
+from policy.contention import ContentionMonitor, time_call
 from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
 from policy.latency_model import profile_csv_name
@@ -56,6 +56,7 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
     kernel_table = runner.calibrate() if calibrate else {}
     pool = load_split().x_test
     rng = np.random.default_rng(seed)
+    on_thread = threads == 1 and runner.device.type == "cpu"  # the call computes on this thread alone
     conn.send({"pid": os.getpid(), "levels": list(runner.manifest.levels), "kernel_table": kernel_table,
                "device": str(runner.device)})
     while True:
@@ -65,8 +66,9 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
         level, batch = msg
         idx = rng.integers(0, len(pool), batch)
         x = pool[idx] + rng.normal(0.0, 0.25, (batch, pool.shape[1])).astype(np.float32)
-        out = runner.run(x.astype(np.float32), level)
-        conn.send((out.exec_ms, out.kernel))
+        out, times = time_call(runner.run, x.astype(np.float32), level)
+        pause = round(times.host_pause_ms, 4) if on_thread else ""
+        conn.send((out.exec_ms, out.kernel, pause))
 
 
 class ProfileWorker:
@@ -81,7 +83,9 @@ class ProfileWorker:
         self.proc.start()
         self.ready = self.conn.recv()
 
-    def run(self, level: float, batch: int) -> tuple[float, str]:
+    def run(self, level: float, batch: int) -> tuple[float, str, float | str]:
+        """(exec ms, kernel, host pause ms): the pause is ``CallTimes.host_pause_ms``, "" when the call does not
+        compute on the worker's own thread alone (more than one torch thread, or a GPU)."""
         self.conn.send((level, batch))
         return self.conn.recv()
 
@@ -130,11 +134,12 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
             for lv, b in calls:
                 c = monitor.value
                 comp = monitor.components()
-                exec_ms, kernel = worker.run(lv, b)
+                exec_ms, kernel, pause_ms = worker.run(lv, b)
                 values.append(c)
                 rows.append(LatencySample(lv, b, c, exec_ms, kernel))
                 extra.append({"intensity": spec.intensity, "burn": spec.label(), "load": round(comp["load"], 4),
-                              "probe": round(comp["probe"], 4), "t_s": round(time.monotonic(), 3)})
+                              "probe": round(comp["probe"], 4), "t_s": round(time.monotonic(), 3),
+                              "host_pause_ms": pause_ms})
         expected = spec.intensity / monitor.n_cpus
         signal[spec.label()] = {"intensity": spec.intensity, "contention_mean": round(statistics.fmean(values), 4),
                                 "contention_expected": round(expected, 4),
@@ -252,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     write_rows_csv(out, rows, extra)
     model = LatencyModel(LatencyModelConfig()).fit(rows)
     if args.precision == DEFAULT_PRECISION:  # the hyper-parameters file names the default profile
-      (out.parent / MODEL_JSON).write_text(json.dumps({"config": model.describe()["config"], "profile_csv": out.name,
-                                                     "rows": len(rows), "format_version": 1}, indent=2) + "\n")
+        (out.parent / MODEL_JSON).write_text(json.dumps({"config": model.describe()["config"], "profile_csv": out.name,
+                                                       "rows": len(rows), "format_version": 1}, indent=2) + "\n")
     disturbed = [k for k, v in signal.items() if v["disturbed"]]
     if disturbed:
         log.warning("other load during %s (signal above the co-runner's own): rerun on a quieter machine "

@@ -95,3 +95,15 @@ def test_monitor_thread_starts_and_stops():
 def test_monitor_rejects_bad_config():
     with pytest.raises(ValueError, match="mode"):
         ContentionMonitor(mode="nope", probe=False)
+
+
+def test_time_call_counts_time_off_the_cpu_as_a_pause():
+    import time
+
+    from policy.contention import CallTimes, time_call
+
+    out, times = time_call(lambda s: time.sleep(s) or "done", 0.02)
+    assert out == "done"
+    assert times.wall_ms >= 20.0 and times.cpu_ms < times.wall_ms  # sleeping is wall time without CPU time
+    assert times.host_pause_ms == pytest.approx(times.wall_ms - times.cpu_ms - (times.runq_ms or 0.0))
+    assert CallTimes(10.0, 9.0, 2.0).host_pause_ms == 0.0  # never negative

@@ -35,3 +35,19 @@ def test_held_out_rows_of_unmeasured_cells_are_skipped():
     rows, dicts = _rows({(0.1, 1, "0x1"): [1.0, 1.0], (0.5, 2, "0x1"): [3.0]})
     out = cell_median_oracle(rows, dicts, train=[0], test=[1, 2])
     assert out["mape_pct"] == 0.0
+
+
+def test_unpaused_rows_leave_out_what_the_host_took():
+    import numpy as np
+
+    from scripts.eval_latency import _unpaused
+
+    # four held-out rows: two the host did not pause (the model is right), two it paused (the model is 50% off)
+    actual = np.array([10.0, 10.0, 20.0, 20.0])
+    mean = np.full(4, 10.0)
+    dicts = [{"host_pause_ms": p} for p in ("0.1", "0.4", "10.0", "9.5")]
+    out = _unpaused(dicts, [0, 1, 2, 3], actual, mean, mean * 2, mean * 2)
+    assert out["paused_rows_share"] == 0.5
+    assert out["unpaused_rows"]["rows"] == 2 and out["unpaused_rows"]["mape_pct"] == 0.0
+    # a profile without the column (older, GPU, several torch threads) has no such split
+    assert _unpaused([{}, {"host_pause_ms": ""}], [0, 1], actual[:2], mean[:2], mean[:2], mean[:2]) == {}
