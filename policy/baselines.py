@@ -56,7 +56,7 @@ class DynamicBatchingPolicy(Policy):
     """Triton-style dynamic batching at one fixed level (``triton`` is level 1.0)."""
 
     def __init__(self, config: BatchingConfig = BatchingConfig(), name: str = "triton") -> None:
-        super().__init__(name)
+        super().__init__(name, may_wait=True)
         self.config = config
         self._preferred_desc = tuple(sorted(set(config.preferred), reverse=True))
 
@@ -79,9 +79,20 @@ class DynamicBatchingPolicy(Policy):
             raise ValueError(f"policy {self.name!r}: level {self.config.level} is not one of the model's "
                              f"levels {ctx.table.levels}") from None
 
+    def wait_until(self, head: Pending, count: int, now_s: float, ctx: PlanContext) -> float | None:
+        cap = min(self.config.max_batch or ctx.max_batch, ctx.max_batch)
+        n = min(count, cap)
+        if n >= cap or (self._preferred_desc and self._preferred_desc[-1] <= n):
+            return None  # a full or a preferred batch goes at once
+        until_s = head.arrival_s + self.config.max_delay_ms * 1e-3  # FIFO: the head is the oldest
+        return until_s if now_s < until_s else None
+
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
         if not candidates:
             raise ValueError("plan() needs at least one candidate")
+        until_s = self.wait_until(candidates[0], len(candidates), now_s, ctx)
+        if until_s is not None:
+            return Wait(until_s)
         cap = min(self.config.max_batch or ctx.max_batch, ctx.max_batch)
         n = min(len(candidates), cap)
         i = self._level_index(ctx)
@@ -91,11 +102,7 @@ class DynamicBatchingPolicy(Policy):
         for size in self._preferred_desc:
             if size <= n:
                 return Plan(size, level, ctx.table.safe(ctx.bucket, i, size), reason=f"preferred batch {size}")
-        # FIFO: the first candidate is the oldest.
-        until_s = candidates[0].arrival_s + self.config.max_delay_ms * 1e-3
-        if now_s >= until_s:
-            return Plan(n, level, ctx.table.safe(ctx.bucket, i, n), reason="max queue delay")
-        return Wait(until_s)
+        return Plan(n, level, ctx.table.safe(ctx.bucket, i, n), reason="max queue delay")
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,11 @@ class Policy:
     (mypyc), the scheduler's calls into the built-in policies go through a vtable instead of a generic
     attribute lookup; other policies (tests' wrappers) subclass it from Python."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, may_wait: bool = False) -> None:
         self.name = name
+        self.may_wait = may_wait
+        """Whether ``plan`` can answer ``Wait``. A policy that says so implements ``wait_until``, which the
+        scheduler asks first, before it takes the candidates out of their queues."""
 
     def order_key(self, p: Pending) -> tuple:
         """Queue order (the scheduler keeps each queue sorted by this)."""
@@ -147,6 +150,12 @@ class Policy:
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
         """Choose a batch (a prefix of ``candidates``, which are in order_key order) and its level."""
         raise NotImplementedError
+
+    def wait_until(self, head: Pending, count: int, now_s: float, ctx: PlanContext) -> float | None:
+        """What ``plan`` would answer for ``count`` candidates whose first is ``head``: the ``Wait``'s time, or
+        None if it would plan a batch. It must agree with ``plan`` exactly; it only saves popping and
+        requeueing the candidates of a decision that is a wait (tests/unit/test_baselines.py checks both)."""
+        return None
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
         """Feedback after a batch ran (stateful policies such as AIMD adapt here)."""

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
 from scheduler.config import SLOClassConfig
 from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
-from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
+from scheduler.queues import QueuedRequest, RequestQueue, peek_merged, pop_merged
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,18 @@ class Scheduler:
             return out
         ctx = contexts[model]
         queues = self._queue_lists[model]
+        if self.policy.may_wait and not self._mixed_late:
+            # Ask first whether the decision would be a wait: popping and requeueing the candidates costs more
+            # than the decision (dynamic batching waits about once per batch).
+            head = peek_merged(queues)
+            if head is not None:
+                live = 0
+                for q in queues:
+                    live += q._live
+                until_s = self.policy.wait_until(head.pending, min(live, ctx.max_batch), now_s, ctx)
+                if until_s is not None:
+                    out.wake_at_s = until_s
+                    return out
         candidates = pop_merged(queues, ctx.max_batch)
         while self._mixed_late:
             candidates = self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)

@@ -98,6 +98,17 @@ class RequestQueue:
         return out
 
 
+def peek_merged(queues: list[RequestQueue]) -> QueuedRequest | None:
+    """The request ``pop_merged`` would pop first (ties between queues go to the earlier queue, as there)."""
+    best: QueuedRequest | None = None
+    best_key: tuple | None = None
+    for q in queues:
+        k = q.peek_key()
+        if k is not None and (best_key is None or k < best_key):
+            best, best_key = q._heap[0][1], k
+    return best
+
+
 def pop_merged(queues: list[RequestQueue], limit: int) -> list[QueuedRequest]:
     """Pop up to ``limit`` requests across ``queues`` in key order (a k-way merge of the heads)."""
     heads = []

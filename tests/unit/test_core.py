@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 
-from policy.planner import PlanContext, SLOAwarePolicy, Wait
+from policy.baselines import make_baseline
+from policy.planner import PlanContext, Policy, SLOAwarePolicy, Wait
 from policy.table import LatencyTable
 from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
@@ -348,3 +350,59 @@ def test_hard_requests_behind_a_late_head_of_a_serve_class_are_expired_not_batch
     assert [r is hard for r in out.expired] == [True]
     assert out.batch is not None and out.batch.requests == [late_head] and out.batch.plan.late
     assert sched.pending() == 0
+
+
+class AskPlanOnly(Policy):
+    """A baseline behind a wrapper that does not say it may wait: the scheduler pops the candidates and asks
+    ``plan``, requeueing them on a ``Wait`` (the path without ``wait_until``)."""
+
+    def __init__(self, inner: Policy) -> None:
+        super().__init__(inner.name)
+        self.inner = inner
+
+    def order_key(self, p):
+        return self.inner.order_key(p)
+
+    def is_hopeless(self, p, now_s, ctx):
+        return self.inner.is_hopeless(p, now_s, ctx)
+
+    def hopeless_at(self, p, ctx):
+        return self.inner.hopeless_at(p, ctx)
+
+    def plan(self, candidates, now_s, ctx):
+        return self.inner.plan(candidates, now_s, ctx)
+
+    def observe(self, plan, exec_ms, deadline_met):
+        self.inner.observe(plan, exec_ms, deadline_met)
+
+
+@pytest.mark.parametrize("name", ["triton:max_delay_ms=5", "triton:preferred=4/6,max_delay_ms=3",
+                                  "fixed:0.25,max_delay_ms=2,max_batch=6", "triton:max_delay_ms=0"])
+def test_asking_whether_to_wait_before_popping_decides_as_popping_does(name):
+    """Random arrivals, cancellations and schedule calls over three classes: the scheduler that asks the
+    policy's ``wait_until`` first makes every decision the popping path makes, batch for batch."""
+    runs = []
+    for policy in (make_baseline(name), AskPlanOnly(make_baseline(name))):
+        assert policy.may_wait is (policy.name == name and not isinstance(policy, AskPlanOnly))
+        rng = random.Random(7)
+        sched, ctxs, clock = make(policy, max_batch=8)
+        queued, trace = [], []
+        for _ in range(600):
+            clock.advance(rng.expovariate(1500.0))
+            for _ in range(rng.choice((0, 0, 1, 1, 2, 7))):
+                try:
+                    queued.append(submit(sched, ctxs, clock, rng.choice(("interactive", "standard", "batch"))))
+                except QueueFull:
+                    trace.append("queue full")
+            if queued and rng.random() < 0.1:
+                sched.cancel(queued[rng.randrange(len(queued))])
+            out = sched.schedule(clock.now(), ctxs)
+            batch = out.batch
+            trace.append((out.wake_at_s, [r.pending.seq for r in out.expired],
+                           None if batch is None else ([r.pending.seq for r in batch.requests], batch.plan)))
+        runs.append(trace)
+    assert runs[0] == runs[1]
+    decisions = [t for t in runs[0] if t != "queue full"]
+    assert any(t[2] is not None for t in decisions)  # the run formed batches ...
+    if not name.endswith("max_delay_ms=0"):
+        assert any(t[0] is not None for t in decisions)  # ... and waited
