@@ -119,6 +119,10 @@ class ServerConfig:
     """Worker processes (> 0); each runs one batch at a time."""
     threads: int = 1
     """torch intra-op threads per worker (> 0)."""
+    worker_spin_ms: float = 0.0
+    """After each batch a worker polls for the next one this long before it blocks (>= 0; see
+    ``workers.process.wait_for_task``): on a VM this keeps the host from pausing the worker's vCPU during
+    the next batch, for the price of a busy core while traffic flows."""
     device: str = "auto"
     """"auto" (cuda when available, else cpu), "cpu" or "cuda[:N]"."""
     precision: str = DEFAULT_PRECISION
@@ -154,6 +158,8 @@ class ServerConfig:
             raise ValueError("model_dirs is empty: pass at least one --model-dir")
         if self.workers <= 0 or self.threads <= 0:
             raise ValueError(f"workers={self.workers}, threads={self.threads}: both must be > 0")
+        if not self.worker_spin_ms >= 0:
+            raise ValueError(f"worker_spin_ms={self.worker_spin_ms} must be >= 0")
         low_precision_of(self.precision)  # ValueError naming precision
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch={self.max_batch} must be in 1..1024")

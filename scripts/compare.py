@@ -38,6 +38,8 @@ def live_serve_args(args: argparse.Namespace, policy: str) -> list[str]:
         out += ["--nice", str(args.serve_nice)]
     if args.event_loop != "asyncio":
         out += ["--event-loop", args.event_loop]
+    if args.worker_spin_ms:
+        out += ["--worker-spin-ms", str(args.worker_spin_ms)]
     return out
 
 
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="niceness of the live replay client (absolute; default: unchanged). The load generator "
                         "stands for callers on other machines: -10 with --serve-nice -10 keeps it from competing "
                         "with the co-runner, which runs at niceness 0 (needs CAP_SYS_NICE)")
+    p.add_argument("--worker-spin-ms", type=float, default=0.0,
+                   help="live servers' `slonn serve --worker-spin-ms`: workers poll this long for the next batch")
     p.add_argument("--in-process", action="store_true",
                    help="live servers run the model on a thread of the server process (`slonn serve --in-process`)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               "live_corunner_usage": getattr(args, "corunner_usage", None) or None,
               "serve_nice": args.serve_nice, "client_nice": args.client_nice,
               "client_niceness_effective": getattr(args, "client_niceness", None) or None,
-              "event_loop": args.event_loop,
+              "event_loop": args.event_loop, "worker_spin_ms": args.worker_spin_ms,
               "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     md = markdown(rows, classes, dense, window)

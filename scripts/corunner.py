@@ -23,7 +23,7 @@ from dataclasses import dataclass
 def _burn(stop, duty: float, period_s: float, nice: int | None = None) -> None:
     """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
     if nice is not None:
-        _set_niceness(nice)
+        set_niceness(nice)
     busy_s = duty * period_s
     idle_s = period_s - busy_s
     parent = os.getppid()
@@ -37,7 +37,7 @@ def _burn(stop, duty: float, period_s: float, nice: int | None = None) -> None:
             time.sleep(idle_s)
 
 
-def _set_niceness(value: int) -> None:
+def set_niceness(value: int) -> None:
     """Set this process's niceness to ``value`` (absolute); lowering it needs CAP_SYS_NICE, else it stays."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, value)

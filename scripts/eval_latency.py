@@ -134,6 +134,11 @@ def _unpaused(dicts, test: list[int], actual, mean, safe, table_safe) -> dict:
            "pause_ms_mean": round(float(np.nanmean(pause)), 3)}
     if ok.any():
         out["unpaused_rows"] = _scores(mean[ok], safe[ok], table_safe[ok], actual[ok])
+        burns = np.array([dicts[i].get("burn", "?") for i in test])
+        out["unpaused_per_intensity"] = {
+            key: {"paused_rows_share": round(float(1 - (ok & (burns == key)).sum() / (known & (burns == key)).sum()), 4),
+                  "mape_pct": round(mape(mean[sel], actual[sel]), 2)}
+            for key in sorted(set(burns[known]), key=_burn_order) if (sel := ok & (burns == key)).any()}
     return out
 
 

@@ -157,8 +157,10 @@ def _steal_ticks() -> int | None:
 
 
 def measure(model_dir: Path, precision: str, cells: list[tuple[float, int]], calls_per_cell: int,
-            gap_s: float, seed: int) -> list[Call]:
-    """Run the cells round-robin in this process (one torch thread) and time every call."""
+            gap_s: float, seed: int, spin: bool = False) -> list[Call]:
+    """Run the cells round-robin in this process (one torch thread) and time every call; between calls sleep
+    ``gap_s`` (the thread and its vCPU go idle, as a worker between batches does), or with ``spin`` busy-wait
+    it (the vCPU stays busy)."""
     import torch
 
     from scripts.digits import load_split
@@ -186,7 +188,12 @@ def measure(model_dir: Path, precision: str, cells: list[tuple[float, int]], cal
             s1 = _steal_ticks()
             out.append(Call(level, batch, t_s, times.wall_ms, times.cpu_ms, times.runq_ms,
                             None if s0 is None or s1 is None else s1 - s0))
-            time.sleep(gap_s)
+            if spin:
+                t_end = time.perf_counter() + gap_s
+                while time.perf_counter() < t_end:
+                    pass
+            else:
+                time.sleep(gap_s)
     return out
 
 
@@ -199,17 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", type=parse_cell, nargs="+", default=[parse_cell(c) for c in DEFAULT_CELLS],
                    help="LEVELxBATCH cells to time, round-robin")
     p.add_argument("--calls", type=int, default=150, help="calls per cell")
-    p.add_argument("--gap-ms", type=float, default=2.0, help="sleep between calls")
+    p.add_argument("--gap-ms", type=float, default=2.0, help="time between calls")
+    p.add_argument("--spin", action="store_true", help="busy-wait between calls instead of sleeping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calls-out", type=Path, default=None, help="also write every call as JSON lines")
     args = p.parse_args(argv)
     if args.calls < 4:
         p.error("--calls must be >= 4 (every fourth call is held out)")
-    calls = measure(args.model_dir, args.precision, args.cells, args.calls, args.gap_ms / 1e3, args.seed)
+    calls = measure(args.model_dir, args.precision, args.cells, args.calls, args.gap_ms / 1e3, args.seed, args.spin)
     if args.calls_out:
         args.calls_out.write_text("".join(json.dumps(asdict(c)) + "\n" for c in calls))
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(json.dumps({"precision": args.precision, "loadavg_1m": load1, **summarise(calls)}, indent=2))
+    print(json.dumps({"precision": args.precision, "gap_ms": args.gap_ms, "between_calls": "spin" if args.spin else
+                      "sleep", "loadavg_1m": load1, **summarise(calls)}, indent=2))
     return 0
 
 

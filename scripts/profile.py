@@ -33,7 +33,7 @@ from policy.contention import ContentionMonitor, time_call
 from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
 from policy.latency_model import profile_csv_name
-from scripts.corunner import BurnSpec, CpuBurner
+from scripts.corunner import BurnSpec, CpuBurner, set_niceness
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,28 @@ DISTURBED_EXCESS = 0.1
 """Mean signal above ``intensity / n_cpus`` by more than this: someone else was loading the machine."""
 
 
-def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, seed: int, precision: str) -> None:
-    """Child: load the model like a server worker, then run batches on request until told to stop."""
+def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, seed: int, precision: str,
+            nice: int | None = None, spin_ms: float = 0.0) -> None:
+    """Child: load the model like a server worker (at niceness ``nice``, absolute, if given), then run batches on
+    request until told to stop, waiting for each as a server worker does (``wait_for_task``)."""
     import torch
 
     from scripts.digits import load_split
+    from workers.process import wait_for_task
     from workers.runner import ModelRunner
 
+    if nice is not None:
+        set_niceness(nice)
     torch.set_num_threads(threads)
     runner = ModelRunner.load(Path(model_dir), device, precision)
     kernel_table = runner.calibrate() if calibrate else {}
     pool = load_split().x_test
     rng = np.random.default_rng(seed)
     on_thread = threads == 1 and runner.device.type == "cpu"  # the call computes on this thread alone
-    conn.send({"pid": os.getpid(), "levels": list(runner.manifest.levels), "kernel_table": kernel_table,
-               "device": str(runner.device)})
+    conn.send({"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+               "levels": list(runner.manifest.levels), "kernel_table": kernel_table, "device": str(runner.device)})
     while True:
-        msg = conn.recv()
+        msg = wait_for_task(conn, spin_ms * 1e-3)
         if msg is None:
             break
         level, batch = msg
@@ -75,11 +80,12 @@ class ProfileWorker:
     """The worker process and its pipe."""
 
     def __init__(self, model_dir: Path, device: str, threads: int, calibrate: bool, seed: int,
-                 precision: str = DEFAULT_PRECISION) -> None:
+                 precision: str = DEFAULT_PRECISION, nice: int | None = None, spin_ms: float = 0.0) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, daemon=True,
-                                args=(child, str(model_dir), device, threads, calibrate, seed, precision))
+                                args=(child, str(model_dir), device, threads, calibrate, seed, precision, nice,
+                                                      spin_ms))
         self.proc.start()
         self.ready = self.conn.recv()
 
@@ -213,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=12, help="measurements per (level, batch, intensity)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker (the server's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--worker-nice", type=int, default=None,
+                   help="the worker's niceness (absolute), as `slonn serve --nice` would set it; the co-runners "
+                        "stay at 0. Profile the worker at the priority it will be served at")
+    p.add_argument("--worker-spin-ms", type=float, default=0.0,
+                   help="the worker polls this long for the next call before blocking, as `slonn serve "
+                        "--worker-spin-ms` makes it; profile with the setting it will be served with")
     p.add_argument("--no-calibrate", action="store_true", help="skip ModelRunner.calibrate() (kernel choice)")
     p.add_argument("--settle-s", type=float, default=1.0)
     p.add_argument("--wait-quiet-s", type=float, default=20.0,
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     machine = _machine()
     worker = ProfileWorker(args.model_dir, args.device, args.threads, not args.no_calibrate, args.seed,
-                           args.precision)
+                           args.precision, args.worker_nice, args.worker_spin_ms)
     levels = sorted(args.levels or worker.ready["levels"], reverse=True)
     monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
     if args.signal_only:
@@ -266,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
                       "disturbed_intensities": disturbed,
                       "threads": args.threads, "device": worker.ready["device"], "precision": args.precision,
+                      "worker_niceness": worker.ready["niceness"], "worker_spin_ms": args.worker_spin_ms,
                       "levels": levels,
                       "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
                       "kernel_table": worker.ready["kernel_table"], "model": model.describe(),

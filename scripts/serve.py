@@ -29,6 +29,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed on stdout)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--worker-spin-ms", type=float, default=0.0,
+                   help="after each batch a worker polls this long for the next before blocking: on a VM it "
+                        "keeps the host from pausing the worker's vCPU, for a busy core while traffic flows")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                    help="worker weight precision: bf16/fp16 add half-precision kernels (picked where measured "
@@ -104,6 +107,7 @@ def config_from_args(args) -> ServerConfig:
     return ServerConfig(
         model_dirs=tuple(args.model_dir or [DEFAULT_MODEL_DIR]), classes=load_classes(args.classes),
         host=args.host, port=args.port, workers=args.workers, threads=args.threads, device=args.device,
+        worker_spin_ms=args.worker_spin_ms,
         precision=args.precision,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
         max_pending=args.max_pending,

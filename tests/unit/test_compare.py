@@ -11,7 +11,7 @@ from scripts.serve import add_server_args
 
 def namespace(**over) -> argparse.Namespace:
     base = dict(model_dir=Path("models/x"), workers=2, max_batch=32, overhead_ms=1.5, classes=None,
-                precision="fp32", in_process=False, serve_nice=0, event_loop="asyncio")
+                precision="fp32", in_process=False, serve_nice=0, event_loop="asyncio", worker_spin_ms=0.0)
     return argparse.Namespace(**{**base, **over})
 
 
@@ -35,6 +35,11 @@ def test_in_process_and_classes_are_passed_on():
 def test_serve_nice_is_passed_on_only_when_set():
     assert serve_parse(live_serve_args(namespace(), "slonn")).nice == 0
     assert serve_parse(live_serve_args(namespace(serve_nice=-10), "slonn")).nice == -10
+
+
+def test_worker_spin_is_passed_on():
+    assert serve_parse(live_serve_args(namespace(), "slonn")).worker_spin_ms == 0.0
+    assert serve_parse(live_serve_args(namespace(worker_spin_ms=20.0), "slonn")).worker_spin_ms == 20.0
 
 
 def test_event_loop_is_passed_on():

@@ -1,0 +1,42 @@
+"""A worker's wait for its next task: polled for a while, then blocking; every message arrives, in order."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+import pytest
+
+from scheduler.config import ServerConfig, SLOClassConfig
+from workers.process import wait_for_task
+
+
+@pytest.mark.parametrize("spin_s", [0.0, 0.005, 1.0])
+def test_messages_sent_before_during_and_after_the_spin_all_arrive_in_order(spin_s):
+    ours, theirs = mp.Pipe()
+    theirs.send("ready")  # already waiting: returned without spinning
+    assert wait_for_task(ours, spin_s) == "ready"
+
+    def later():
+        time.sleep(0.03)  # after a 5 ms spin (blocking recv), within a 1 s one (seen by the poll)
+        theirs.send("later")
+        theirs.send("next")
+
+    t = threading.Thread(target=later)
+    t.start()
+    assert wait_for_task(ours, spin_s) == "later"
+    assert wait_for_task(ours, spin_s) == "next"
+    t.join()
+
+
+def test_a_closed_pipe_ends_the_wait_with_eof():
+    ours, theirs = mp.Pipe()
+    theirs.close()
+    with pytest.raises(EOFError):
+        wait_for_task(ours, 0.01)
+
+
+def test_negative_spin_is_rejected_naming_the_field():
+    with pytest.raises(ValueError, match="worker_spin_ms"):
+        ServerConfig(model_dirs=("m",), classes={"c": SLOClassConfig("c", latency_ms=10)}, worker_spin_ms=-1)
