@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -80,12 +81,31 @@ def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION) -> list[Laten
     path = Path(model_dir) / profile_csv_name(precision)
     if not path.exists():
         return None
-    rows = read_rows_csv(path)
+    rows, dicts = read_rows_csv(path, with_extra=True)
     foreign = foreign_kernels(rows, precision)
     if foreign:
         log.warning("%s was profiled with kernels %s that %s workers do not have: retake it with "
                     "`slonn profile --precision %s`", path, sorted(foreign), precision, precision)
+    mismatch = niceness_mismatch(dicts, os.getpriority(os.PRIO_PROCESS, 0))
+    if mismatch:
+        log.warning("%s: %s", path, mismatch)
     return rows
+
+
+def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None:
+    """Why a profile's latencies under contention do not describe workers at ``serving_nice`` (the workers
+    inherit the server's niceness), or None. Under co-runners a worker's latency depends on its CPU weight:
+    on the 2-vCPU VM of docs/latency-model.md, two busy co-runners made batches scatter 27% around the model
+    at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
+    taken = {d.get("worker_nice") for d in profile_rows} - {None, ""}
+    if not taken:
+        return None
+    nices = sorted(int(v) for v in taken)
+    if nices == [serving_nice]:
+        return None
+    return (f"profiled with the worker at niceness {', '.join(map(str, nices))}, served at {serving_nice}: "
+            f"latencies under contention will differ until the online learner has refitted; retake it with "
+            f"`slonn profile --worker-nice {serving_nice}`")
 
 
 async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: int,

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         burns = sorted({d.get("burn", "?") for d in dicts}, key=_burn_order)
         result["online_adaptation"] = online_adaptation(rows, dicts, burns[0], burns[-1])
     result["profile_csv"] = str(path)
+    result["worker_niceness"] = sorted({int(d["worker_nice"]) for d in dicts if d.get("worker_nice")}) or None
     print(json.dumps(result, indent=2))
     return 0
 

@@ -145,7 +145,7 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
                 rows.append(LatencySample(lv, b, c, exec_ms, kernel))
                 extra.append({"intensity": spec.intensity, "burn": spec.label(), "load": round(comp["load"], 4),
                               "probe": round(comp["probe"], 4), "t_s": round(time.monotonic(), 3),
-                              "host_pause_ms": pause_ms})
+                              "host_pause_ms": pause_ms, "worker_nice": worker.ready["niceness"]})
         expected = spec.intensity / monitor.n_cpus
         signal[spec.label()] = {"intensity": spec.intensity, "contention_mean": round(statistics.fmean(values), 4),
                                 "contention_expected": round(expected, 4),

@@ -51,3 +51,13 @@ def test_unpaused_rows_leave_out_what_the_host_took():
     assert out["unpaused_rows"]["rows"] == 2 and out["unpaused_rows"]["mape_pct"] == 0.0
     # a profile without the column (older, GPU, several torch threads) has no such split
     assert _unpaused([{}, {"host_pause_ms": ""}], [0, 1], actual[:2], mean[:2], mean[:2], mean[:2]) == {}
+
+
+def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
+    from scheduler.latency import niceness_mismatch
+
+    rows = [{"worker_nice": "-10"}] * 3
+    assert niceness_mismatch(rows, -10) is None
+    msg = niceness_mismatch(rows, 0)
+    assert "niceness -10, served at 0" in msg and "--worker-nice 0" in msg
+    assert niceness_mismatch([{"level": "1.0"}], 0) is None  # older profiles have no such column
