@@ -79,8 +79,11 @@ class DynamicBatchingPolicy(Policy):
             raise ValueError(f"policy {self.name!r}: level {self.config.level} is not one of the model's "
                              f"levels {ctx.table.levels}") from None
 
+    def _cap(self, ctx: PlanContext) -> int:
+        return min(self.config.max_batch or ctx.max_batch, ctx.max_batch)
+
     def wait_until(self, head: Pending, count: int, now_s: float, ctx: PlanContext) -> float | None:
-        cap = min(self.config.max_batch or ctx.max_batch, ctx.max_batch)
+        cap = self._cap(ctx)
         n = min(count, cap)
         if n >= cap or (self._preferred_desc and self._preferred_desc[-1] <= n):
             return None  # a full or a preferred batch goes at once
@@ -90,12 +93,12 @@ class DynamicBatchingPolicy(Policy):
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
         if not candidates:
             raise ValueError("plan() needs at least one candidate")
+        i = self._level_index(ctx)  # a level the model lacks fails here, not at the first dispatch
         until_s = self.wait_until(candidates[0], len(candidates), now_s, ctx)
         if until_s is not None:
             return Wait(until_s)
-        cap = min(self.config.max_batch or ctx.max_batch, ctx.max_batch)
+        cap = self._cap(ctx)
         n = min(len(candidates), cap)
-        i = self._level_index(ctx)
         level = ctx.table.levels[i]
         if n >= cap:
             return Plan(n, level, ctx.table.safe(ctx.bucket, i, n), reason="max batch")

@@ -132,8 +132,9 @@ class Policy:
     def __init__(self, name: str, may_wait: bool = False) -> None:
         self.name = name
         self.may_wait = may_wait
-        """Whether ``plan`` can answer ``Wait``. A policy that says so implements ``wait_until``, which the
-        scheduler asks first, before it takes the candidates out of their queues."""
+        """Whether the scheduler asks ``wait_until`` before it takes the candidates out of their queues. A
+        policy whose ``plan`` can answer ``Wait`` may say so and implement ``wait_until``; one that does not
+        still works (its waits pop and requeue the candidates)."""
 
     def order_key(self, p: Pending) -> tuple:
         """Queue order (the scheduler keeps each queue sorted by this)."""
@@ -154,7 +155,7 @@ class Policy:
     def wait_until(self, head: Pending, count: int, now_s: float, ctx: PlanContext) -> float | None:
         """What ``plan`` would answer for ``count`` candidates whose first is ``head``: the ``Wait``'s time, or
         None if it would plan a batch. It must agree with ``plan`` exactly; it only saves popping and
-        requeueing the candidates of a decision that is a wait (tests/unit/test_baselines.py checks both)."""
+        requeueing the candidates of a decision that is a wait (tests/unit/test_core.py checks both paths)."""
         return None
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:

@@ -158,8 +158,10 @@ class ServerConfig:
             raise ValueError("model_dirs is empty: pass at least one --model-dir")
         if self.workers <= 0 or self.threads <= 0:
             raise ValueError(f"workers={self.workers}, threads={self.threads}: both must be > 0")
-        if not self.worker_spin_ms >= 0:
-            raise ValueError(f"worker_spin_ms={self.worker_spin_ms} must be >= 0")
+        if not 0 <= self.worker_spin_ms < float("inf"):
+            raise ValueError(f"worker_spin_ms={self.worker_spin_ms} must be finite and >= 0")
+        if self.worker_spin_ms and self.in_process:
+            raise ValueError("worker_spin_ms applies to worker processes; in_process=True has none")
         low_precision_of(self.precision)  # ValueError naming precision
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch={self.max_batch} must be in 1..1024")

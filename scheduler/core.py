@@ -134,7 +134,10 @@ class Scheduler:
             for q in self._all_queues:  # called per event by both drivers: a loop of native field reads
                 n += q._live
             return n
-        return sum(len(q) for q in self._queues[model].values())
+        n = 0
+        for q in self._queue_lists[model]:
+            n += q._live
+        return n
 
     def queue_lengths(self) -> dict[tuple[str, str], int]:
         return {(m, c): len(q) for m, qs in self._queues.items() for c, q in qs.items()}
@@ -177,10 +180,7 @@ class Scheduler:
             # than the decision (dynamic batching waits about once per batch).
             head = peek_merged(queues)
             if head is not None:
-                live = 0
-                for q in queues:
-                    live += q._live
-                until_s = self.policy.wait_until(head.pending, min(live, ctx.max_batch), now_s, ctx)
+                until_s = self.policy.wait_until(head.pending, min(self.pending(model), ctx.max_batch), now_s, ctx)
                 if until_s is not None:
                     out.wake_at_s = until_s
                     return out

@@ -98,9 +98,12 @@ def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None
     on the 2-vCPU VM of docs/latency-model.md, two busy co-runners made batches scatter 27% around the model
     at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
     taken = {d.get("worker_nice") for d in profile_rows} - {None, ""}
-    if not taken:
+    try:
+        nices = sorted(int(v) for v in taken)
+    except ValueError:
+        return f"worker_nice values {sorted(taken)} are not whole numbers: the profile's niceness is unknown"
+    if not nices:
         return None
-    nices = sorted(int(v) for v in taken)
     if nices == [serving_nice]:
         return None
     return (f"profiled with the worker at niceness {', '.join(map(str, nices))}, served at {serving_nice}: "

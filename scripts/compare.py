@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from scheduler.config import load_classes
     from scripts.plots import latency_cdf, timeline
     from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args
+    from scripts.serve import spin_ms
     from scripts.simulate import add_sim_args
     from workers.artifact import load_manifest
 
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="niceness of the live replay client (absolute; default: unchanged). The load generator "
                         "stands for callers on other machines: -10 with --serve-nice -10 keeps it from competing "
                         "with the co-runner, which runs at niceness 0 (needs CAP_SYS_NICE)")
-    p.add_argument("--worker-spin-ms", type=float, default=0.0,
+    p.add_argument("--worker-spin-ms", type=spin_ms, default=0.0,
                    help="live servers' `slonn serve --worker-spin-ms`: workers poll this long for the next batch")
     p.add_argument("--in-process", action="store_true",
                    help="live servers run the model on a thread of the server process (`slonn serve --in-process`)")

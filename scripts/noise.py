@@ -13,9 +13,9 @@ model in this process, one torch thread, nothing else of ours running, and recor
   ``policy.contention.time_call``);
 - ``steal_ticks``: the machine's steal counter from ``/proc/stat`` over the call (1/100 s ticks, all vCPUs).
 
-So ``wall - cpu - runq`` is time the vCPU did not run at all. The JSON says per cell how many calls were
-slow (over 1.25x the cell's median) and what they lost, how well the previous 100 ms predict a call's
-lost share (the best a steal feature in the contention signal could do), and the held-out MAPE (every
+So ``wall - cpu - runq`` is time the vCPU did not run at all (``lost`` below). The JSON says per cell how
+many calls were slow (over 1.25x the cell's median) and what they lost, how well the previous 100 ms predict
+a call's lost share (the best a steal feature in the contention signal could do), and the held-out MAPE (every
 fourth call) of the cell mean against wall time, against wall time with a steal feature, and against
 CPU time: the last is what the same predictor would score if the host never paused the vCPU.
 """
@@ -53,9 +53,15 @@ class Call:
     steal_ticks: int | None
 
     @property
+    def paused_ms(self) -> float:
+        """Wall time in which the thread neither ran nor waited for a CPU of this VM (as
+        ``CallTimes.host_pause_ms``)."""
+        return max(0.0, self.wall_ms - self.cpu_ms - (self.runq_ms or 0.0))
+
+    @property
     def lost_share(self) -> float:
-        """Share of the call's wall time the thread did not run (not on its CPU)."""
-        return max(0.0, self.wall_ms - self.cpu_ms) / self.wall_ms if self.wall_ms > 0 else 0.0
+        """Share of the call's wall time the host paused it (``paused_ms / wall_ms``)."""
+        return self.paused_ms / self.wall_ms if self.wall_ms > 0 else 0.0
 
 
 def parse_cell(text: str) -> tuple[float, int]:
@@ -99,7 +105,7 @@ def summarise_cell(calls: list[Call], feature: np.ndarray) -> dict:
     """Figures for one cell's calls (in time order) and their history feature."""
     wall = np.array([c.wall_ms for c in calls])
     cpu = np.array([c.cpu_ms for c in calls])
-    lost = wall - cpu
+    lost = np.array([c.paused_ms for c in calls])
     slow = wall > SLOW_RATIO * np.median(wall)
     test = np.arange(len(calls)) % 4 == 3
     train = ~test
@@ -207,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="LEVELxBATCH cells to time, round-robin")
     p.add_argument("--calls", type=int, default=150, help="calls per cell")
     p.add_argument("--gap-ms", type=float, default=2.0, help="time between calls")
-    p.add_argument("--spin", action="store_true", help="busy-wait between calls instead of sleeping")
+    p.add_argument("--spin", action="store_true",
+                   help="busy-wait between calls instead of sleeping (a bare loop; a server worker's "
+                        "--worker-spin-ms polls its pipe and yields, workers.process.wait_for_task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calls-out", type=Path, default=None, help="also write every call as JSON lines")
     args = p.parse_args(argv)

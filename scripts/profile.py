@@ -34,6 +34,7 @@ from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample
     write_rows_csv
 from policy.latency_model import profile_csv_name
 from scripts.corunner import BurnSpec, CpuBurner, set_niceness
+from scripts.serve import spin_ms
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -219,10 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=12, help="measurements per (level, batch, intensity)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker (the server's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--worker-nice", type=int, default=None,
-                   help="the worker's niceness (absolute), as `slonn serve --nice` would set it; the co-runners "
-                        "stay at 0. Profile the worker at the priority it will be served at")
-    p.add_argument("--worker-spin-ms", type=float, default=0.0,
+    p.add_argument("--worker-nice", type=int, default=None, choices=range(-20, 20), metavar="N",
+                   help="the worker's niceness (absolute, -20..19; the co-runners stay at 0): profile the worker "
+                        "at the niceness it will be served at, e.g. -10 for `slonn serve --nice -10` started "
+                        "at 0. Lowering it needs CAP_SYS_NICE")
+    p.add_argument("--worker-spin-ms", type=spin_ms, default=0.0,
                    help="the worker polls this long for the next call before blocking, as `slonn serve "
                         "--worker-spin-ms` makes it; profile with the setting it will be served with")
     p.add_argument("--no-calibrate", action="store_true", help="skip ModelRunner.calibrate() (kernel choice)")
@@ -246,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine()
     worker = ProfileWorker(args.model_dir, args.device, args.threads, not args.no_calibrate, args.seed,
                            args.precision, args.worker_nice, args.worker_spin_ms)
+    if args.worker_nice is not None and worker.ready["niceness"] != args.worker_nice:
+        log.warning("--worker-nice %d: not permitted (needs CAP_SYS_NICE); the worker runs at niceness %d, "
+                    "which every row records", args.worker_nice, worker.ready["niceness"])
     levels = sorted(args.levels or worker.ready["levels"], reverse=True)
     monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
     if args.signal_only:

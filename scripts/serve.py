@@ -21,6 +21,17 @@ DEFAULT_MODEL_DIR = Path("models/digits-mlp")
 T = TypeVar("T")
 
 
+def spin_ms(text: str) -> float:
+    """``--worker-spin-ms``: a finite number of milliseconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--worker-spin-ms {text!r}: expected milliseconds, e.g. 20") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--worker-spin-ms {text!r}: must be finite and >= 0")
+    return value
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, action="append", default=None,
                    help=f"model artifact directory (repeatable; default {DEFAULT_MODEL_DIR})")
@@ -29,7 +40,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed on stdout)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--worker-spin-ms", type=float, default=0.0,
+    p.add_argument("--worker-spin-ms", type=spin_ms, default=0.0,
                    help="after each batch a worker polls this long for the next before blocking: on a VM it "
                         "keeps the host from pausing the worker's vCPU, for a busy core while traffic flows")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

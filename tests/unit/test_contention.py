@@ -107,3 +107,12 @@ def test_time_call_counts_time_off_the_cpu_as_a_pause():
     assert times.wall_ms >= 20.0 and times.cpu_ms < times.wall_ms  # sleeping is wall time without CPU time
     assert times.host_pause_ms == pytest.approx(times.wall_ms - times.cpu_ms - (times.runq_ms or 0.0))
     assert CallTimes(10.0, 9.0, 2.0).host_pause_ms == 0.0  # never negative
+
+
+def test_thread_runq_reads_the_second_schedstat_field(tmp_path):
+    from policy.contention import thread_runq_ns
+
+    (tmp_path / "thread-self").mkdir()
+    (tmp_path / "thread-self" / "schedstat").write_text("123456 7890 42\n")
+    assert thread_runq_ns(str(tmp_path)) == 7890
+    assert thread_runq_ns(str(tmp_path / "missing")) is None  # a kernel without schedstats

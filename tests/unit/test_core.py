@@ -378,20 +378,28 @@ class AskPlanOnly(Policy):
 
 @pytest.mark.parametrize("name", ["triton:max_delay_ms=5", "triton:preferred=4/6,max_delay_ms=3",
                                   "fixed:0.25,max_delay_ms=2,max_batch=6", "triton:max_delay_ms=0"])
-def test_asking_whether_to_wait_before_popping_decides_as_popping_does(name):
-    """Random arrivals, cancellations and schedule calls over three classes: the scheduler that asks the
-    policy's ``wait_until`` first makes every decision the popping path makes, batch for batch."""
+@pytest.mark.parametrize("models", [("m",), ("m", "n")])
+@pytest.mark.parametrize("hard_share", [0.0, 0.05])
+def test_asking_whether_to_wait_before_popping_decides_as_popping_does(name, models, hard_share):
+    """Random arrivals, cancellations and schedule calls over three classes (and two models; and callers'
+    hard deadlines, which turn the pre-check off once a late-serving class holds one): the scheduler that asks
+    the policy's ``wait_until`` first makes every decision the popping path makes, batch for batch."""
     runs = []
     for policy in (make_baseline(name), AskPlanOnly(make_baseline(name))):
         assert policy.may_wait is (policy.name == name and not isinstance(policy, AskPlanOnly))
         rng = random.Random(7)
-        sched, ctxs, clock = make(policy, max_batch=8)
+        sched, ctxs, clock = make(policy, models=models, max_batch=8)
         queued, trace = [], []
         for _ in range(600):
             clock.advance(rng.expovariate(1500.0))
             for _ in range(rng.choice((0, 0, 1, 1, 2, 7))):
+                model, cls = rng.choice(models), rng.choice(("interactive", "standard", "batch"))
+                hard = rng.random() < hard_share
+                req = sched.make_request(model, cls, clock.now(), budget_ms=rng.uniform(5, 30) if hard else None,
+                                         hard=hard)
                 try:
-                    queued.append(submit(sched, ctxs, clock, rng.choice(("interactive", "standard", "batch"))))
+                    sched.add_request(req, clock.now(), ctxs[model])
+                    queued.append(req)
                 except QueueFull:
                     trace.append("queue full")
             if queued and rng.random() < 0.1:

@@ -61,3 +61,4 @@ def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
     msg = niceness_mismatch(rows, 0)
     assert "niceness -10, served at 0" in msg and "--worker-nice 0" in msg
     assert niceness_mismatch([{"level": "1.0"}], 0) is None  # older profiles have no such column
+    assert "not whole numbers" in niceness_mismatch([{"worker_nice": "-10.0"}], 0)  # a warning, not a crash

@@ -40,3 +40,20 @@ def test_a_closed_pipe_ends_the_wait_with_eof():
 def test_negative_spin_is_rejected_naming_the_field():
     with pytest.raises(ValueError, match="worker_spin_ms"):
         ServerConfig(model_dirs=("m",), classes={"c": SLOClassConfig("c", latency_ms=10)}, worker_spin_ms=-1)
+
+
+def test_spin_flag_rejects_negative_and_non_finite_values_naming_the_flag():
+    import argparse
+
+    from scripts.serve import spin_ms
+
+    assert spin_ms("20") == 20.0
+    for bad in ("-1", "nan", "inf", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--worker-spin-ms"):
+            spin_ms(bad)
+
+
+def test_spin_without_worker_processes_is_rejected():
+    with pytest.raises(ValueError, match="worker_spin_ms"):
+        ServerConfig(model_dirs=("m",), classes={"c": SLOClassConfig("c", latency_ms=10)}, worker_spin_ms=5,
+                     in_process=True)
