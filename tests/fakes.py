@@ -66,11 +66,12 @@ __all__ = ["FakeWorkerPool", "TaskFailed", "WorkerDied"]
 
 
 class WrappedPolicy(Policy):
-    """slonn's real policy behind a wrapper whose methods a test overrides (composition: compiled, the
-    ``SLOAwarePolicy`` class cannot be subclassed from Python; the ``Policy`` base can)."""
+    """A real policy (slonn's by default) behind a wrapper whose methods a test overrides (composition:
+    compiled, the policy classes cannot be subclassed from Python; the ``Policy`` base can). The wrapper
+    does not say it may wait (``may_wait``), so the scheduler pops the candidates and asks ``plan``."""
 
-    def __init__(self) -> None:
-        self.inner = SLOAwarePolicy()
+    def __init__(self, inner: Policy | None = None) -> None:
+        self.inner = inner or SLOAwarePolicy()
         super().__init__(self.inner.name)
 
     def order_key(self, p):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from policy.baselines import make_baseline
-from policy.planner import PlanContext, Policy, SLOAwarePolicy, Wait
+from policy.planner import PlanContext, SLOAwarePolicy, Wait
 from policy.table import LatencyTable
 from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
@@ -352,30 +352,6 @@ def test_hard_requests_behind_a_late_head_of_a_serve_class_are_expired_not_batch
     assert sched.pending() == 0
 
 
-class AskPlanOnly(Policy):
-    """A baseline behind a wrapper that does not say it may wait: the scheduler pops the candidates and asks
-    ``plan``, requeueing them on a ``Wait`` (the path without ``wait_until``)."""
-
-    def __init__(self, inner: Policy) -> None:
-        super().__init__(inner.name)
-        self.inner = inner
-
-    def order_key(self, p):
-        return self.inner.order_key(p)
-
-    def is_hopeless(self, p, now_s, ctx):
-        return self.inner.is_hopeless(p, now_s, ctx)
-
-    def hopeless_at(self, p, ctx):
-        return self.inner.hopeless_at(p, ctx)
-
-    def plan(self, candidates, now_s, ctx):
-        return self.inner.plan(candidates, now_s, ctx)
-
-    def observe(self, plan, exec_ms, deadline_met):
-        self.inner.observe(plan, exec_ms, deadline_met)
-
-
 @pytest.mark.parametrize("name", ["triton:max_delay_ms=5", "triton:preferred=4/6,max_delay_ms=3",
                                   "fixed:0.25,max_delay_ms=2,max_batch=6", "triton:max_delay_ms=0"])
 @pytest.mark.parametrize("models", [("m",), ("m", "n")])
@@ -385,8 +361,8 @@ def test_asking_whether_to_wait_before_popping_decides_as_popping_does(name, mod
     hard deadlines, which turn the pre-check off once a late-serving class holds one): the scheduler that asks
     the policy's ``wait_until`` first makes every decision the popping path makes, batch for batch."""
     runs = []
-    for policy in (make_baseline(name), AskPlanOnly(make_baseline(name))):
-        assert policy.may_wait is (policy.name == name and not isinstance(policy, AskPlanOnly))
+    for policy in (make_baseline(name), WrappedPolicy(make_baseline(name))):
+        assert policy.may_wait is not isinstance(policy, WrappedPolicy)
         rng = random.Random(7)
         sched, ctxs, clock = make(policy, models=models, max_batch=8)
         queued, trace = [], []
