@@ -125,6 +125,16 @@ def read_rows_csv(path: Path, with_extra: bool = False):
     return (rows, dicts) if with_extra else rows
 
 
+def profile_niceness(rows: Iterable[dict]) -> list[int]:
+    """The worker niceness(es) a profile was taken at (its ``worker_nice`` column; [] for profiles without
+    it). ValueError, naming the column, if a value is not a whole number."""
+    taken = {d.get("worker_nice") for d in rows} - {None, ""}
+    try:
+        return sorted(int(v) for v in taken)
+    except ValueError:
+        raise ValueError(f"worker_nice values {sorted(taken)} are not whole numbers") from None
+
+
 # --------------------------------------------------------------------------- features
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from policy.latency_model import LatencySample, foreign_kernels, profile_csv_name, read_rows_csv
+from policy.latency_model import LatencySample, foreign_kernels, profile_csv_name, profile_niceness, read_rows_csv
 from policy.learner import OnlineLearner
 from policy.table import LatencyTable
 from workers.artifact import ModelManifest
@@ -97,11 +97,10 @@ def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None
     inherit the server's niceness), or None. Under co-runners a worker's latency depends on its CPU weight:
     on the 2-vCPU VM of docs/latency-model.md, two busy co-runners made batches scatter 27% around the model
     at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
-    taken = {d.get("worker_nice") for d in profile_rows} - {None, ""}
     try:
-        nices = sorted(int(v) for v in taken)
-    except ValueError:
-        return f"worker_nice values {sorted(taken)} are not whole numbers: the profile's niceness is unknown"
+        nices = profile_niceness(profile_rows)
+    except ValueError as exc:
+        return f"{exc}: the profile's niceness is unknown"
     if not nices:
         return None
     if nices == [serving_nice]:

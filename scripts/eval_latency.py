@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
-    profile_csv_name, read_rows_csv, rows_to_arrays
+    profile_csv_name, profile_niceness, read_rows_csv, rows_to_arrays
 from policy.learner import LearnerConfig, OnlineLearner
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
@@ -135,10 +135,14 @@ def _unpaused(dicts, test: list[int], actual, mean, safe, table_safe) -> dict:
     if ok.any():
         out["unpaused_rows"] = _scores(mean[ok], safe[ok], table_safe[ok], actual[ok])
         burns = np.array([dicts[i].get("burn", "?") for i in test])
-        out["unpaused_per_intensity"] = {
-            key: {"paused_rows_share": round(float(1 - (ok & (burns == key)).sum() / (known & (burns == key)).sum()), 4),
-                  "mape_pct": round(mape(mean[sel], actual[sel]), 2)}
-            for key in sorted(set(burns[known]), key=_burn_order) if (sel := ok & (burns == key)).any()}
+        per = {}
+        for key in sorted(set(burns[known]), key=_burn_order):
+            in_key = known & (burns == key)
+            sel = ok & in_key
+            if sel.any():
+                per[key] = {"paused_rows_share": round(float(1 - sel.sum() / in_key.sum()), 4),
+                            "mape_pct": round(mape(mean[sel], actual[sel]), 2)}
+        out["unpaused_per_intensity"] = per
     return out
 
 
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         burns = sorted({d.get("burn", "?") for d in dicts}, key=_burn_order)
         result["online_adaptation"] = online_adaptation(rows, dicts, burns[0], burns[-1])
     result["profile_csv"] = str(path)
-    result["worker_niceness"] = sorted({int(d["worker_nice"]) for d in dicts if d.get("worker_nice")}) or None
+    result["worker_niceness"] = profile_niceness(dicts) or None
     print(json.dumps(result, indent=2))
     return 0
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.contention import time_call
+from policy.contention import CallTimes, time_call
+from policy.latency_model import mape
 
 DEFAULT_CELLS = ("0.1x12", "1.0x32", "0.25x4", "1.0x64")
 SLOW_RATIO = 1.25
@@ -47,21 +48,14 @@ class Call:
     level: float
     batch: int
     t_s: float
-    wall_ms: float
-    cpu_ms: float
-    runq_ms: float | None
+    times: CallTimes
     steal_ticks: int | None
 
     @property
-    def paused_ms(self) -> float:
-        """Wall time in which the thread neither ran nor waited for a CPU of this VM (as
-        ``CallTimes.host_pause_ms``)."""
-        return max(0.0, self.wall_ms - self.cpu_ms - (self.runq_ms or 0.0))
-
-    @property
     def lost_share(self) -> float:
-        """Share of the call's wall time the host paused it (``paused_ms / wall_ms``)."""
-        return self.paused_ms / self.wall_ms if self.wall_ms > 0 else 0.0
+        """Share of the call's wall time the host paused it (``CallTimes.host_pause_ms / wall_ms``)."""
+        wall = self.times.wall_ms
+        return self.times.host_pause_ms / wall if wall > 0 else 0.0
 
 
 def parse_cell(text: str) -> tuple[float, int]:
@@ -74,10 +68,6 @@ def parse_cell(text: str) -> tuple[float, int]:
     if not (0 < out[0] <= 1 and out[1] >= 1):
         raise argparse.ArgumentTypeError(f"cell {text!r}: level must be in (0, 1] and batch >= 1")
     return out
-
-
-def _mape(pred: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.mean(np.abs(pred - actual) / actual))
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -103,9 +93,9 @@ def history_feature(calls: list[Call], window_s: float = HISTORY_S) -> np.ndarra
 
 def summarise_cell(calls: list[Call], feature: np.ndarray) -> dict:
     """Figures for one cell's calls (in time order) and their history feature."""
-    wall = np.array([c.wall_ms for c in calls])
-    cpu = np.array([c.cpu_ms for c in calls])
-    lost = np.array([c.paused_ms for c in calls])
+    wall = np.array([c.times.wall_ms for c in calls])
+    cpu = np.array([c.times.cpu_ms for c in calls])
+    lost = np.array([c.times.host_pause_ms for c in calls])
     slow = wall > SLOW_RATIO * np.median(wall)
     test = np.arange(len(calls)) % 4 == 3
     train = ~test
@@ -115,19 +105,19 @@ def summarise_cell(calls: list[Call], feature: np.ndarray) -> dict:
                  "slow_share": round(float(slow.mean()), 4)}
     for name, mask in (("fast", ~slow), ("slow", slow)):
         out[f"lost_ms_median_{name}"] = round(float(np.median(lost[mask])), 3) if mask.any() else None
-        rq = [c.runq_ms for c, m in zip(calls, mask) if m and c.runq_ms is not None]
+        rq = [c.times.runq_ms for c, m in zip(calls, mask) if m and c.times.runq_ms is not None]
         out[f"runq_ms_median_{name}"] = round(statistics.median(rq), 3) if rq else None
     ticks = [c.steal_ticks for c in calls if c.steal_ticks is not None]
     if ticks:
         out["steal_ticks_in_slow_calls"] = sum(c.steal_ticks or 0 for c, s in zip(calls, slow) if s)
         out["steal_ticks_in_fast_calls"] = sum(c.steal_ticks or 0 for c, s in zip(calls, slow) if not s)
     if train.sum() >= 3 and test.any():
-        out["mape_wall_cell_mean"] = round(_mape(np.full(test.sum(), wall[train].mean()), wall[test]), 4)
+        out["mape_wall_cell_mean"] = round(0.01 * mape(np.full(test.sum(), wall[train].mean()), wall[test]), 4)
         x = np.column_stack([np.ones(train.sum()), feature[train]])
         coef, *_ = np.linalg.lstsq(x, wall[train], rcond=None)
         pred = coef[0] + coef[1] * feature[test]
-        out["mape_wall_with_steal_feature"] = round(_mape(pred, wall[test]), 4)
-        out["mape_cpu_cell_mean"] = round(_mape(np.full(test.sum(), cpu[train].mean()), cpu[test]), 4)
+        out["mape_wall_with_steal_feature"] = round(0.01 * mape(pred, wall[test]), 4)
+        out["mape_cpu_cell_mean"] = round(0.01 * mape(np.full(test.sum(), cpu[train].mean()), cpu[test]), 4)
     return out
 
 
@@ -192,7 +182,7 @@ def measure(model_dir: Path, precision: str, cells: list[tuple[float, int]], cal
             t_s, s0 = time.perf_counter(), _steal_ticks()
             _, times = time_call(runner.run, x, level)
             s1 = _steal_ticks()
-            out.append(Call(level, batch, t_s, times.wall_ms, times.cpu_ms, times.runq_ms,
+            out.append(Call(level, batch, t_s, times,
                             None if s0 is None or s1 is None else s1 - s0))
             if spin:
                 t_end = time.perf_counter() + gap_s

@@ -86,7 +86,7 @@ class ProfileWorker:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, daemon=True,
                                 args=(child, str(model_dir), device, threads, calibrate, seed, precision, nice,
-                                                      spin_ms))
+                                      spin_ms))
         self.proc.start()
         self.ready = self.conn.recv()
 

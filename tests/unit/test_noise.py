@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 import pytest
 
+from policy.contention import CallTimes
 from scripts.noise import Call, history_feature, parse_cell, summarise
 
 
@@ -19,7 +20,7 @@ def paused_calls(n: int = 200, seed: int = 0) -> list[Call]:
         cpu = 10.0 + rng.normal(0, 0.2)
         paused = (i // 2) % 3 == 0
         wall = cpu + (10.0 if paused else 0.05)
-        out.append(Call(0.1, 12, t, wall, cpu, 0.0, 3 if paused else 0))
+        out.append(Call(0.1, 12, t, CallTimes(wall, cpu, 0.0), 3 if paused else 0))
         t += 0.012 + wall / 1e3
     return out
 
@@ -46,7 +47,8 @@ def test_paused_calls_are_the_slow_ones_and_cpu_time_does_not_scatter():
 
 
 def test_history_feature_looks_only_backwards():
-    calls = [Call(1.0, 1, t, 10.0, 10.0 - lost, None, None) for t, lost in ((0.0, 5.0), (0.05, 0.0), (0.5, 0.0))]
+    calls = [Call(1.0, 1, t, CallTimes(10.0, 10.0 - lost, None), None)
+             for t, lost in ((0.0, 5.0), (0.05, 0.0), (0.5, 0.0))]
     f = history_feature(calls, window_s=0.1)
     assert f[0] == 0.0  # nothing before the first call
     assert f[1] == pytest.approx(0.5)  # the first call lost half its wall time
