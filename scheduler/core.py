@@ -9,7 +9,6 @@ logic of its own.
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -18,7 +17,6 @@ from scheduler.config import SLOClassConfig
 from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
 from scheduler.queues import QueuedRequest, RequestQueue, peek_merged, pop_merged
 
-log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2
 """Runs a request gets when workers die under it: the first and one retry."""
@@ -204,11 +202,7 @@ class Scheduler:
             chosen = candidates
         for r in chosen:
             r.late = decision.late
-        out.batch = Batch(model, chosen, decision, now_s)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("plan %s: %d of %d candidates at level %g, predicted %.2f ms, slack %.2f ms (%s)", model,
-                      decision.count, decision.candidates, decision.level, decision.predicted_ms,
-                      decision.slack_ms, decision.reason)
+        out.batch = Batch(model, chosen, decision, now_s)  # the server logs why (Dispatcher._launch)
         return out
 
     def _drop_hopeless_hard(self, candidates: list[QueuedRequest], now_s: float, ctx: PlanContext,

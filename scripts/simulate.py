@@ -200,27 +200,32 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
     clock = FakeClock()
     rng = np.random.default_rng(seed)
     n = len(arrivals)
-    offsets = arrivals.offsets_s.tolist()
-    cls_names = list(arrivals.classes)
+    # Typed lists: compiled, an element read is a native list access and an unboxed float (numpy's tolist()
+    # is untyped, and every read of its result went through the generic item protocol).
+    offsets: list[float] = arrivals.offsets_s.tolist()
+    cls_names: list[str] = list(arrivals.classes)
     deadline_ms = {c: classes[c].latency_ms for c in set(cls_names)}
     if correct is None:
         u = rng.random(n)
         correct = np.stack([u < a for a in accuracy])
-        correct_rows, n_inputs = correct.tolist(), n
+        correct_rows: list[list[bool]] = correct.tolist()
+        n_inputs = n
     else:
-        correct_rows, n_inputs = np.asarray(correct, bool).tolist(), correct.shape[1]
+        correct_rows = np.asarray(correct, bool).tolist()
+        n_inputs = correct.shape[1]
     # Client timeouts, in time order (one per request; most find the request long answered).
-    give_up = np.asarray(offsets) + np.asarray([deadline_ms[c] for c in cls_names]) * 1e-3 * cfg.timeout_factor + 1.0
-    to_order = np.argsort(give_up, kind="stable").tolist()
-    give_up = give_up.tolist()
+    give_up_arr = np.asarray(offsets) + np.asarray([deadline_ms[c] for c in cls_names]) * 1e-3 * cfg.timeout_factor + 1.0
+    to_order: list[int] = np.argsort(give_up_arr, kind="stable").tolist()
+    give_up: list[float] = give_up_arr.tolist()
     ingress = cfg.ingress_ms_per_request > 0
-    reach = admission_times(offsets, cfg.ingress_ms_per_request * 1e-3) if ingress else offsets
+    reach: list[float] = admission_times(offsets, cfg.ingress_ms_per_request * 1e-3) if ingress else offsets
     """When each request reaches the scheduler (its send time unless the frontend is modelled)."""
 
     # Per-request outcome, filled in place; RequestRecords are built once at the end.
     status: list[str | None] = [None] * n
     answer_s = [float("nan")] * n
     out_level = [float("nan")] * n
+    out_li = [0] * n  # the index of out_level in the table (looked up once per batch, not per request)
     out_batch = [0] * n
     out_exec = [float("nan")] * n
     out_pred = [float("nan")] * n
@@ -241,7 +246,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
                                                          workers=cfg.workers)}
         return got
 
-    running: list[tuple[float, int, Batch, float]] = []  # (finish_s, tie, batch, exec_ms)
+    running: list[tuple[float, int, Batch, float, int]] = []  # (finish_s, tie, batch, exec_ms, level index)
     free = cfg.workers
     inflight = 0
     wake_at = None
@@ -304,7 +309,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
                 now = reach[i]
                 clock.set(now)
         elif t_fin <= now:  # a batch finished: answer it, free the worker, feed back
-            _, _, batch, exec_ms = heappop(running)
+            _, _, batch, exec_ms, li = heappop(running)
             free += 1
             plan = batch.plan
             size = len(batch.requests)
@@ -314,6 +319,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
                     status[k] = "OK"
                     answer_s[k] = now + pos * reply_s
                     out_level[k], out_batch[k], out_exec[k], out_pred[k] = plan.level, size, exec_ms, plan.predicted_ms
+                    out_li[k] = li
                     inflight -= 1
             sched.update_from_output(batch, exec_ms, now)
         if not free:
@@ -331,19 +337,20 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
             if planned is None:
                 wake_at = out.wake_at_s
                 break
-            exec_ms = draw(contention.at(now), table.level_index(planned.plan.level), len(planned.requests))
+            li = table.level_index(planned.plan.level)
+            exec_ms = draw(contention.at(now), li, len(planned.requests))
             batches += 1
             free -= 1
-            heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms))
+            heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms, li))
 
     records = []
     for k in range(n):
         st = status[k] or "UNANSWERED"
         ok = st == "OK"
-        li = table.level_index(out_level[k]) if ok else 0
+        cls_ms = deadline_ms[cls_names[k]]
         records.append(RequestRecord(
-            k, cls_names[k], deadline_ms[cls_names[k]], offsets[k], answer_s[k], st, out_level[k], out_batch[k],
-            correct_rows[li][k % n_inputs] if ok else None, ok and answer_s[k] - offsets[k] > deadline_ms[cls_names[k]] * 1e-3,
+            k, cls_names[k], cls_ms, offsets[k], answer_s[k], st, out_level[k], out_batch[k],
+            correct_rows[out_li[k]][k % n_inputs] if ok else None, ok and answer_s[k] - offsets[k] > cls_ms * 1e-3,
             out_exec[k], out_pred[k]))
     return SimResult(records, batches, time.perf_counter() - t0, time.process_time() - c0, clock.now())
 

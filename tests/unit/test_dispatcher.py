@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import grpc
@@ -65,6 +66,20 @@ async def test_outputs_go_back_to_their_own_requests():
     for i, task in enumerate(rest):
         done = await task
         assert done.output[0] == i and done.batch_size == 5 and done.level in LEVELS
+
+
+async def test_each_batch_logs_why_at_debug(caplog):
+    """Issue #4's explainability: one debug line per batch with its size, level, prediction, slack, reason."""
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool)
+    with caplog.at_level(logging.DEBUG, logger="scheduler.dispatcher"):
+        task = asyncio.create_task(d.infer("m", "slow", x(7)))
+        await until(lambda: len(pool.submitted) == 1, "batch submitted")
+    pool.finish(0)
+    done = await task
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan m:")]
+    assert len(lines) == 1
+    assert "1 of 1 candidates" in lines[0] and f"level {done.level:g}" in lines[0] and "slack" in lines[0]
 
 
 async def test_a_cancelled_caller_leaves_the_queue_and_its_input_is_never_run():
