@@ -168,9 +168,17 @@ class Scheduler:
     def schedule(self, now_s: float, contexts: Mapping[str, PlanContext]) -> SchedulerOutput:
         """Expire hopeless requests, then plan at most one batch (call once per free worker)."""
         out = SchedulerOutput(expired=self.expire(now_s, contexts))
-        model = self._most_urgent_model()
-        if model is None:
-            return out
+        live = -1  # the model's live requests, when already counted
+        if self._only_model is not None:  # the common case: no need to compare heads
+            live = self.pending()
+            if not live:
+                return out
+            model: str = self._only_model
+        else:
+            urgent = self._most_urgent_model()
+            if urgent is None:
+                return out
+            model = urgent
         ctx = contexts[model]
         queues = self._queue_lists[model]
         if self.policy.may_wait and not self._mixed_late:
@@ -178,7 +186,9 @@ class Scheduler:
             # than the decision (dynamic batching waits about once per batch).
             head = peek_merged(queues)
             if head is not None:
-                until_s = self.policy.wait_until(head.pending, min(self.pending(model), ctx.max_batch), now_s, ctx)
+                if live < 0:
+                    live = self.pending(model)
+                until_s = self.policy.wait_until(head.pending, min(live, ctx.max_batch), now_s, ctx)
                 if until_s is not None:
                     out.wake_at_s = until_s
                     return out
@@ -257,8 +267,7 @@ class Scheduler:
                 expired.append(q.pop())
 
     def _most_urgent_model(self) -> str | None:
-        if self._only_model is not None:  # the common case: no need to compare heads
-            return self._only_model if self.pending() else None
+        """The model whose queued head comes first in the policy's order (several models served)."""
         best, best_key = None, None
         for model, queues in self._queues.items():
             for q in queues.values():
