@@ -5,6 +5,11 @@ extensions, if built) and ``SLONN_COMPILED=0`` (the same modules from their Pyth
 loads the model, the profile and the trace once (``slonn simulate``'s setup), then times ``--reps``
 simulations of the whole load, each with a different seed for the latency noise, and prints the rates.
 The JSON has every rate, the median per mode and the ratio of the medians (same machine, same minutes).
+
+``--against DIR`` compares this checkout with another one (say a worktree of an older commit, built with
+``python setup.py build_ext --inplace``) instead: both run compiled, at the same time, one child per vCPU,
+and swap vCPUs every pair. On a shared host the speed changes from minute to minute by more than most
+changes to the code, so only runs side by side compare; the JSON has each pair's ratio and their median.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _child(args: argparse.Namespace, rest: list[str]) -> int:
@@ -40,13 +46,49 @@ def _child(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _child_cmd(argv: list[str], cpu: int | None = None) -> list[str]:
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    return [*pin, sys.executable, "-m", "scripts.bench_sim", "--child", *argv]
+
+
+def _result(out: str, err: str, returncode: int, what: str) -> dict:
+    if returncode != 0:
+        raise SystemExit(f"bench_sim child ({what}) failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _run_child(mode: str, argv: list[str]) -> dict:
     env = dict(os.environ, SLONN_COMPILED=mode)
-    out = subprocess.run([sys.executable, "-m", "scripts.bench_sim", "--child", *argv], env=env,
-                         capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"bench_sim child (SLONN_COMPILED={mode}) failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run(_child_cmd(argv), env=env, capture_output=True, text=True, check=False)
+    return _result(out.stdout, out.stderr, out.returncode, f"SLONN_COMPILED={mode}")
+
+
+def side_by_side(other: Path, pairs: int, argv: list[str]) -> dict:
+    """This checkout and ``other`` at once, one pinned child each (``python -m`` imports from the child's
+    working directory), swapping vCPUs every pair."""
+    dirs = {"this": Path.cwd(), "other": other.resolve()}
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        raise SystemExit("bench_sim --against needs two CPUs")
+    if not any(a.startswith("--model-dir") for a in argv):  # the same model, wherever the other checkout is
+        argv = [*argv, "--model-dir", str(Path("models/digits-mlp").resolve())]
+    env = dict(os.environ, SLONN_COMPILED="1")
+    runs: list[dict] = []
+    for k in range(pairs):
+        procs = {name: subprocess.Popen(_child_cmd(argv, cpus[(i + k) % 2]), cwd=d, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i, (name, d) in enumerate(dirs.items())}
+        got = {}
+        for name, proc in procs.items():
+            out, err = proc.communicate()
+            got[name] = _result(out, err, proc.returncode, f"in {dirs[name]}")
+            got[name]["median"] = statistics.median(got[name]["rates"])
+        got["ratio"] = round(got["this"]["median"] / got["other"]["median"], 3)
+        runs.append(got)
+    return {"this": str(dirs["this"]), "other": str(dirs["other"]),
+            "compiled": {name: all(r[name]["compiled"] for r in runs) for name in dirs},
+            "this_medians": [r["this"]["median"] for r in runs], "other_medians": [r["other"]["median"] for r in runs],
+            "ratios": [r["ratio"] for r in runs], "median_ratio": statistics.median(r["ratio"] for r in runs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench_sim", description=__doc__.splitlines()[0],
                                 epilog="Other arguments go to the simulation (as for `slonn simulate`); "
                                        "the default load is the compare load, --duration-s 1200 --speedup 20.41.")
-    p.add_argument("--rounds", type=int, default=3, help="child pairs (compiled, sources), alternating the order")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="child pairs (compiled, sources), alternating the order; with --against, side-by-side pairs")
     p.add_argument("--reps", type=int, default=10, help="timed simulations per child")
     p.add_argument("--policy", default="slonn")
+    p.add_argument("--against", type=Path, default=None, metavar="DIR",
+                   help="compare with the checkout in DIR instead: both compiled, side by side, one per vCPU")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
     if not any(a.startswith(("--duration-s", "--speedup", "--rate")) for a in rest):
@@ -64,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return _child(args, rest)
     passthrough = ["--reps", str(args.reps), "--policy", args.policy, *rest]
+    if args.against is not None:
+        out = {"policy": args.policy, "simulation_args": rest, "reps": args.reps,
+               **side_by_side(args.against, args.rounds, passthrough)}
+        print(json.dumps(out, indent=2))
+        return 0
     runs: dict[str, list[dict]] = {"compiled": [], "sources": []}
     t0 = time.perf_counter()
     for r in range(args.rounds):

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import statistics
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from scheduler.compiled import state
-from scripts import simulate
+from scripts import bench_sim, simulate
 
 
 CLASSES = """
@@ -33,7 +37,8 @@ min_accuracy = 0.999
 CLASS_NAMES = ("interactive", "standard", "batch")
 
 
-def test_simulate_cli_prints_a_summary_and_says_whether_it_ran_compiled(tiny_model_dir, tmp_path, capsys):
+def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """The classes above and a synthetic profile of a known shape (level x batch x contention, noisy)."""
     classes = tmp_path / "classes.toml"
     classes.write_text(CLASSES)
     profile = tmp_path / "profile.csv"
@@ -46,6 +51,11 @@ def test_simulate_cli_prints_a_summary_and_says_whether_it_ran_compiled(tiny_mod
                 for c in (0.0, 0.5, 1.0):
                     for _ in range(3):
                         w.writerow([level, b, c, (0.5 + 0.05 * b * level) * (1 + c) * rng.lognormal(0, 0.1)])
+    return classes, profile
+
+
+def test_simulate_cli_prints_a_summary_and_says_whether_it_ran_compiled(tiny_model_dir, tmp_path, capsys):
+    classes, profile = write_inputs(tmp_path)
     assert simulate.main(["--model-dir", str(tiny_model_dir), "--profile", str(profile), "--classes", str(classes),
                           "--duration-s", "300", "--speedup", "10", "--corunner-start-s", "10",
                           "--corunner-stop-s", "20", "--csv", str(tmp_path / "records.csv"), "--json"]) == 0
@@ -61,3 +71,19 @@ def test_simulate_cli_prints_a_summary_and_says_whether_it_ran_compiled(tiny_mod
         rows = list(csv.DictReader(f))
     assert len(rows) == out["sim"]["requests"]
     assert {r["status"] for r in rows if r["slo_class"] == "batch"} == {"FAILED_PRECONDITION"}
+
+
+def test_bench_sim_side_by_side_runs_both_checkouts_and_reports_each_pair(tiny_model_dir, tmp_path, capsys):
+    """``--against``: two pinned children at once, one per checkout (here the same one twice)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("side by side needs two CPUs")
+    classes, profile = write_inputs(tmp_path)
+    argv = ["--policy", "fixed:0.1", "--against", ".", "--rounds", "2", "--reps", "2", "--model-dir",
+            str(tiny_model_dir), "--profile", str(profile), "--classes", str(classes), "--duration-s", "120",
+            "--speedup", "10"]
+    assert bench_sim.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compiled"]["this"] == out["compiled"]["other"]  # one build, whatever SLONN_COMPILED says here
+    assert len(out["ratios"]) == len(out["this_medians"]) == len(out["other_medians"]) == 2
+    assert all(m > 0 for m in out["this_medians"] + out["other_medians"])
+    assert out["median_ratio"] == pytest.approx(statistics.median(out["ratios"]))
