@@ -177,7 +177,7 @@ class SlonnServer:
         """Start workers, profile, bind; returns the bound port."""
         cfg = self.cfg
         spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads, precision=cfg.precision,
-                          idle_spin_ms=cfg.worker_spin_ms)
+                          worker_spin_ms=cfg.worker_spin_ms)
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
         self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples

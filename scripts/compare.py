@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from scheduler.compiled import state as compiled_state
 from scripts.report import RequestRecord, summarize, write_csv
 from scripts.trace import Arrivals
 
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"load": arrivals.describe(), "policies": args.policies, "modes": modes,
               "corunner_window_s": window, "dense_accuracy": dense,
               "sim": {"simulated_requests_per_s": getattr(args, "sim_rates", None),
-                      "planner_table": args.planner_table, "workers": args.workers} if args.sim else None,
+                      "planner_table": args.planner_table, "workers": args.workers,
+                      "compiled": compiled_state()["compiled"]} if args.sim else None,
               "live_loadavg_1min": getattr(args, "live_loadavg", None), "cpus": os.cpu_count(),
               "live_corunner_usage": getattr(args, "corunner_usage", None) or None,
               "serve_nice": args.serve_nice, "client_nice": args.client_nice,

@@ -33,7 +33,7 @@ class WorkerSpec:
     kernels only."""
     kernel_tables: dict = field(default_factory=dict)
     """model name -> a measured KernelChooser.to_json(); such models skip calibration (worker restarts)."""
-    idle_spin_ms: float = 0.0
+    worker_spin_ms: float = 0.0
     """After each batch, poll for the next task for up to this long before blocking (see ``wait_for_task``)."""
 
 
@@ -105,7 +105,7 @@ def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     ))
     while True:
         try:
-            msg = wait_for_task(conn, spec.idle_spin_ms * 1e-3)
+            msg = wait_for_task(conn, spec.worker_spin_ms * 1e-3)
         except (EOFError, OSError):
             return  # the scheduler went away
         if isinstance(msg, Shutdown):

@@ -87,3 +87,21 @@ def test_bench_sim_side_by_side_runs_both_checkouts_and_reports_each_pair(tiny_m
     assert len(out["ratios"]) == len(out["this_medians"]) == len(out["other_medians"]) == 2
     assert all(m > 0 for m in out["this_medians"] + out["other_medians"])
     assert out["median_ratio"] == pytest.approx(statistics.median(out["ratios"]))
+
+
+def test_compare_sim_writes_one_table_with_every_policy_and_says_whether_it_ran_compiled(tiny_model_dir, tmp_path):
+    from scripts import compare
+
+    classes, profile = write_inputs(tmp_path)
+    out_dir = tmp_path / "cmp"
+    assert compare.main(["--sim", "--policies", "slonn,triton,fixed:0.1", "--corunner", "--model-dir",
+                         str(tiny_model_dir), "--profile", str(profile), "--classes", str(classes),
+                         "--duration-s", "120", "--speedup", "5", "--out", str(out_dir)]) == 0
+    report = json.loads((out_dir / "compare.json").read_text())
+    assert report["modes"] == ["sim"] and report["sim"]["compiled"] == state()["compiled"]
+    assert {r["policy"] for r in report["rows"]} == {"slonn", "triton", "fixed:0.1"}
+    assert set(report["sim"]["simulated_requests_per_s"]) == {"slonn", "triton", "fixed:0.1"}
+    for name in ("slonn", "triton", "fixed_0.1"):
+        with open(out_dir / f"sim-{name}.csv", newline="") as f:
+            assert sum(1 for _ in csv.DictReader(f)) == report["load"]["requests"]
+    assert "slonn" in (out_dir / "compare.md").read_text()
