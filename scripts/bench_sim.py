@@ -26,16 +26,13 @@ from pathlib import Path
 
 def _child(args: argparse.Namespace, rest: list[str]) -> int:
     from scheduler import compiled
-    from scripts.replay import add_arrival_args, arrivals_from_args
-    from scripts.simulate import add_sim_args, build_setup, run_policy, sim_config
+    from scripts.replay import add_arrival_args
+    from scripts.simulate import add_sim_args, load, run_policy
 
     p = argparse.ArgumentParser()
     add_arrival_args(p)
     add_sim_args(p)
-    sim_args = p.parse_args(rest)
-    arrivals = arrivals_from_args(sim_args)
-    setup = build_setup(sim_args)
-    cfg = sim_config(sim_args)
+    arrivals, setup, cfg = load(p.parse_args(rest))
     rates, cpu_rates = [], []
     for rep in range(args.reps):
         res = run_policy(setup, arrivals, args.policy, cfg, seed=rep)

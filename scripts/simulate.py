@@ -456,6 +456,14 @@ def build_setup(args) -> SimSetup:
                     (model, levels, args.max_batch, contention.states), contention, correct, manifest.name)
 
 
+def load(args) -> tuple[Arrivals, SimSetup, SimConfig]:
+    """What a set of ``slonn simulate`` arguments (:func:`add_sim_args` and the replay's arrival arguments)
+    stands for: the arrivals, the loaded model and profile, the simulated server."""
+    from scripts.replay import arrivals_from_args
+
+    return arrivals_from_args(args), build_setup(args), sim_config(args)
+
+
 def sim_config(args) -> SimConfig:
     return SimConfig(workers=args.workers, max_batch=args.max_batch, overhead_ms=args.overhead_ms,
                      dispatch_ms=args.dispatch_ms, reply_ms_per_request=args.reply_ms_per_request,
@@ -500,7 +508,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from scheduler.compiled import state as compiled_state
-    from scripts.replay import add_arrival_args, arrivals_from_args, phase_summaries
+    from scripts.replay import add_arrival_args, phase_summaries
     from scripts.report import format_table, summarize, write_csv
 
     # A literal, not __doc__: mypyc drops module docstrings (scheduler/compiled.py).
@@ -512,9 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, default=None, help="write per-request records here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
-    arrivals = arrivals_from_args(args)
-    setup = build_setup(args)
-    result = run_policy(setup, arrivals, args.policy, sim_config(args), args.seed)
+    arrivals, setup, cfg = load(args)
+    result = run_policy(setup, arrivals, args.policy, cfg, args.seed)
     summary = summarize(result.records, arrivals.duration_s)
     if args.csv:
         write_csv(result.records, args.csv)
