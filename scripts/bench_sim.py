@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def _child(args: argparse.Namespace, rest: list[str]) -> int:
         res = run_policy(setup, arrivals, args.policy, cfg, seed=rep)
         rates.append(round(res.requests_per_s))
         cpu_rates.append(round(res.requests_per_cpu_s))
-    print(json.dumps({"compiled": compiled.state()["compiled"], "requests": len(res.records),
-                      "rates": rates, "cpu_rates": cpu_rates}))
+    st = compiled.state()
+    print(json.dumps({"compiled": st["compiled"], "reason": st["reason"], "root": str(compiled.ROOT),
+                      "requests": len(res.records), "rates": rates, "cpu_rates": cpu_rates}))
     return 0
 
 
@@ -60,15 +62,37 @@ def _run_child(mode: str, argv: list[str]) -> dict:
     return _result(out.stdout, out.stderr, out.returncode, f"SLONN_COMPILED={mode}")
 
 
+def pinned_inputs(argv: list[str]) -> list[str]:
+    """``argv`` with every input file made absolute, as this checkout resolves it (its model, trace, classes
+    and profile): each side runs in its own checkout, and must read the same files."""
+    from scheduler.config import default_classes_path
+    from scripts.replay import add_arrival_args
+    from scripts.simulate import add_sim_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_arrival_args(p)
+    add_sim_args(p)
+    known, _ = p.parse_known_args(argv)
+    pinned = ["--model-dir", str(known.model_dir.resolve()), "--trace", str(known.trace.resolve()),
+              "--classes", str((known.classes or default_classes_path()).resolve())]
+    if known.profile is not None:
+        pinned += ["--profile", str(known.profile.resolve())]
+    return [*argv, *pinned]  # argparse keeps the last of a repeated option
+
+
 def side_by_side(other: Path, pairs: int, argv: list[str]) -> dict:
     """This checkout and ``other`` at once, one pinned child each (``python -m`` imports from the child's
-    working directory), swapping vCPUs every pair."""
-    dirs = {"this": Path.cwd(), "other": other.resolve()}
+    working directory; each child reports where its code came from, and it is checked), swapping vCPUs every
+    pair. Both must run compiled, on the same requests."""
+    from scheduler import compiled
+
+    dirs = {"this": compiled.ROOT, "other": other.resolve()}
     cpus = sorted(os.sched_getaffinity(0))[:2]
     if len(cpus) < 2:
         raise SystemExit("bench_sim --against needs two CPUs")
-    if not any(a.startswith("--model-dir") for a in argv):  # the same model, wherever the other checkout is
-        argv = [*argv, "--model-dir", str(Path("models/digits-mlp").resolve())]
+    if shutil.which("taskset") is None:
+        raise SystemExit("bench_sim --against pins its children with taskset (util-linux), which is not installed")
+    argv = pinned_inputs(argv)
     env = dict(os.environ, SLONN_COMPILED="1")
     runs: list[dict] = []
     for k in range(pairs):
@@ -79,11 +103,22 @@ def side_by_side(other: Path, pairs: int, argv: list[str]) -> dict:
         for name, proc in procs.items():
             out, err = proc.communicate()
             got[name] = _result(out, err, proc.returncode, f"in {dirs[name]}")
+            root = got[name].get("root")  # a checkout from before this option reports neither root nor reason
+            if root is not None and Path(root) != dirs[name]:
+                raise SystemExit(f"bench_sim --against: the child in {dirs[name]} ran the code in {root} "
+                                 f"(PYTHONSAFEPATH set?)")
+            if not got[name]["compiled"]:
+                raise SystemExit(f"bench_sim --against: {dirs[name]} ran its Python sources "
+                                 f"({got[name].get('reason', 'no reason reported')}); build it there: "
+                                 f"python setup.py build_ext --inplace")
             got[name]["median"] = statistics.median(got[name]["rates"])
+        if got["this"]["requests"] != got["other"]["requests"]:
+            raise SystemExit(f"bench_sim --against: the two sides simulated {got['this']['requests']} and "
+                             f"{got['other']['requests']} requests")
         got["ratio"] = round(got["this"]["median"] / got["other"]["median"], 3)
         runs.append(got)
     return {"this": str(dirs["this"]), "other": str(dirs["other"]),
-            "compiled": {name: all(r[name]["compiled"] for r in runs) for name in dirs},
+            "roots_checked": {name: all("root" in r[name] for r in runs) for name in dirs},
             "this_medians": [r["this"]["median"] for r in runs], "other_medians": [r["other"]["median"] for r in runs],
             "ratios": [r["ratio"] for r in runs], "median_ratio": statistics.median(r["ratio"] for r in runs)}
 
