@@ -39,6 +39,8 @@ class RequestRecord:
         self.batch_size = batch_size
         self.correct = correct
         self.late = late
+        """The server served it knowing it would miss its deadline (a class with ``on_late = "serve"``): the
+        response's ``late`` flag, which the simulator sets from the same plan."""
         self.exec_ms = exec_ms
         self.predicted_ms = predicted_ms
         self.queue_ms = queue_ms

@@ -226,6 +226,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
     answer_s = [float("nan")] * n
     out_level = [float("nan")] * n
     out_li = [0] * n  # the index of out_level in the table (looked up once per batch, not per request)
+    out_late = [False] * n  # served late on purpose (the plan's flag, as the live server answers it)
     out_batch = [0] * n
     out_exec = [float("nan")] * n
     out_pred = [float("nan")] * n
@@ -320,6 +321,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
                     answer_s[k] = now + pos * reply_s
                     out_level[k], out_batch[k], out_exec[k], out_pred[k] = plan.level, size, exec_ms, plan.predicted_ms
                     out_li[k] = li
+                    out_late[k] = plan.late
                     inflight -= 1
             sched.update_from_output(batch, exec_ms, now)
         if not free:
@@ -350,8 +352,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
         cls_ms = deadline_ms[cls_names[k]]
         records.append(RequestRecord(
             k, cls_names[k], cls_ms, offsets[k], answer_s[k], st, out_level[k], out_batch[k],
-            correct_rows[out_li[k]][k % n_inputs] if ok else None, ok and answer_s[k] - offsets[k] > cls_ms * 1e-3,
-            out_exec[k], out_pred[k]))
+            correct_rows[out_li[k]][k % n_inputs] if ok else None, out_late[k], out_exec[k], out_pred[k]))
     return SimResult(records, batches, time.perf_counter() - t0, time.process_time() - c0, clock.now())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,6 +76,22 @@ def test_triton_never_drops_early_and_late_requests_time_out_at_the_client():
     assert "DEADLINE_EXCEEDED" not in statuses
     assert statuses["CLIENT_TIMEOUT"] > 0 or statuses["RESOURCE_EXHAUSTED"] > 0
     assert summary["interactive"]["attainment"] < 0.5
+
+
+def test_late_is_the_servers_flag_set_only_where_a_class_serves_late():
+    """As the live replay records it (the response's ``late``): in a batch planned late on purpose, not just
+    slow. Only a class with on_late="serve" is planned late; with none, nothing is flagged, however slow."""
+    arrivals, result = run(make_policy("slonn"), rate=6000.0, duration_s=1.0, per_item_ms=2.0)
+    late = [r for r in result.records if r.late]
+    assert late and all(r.status == "OK" for r in late)
+    assert any(r.slo_class == "batch" for r in late)  # the on_late="serve" class heads the late batches
+    reject_all = {name: replace(c, on_late="reject") for name, c in CLASSES.items()}
+    t = table(2.0)
+    overload = poisson_arrivals(6000.0, 1.0, MIX, seed=0)
+    strict = simulate(overload, reject_all, make_policy("slonn"), t, ACCURACY, LatencyDraw.from_table(t, (0.0,)),
+                      SimConfig(max_batch=16))
+    slow = [r for r in strict.records if r.status == "OK" and not r.on_time]  # the reply and dispatch costs
+    assert slow and not any(r.late for r in strict.records)
 
 
 class SpyPolicy(WrappedPolicy):
