@@ -37,12 +37,19 @@ def _burn(stop, duty: float, period_s: float, nice: int | None = None) -> None:
             time.sleep(idle_s)
 
 
-def set_niceness(value: int) -> None:
-    """Set this process's niceness to ``value`` (absolute); lowering it needs CAP_SYS_NICE, else it stays."""
+def set_niceness(value: int) -> int:
+    """Set this thread's niceness to ``value`` (absolute) and return the niceness it runs at.
+
+    The one place slonn changes a niceness (co-runner children, the profiled worker, ``slonn serve --nice``,
+    the load generator's thread): on Linux niceness is per thread, and the threads and processes a thread
+    starts later inherit it. Lowering it needs CAP_SYS_NICE: without it nothing changes, silently; callers
+    that were asked for a niceness compare the result and say so.
+    """
     try:
         os.setpriority(os.PRIO_PROCESS, 0, value)
     except PermissionError:
         pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 from scheduler.compiled import state as compiled_state
 from scheduler.config import ServerConfig, load_classes
 from scripts import aio
+from scripts.corunner import set_niceness
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
@@ -77,13 +78,12 @@ def call_at_niceness(fn: Callable[[], T], value: int | None) -> tuple[T, int]:
     out: dict = {}
 
     def body() -> None:
-        if value is not None:
-            try:
-                os.setpriority(os.PRIO_PROCESS, 0, value)
-            except PermissionError:
-                logging.warning("niceness %d: not permitted (needs CAP_SYS_NICE); staying at %d", value,
-                                os.getpriority(os.PRIO_PROCESS, 0))
         out["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)
+        if value is not None:
+            out["niceness"] = set_niceness(value)
+            if out["niceness"] != value:
+                logging.warning("niceness %d: not permitted (needs CAP_SYS_NICE); staying at %d", value,
+                                out["niceness"])
         try:
             out["result"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -105,13 +105,15 @@ def apply_nice(increment: int) -> int:
     (docs/simulation.md): not a reliable fix there. Raising priority needs CAP_SYS_NICE: without it the
     server runs on at its current niceness, with a warning.
     """
-    if increment:
-        try:
-            return os.nice(increment)
-        except PermissionError:
-            logging.warning("--nice %d: not permitted (raising priority needs CAP_SYS_NICE); running at "
-                            "niceness %d", increment, os.nice(0))
-    return os.nice(0)
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    if not increment:
+        return now
+    want = min(max(now + increment, -20), 19)
+    got = set_niceness(want)
+    if got != want:
+        logging.warning("--nice %d: not permitted (raising priority needs CAP_SYS_NICE); running at "
+                        "niceness %d", increment, got)
+    return got
 
 
 def config_from_args(args) -> ServerConfig:

@@ -22,14 +22,13 @@ def test_nice_adds_to_the_process_niceness_and_children_inherit_it():
 
 
 def test_a_refused_priority_raise_warns_and_keeps_the_niceness(monkeypatch, caplog):
-    def refuse(increment):
-        if increment < 0:
-            raise PermissionError("no CAP_SYS_NICE")
-        return 5
+    def refuse(which, who, value):
+        raise PermissionError("no CAP_SYS_NICE")
 
-    monkeypatch.setattr(serve.os, "nice", refuse)
+    before = serve.os.getpriority(serve.os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(serve.os, "setpriority", refuse)
     with caplog.at_level(logging.WARNING):
-        assert serve.apply_nice(-10) == 5
+        assert serve.apply_nice(-10) == before
     assert "--nice -10" in caplog.text and "CAP_SYS_NICE" in caplog.text
 
 
