@@ -27,13 +27,9 @@ from pathlib import Path
 
 def _child(args: argparse.Namespace, rest: list[str]) -> int:
     from scheduler import compiled
-    from scripts.replay import add_arrival_args
-    from scripts.simulate import add_sim_args, load, run_policy
+    from scripts.simulate import load, run_policy, sim_parser
 
-    p = argparse.ArgumentParser()
-    add_arrival_args(p)
-    add_sim_args(p)
-    arrivals, setup, cfg = load(p.parse_args(rest))
+    arrivals, setup, cfg = load(sim_parser().parse_args(rest))
     rates, cpu_rates = [], []
     for rep in range(args.reps):
         res = run_policy(setup, arrivals, args.policy, cfg, seed=rep)
@@ -66,13 +62,9 @@ def pinned_inputs(argv: list[str]) -> list[str]:
     """``argv`` with every input file made absolute, as this checkout resolves it (its model, trace, classes
     and profile): each side runs in its own checkout, and must read the same files."""
     from scheduler.config import default_classes_path
-    from scripts.replay import add_arrival_args
-    from scripts.simulate import add_sim_args
+    from scripts.simulate import sim_parser
 
-    p = argparse.ArgumentParser(add_help=False)
-    add_arrival_args(p)
-    add_sim_args(p)
-    known, _ = p.parse_known_args(argv)
+    known, _ = sim_parser(add_help=False).parse_known_args(argv)
     pinned = ["--model-dir", str(known.model_dir.resolve()), "--trace", str(known.trace.resolve()),
               "--classes", str((known.classes or default_classes_path()).resolve())]
     if known.profile is not None:

@@ -18,7 +18,6 @@ The analysis the session notes did by hand, from the files a run leaves (docs/si
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -26,21 +25,18 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from scripts.report import RequestRecord, read_csv
+
 STEAL_BIN_S = 10.0
 """`slonn compare` samples the host's steal per 10 s of the replay."""
 
 PARTS = ("queue", "exec", "handler_other", "outside")
 
 
-def _float(text: str) -> float:
-    return float(text) if text not in ("", "None") else math.nan
-
-
-def time_split(row: dict) -> dict[str, float]:
+def time_split(r: RequestRecord) -> dict[str, float]:
     """Where one answered request's end-to-end time went, in ms (NaN where the server did not say)."""
-    queue, exec_ms, server = _float(row["queue_ms"]), _float(row["exec_ms"]), _float(row["server_ms"])
-    return {"queue": queue, "exec": exec_ms, "handler_other": server - queue - exec_ms,
-            "outside": _float(row["latency_ms"]) - server}
+    return {"queue": r.queue_ms, "exec": r.exec_ms, "handler_other": r.server_ms - r.queue_ms - r.exec_ms,
+            "outside": r.latency_ms - r.server_ms}
 
 
 def _summary(splits: list[dict[str, float]]) -> dict:
@@ -52,18 +48,14 @@ def _summary(splits: list[dict[str, float]]) -> dict:
     return out
 
 
-def on_time(row: dict) -> bool:
-    return row["status"] == "OK" and _float(row["latency_ms"]) <= _float(row["deadline_ms"])
-
-
-def analyse(rows: list[dict], slo_class: str, window: list[float] | None, steal: list[float | None] | None) -> dict:
-    """The report for one policy's records (CSV rows as ``csv.DictReader`` gives them)."""
-    mine = [r for r in rows if r["slo_class"] == slo_class]
-    missed = [r for r in mine if not on_time(r)]
-    when = [_float(r["scheduled_s"]) if r.get("scheduled_s") not in (None, "", "None") else _float(r["send_s"])
-            for r in missed]
+def analyse(records: list[RequestRecord], slo_class: str, window: list[float] | None,
+            steal: list[float | None] | None) -> dict:
+    """The report for one policy's records."""
+    mine = [r for r in records if r.slo_class == slo_class]
+    missed = [r for r in mine if not r.on_time]
+    when = [r.scheduled_s if r.scheduled_s is not None else r.send_s for r in missed]
     out: dict = {"requests": len(mine), "misses": len(missed),
-                 "by_status": dict(Counter("OK (late)" if r["status"] == "OK" else r["status"] for r in missed))}
+                 "by_status": dict(Counter("OK (late)" if r.status == "OK" else r.status for r in missed))}
     if window is not None:
         start, stop = window
         out["by_phase"] = {"before": sum(t < start for t in when), "during": sum(start <= t < stop for t in when),
@@ -73,8 +65,8 @@ def analyse(rows: list[dict], slo_class: str, window: list[float] | None, steal:
     out["per_bin"] = [{"from_s": b * STEAL_BIN_S, "misses": bins.get(b, 0),
                        "steal_pct": steal[b] if steal is not None and b < len(steal) else None}
                       for b in range(n_bins) if bins.get(b, 0)]
-    out["split_ms"] = {"missed_ok": _summary([time_split(r) for r in missed if r["status"] == "OK"]),
-                       "on_time": _summary([time_split(r) for r in mine if on_time(r)])}
+    out["split_ms"] = {"missed_ok": _summary([time_split(r) for r in missed if r.status == "OK"]),
+                       "on_time": _summary([time_split(r) for r in mine if r.on_time])}
     return out
 
 
@@ -89,9 +81,7 @@ def analyse_run(run_dir: Path, slo_class: str) -> dict:
         path = run_dir / f"live-{slug(policy)}.csv"
         if not path.exists():
             continue
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        out[policy] = analyse(rows, slo_class, window, (hosts.get(policy) or {}).get("steal_pct_per_10s"))
+        out[policy] = analyse(read_csv(path), slo_class, window, (hosts.get(policy) or {}).get("steal_pct_per_10s"))
     return out
 
 

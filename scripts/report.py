@@ -117,6 +117,23 @@ def write_csv(records: list[RequestRecord], path: Path) -> None:
             w.writerow({**r.as_dict(), "latency_ms": r.latency_ms})
 
 
+def _optional(text: str, parse):
+    return parse(text) if text not in ("", "None") else None
+
+
+def read_csv(path: Path) -> list[RequestRecord]:
+    """The records :func:`write_csv` wrote (its ``latency_ms`` column is derived, and dropped)."""
+    records = []
+    with open(path, newline="") as f:
+        for d in csv.DictReader(f):
+            records.append(RequestRecord(
+                int(d["index"]), d["slo_class"], float(d["deadline_ms"]), float(d["send_s"]), float(d["answer_s"]),
+                d["status"], float(d["level"]), int(d["batch_size"]), _optional(d["correct"], lambda t: t == "True"),
+                d["late"] == "True", float(d["exec_ms"]), float(d["predicted_ms"]), float(d["queue_ms"]),
+                float(d["server_ms"]), d["detail"], _optional(d["scheduled_s"], float)))
+    return records
+
+
 def format_table(summary: dict) -> str:
     """A human-readable per-class table."""
     head = f"{'class':<12}{'sent':>7}{'in SLO':>9}{'attain':>8}{'acc':>8}{'p50 ms':>9}{'p99 ms':>9}  levels / errors"

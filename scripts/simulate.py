@@ -479,6 +479,17 @@ def run_policy(setup: SimSetup, arrivals: Arrivals, policy_name: str, cfg: SimCo
                     setup.draw(seed), cfg, setup.contention, setup.correct, setup.model_name, seed)
 
 
+def sim_parser(**kwargs) -> argparse.ArgumentParser:
+    """An ``argparse.ArgumentParser(**kwargs)`` with the arrival and simulation arguments: what :func:`load`
+    reads (``slonn simulate``'s, and bench_sim's)."""
+    from scripts.replay import add_arrival_args
+
+    p = argparse.ArgumentParser(**kwargs)
+    add_arrival_args(p)
+    add_sim_args(p)
+    return p
+
+
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
     p.add_argument("--profile", type=Path, default=None,
@@ -509,14 +520,12 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from scheduler.compiled import state as compiled_state
-    from scripts.replay import add_arrival_args, phase_summaries
+    from scripts.replay import phase_summaries
     from scripts.report import format_table, summarize, write_csv
 
     # A literal, not __doc__: mypyc drops module docstrings (scheduler/compiled.py).
-    p = argparse.ArgumentParser(prog="slonn simulate",
-                                description="Discrete-event replay of a trace through the real scheduler on a virtual clock.")
-    add_arrival_args(p)
-    add_sim_args(p)
+    p = sim_parser(prog="slonn simulate",
+                   description="Discrete-event replay of a trace through the real scheduler on a virtual clock.")
     p.add_argument("--policy", default="slonn", help="slonn | triton[:k=v,...] | fixed:<level> | aimd")
     p.add_argument("--csv", type=Path, default=None, help="write per-request records here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -56,3 +56,14 @@ def test_main_prints_json_per_run_and_refuses_a_directory_without_compare_json(t
     assert json.loads(capsys.readouterr().out)[str(run)]["slonn"]["misses"] == 3
     with pytest.raises(SystemExit):
         misses.main([str(tmp_path / "nowhere")])
+
+
+def test_read_csv_gives_back_the_records_write_csv_wrote(tmp_path):
+    from scripts.report import read_csv
+
+    records = [rec(0, 1.5, 12.0), rec(1, 2.0, 0.0, status="UNAVAILABLE"),
+               RequestRecord(2, "batch", 500.0, 3.0)]  # defaults: NaN floats, correct None, no schedule
+    records[1].detail, records[0].late = "worker died", True
+    write_csv(records, tmp_path / "r.csv")
+    back = read_csv(tmp_path / "r.csv")
+    assert [repr(r) for r in back] == [repr(r) for r in records]  # repr shows every field; NaN reads as nan
