@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DEFAULT_LEVELS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)
+DEFAULT_LEVELS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02, 0.01)
 DEFAULT_HIDDEN: tuple[int, ...] = (4096, 4096, 4096)
 
 
