@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -119,6 +120,14 @@ class ServerConfig:
     """Worker processes (> 0); each runs one batch at a time."""
     threads: int = 1
     """torch intra-op threads per worker (> 0)."""
+    worker_nice: int | None = None
+    """Niceness of the worker processes (absolute; None: the server's, which they inherit). A worker at a
+    higher niceness than the server's front end shares its CPU with co-runners while the front end keeps
+    ahead of them: on a CPU host, the setting that stands for a GPU neighbour (``slonn adapt``)."""
+    worker_cpus: tuple[int, ...] | None = None
+    """CPUs the worker processes may run on (None: the server's). With the server itself on other CPUs
+    (``slonn serve --cpus``), a co-runner on the workers' CPUs slows the model and not the front end: on a
+    CPU host, the case of a neighbour on the same GPU (``slonn adapt``)."""
     worker_spin_ms: float = 0.0
     """After each batch a worker polls for the next one this long before it blocks (>= 0; see
     ``workers.process.wait_for_task``): on a VM this keeps the host from pausing the worker's vCPU during
@@ -162,6 +171,16 @@ class ServerConfig:
             raise ValueError(f"worker_spin_ms={self.worker_spin_ms} must be finite and >= 0")
         if self.worker_spin_ms and self.in_process:
             raise ValueError("worker_spin_ms applies to worker processes; in_process=True has none")
+        if self.worker_nice is not None and self.in_process:
+            raise ValueError("worker_nice applies to worker processes; in_process=True has none")
+        if self.worker_nice is not None and not -20 <= self.worker_nice <= 19:
+            raise ValueError(f"worker_nice={self.worker_nice} must be in -20..19")
+        if self.worker_cpus is not None:
+            if self.in_process:
+                raise ValueError("worker_cpus applies to worker processes; in_process=True has none")
+            n_cpus = os.cpu_count() or 1
+            if not self.worker_cpus or not all(0 <= c < n_cpus for c in self.worker_cpus):
+                raise ValueError(f"worker_cpus={list(self.worker_cpus)}: this machine has CPUs 0..{n_cpus - 1}")
         low_precision_of(self.precision)  # ValueError naming precision
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch={self.max_batch} must be in 1..1024")

@@ -76,8 +76,11 @@ class LearnedLatency:
             learner.stop()
 
 
-def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION) -> list[LatencySample] | None:
-    """The profile `slonn profile --precision` wrote beside the model for workers in ``precision``, if any."""
+def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION,
+              worker_nice: int | None = None) -> list[LatencySample] | None:
+    """The profile `slonn profile --precision` wrote beside the model for workers in ``precision``, if any;
+    warns when it was taken at another niceness than ``worker_nice`` (None: this process's, which the
+    workers inherit)."""
     path = Path(model_dir) / profile_csv_name(precision)
     if not path.exists():
         return None
@@ -86,15 +89,15 @@ def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION) -> list[Laten
     if foreign:
         log.warning("%s was profiled with kernels %s that %s workers do not have: retake it with "
                     "`slonn profile --precision %s`", path, sorted(foreign), precision, precision)
-    mismatch = niceness_mismatch(dicts, os.getpriority(os.PRIO_PROCESS, 0))
+    mismatch = niceness_mismatch(dicts, os.getpriority(os.PRIO_PROCESS, 0) if worker_nice is None else worker_nice)
     if mismatch:
         log.warning("%s: %s", path, mismatch)
     return rows
 
 
 def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None:
-    """Why a profile's latencies under contention do not describe workers at ``serving_nice`` (the workers
-    inherit the server's niceness), or None. Under co-runners a worker's latency depends on its CPU weight:
+    """Why a profile's latencies under contention do not describe workers at ``serving_nice`` (the workers'
+    niceness: ``slonn serve --worker-nice``, else the server's, which they inherit), or None. Under co-runners a worker's latency depends on its CPU weight:
     on the 2-vCPU VM of docs/latency-model.md, two busy co-runners made batches scatter 27% around the model
     at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
     try:

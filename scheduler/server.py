@@ -177,7 +177,8 @@ class SlonnServer:
         """Start workers, profile, bind; returns the bound port."""
         cfg = self.cfg
         spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads, precision=cfg.precision,
-                          worker_spin_ms=cfg.worker_spin_ms)
+                          worker_spin_ms=cfg.worker_spin_ms, worker_nice=cfg.worker_nice,
+                          worker_cpus=cfg.worker_cpus)
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
         self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples
@@ -238,7 +239,7 @@ class SlonnServer:
     async def _base_rows(self, manifest: ModelManifest) -> list[LatencySample]:
         """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
         directory = next(d for d in self.cfg.model_dirs if load_manifest(d).name == manifest.name)
-        rows = base_rows(directory, self.cfg.precision)
+        rows = base_rows(directory, self.cfg.precision, self.cfg.worker_nice)
         if rows:
             log.info("%s: latency model from %d profile rows in %s", manifest.name, len(rows), directory)
             return rows

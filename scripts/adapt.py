@@ -1,7 +1,20 @@
 """`slonn adapt --json`: seconds from a co-runner's start until the server's chosen levels shift.
 
 Steady open-loop load of one class against a live server; a CPU co-runner
-starts at ``--corunner-start-s``. The chosen keep fraction per request is
+(two busy processes at niceness 0 by default) starts at ``--corunner-start-s``.
+
+Who competes with the co-runner. By default everything shares every CPU:
+on 2 vCPUs the co-runner slows the gRPC front end and the load generator as
+much as the model, and the levels shift only once the model, not the front
+end, is what runs late; hence the default load of 300 req/s, where batches
+form. ``--pin`` puts the model worker and the co-runner on the last CPU and
+the front end and the load generator on the others (``slonn serve --cpus 0
+--worker-cpus 1``): the co-runner then slows the model alone, the case of a
+neighbour's kernels on the same GPU. On 2 vCPUs that leaves one core for the
+front end and the client, which carried 100 req/s but not 150-200 on the
+noisy host of session 14. Raising the front end's priority instead
+(``--serve-nice -10 --worker-nice 0 --client-nice -10``) starved the worker
+behind the front end before the co-runner even started (50-73% in time). The chosen keep fraction per request is
 binned over time; the shift time is the end of the first bin after the start
 whose mean level leaves the quiet baseline's band (mean +- max(3 sd, 10%) over
 the last 3 s before the start, see ``BASELINE_S``) and stays out for the next
@@ -22,15 +35,20 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from scheduler.config import load_classes
+from scripts.corunner import niceness_of
 from scripts.replay import phase_summaries, replay_with_corunner
 from scripts.report import RequestRecord
+from scripts.serve import call_at_niceness
 from scripts.serverproc import ServerProcess
 from scripts.trace import poisson_arrivals
+from workers.placement import set_cpus
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +133,47 @@ def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: floa
     return out
 
 
+WORKER_READY = re.compile(r"worker \d+ ready \(pid \d+, [^,]+, niceness (-?\d+), cpus ([\d,]*)\)")
+"""The pool's log line for a worker that has started (``workers.pool``): the niceness and CPUs it runs at."""
+
+
+def started_workers(server_log: Path) -> list[dict]:
+    """Niceness and CPUs of every worker the server started, from its log."""
+    return [{"niceness": int(m.group(1)), "cpus": [int(c) for c in m.group(2).split(",") if c]}
+            for m in WORKER_READY.finditer(server_log.read_text(errors="replace"))]
+
+
+def split_cpus(cpus: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(front end and load generator, worker and co-runner): the last CPU for the model, the rest for the
+    front end; None with a single CPU (nothing to split)."""
+    if len(cpus) < 2:
+        return None
+    return tuple(cpus[:-1]), (cpus[-1],)
+
+
+def cpu_list(cpus: tuple[int, ...]) -> str:
+    return ",".join(map(str, cpus))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="slonn adapt", description=__doc__)
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
     p.add_argument("--slo-class", default="interactive")
-    p.add_argument("--rate", type=float, default=100.0,
-                   help="steady requests/s (a load the machine carries when quiet: 300 overloaded 2-vCPU VMs "
-                        "of sessions 6-8 before any co-runner)")
+    p.add_argument("--rate", type=float, default=300.0,
+                   help="steady requests/s: a load the machine carries when quiet (400 overloaded the 2-vCPU VM "
+                        "of session 14 before any co-runner) and at which batches form, so that a slower model "
+                        "leaves a choice between a smaller batch and a faster level")
     p.add_argument("--duration-s", type=float, default=40.0)
     p.add_argument("--corunner-start-s", type=float, default=15.0)
     p.add_argument("--corunner-stop-s", type=float, default=30.0)
     p.add_argument("--corunner-procs", type=int, default=2, help="CPU-burning processes (cores)")
+    p.add_argument("--pin", action="store_true",
+                   help="the worker and the co-runner on the last CPU, the front end and the load generator on "
+                        "the others (default: everything on every CPU)")
+    p.add_argument("--serve-nice", type=int, default=0, help="`slonn serve --nice` (front end and workers)")
+    p.add_argument("--worker-nice", type=int, default=None, help="`slonn serve --worker-nice` (absolute)")
+    p.add_argument("--client-nice", type=int, default=None,
+                   help="the load generator's niceness (absolute; default: unchanged)")
     p.add_argument("--bin-s", type=float, default=0.5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -135,14 +183,35 @@ def main(argv: list[str] | None = None) -> int:
     deadlines = {n: c.latency_ms for n, c in load_classes(None).items()}
     arrivals = poisson_arrivals(args.rate, args.duration_s, {args.slo_class: 1.0})
     server_log = Path("runs/adapt/server.log")
-    with ServerProcess(["--model-dir", str(args.model_dir), "--stats-interval-s", "2"], server_log) as srv:
-        records = asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
-                                                   args.corunner_stop_s, args.corunner_procs, progress=False))
+    serve = ["--model-dir", str(args.model_dir), "--stats-interval-s", "2", "--nice", str(args.serve_nice)]
+    if args.worker_nice is not None:
+        serve += ["--worker-nice", str(args.worker_nice)]
+    placement = split_cpus(sorted(os.sched_getaffinity(0))) if args.pin else None
+    if placement is not None:
+        front, model_cpus = placement
+        serve += ["--cpus", cpu_list(front), "--worker-cpus", cpu_list(model_cpus)]
+    usage: dict = {}
+    with ServerProcess(serve, server_log) as srv:
+        if placement is not None:
+            set_cpus(placement[0])  # the load generator (this process) beside the front end
+        niceness = {"server": niceness_of(srv.proc.pid)}
+        records, niceness["client"] = call_at_niceness(
+            lambda: asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
+                                                     args.corunner_stop_s, args.corunner_procs, usage=usage,
+                                                     corunner_cpus=placement and placement[1], progress=False)),
+            args.client_nice)
+    workers = started_workers(server_log)
+    niceness["workers"] = sorted({w["niceness"] for w in workers})
+    niceness["corunner"] = usage.get("niceness")
+    cpus = None if placement is None else {
+        "front_end_and_client": list(placement[0]), "workers": sorted({c for w in workers for c in w["cpus"]}),
+        "corunner": list(placement[1])}
     ends, means = level_series(records, args.bin_s, args.duration_s)
     _, ratios = prediction_series(records, args.bin_s, args.duration_s, args.corunner_start_s)
     served_levels = sorted({r.level for r in records if r.status == "OK"})
     result = {
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
+        "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),
         **shift_time(ends, ratios, args.corunner_start_s, args.corunner_stop_s, name="prediction"),

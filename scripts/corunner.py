@@ -19,11 +19,14 @@ import os
 import time
 from dataclasses import dataclass
 
+from workers.placement import set_cpus, set_niceness
 
-def _burn(stop, duty: float, period_s: float, nice: int | None = None) -> None:
+
+def _burn(stop, duty: float, period_s: float, nice: int | None = None, cpus: tuple[int, ...] | None = None) -> None:
     """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
     if nice is not None:
         set_niceness(nice)
+    set_cpus(cpus)
     busy_s = duty * period_s
     idle_s = period_s - busy_s
     parent = os.getppid()
@@ -35,21 +38,6 @@ def _burn(stop, duty: float, period_s: float, nice: int | None = None) -> None:
                 x = (x * 1103515245 + i) & 0xFFFFFFFF
         if idle_s > 0:
             time.sleep(idle_s)
-
-
-def set_niceness(value: int) -> int:
-    """Set this thread's niceness to ``value`` (absolute) and return the niceness it runs at.
-
-    The one place slonn changes a niceness (co-runner children, the profiled worker, ``slonn serve --nice``,
-    the load generator's thread): on Linux niceness is per thread, and the threads and processes a thread
-    starts later inherit it. Lowering it needs CAP_SYS_NICE: without it nothing changes, silently; callers
-    that were asked for a niceness compare the result and say so.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, value)
-    except PermissionError:
-        pass
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @dataclass(frozen=True)
@@ -96,7 +84,7 @@ def cpu_seconds(pid: int) -> float | None:
     return None if got is None else sum(got) / os.sysconf("SC_CLK_TCK")
 
 
-def _niceness(pid: int) -> int | None:
+def niceness_of(pid: int) -> int | None:
     """Niceness of process ``pid`` (Linux /proc), or None."""
     got = _stat_fields(pid, 16)
     return None if got is None else got[0]
@@ -105,17 +93,20 @@ def _niceness(pid: int) -> int | None:
 class CpuBurner:
     """Start/stop ``n_procs`` CPU-burning processes; also a context manager."""
 
-    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02, nice: int | None = None) -> None:
+    def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02, nice: int | None = None,
+                 cpus: tuple[int, ...] | None = None) -> None:
         """``nice``: the burners' niceness (absolute; None: the starting thread's). The replay's co-runner
         uses 0, a neighbour at the default priority whatever the load generator's (``slonn compare
         --client-nice``). Lowering it needs CAP_SYS_NICE: without it the burners keep their parent's, and
-        :meth:`usage` reports the niceness they ran at."""
+        :meth:`usage` reports the niceness they ran at. ``cpus``: the CPUs they may run on (None: the
+        starting thread's), e.g. the one a pinned worker runs on (``slonn adapt``)."""
         if n_procs < 0 or not 0.0 < duty <= 1.0 or period_s <= 0:
             raise ValueError(f"CpuBurner(n_procs={n_procs}, duty={duty}, period_s={period_s}): "
                              "need n_procs >= 0, 0 < duty <= 1, period_s > 0")
         self.spec = BurnSpec(n_procs, duty)
         self.period_s = period_s
         self.nice = nice
+        self.cpus = cpus
         self._ctx = mp.get_context("spawn")
         self._stop = None
         self._procs: list = []
@@ -141,7 +132,7 @@ class CpuBurner:
         self._t0 = time.monotonic()
         self._stop = self._ctx.Event()
         for _ in range(self.spec.n_procs):
-            p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s, self.nice),
+            p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s, self.nice, self.cpus),
                                  daemon=True)
             p.start()
             self._procs.append(p)
@@ -150,7 +141,7 @@ class CpuBurner:
     def stop(self, timeout_s: float = 2.0) -> None:
         procs, self._procs = self._procs, []  # a second stop() (another thread's) finds nothing to do
         if procs:  # what it got, read before it exits: did it really take its cores?
-            self.niceness = _niceness(procs[0].pid)
+            self.niceness = niceness_of(procs[0].pid)
             cpu = [cpu_seconds(p.pid) for p in procs]
             self.cpu_s = None if None in cpu else sum(cpu)
             self.wall_s = time.monotonic() - self._t0

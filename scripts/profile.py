@@ -33,7 +33,8 @@ from policy.contention import ContentionMonitor, time_call
 from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
 from policy.latency_model import profile_csv_name
-from scripts.corunner import BurnSpec, CpuBurner, set_niceness
+from scripts.corunner import BurnSpec, CpuBurner
+from workers.placement import set_niceness
 from scripts.serve import spin_ms
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 

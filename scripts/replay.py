@@ -189,13 +189,14 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
 
 async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
                                start_s: float, stop_s: float, n_procs: int = 1, usage: dict | None = None,
-                               **kwargs) -> list[RequestRecord]:
+                               corunner_cpus: tuple[int, ...] | None = None, **kwargs) -> list[RequestRecord]:
     """:func:`replay` with a CPU co-runner (``scripts.corunner.CpuBurner``) on from ``start_s`` to ``stop_s``
-    (seconds from the first send). ``usage``, if given, receives the CPU the co-runner got
-    (``CpuBurner.usage``)."""
+    (seconds from the first send), on ``corunner_cpus`` (None: wherever this thread may run). ``usage``, if
+    given, receives the CPU the co-runner got (``CpuBurner.usage``)."""
     from scripts.corunner import CpuBurner
 
-    burner = CpuBurner(n_procs=n_procs, nice=0)  # a neighbour at the default priority, whatever this process's
+    # A neighbour at the default priority, whatever this process's.
+    burner = CpuBurner(n_procs=n_procs, nice=0, cpus=corunner_cpus)
 
     started = asyncio.Event()
     origin: dict = {}

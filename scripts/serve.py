@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 from scheduler.compiled import state as compiled_state
 from scheduler.config import ServerConfig, load_classes
 from scripts import aio
-from scripts.corunner import set_niceness
+from workers.placement import parse_cpus, set_cpus, set_niceness
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
@@ -31,6 +31,14 @@ def spin_ms(text: str) -> float:
     if not 0.0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"--worker-spin-ms {text!r}: must be finite and >= 0")
     return value
+
+
+def cpus_arg(text: str) -> tuple[int, ...]:
+    """``--cpus`` / ``--worker-cpus``: a CPU list such as 1, 0,2 or 0-3."""
+    try:
+        return parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +72,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nice", type=int, default=0,
                    help="add this to the server's niceness before the workers start (they inherit it); negative "
                         "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
+    p.add_argument("--worker-nice", type=int, default=None, metavar="N",
+                   help="the workers' own niceness (absolute, -20..19; default: the server's). With --nice -10, "
+                        "--worker-nice 0 keeps the front end ahead of co-runners while the model shares its CPU "
+                        "with them, as a GPU shares its SMs with a neighbour's kernels (slonn adapt)")
+    p.add_argument("--cpus", type=cpus_arg, default=None, metavar="LIST",
+                   help="CPUs the server process (its front end) may run on, e.g. 0 or 0-3 (default: any)")
+    p.add_argument("--worker-cpus", type=cpus_arg, default=None, metavar="LIST",
+                   help="CPUs the worker processes may run on (default: the server's). With --cpus on other "
+                        "CPUs, a co-runner on the workers' CPUs slows the model and not the front end, as a "
+                        "neighbour on the same GPU does (slonn adapt)")
 
 
 def call_at_niceness(fn: Callable[[], T], value: int | None) -> tuple[T, int]:
@@ -120,7 +138,7 @@ def config_from_args(args) -> ServerConfig:
     return ServerConfig(
         model_dirs=tuple(args.model_dir or [DEFAULT_MODEL_DIR]), classes=load_classes(args.classes),
         host=args.host, port=args.port, workers=args.workers, threads=args.threads, device=args.device,
-        worker_spin_ms=args.worker_spin_ms,
+        worker_spin_ms=args.worker_spin_ms, worker_nice=args.worker_nice, worker_cpus=args.worker_cpus,
         precision=args.precision,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
         max_pending=args.max_pending,
@@ -157,4 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slonn serve: {exc}", file=sys.stderr)
         return 2
     apply_nice(args.nice)
+    try:
+        set_cpus(args.cpus)
+    except ValueError as exc:
+        print(f"slonn serve: --cpus: {exc}", file=sys.stderr)
+        return 2
     return aio.run(run_server(cfg), args.event_loop)

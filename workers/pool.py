@@ -180,7 +180,8 @@ class ProcessPool(WorkerPool):
             # Replacements reuse this measurement: a restart should not pay for calibration again.
             self.spec = replace(self.spec, kernel_tables=dict(msg.kernel_table))
         self.device = msg.device
-        log.info("worker %d ready (pid %d, %s); kernels %s", w.worker_id, msg.pid, msg.device, msg.kernel_table)
+        log.info("worker %d ready (pid %d, %s, niceness %d, cpus %s); kernels %s", w.worker_id, msg.pid,
+                 msg.device, msg.niceness, ",".join(map(str, msg.cpus)), msg.kernel_table)
         if not w.ready.done():
             w.ready.set_result(msg)
         self._release(w)

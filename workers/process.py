@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from workers.heap import freeze_startup_heap
+from workers.placement import set_cpus, set_niceness
 from workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 from workers.runner import ModelRunner
 
@@ -35,6 +36,10 @@ class WorkerSpec:
     """model name -> a measured KernelChooser.to_json(); such models skip calibration (worker restarts)."""
     worker_spin_ms: float = 0.0
     """After each batch, poll for the next task for up to this long before blocking (see ``wait_for_task``)."""
+    worker_nice: int | None = None
+    """The worker's niceness (absolute), set before it loads anything; None: its parent's."""
+    worker_cpus: tuple[int, ...] | None = None
+    """The CPUs the worker may run on, set before it loads anything; None: its parent's."""
 
 
 def load_runners(spec: WorkerSpec) -> dict[str, ModelRunner]:
@@ -95,13 +100,20 @@ def wait_for_task(conn: Connection, spin_s: float):
 def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a spawned worker process."""
     logging.basicConfig(level=logging.WARNING, format=f"worker{worker_id} %(levelname)s %(message)s")
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if spec.worker_nice is not None:
+        niceness = set_niceness(spec.worker_nice)
+        if niceness != spec.worker_nice:
+            log.warning("worker niceness %d: not permitted (needs CAP_SYS_NICE); running at %d", spec.worker_nice,
+                        niceness)
+    cpus = set_cpus(spec.worker_cpus)
     runners = load_runners(spec)
     warm_up(runners)
     freeze_startup_heap()
     conn.send(WorkerReady(
         worker_id=worker_id, pid=os.getpid(), device=str(next(iter(runners.values())).device),
         models={name: r.manifest.to_json() for name, r in runners.items()},
-        kernel_table={name: r.chooser.to_json() for name, r in runners.items()},
+        kernel_table={name: r.chooser.to_json() for name, r in runners.items()}, niceness=niceness, cpus=cpus,
     ))
     while True:
         try:

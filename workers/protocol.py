@@ -64,6 +64,10 @@ class WorkerReady:
     """model name -> ModelManifest.to_json()."""
     kernel_table: dict = field(default_factory=dict)
     """model name -> the worker's measured kernel choice per (batch, level), for logging."""
+    niceness: int = 0
+    """The niceness the worker runs at (``WorkerSpec.worker_nice`` if it could be set, else its parent's)."""
+    cpus: tuple[int, ...] = ()
+    """The CPUs the worker may run on."""
 
 
 @dataclass(frozen=True)

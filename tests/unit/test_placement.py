@@ -1,0 +1,70 @@
+"""Where a worker runs: `slonn serve --worker-nice`, `--cpus`, `--worker-cpus` (workers/placement.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+from scheduler.config import ServerConfig, SLOClassConfig
+from scripts.adapt import split_cpus, started_workers
+from scripts.serve import add_server_args, cpus_arg
+from workers.placement import parse_cpus, set_cpus
+
+CLASSES = {"c": SLOClassConfig("c", latency_ms=10)}
+
+
+@pytest.mark.parametrize(("text", "cpus"), [("1", (1,)), ("0,2", (0, 2)), ("0-3", (0, 1, 2, 3)), ("3,0-1", (0, 1, 3))])
+def test_cpu_lists_parse_to_sorted_cpu_numbers(text, cpus):
+    assert parse_cpus(text) == cpus
+
+
+@pytest.mark.parametrize("bad", ["", "a", "1-", "-1", "3-1", "0,,1"])
+def test_a_bad_cpu_list_is_rejected_naming_the_text_and_the_flag(bad):
+    with pytest.raises(ValueError, match="cpus"):
+        parse_cpus(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected CPU numbers"):
+        cpus_arg(bad)
+
+
+def test_set_cpus_without_cpus_leaves_the_affinity_and_reports_it():
+    assert set_cpus(None) == tuple(sorted(os.sched_getaffinity(0)))
+
+
+def test_set_cpus_on_a_cpu_this_machine_lacks_raises_naming_it():
+    with pytest.raises(ValueError, match="4095"):
+        set_cpus((4095,))
+
+
+def test_serve_flags_reach_the_config():
+    from scripts.serve import config_from_args
+
+    p = argparse.ArgumentParser()
+    add_server_args(p)
+    args = p.parse_args(["--worker-nice", "5", "--worker-cpus", "0", "--cpus", "0"])
+    cfg = config_from_args(args)
+    assert (cfg.worker_nice, cfg.worker_cpus, args.cpus) == (5, (0,), (0,))
+    assert config_from_args(p.parse_args([])).worker_cpus is None
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"worker_nice": 20}, "worker_nice"),
+    ({"worker_nice": 0, "in_process": True}, "worker_nice"),
+    ({"worker_cpus": (os.cpu_count() or 1,)}, "worker_cpus"),
+    ({"worker_cpus": ()}, "worker_cpus"),
+    ({"worker_cpus": (0,), "in_process": True}, "worker_cpus"),
+])
+def test_bad_placement_is_rejected_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ServerConfig(model_dirs=("m",), classes=CLASSES, **kwargs)
+
+
+def test_adapt_pins_the_model_to_the_last_cpu_and_reads_back_what_the_workers_ran_at(tmp_path):
+    assert split_cpus([0, 1]) == ((0,), (1,)) and split_cpus([0, 1, 2, 3]) == ((0, 1, 2), (3,))
+    assert split_cpus([0]) is None  # nothing to split
+    log = tmp_path / "server.log"
+    # The line workers.pool logs when a worker is up (a format change must show here).
+    log.write_text("2026-12-01 23:00:00,000 workers.pool INFO worker 0 ready (pid 12, cpu, niceness 0, cpus 1); "
+                   "kernels {}\nworker 1 ready (pid 13, cuda:0, niceness -10, cpus 0,1,2); kernels {}\n")
+    assert started_workers(log) == [{"niceness": 0, "cpus": [1]}, {"niceness": -10, "cpus": [0, 1, 2]}]
