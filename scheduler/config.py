@@ -121,9 +121,8 @@ class ServerConfig:
     threads: int = 1
     """torch intra-op threads per worker (> 0)."""
     worker_nice: int | None = None
-    """Niceness of the worker processes (absolute; None: the server's, which they inherit). A worker at a
-    higher niceness than the server's front end shares its CPU with co-runners while the front end keeps
-    ahead of them: on a CPU host, the setting that stands for a GPU neighbour (``slonn adapt``)."""
+    """Niceness of the worker processes (absolute, -20..19; None: the server's, which they inherit). Profile
+    the worker at the same one (``slonn profile --worker-nice``): the server warns otherwise."""
     worker_cpus: tuple[int, ...] | None = None
     """CPUs the worker processes may run on (None: the server's). With the server itself on other CPUs
     (``slonn serve --cpus``), a co-runner on the workers' CPUs slows the model and not the front end: on a

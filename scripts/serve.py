@@ -73,9 +73,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="add this to the server's niceness before the workers start (they inherit it); negative "
                         "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
     p.add_argument("--worker-nice", type=int, default=None, metavar="N",
-                   help="the workers' own niceness (absolute, -20..19; default: the server's). With --nice -10, "
-                        "--worker-nice 0 keeps the front end ahead of co-runners while the model shares its CPU "
-                        "with them, as a GPU shares its SMs with a neighbour's kernels (slonn adapt)")
+                   help="the workers' own niceness (absolute, -20..19; default: the server's, which they "
+                        "inherit). Profile at the same one (slonn profile --worker-nice)")
     p.add_argument("--cpus", type=cpus_arg, default=None, metavar="LIST",
                    help="CPUs the server process (its front end) may run on, e.g. 0 or 0-3 (default: any)")
     p.add_argument("--worker-cpus", type=cpus_arg, default=None, metavar="LIST",
