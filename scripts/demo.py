@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the CSV, JSON and server log go")
     add_arrival_args(p)
     add_client_args(p)
+    # One stream per client, as the comparisons measure (docs/simulation.md). One unary call per request
+    # costs ~7 ms more per round trip at this load on a 2-vCPU VM (session 14: interactive 77-92% in time,
+    # p50 9-17 ms, against 100% and 4-5 ms on a stream); `--transport unary` shows it.
+    p.set_defaults(transport="stream")
     args = p.parse_args(argv)
     ensure_model(args.model_dir)
     manifest = load_manifest(args.model_dir)
@@ -52,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess(serve_args, args.out / "server.log") as server:
         print(f"server at {server.target}; replaying {len(arrivals)} requests of {arrivals.source} "
               f"(trace seconds {arrivals.window_s[0]:g}-{arrivals.window_s[1]:g}, x{arrivals.speedup:g} "
-              f"-> {arrivals.duration_s:.1f} s)", flush=True)
+              f"-> {arrivals.duration_s:.1f} s, {args.transport} gRPC)", flush=True)
         records = aio.run(replay(server.target, manifest.name, arrivals,
                                  {n: c.latency_ms for n, c in classes.items()}, split_seed=manifest.seed,
                                  **client_kwargs(args)), args.event_loop)
     summary = summarize(records, arrivals.duration_s)
     write_csv(records, args.out / "requests.csv")
-    report = {"load": arrivals.describe(), "policy": args.policy,
+    report = {"load": arrivals.describe(), "policy": args.policy, "transport": args.transport,
               "classes": {n: {"latency_ms": c.latency_ms, "min_accuracy": c.min_accuracy} for n, c in classes.items()},
               "model_accuracy": {f"{k:g}": v for k, v in manifest.accuracy.items()},
               "summary": summary, "server_exit_code": server.returncode}
