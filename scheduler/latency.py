@@ -97,9 +97,9 @@ def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION,
 
 def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None:
     """Why a profile's latencies under contention do not describe workers at ``serving_nice`` (the workers'
-    niceness: ``slonn serve --worker-nice``, else the server's, which they inherit), or None. Under co-runners a worker's latency depends on its CPU weight:
-    on the 2-vCPU VM of docs/latency-model.md, two busy co-runners made batches scatter 27% around the model
-    at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
+    niceness: ``slonn serve --worker-nice``, else the server's, which they inherit), or None. Under
+    co-runners a worker's latency depends on its CPU weight: on the 2-vCPU VM of docs/latency-model.md, two
+    busy co-runners made batches scatter 27% around the model at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
     try:
         nices = profile_niceness(profile_rows)
     except ValueError as exc:

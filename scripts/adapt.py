@@ -45,7 +45,7 @@ import numpy as np
 
 from scheduler.config import load_classes
 from scripts.corunner import niceness_of
-from scripts.replay import phase_summaries, replay_with_corunner
+from scripts.replay import TRANSPORTS, phase_summaries, replay_with_corunner
 from scripts.report import RequestRecord
 from scripts.serve import call_at_niceness
 from scripts.serverproc import ServerProcess
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-nice", type=int, default=None, help="`slonn serve --worker-nice` (absolute)")
     p.add_argument("--client-nice", type=int, default=None,
                    help="the load generator's niceness (absolute; default: unchanged)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="unary",
+                   help="one Infer call per request (as every session-14 figure), or one stream")
     p.add_argument("--bin-s", type=float, default=0.5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_nice is not None:
         serve += ["--worker-nice", str(args.worker_nice)]
     placement = split_cpus(sorted(os.sched_getaffinity(0))) if args.pin else None
+    if args.pin and placement is None:
+        p.error(f"--pin needs at least 2 CPUs; this process may use {sorted(os.sched_getaffinity(0))}")
     if placement is not None:
         front, model_cpus = placement
         serve += ["--cpus", cpu_list(front), "--worker-cpus", cpu_list(model_cpus)]
@@ -197,22 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         if placement is not None:
             set_cpus(placement[0])  # the load generator (this process) beside the front end
         niceness = {"server": niceness_of(srv.proc.pid)}
+        front_cpus = sorted(os.sched_getaffinity(srv.proc.pid))
         records, niceness["client"] = call_at_niceness(
             lambda: asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
                                                      args.corunner_stop_s, args.corunner_procs, usage=usage,
-                                                     corunner_cpus=placement and placement[1], progress=False)),
+                                                     corunner_cpus=placement and placement[1],
+                                                     transport=args.transport, progress=False)),
             args.client_nice)
     workers = started_workers(server_log)
     niceness["workers"] = sorted({w["niceness"] for w in workers})
     niceness["corunner"] = usage.get("niceness")
     cpus = None if placement is None else {
-        "front_end_and_client": list(placement[0]), "workers": sorted({c for w in workers for c in w["cpus"]}),
+        "front_end_and_client": front_cpus, "workers": sorted({c for w in workers for c in w["cpus"]}),
         "corunner": list(placement[1])}
     ends, means = level_series(records, args.bin_s, args.duration_s)
     _, ratios = prediction_series(records, args.bin_s, args.duration_s, args.corunner_start_s)
     served_levels = sorted({r.level for r in records if r.status == "OK"})
     result = {
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
+        "transport": args.transport,
         "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),

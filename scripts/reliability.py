@@ -28,6 +28,7 @@ from scripts.replay import replay
 from scripts.report import RequestRecord
 from scripts.serverproc import ServerProcess
 from scripts.trace import poisson_arrivals
+from workers.placement import set_niceness
 
 MIX = {"interactive": 0.4, "standard": 0.45, "batch": 0.15}
 CLIENT_START_S = 10.0
@@ -168,7 +169,7 @@ def tally(records: list[RequestRecord], duration_s: float) -> dict:
 def _replay(target: str, model: str, rate: float, duration_s: float, seed: int,
             client_deadline: bool = False, start_at: float | None = None, nice: int = 0) -> list[RequestRecord]:
     if nice:
-        os.nice(nice)
+        set_niceness(os.getpriority(os.PRIO_PROCESS, 0) + nice)
     arrivals = poisson_arrivals(rate, duration_s, MIX, seed=seed)
     deadlines = {"interactive": 25.0, "standard": 100.0, "batch": 500.0}
     return asyncio.run(replay(target, model, arrivals, deadlines, progress=False, client_deadline=client_deadline,

@@ -41,6 +41,25 @@ def cpus_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def placement_problem(cpus: tuple[int, ...] | None, worker_cpus: tuple[int, ...] | None) -> str | None:
+    """Why ``--cpus`` / ``--worker-cpus`` cannot be honoured here (checked on a thread of its own, before
+    anything starts: a worker that cannot pin itself would only die at start-up), or None."""
+    out: dict[str, str] = {}
+
+    def probe() -> None:
+        for flag, value in (("--cpus", cpus), ("--worker-cpus", worker_cpus)):
+            try:
+                set_cpus(value)
+            except ValueError as exc:
+                out["problem"] = f"{flag}: {exc}"
+                return
+
+    thread = threading.Thread(target=probe, name="placement-check")
+    thread.start()
+    thread.join()
+    return out.get("problem")
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, action="append", default=None,
                    help=f"model artifact directory (repeatable; default {DEFAULT_MODEL_DIR})")
@@ -70,7 +89,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
                    help="the server's event loop (uvloop: less CPU per call; optional dependency)")
     p.add_argument("--nice", type=int, default=0,
-                   help="add this to the server's niceness before the workers start (they inherit it); negative "
+                   help="add this to the server's niceness before the workers start (they inherit it unless "
+                        "--worker-nice is given); negative "
                         "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
     p.add_argument("--worker-nice", type=int, default=None, metavar="N",
                    help="the workers' own niceness (absolute, -20..19; default: the server's, which they "
@@ -173,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"slonn serve: {exc}", file=sys.stderr)
         return 2
-    apply_nice(args.nice)
-    try:
-        set_cpus(args.cpus)
-    except ValueError as exc:
-        print(f"slonn serve: --cpus: {exc}", file=sys.stderr)
+    problem = placement_problem(args.cpus, args.worker_cpus)
+    if problem:
+        print(f"slonn serve: {problem}", file=sys.stderr)
         return 2
+    apply_nice(args.nice)
+    set_cpus(args.cpus)
     return aio.run(run_server(cfg), args.event_loop)

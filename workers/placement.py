@@ -26,13 +26,18 @@ def set_niceness(value: int) -> int:
 
 def set_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...]:
     """Restrict this thread (and what it starts later) to ``cpus`` (None: leave it); returns the CPUs it may
-    run on. Raises ValueError naming the CPUs when none of them is available here."""
+    run on. Raises ValueError naming the CPUs when it cannot run on all of them (the kernel would quietly
+    keep the ones it can, e.g. inside a container's cpuset)."""
     if cpus:
+        before = sorted(os.sched_getaffinity(0))
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as exc:
-            raise ValueError(f"cpus {list(cpus)}: cannot run there ({exc}); "
-                             f"this process may use {sorted(os.sched_getaffinity(0))}") from None
+            raise ValueError(f"cpus {list(cpus)}: cannot run there ({exc}); this process may use {before}") from None
+        got = os.sched_getaffinity(0)
+        if got != set(cpus):
+            os.sched_setaffinity(0, before)
+            raise ValueError(f"cpus {list(cpus)}: only {sorted(got)} of them are available here")
     return tuple(sorted(os.sched_getaffinity(0)))
 
 

@@ -24,6 +24,10 @@ from workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, Wo
 
 log = logging.getLogger(__name__)
 
+READY_LOG = "worker %d ready (pid %d, %s, niceness %d, cpus %s); kernels %s"
+"""The line logged when a worker is up: id, pid, device, niceness, CPUs, kernel table (``slonn adapt`` reads
+the niceness and CPUs back from the server's log)."""
+
 
 class WorkerDied(Exception):
     """The batch's worker died (or hung past the task timeout and was killed)."""
@@ -180,8 +184,8 @@ class ProcessPool(WorkerPool):
             # Replacements reuse this measurement: a restart should not pay for calibration again.
             self.spec = replace(self.spec, kernel_tables=dict(msg.kernel_table))
         self.device = msg.device
-        log.info("worker %d ready (pid %d, %s, niceness %d, cpus %s); kernels %s", w.worker_id, msg.pid,
-                 msg.device, msg.niceness, ",".join(map(str, msg.cpus)), msg.kernel_table)
+        log.info(READY_LOG, w.worker_id, msg.pid, msg.device, msg.niceness, ",".join(map(str, msg.cpus)),
+                 msg.kernel_table)
         if not w.ready.done():
             w.ready.set_result(msg)
         self._release(w)

@@ -11,6 +11,7 @@ from scheduler.config import ServerConfig, SLOClassConfig
 from scripts.adapt import split_cpus, started_workers
 from scripts.serve import add_server_args, cpus_arg
 from workers.placement import parse_cpus, set_cpus
+from workers.pool import READY_LOG
 
 CLASSES = {"c": SLOClassConfig("c", latency_ms=10)}
 
@@ -32,9 +33,23 @@ def test_set_cpus_without_cpus_leaves_the_affinity_and_reports_it():
     assert set_cpus(None) == tuple(sorted(os.sched_getaffinity(0)))
 
 
-def test_set_cpus_on_a_cpu_this_machine_lacks_raises_naming_it():
+def test_set_cpus_on_a_cpu_this_machine_lacks_raises_naming_it_and_changes_nothing():
+    before = os.sched_getaffinity(0)
     with pytest.raises(ValueError, match="4095"):
         set_cpus((4095,))
+    with pytest.raises(ValueError, match="only"):  # a list the kernel would quietly narrow
+        set_cpus((min(before), 4095))
+    assert os.sched_getaffinity(0) == before
+
+
+def test_serve_refuses_cpus_it_cannot_run_on_naming_the_flag():
+    from scripts.serve import placement_problem
+
+    here = tuple(sorted(os.sched_getaffinity(0)))
+    assert placement_problem(None, None) is None and placement_problem(here[:1], here[-1:]) is None
+    assert "--worker-cpus" in placement_problem(here[:1], (4095,))
+    assert "--cpus" in placement_problem((4095,), here)
+    assert os.sched_getaffinity(0) == set(here)  # checked on a thread of its own
 
 
 def test_serve_flags_reach_the_config():
@@ -50,6 +65,8 @@ def test_serve_flags_reach_the_config():
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"worker_nice": 20}, "worker_nice"),
+    ({"worker_nice": 1.5}, "worker_nice"),
+    ({"worker_nice": True}, "worker_nice"),
     ({"worker_nice": 0, "in_process": True}, "worker_nice"),
     ({"worker_cpus": (os.cpu_count() or 1,)}, "worker_cpus"),
     ({"worker_cpus": ()}, "worker_cpus"),
@@ -64,7 +81,7 @@ def test_adapt_pins_the_model_to_the_last_cpu_and_reads_back_what_the_workers_ra
     assert split_cpus([0, 1]) == ((0,), (1,)) and split_cpus([0, 1, 2, 3]) == ((0, 1, 2), (3,))
     assert split_cpus([0]) is None  # nothing to split
     log = tmp_path / "server.log"
-    # The line workers.pool logs when a worker is up (a format change must show here).
-    log.write_text("2026-12-01 23:00:00,000 workers.pool INFO worker 0 ready (pid 12, cpu, niceness 0, cpus 1); "
-                   "kernels {}\nworker 1 ready (pid 13, cuda:0, niceness -10, cpus 0,1,2); kernels {}\n")
+    # The line workers.pool logs when a worker is up, in the pool's own format.
+    log.write_text("2026-12-01 23:00:00,000 workers.pool INFO " + READY_LOG % (0, 12, "cpu", 0, "1", {}) + "\n"
+                   + READY_LOG % (1, 13, "cuda:0", -10, "0,1,2", {"m": {"1": {"0.1": "gather"}}}) + "\n")
     assert started_workers(log) == [{"niceness": 0, "cpus": [1]}, {"niceness": -10, "cpus": [0, 1, 2]}]
