@@ -89,7 +89,8 @@ def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION,
     if foreign:
         log.warning("%s was profiled with kernels %s that %s workers do not have: retake it with "
                     "`slonn profile --precision %s`", path, sorted(foreign), precision, precision)
-    mismatch = niceness_mismatch(dicts, os.getpriority(os.PRIO_PROCESS, 0) if worker_nice is None else worker_nice)
+    serving_nice = os.getpriority(os.PRIO_PROCESS, 0) if worker_nice is None else worker_nice
+    mismatch = niceness_mismatch(dicts, serving_nice)
     if mismatch:
         log.warning("%s: %s", path, mismatch)
     return rows
@@ -99,7 +100,8 @@ def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None
     """Why a profile's latencies under contention do not describe workers at ``serving_nice`` (the workers'
     niceness: ``slonn serve --worker-nice``, else the server's, which they inherit), or None. Under
     co-runners a worker's latency depends on its CPU weight: on the 2-vCPU VM of docs/latency-model.md, two
-    busy co-runners made batches scatter 27% around the model at niceness 0 and 11% at -10. Profiles without the ``worker_nice`` column (older ones) are not judged."""
+    busy co-runners made batches scatter 27% around the model at niceness 0 and 11% at -10. Profiles without
+    the ``worker_nice`` column (older ones) are not judged."""
     try:
         nices = profile_niceness(profile_rows)
     except ValueError as exc:

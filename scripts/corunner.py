@@ -132,8 +132,8 @@ class CpuBurner:
         self._t0 = time.monotonic()
         self._stop = self._ctx.Event()
         for _ in range(self.spec.n_procs):
-            p = self._ctx.Process(target=_burn, args=(self._stop, self.spec.duty, self.period_s, self.nice, self.cpus),
-                                 daemon=True)
+            p = self._ctx.Process(target=_burn, daemon=True,
+                                  args=(self._stop, self.spec.duty, self.period_s, self.nice, self.cpus))
             p.start()
             self._procs.append(p)
         return self

@@ -34,8 +34,8 @@ from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample
     write_rows_csv
 from policy.latency_model import profile_csv_name
 from scripts.corunner import BurnSpec, CpuBurner
-from workers.placement import set_niceness
 from scripts.serve import spin_ms
+from workers.placement import set_niceness
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 from scheduler.compiled import state as compiled_state
 from scheduler.config import ServerConfig, load_classes
 from scripts import aio
-from workers.placement import parse_cpus, set_cpus, set_niceness
+from workers.placement import ask_niceness, parse_cpus, set_cpus
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
@@ -115,12 +115,8 @@ def call_at_niceness(fn: Callable[[], T], value: int | None) -> tuple[T, int]:
     out: dict = {}
 
     def body() -> None:
-        out["niceness"] = os.getpriority(os.PRIO_PROCESS, 0)
-        if value is not None:
-            out["niceness"] = set_niceness(value)
-            if out["niceness"] != value:
-                logging.warning("niceness %d: not permitted (needs CAP_SYS_NICE); staying at %d", value,
-                                out["niceness"])
+        out["niceness"] = (os.getpriority(os.PRIO_PROCESS, 0) if value is None
+                           else ask_niceness(value, threading.current_thread().name))
         try:
             out["result"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -145,12 +141,7 @@ def apply_nice(increment: int) -> int:
     now = os.getpriority(os.PRIO_PROCESS, 0)
     if not increment:
         return now
-    want = min(max(now + increment, -20), 19)
-    got = set_niceness(want)
-    if got != want:
-        logging.warning("--nice %d: not permitted (raising priority needs CAP_SYS_NICE); running at "
-                        "niceness %d", increment, got)
-    return got
+    return ask_niceness(min(max(now + increment, -20), 19), f"--nice {increment}")
 
 
 def config_from_args(args) -> ServerConfig:

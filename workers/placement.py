@@ -7,7 +7,10 @@ torch): the co-runner's spawned children import it.
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 def set_niceness(value: int) -> int:
@@ -22,6 +25,16 @@ def set_niceness(value: int) -> int:
     except PermissionError:
         pass
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def ask_niceness(value: int, what: str) -> int:
+    """:func:`set_niceness`, with a warning naming ``what`` (the flag or the process asking) when it was
+    refused; returns the niceness this thread runs at."""
+    got = set_niceness(value)
+    if got != value:
+        log.warning("%s: niceness %d not permitted (raising priority needs CAP_SYS_NICE); running at niceness %d",
+                    what, value, got)
+    return got
 
 
 def set_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...]:

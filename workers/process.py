@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from workers.heap import freeze_startup_heap
-from workers.placement import set_cpus, set_niceness
+from workers.placement import ask_niceness, set_cpus
 from workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 from workers.runner import ModelRunner
 
@@ -100,12 +100,8 @@ def wait_for_task(conn: Connection, spin_s: float):
 def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a spawned worker process."""
     logging.basicConfig(level=logging.WARNING, format=f"worker{worker_id} %(levelname)s %(message)s")
-    niceness = os.getpriority(os.PRIO_PROCESS, 0)
-    if spec.worker_nice is not None:
-        niceness = set_niceness(spec.worker_nice)
-        if niceness != spec.worker_nice:
-            log.warning("worker niceness %d: not permitted (needs CAP_SYS_NICE); running at %d", spec.worker_nice,
-                        niceness)
+    niceness = (os.getpriority(os.PRIO_PROCESS, 0) if spec.worker_nice is None
+                else ask_niceness(spec.worker_nice, f"worker {worker_id}"))
     cpus = set_cpus(spec.worker_cpus)
     runners = load_runners(spec)
     warm_up(runners)
