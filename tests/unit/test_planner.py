@@ -214,8 +214,10 @@ def test_plan_matches_brute_force(raw, max_batch, overhead_ms):
     for n in range(1, min(len(cands), max_batch) + 1):
         floor = max(p.min_accuracy for p in cands[:n])
         deadline = min(p.deadline_s for p in cands[:n])
+        # In the planner's arithmetic (ms left, less the overhead): on a boundary such as 1.5 ms needed with
+        # 1.5 ms left, seconds and milliseconds round differently.
         ok = [i for i in range(len(LEVELS)) if ACCURACY[i] >= floor
-              and NOW + (TABLE.safe(0, i, n) + overhead_ms) * 1e-3 <= deadline]
+              and TABLE.safe(0, i, n) <= (deadline - NOW) * 1e3 - overhead_ms]
         if ok:
             feasible[n] = ok
     assert 1 <= plan.count <= min(len(cands), max_batch)
