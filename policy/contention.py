@@ -16,11 +16,16 @@ daemon thread) reads:
   evidence of interference that the run queue cannot see (memory bandwidth,
   a noisy neighbour VM), but noisy: Linux lets a briefly-sleeping thread
   run at once, so a short probe sees little of a CPU hog.
-- ``gpu``: NVML utilisation in [0, 1] if ``pynvml`` is importable and a GPU
-  is present (never required).
+- ``gpu`` (when given a GPU to watch, ``gpu_index``): the share of that GPU's
+  time in which processes other than ours kept its SMs busy, from NVML's
+  per-process utilisation (``pynvml``, optional). Where the driver does not
+  report per process, the device's whole utilisation, ours included.
 
 ``value`` (the model's feature) is the smoothed ``load`` by default
-(``mode="load"``); ``mode="probe"`` or ``"max"`` (max of both) are options.
+(``mode="load"``); ``mode="probe"`` or ``"max"`` (max of both) are options,
+and ``mode="gpu"`` (max of ``load`` and ``gpu``) is what a server whose
+workers run on a GPU uses: a neighbour on the GPU slows the model, one on
+the CPUs the code around it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("load", "probe", "max")
+MODES = ("load", "probe", "max", "gpu")
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -90,13 +95,27 @@ class Smoother:
         return statistics.fmean(self._buf) if self.kind == "mean" else statistics.median(self._buf)
 
 
-def combine(load: float, probe: float, mode: str) -> float:
+def combine(load: float, probe: float, mode: str, gpu: float = 0.0) -> float:
     """The model feature from the smoothed components."""
     if mode == "load":
         return load
     if mode == "probe":
         return probe
+    if mode == "gpu":
+        return max(load, gpu)
     return max(load, probe)
+
+
+def others_gpu_busy(samples: Iterable, own_pids: Iterable[int]) -> float:
+    """Share of a GPU's time, in [0, 1], that processes other than ``own_pids`` kept its SMs busy: from
+    NVML process-utilisation samples (``pid``, ``timeStamp``, ``smUtil`` in percent), the latest per
+    process, summed over the others."""
+    latest: dict[int, tuple[int, float]] = {}
+    for s in samples:
+        if s.pid not in latest or s.timeStamp >= latest[s.pid][0]:
+            latest[s.pid] = (s.timeStamp, float(s.smUtil))
+    own = set(own_pids)
+    return min(1.0, sum(util for pid, (_, util) in latest.items() if pid not in own) / 100.0)
 
 
 # --------------------------------------------------------------------------- probe
@@ -121,7 +140,7 @@ class ContentionReading:
     probe: float
     """Probe slowdown (0 if the probe is off)."""
     gpu: float | None
-    """NVML utilisation in [0, 1], if available."""
+    """Others' share of the watched GPU's time in [0, 1] (:class:`GpuSampler`); None without one."""
     value: float
     """Smoothed model feature after this sample."""
 
@@ -132,11 +151,14 @@ class ContentionMonitor:
     def __init__(self, interval_s: float = 0.05, window: int = 10, mode: str = "load",
                  probe: bool = True, probe_every: int = 2, own_pids: Iterable[int] = (),
                  history_len: int = 2400, clock: Callable[[], float] = time.monotonic,
-                 proc_root: str = "/proc") -> None:
+                 proc_root: str = "/proc", gpu_index: int | None = None, nvml=None) -> None:
+        """``gpu_index``: the GPU the workers run on, whose other users to watch (None: no GPU signal);
+        ``nvml``: the pynvml module (tests pass a fake). ``mode="gpu"`` without a GPU to watch, or without
+        NVML, falls back to ``"load"`` with a warning."""
         if interval_s <= 0 or mode not in MODES or probe_every < 1:
             raise ValueError(f"ContentionMonitor(interval_s={interval_s}, mode={mode!r}, probe_every={probe_every}): "
                              f"need interval_s > 0, mode in {MODES}, probe_every >= 1")
-        if mode != "load" and not probe:
+        if mode in ("probe", "max") and not probe:
             raise ValueError(f"mode={mode!r} needs probe=True")
         self.interval_s = interval_s
         self.mode = mode
@@ -160,7 +182,12 @@ class ContentionMonitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._nvml = _open_nvml()
+        self._gpu_sampler = GpuSampler.open(gpu_index, nvml) if gpu_index is not None else None
+        self._gpu = Smoother(window, "mean")
+        if mode == "gpu" and self._gpu_sampler is None:
+            log.warning("contention mode 'gpu' without %s: watching the CPUs only (mode 'load')",
+                        "a GPU to watch" if gpu_index is None else f"NVML for GPU {gpu_index} (pip install nvidia-ml-py)")
+            self.mode = "load"
         if probe:
             self.calibrate_probe()
 
@@ -223,9 +250,10 @@ class ContentionMonitor:
             probe = float("nan")
             if self._use_probe and self._n % self._probe_every == 0:
                 probe = probe_slowdown(_probe_kernel(self._probe_array, self._probe_iters), self._baseline_ms)
-            gpu = _nvml_util(self._nvml)
+            gpu = self._gpu_sampler.others(self._own_pids) if self._gpu_sampler is not None else None
             self._n += 1
-            value = combine(self._load.push(load), self._probe.push(probe), self.mode)
+            value = combine(self._load.push(load), self._probe.push(probe), self.mode,
+                            self._gpu.push(float("nan") if gpu is None else gpu))
             self.last = ContentionReading(now_s, load, probe, gpu, value)
             self.history.append((now_s, value))
         log.debug("contention t=%.3f load=%.3f probe=%.3f gpu=%s value=%.3f", now_s, load, probe, gpu, value)
@@ -240,7 +268,7 @@ class ContentionMonitor:
     def components(self) -> dict:
         """Smoothed components, for logging and the profile CSV."""
         return {"load": self._load.value, "probe": self._probe.value,
-                "gpu": self.last.gpu if self.last is not None else None}
+                "gpu": self._gpu.value if self._gpu_sampler is not None else None}
 
     # ----------------------------------------------------------------- thread
 
@@ -318,20 +346,49 @@ def time_call(fn: Callable, *args):
 # --------------------------------------------------------------------------- optional NVML
 
 
-def _open_nvml():
-    try:
-        import pynvml  # optional: only on GPU machines
-        pynvml.nvmlInit()
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
-    except Exception:
-        return None
+class GpuSampler:
+    """Others' use of one GPU, from NVML (``pynvml``, from the nvidia-ml-py package; optional)."""
 
+    def __init__(self, nvml, handle, index: int) -> None:
+        self._nvml = nvml
+        self._handle = handle
+        self.index = index
+        self._last_ts = 0
+        self.per_process = True
+        """False once the driver said it does not report utilisation per process: :meth:`others` then
+        returns the device's whole utilisation, ours included."""
 
-def _nvml_util(nvml) -> float | None:
-    if nvml is None:
-        return None
-    try:
-        mod, handle = nvml
-        return mod.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
-    except Exception:
-        return None
+    @classmethod
+    def open(cls, index: int, nvml=None) -> "GpuSampler | None":
+        """A sampler for GPU ``index``, or None (with a warning) without NVML or that GPU."""
+        try:
+            if nvml is None:
+                import pynvml as nvml  # optional: only on GPU machines
+            nvml.nvmlInit()
+            return cls(nvml, nvml.nvmlDeviceGetHandleByIndex(index), index)
+        except Exception as exc:  # noqa: BLE001 - no pynvml, no driver, no such GPU: no GPU signal
+            log.warning("contention: GPU %d not watched (%r)", index, exc)
+            return None
+
+    def others(self, own_pids: Iterable[int]) -> float | None:
+        """Others' share of the GPU's time since the last call, in [0, 1]; None if NVML failed."""
+        nvml = self._nvml
+        try:
+            if self.per_process:
+                try:
+                    samples = nvml.nvmlDeviceGetProcessUtilization(self._handle, self._last_ts)
+                except nvml.NVMLError as exc:
+                    if exc.value == nvml.NVML_ERROR_NOT_FOUND:  # no process used the GPU since then
+                        return 0.0
+                    if exc.value != nvml.NVML_ERROR_NOT_SUPPORTED:
+                        raise
+                    self.per_process = False
+                    log.warning("contention: GPU %d reports no per-process utilisation; using the whole "
+                                "device's, our own work included", self.index)
+                else:
+                    self._last_ts = max([self._last_ts, *(s.timeStamp for s in samples)])
+                    return others_gpu_busy(samples, own_pids)
+            return nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
+        except Exception as exc:  # noqa: BLE001 - a driver hiccup must not stop the monitor
+            log.debug("contention: NVML read failed on GPU %d: %r", self.index, exc)
+            return None

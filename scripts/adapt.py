@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.config import load_classes
-from scripts.corunner import niceness_of
+from scripts.corunner import add_corunner_device_arg, corunner_device, niceness_of
 from scripts.replay import TRANSPORTS, phase_summaries, replay_with_corunner
 from scripts.report import RequestRecord
 from scripts.serve import call_at_niceness
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=40.0)
     p.add_argument("--corunner-start-s", type=float, default=15.0)
     p.add_argument("--corunner-stop-s", type=float, default=30.0)
-    p.add_argument("--corunner-procs", type=int, default=2, help="CPU-burning processes (cores)")
+    p.add_argument("--corunner-procs", type=int, default=2, help="co-runner processes (cores, or GPU shares)")
+    add_corunner_device_arg(p)
     p.add_argument("--pin", action="store_true",
                    help="the worker and the co-runner on the last CPU, the front end and the load generator on "
                         "the others (default: everything on every CPU)")
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bin-s", type=float, default=0.5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    try:
+        burn_device = corunner_device(args.corunner_device)
+    except ValueError as exc:
+        p.error(f"--corunner-device: {exc}")
     from workers.artifact import load_manifest
 
     model = load_manifest(args.model_dir).name
@@ -206,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: asyncio.run(replay_with_corunner(srv.target, model, arrivals, deadlines, args.corunner_start_s,
                                                      args.corunner_stop_s, args.corunner_procs, usage=usage,
                                                      corunner_cpus=placement and placement[1],
+                                                     corunner_device=burn_device,
                                                      transport=args.transport, progress=False)),
             args.client_nice)
     workers = started_workers(server_log)
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     served_levels = sorted({r.level for r in records if r.status == "OK"})
     result = {
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
+        "corunner_device": burn_device,
         "transport": args.transport,
         "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],

@@ -2,9 +2,10 @@
 
 Simulated (``--sim``: the real scheduler on a virtual clock, scripts/simulate.py)
 and/or live (``--live``: a fresh ``slonn serve --policy NAME`` per policy,
-open-loop gRPC replay). ``--corunner`` turns a CPU co-runner on for the middle
-third of the replay (live: ``scripts.corunner.CpuBurner``; simulated: the
-profile's contention at that intensity).
+open-loop gRPC replay). ``--corunner`` turns a co-runner on for the middle
+third of the replay (live: ``scripts.corunner.make_burner``, CPU-burning
+processes, or GPU-burning ones with ``--corunner-device cuda`` or on a GPU
+machine; simulated: the profile's contention at that intensity).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
             else:
                 usage = args.corunner_usage[name] = {}
                 coro = replay_with_corunner(server.target, manifest.name, arrivals, deadlines_ms, window[0],
-                                            window[1], args.corunner_procs, usage=usage, **kwargs)
+                                            window[1], args.corunner_procs, usage=usage,
+                                            corunner_device=args.burn_device, **kwargs)
             with StealSampler() as sampler:
                 # On a thread of its own at the client's niceness: the servers started here keep theirs.
                 runs[name], client_niceness[name] = call_at_niceness(lambda: aio.run(coro, args.event_loop),
@@ -228,6 +230,7 @@ def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window
 def main(argv: list[str] | None = None) -> int:
     from scheduler.config import load_classes
     from scripts.plots import latency_cdf, timeline
+    from scripts.corunner import add_corunner_device_arg, corunner_device
     from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args
     from scripts.serve import spin_ms
     from scripts.simulate import add_sim_args
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim", action="store_true", help="run the simulator")
     p.add_argument("--live", action="store_true", help="run live servers (default when --sim is not given)")
     p.add_argument("--corunner", action="store_true", help="co-runner on for the middle third of the replay")
-    p.add_argument("--corunner-procs", type=int, default=1, help="live co-runner processes (cores)")
+    p.add_argument("--corunner-procs", type=int, default=1, help="live co-runner processes (cores, or GPU shares)")
+    add_corunner_device_arg(p)
     p.add_argument("--serve-nice", type=int, default=0,
                    help="live servers' `slonn serve --nice`: -10 runs them (and their workers) ahead of the "
                         "co-runner, as a latency-critical tier above a best-effort neighbour (needs CAP_SYS_NICE)")
@@ -263,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args.policies = [s.strip() for s in args.policies.split(sep) if s.strip()]
     if not args.sim and not args.live:
         args.live = True
+    try:
+        args.burn_device = corunner_device(args.corunner_device) if args.corunner and args.live else "cpu"
+    except ValueError as exc:
+        p.error(f"--corunner-device: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
     arrivals = arrivals_from_args(args)
     classes_cfg = load_classes(args.classes)
@@ -293,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - report it, keep the table
             print(f"plots for {mode} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     report = {"load": arrivals.describe(), "policies": args.policies, "modes": modes,
-              "corunner_window_s": window, "dense_accuracy": dense,
+              "corunner_window_s": window, "corunner_device": args.burn_device if window else None,
+              "dense_accuracy": dense,
               "sim": {"simulated_requests_per_s": getattr(args, "sim_rates", None),
                       "planner_table": args.planner_table, "workers": args.workers,
                       "compiled": compiled_state()["compiled"]} if args.sim else None,

@@ -1,4 +1,4 @@
-"""An interference co-runner: processes that burn CPU with a duty cycle.
+"""An interference co-runner: processes that burn CPU, or a GPU, with a duty cycle.
 
 Used by ``slonn profile`` to measure the model under contention, and by the
 replay tool to start interference mid-run::
@@ -6,10 +6,14 @@ replay tool to start interference mid-run::
     with CpuBurner(n_procs=2, duty=1.0):
         ...  # two cores busy-looping
 
-Each process busy-loops for ``duty * period_s`` then sleeps for the rest of
-the period, so ``intensity = n_procs * duty`` is the CPU (in cores) it asks for.
-Processes come from the ``spawn`` context (no fork of a process holding torch
-threads or an event loop).
+    with make_burner("cuda:0", n_procs=1):
+        ...  # one process keeping GPU 0 busy with matrix products
+
+Each process works for ``duty * period_s`` then sleeps for the rest of the
+period, so ``intensity = n_procs * duty`` is the CPU (in cores), or the share
+of the GPU's time, it asks for. A GPU neighbour is what slows a model served on
+a GPU; a CPU one mostly slows the host code around it. Processes come from the
+``spawn`` context (no fork of a process holding torch threads or an event loop).
 """
 
 from __future__ import annotations
@@ -36,6 +40,41 @@ def _burn(stop, duty: float, period_s: float, nice: int | None = None, cpus: tup
         while time.perf_counter() < t_end:
             for i in range(200):  # pure-Python arithmetic: keeps one core at 100%
                 x = (x * 1103515245 + i) & 0xFFFFFFFF
+        if idle_s > 0:
+            time.sleep(idle_s)
+
+
+DEVICE_BURN_N = 2048
+"""Side of the square matrices a device burner multiplies: ~17 GFLOP a product, ~1-2 ms on a data-centre
+GPU, so a burner's busy phase is many short kernels and its duty cycle holds to within one of them."""
+
+
+def _burn_device(stop, duty: float, period_s: float, nice: int | None, cpus: tuple[int, ...] | None,
+                 device: str) -> None:
+    """Child body of a device burner: ``duty`` of every period spent in matrix products on ``device``
+    (waiting for each, so the queue it leaves the GPU is one kernel long), the rest asleep. On "cpu" the
+    products run on one CPU thread (what the tests exercise without a GPU)."""
+    import torch
+
+    if nice is not None:
+        set_niceness(nice)
+    set_cpus(cpus)
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    n = DEVICE_BURN_N if dev.type != "cpu" else 128
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    busy_s = duty * period_s
+    idle_s = period_s - busy_s
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:  # a killed parent must not leave burners behind
+        t_end = time.perf_counter() + busy_s
+        while time.perf_counter() < t_end:
+            a = torch.mm(a, b)
+            a.div_(a.abs().max() + 1.0)  # keep the values finite
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
         if idle_s > 0:
             time.sleep(idle_s)
 
@@ -93,6 +132,8 @@ def niceness_of(pid: int) -> int | None:
 class CpuBurner:
     """Start/stop ``n_procs`` CPU-burning processes; also a context manager."""
 
+    kind = "cpu"
+
     def __init__(self, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02, nice: int | None = None,
                  cpus: tuple[int, ...] | None = None) -> None:
         """``nice``: the burners' niceness (absolute; None: the starting thread's). The replay's co-runner
@@ -132,11 +173,16 @@ class CpuBurner:
         self._t0 = time.monotonic()
         self._stop = self._ctx.Event()
         for _ in range(self.spec.n_procs):
-            p = self._ctx.Process(target=_burn, daemon=True,
-                                  args=(self._stop, self.spec.duty, self.period_s, self.nice, self.cpus))
+            p = self._ctx.Process(target=self._target(), daemon=True, args=self._args())
             p.start()
             self._procs.append(p)
         return self
+
+    def _target(self):
+        return _burn
+
+    def _args(self) -> tuple:
+        return self._stop, self.spec.duty, self.period_s, self.nice, self.cpus
 
     def stop(self, timeout_s: float = 2.0) -> None:
         procs, self._procs = self._procs, []  # a second stop() (another thread's) finds nothing to do
@@ -158,7 +204,7 @@ class CpuBurner:
         without /proc or before a stop)."""
         if self.cpu_s is None or not self.wall_s:
             return None
-        return {"cores": round(self.cpu_s / self.wall_s, 3), "asked_cores": self.intensity,
+        return {"kind": self.kind, "cores": round(self.cpu_s / self.wall_s, 3), "asked_cores": self.intensity,
                 "cpu_s": round(self.cpu_s, 2), "wall_s": round(self.wall_s, 2), "niceness": self.niceness}
 
     def __enter__(self) -> "CpuBurner":
@@ -166,3 +212,62 @@ class CpuBurner:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class DeviceBurner(CpuBurner):
+    """Start/stop ``n_procs`` processes that keep a torch device busy (``device``, e.g. "cuda:0"); the
+    co-runner for a model served on a GPU. ``usage()`` reports the CPU its processes used, which on a GPU
+    is the time they spent waiting for their kernels."""
+
+    kind = "device"
+
+    def __init__(self, device: str, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02,
+                 nice: int | None = None, cpus: tuple[int, ...] | None = None) -> None:
+        super().__init__(n_procs, duty, period_s, nice, cpus)
+        self.device = device
+
+    def _target(self):
+        return _burn_device
+
+    def _args(self) -> tuple:
+        return (*super()._args(), self.device)
+
+    def usage(self) -> dict | None:
+        got = super().usage()
+        return None if got is None else {**got, "device": self.device}
+
+
+CORUNNER_DEVICES = ("auto", "cpu", "cuda")
+
+
+def corunner_device(requested: str = "auto") -> str:
+    """Where a co-runner should burn: "cuda" (GPU 0 by default, or "cuda:N") when asked, or with "auto" when
+    this machine has a GPU (the model is then served there); else "cpu". Raises ValueError naming the
+    value when CUDA is asked for and absent."""
+    if requested == "cpu":
+        return "cpu"
+    if requested != "auto" and not requested.startswith("cuda"):
+        raise ValueError(f"corunner device {requested!r}: expected one of {list(CORUNNER_DEVICES)} or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        if requested == "auto":
+            return "cpu"
+        raise ValueError(f"corunner device {requested!r}: CUDA is not available here; use 'cpu' or 'auto'")
+    return "cuda:0" if requested in ("auto", "cuda") else requested
+
+
+def add_corunner_device_arg(p) -> None:
+    """``--corunner-device`` on an argparse parser (slonn replay, compare, adapt)."""
+    p.add_argument("--corunner-device", default="auto", metavar="DEVICE",
+                   help="what the co-runner burns: cpu, cuda[:N] (matrix products on that GPU, a neighbour of "
+                        "a model served there), or auto (default): the GPU when this machine has one, else cpu")
+
+
+def make_burner(device: str, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02,
+                nice: int | None = None, cpus: tuple[int, ...] | None = None) -> CpuBurner:
+    """The co-runner for ``device`` (from :func:`corunner_device`): a :class:`CpuBurner` for "cpu", a
+    :class:`DeviceBurner` for a GPU."""
+    if device == "cpu":
+        return CpuBurner(n_procs, duty, period_s, nice, cpus)
+    return DeviceBurner(device, n_procs, duty, period_s, nice, cpus)

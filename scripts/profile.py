@@ -4,7 +4,8 @@ The model runs in a spawned worker process exactly as the server's worker
 does (``ModelRunner``, ``torch.set_num_threads(threads)``, calibrated kernel
 choice); this process plays the scheduler: it owns the
 :class:`~policy.contention.ContentionMonitor` (told only the worker's pid) and
-a :class:`~scripts.corunner.CpuBurner` at several intensities. Every call uses
+a co-runner at several intensities (``scripts.corunner.make_burner``: CPU-burning
+processes, or GPU-burning ones when the worker runs on a GPU). Every call uses
 distinct inputs (held-out digits plus small noise). Each row records the
 contention the monitor reported when the batch was sent, so the model learns
 from the signal the scheduler will actually see.
@@ -33,8 +34,9 @@ from policy.contention import ContentionMonitor, time_call
 from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
 from policy.latency_model import profile_csv_name
-from scripts.corunner import BurnSpec, CpuBurner
+from scripts.corunner import BurnSpec, make_burner
 from scripts.serve import spin_ms
+from workers.device import gpu_index
 from workers.placement import set_niceness
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
@@ -123,8 +125,10 @@ def wait_quiet(monitor: ContentionMonitor, max_wait_s: float, threshold: float =
 
 
 def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes, intensities, reps: int,
-          settle_s: float, seed: int, wait_quiet_s: float = 0.0) -> tuple[list[LatencySample], list[dict], dict]:
-    """Run every (level, batch) ``reps`` times at every intensity (shuffled inside each intensity)."""
+          settle_s: float, seed: int, wait_quiet_s: float = 0.0,
+          burn_device: str = "cpu") -> tuple[list[LatencySample], list[dict], dict]:
+    """Run every (level, batch) ``reps`` times at every intensity (shuffled inside each intensity), with the
+    co-runner on ``burn_device`` (a GPU when the worker runs on one)."""
     rng = random.Random(seed)
     rows, extra, signal = [], [], {}
     for lv in levels:  # warm-up: first touch of each kernel/shape is not a measurement
@@ -136,7 +140,7 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
         rng.shuffle(calls)
         waited = wait_quiet(monitor, wait_quiet_s) if wait_quiet_s > 0 else 0.0
         t0 = time.monotonic()
-        with CpuBurner(spec.n_procs, spec.duty):
+        with make_burner(burn_device, spec.n_procs, spec.duty):
             time.sleep(settle_s)  # let the co-runner start and the smoothed signal catch up
             values = []
             for lv, b in calls:
@@ -146,9 +150,10 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
                 values.append(c)
                 rows.append(LatencySample(lv, b, c, exec_ms, kernel))
                 extra.append({"intensity": spec.intensity, "burn": spec.label(), "load": round(comp["load"], 4),
-                              "probe": round(comp["probe"], 4), "t_s": round(time.monotonic(), 3),
+                              "probe": round(comp["probe"], 4),
+                              "gpu": "" if comp["gpu"] is None else round(comp["gpu"], 4), "t_s": round(time.monotonic(), 3),
                               "host_pause_ms": pause_ms, "worker_nice": worker.ready["niceness"]})
-        expected = spec.intensity / monitor.n_cpus
+        expected = expected_signal(spec, monitor.n_cpus, burn_device)
         signal[spec.label()] = {"intensity": spec.intensity, "contention_mean": round(statistics.fmean(values), 4),
                                 "contention_expected": round(expected, 4),
                                 "disturbed": statistics.fmean(values) - expected > DISTURBED_EXCESS,
@@ -159,15 +164,20 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
     return rows, extra, signal
 
 
+def expected_signal(spec: BurnSpec, n_cpus: int, burn_device: str) -> float:
+    """The contention a co-runner alone should show: its cores per CPU, or on a GPU its share of the GPU."""
+    return spec.intensity / n_cpus if burn_device == "cpu" else min(1.0, spec.intensity)
+
+
 def signal_check(worker: ProfileWorker, monitor: ContentionMonitor, intensities, seconds: float,
-                 rounds: int) -> dict:
+                 rounds: int, burn_device: str = "cpu") -> dict:
     """The contention signal per co-runner setting while the worker runs batches back to back.
 
     Each setting is measured right after a no-co-runner baseline, ``rounds`` times, so load from other
     processes that comes and goes shows up in the baseline and ``delta`` is what the co-runner added.
     """
     def measure(spec: BurnSpec) -> tuple[float, float]:
-        with CpuBurner(spec.n_procs, spec.duty):
+        with make_burner(burn_device, spec.n_procs, spec.duty):
             t_end = time.monotonic() + 0.6  # let the 0.5 s smoothing window fill with this setting
             while time.monotonic() < t_end:
                 worker.run(1.0, 16)
@@ -189,7 +199,8 @@ def signal_check(worker: ProfileWorker, monitor: ContentionMonitor, intensities,
             base.append(b)
             raw.append(v)
             probe.append(pr)
-        out[spec.label()] = {"intensity": spec.intensity, "expected": round(spec.intensity / monitor.n_cpus, 3),
+        out[spec.label()] = {"intensity": spec.intensity,
+                             "expected": round(expected_signal(spec, monitor.n_cpus, burn_device), 3),
                              "value": round(statistics.fmean(raw), 3), "baseline": round(statistics.fmean(base), 3),
                              "delta": round(statistics.fmean(raw) - statistics.fmean(base), 3),
                              "probe_slowdown": round(statistics.fmean(probe), 3)}
@@ -253,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--worker-nice %d: not permitted (needs CAP_SYS_NICE); the worker runs at niceness %d, "
                     "which every row records", args.worker_nice, worker.ready["niceness"])
     levels = sorted(args.levels or worker.ready["levels"], reverse=True)
-    monitor = ContentionMonitor(own_pids=[worker.ready["pid"]]).start()
+    gpu = gpu_index(worker.ready["device"])
+    burn_device = "cpu" if gpu is None else f"cuda:{gpu}"  # the co-runner contends for what the model runs on
+    monitor = ContentionMonitor(own_pids=[worker.ready["pid"]], mode="load" if gpu is None else "gpu",
+                                gpu_index=gpu).start()
     if args.signal_only:
         try:
-            signal = signal_check(worker, monitor, args.intensities, args.signal_seconds, args.signal_rounds)
+            signal = signal_check(worker, monitor, args.intensities, args.signal_seconds, args.signal_rounds,
+                                  burn_device)
         finally:
             monitor.stop()
             worker.close()
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         rows, extra, signal = sweep(worker, monitor, levels, args.batch_sizes, args.intensities, args.reps,
-                                    args.settle_s, args.seed, args.wait_quiet_s)
+                                    args.settle_s, args.seed, args.wait_quiet_s, burn_device)
     finally:
         monitor.stop()
         worker.close()
@@ -284,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
                       "disturbed_intensities": disturbed,
                       "threads": args.threads, "device": worker.ready["device"], "precision": args.precision,
-                      "worker_niceness": worker.ready["niceness"], "worker_spin_ms": args.worker_spin_ms,
+                      "worker_niceness": worker.ready["niceness"], "corunner_device": burn_device, "worker_spin_ms": args.worker_spin_ms,
                       "levels": levels,
                       "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
                       "kernel_table": worker.ready["kernel_table"], "model": model.describe(),

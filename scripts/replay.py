@@ -189,14 +189,16 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
 
 async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
                                start_s: float, stop_s: float, n_procs: int = 1, usage: dict | None = None,
-                               corunner_cpus: tuple[int, ...] | None = None, **kwargs) -> list[RequestRecord]:
-    """:func:`replay` with a CPU co-runner (``scripts.corunner.CpuBurner``) on from ``start_s`` to ``stop_s``
-    (seconds from the first send), on ``corunner_cpus`` (None: wherever this thread may run). ``usage``, if
-    given, receives the CPU the co-runner got (``CpuBurner.usage``)."""
-    from scripts.corunner import CpuBurner
+                               corunner_cpus: tuple[int, ...] | None = None, corunner_device: str = "cpu",
+                               **kwargs) -> list[RequestRecord]:
+    """:func:`replay` with a co-runner (``scripts.corunner.make_burner``: CPU-burning processes, or on
+    ``corunner_device`` "cuda:N" GPU-burning ones) on from ``start_s`` to ``stop_s`` (seconds from the first
+    send), its processes on ``corunner_cpus`` (None: wherever this thread may run). ``usage``, if given,
+    receives the CPU the co-runner got (``CpuBurner.usage``)."""
+    from scripts.corunner import make_burner
 
     # A neighbour at the default priority, whatever this process's.
-    burner = CpuBurner(n_procs=n_procs, nice=0, cpus=corunner_cpus)
+    burner = make_burner(corunner_device, n_procs, nice=0, cpus=corunner_cpus)
 
     started = asyncio.Event()
     origin: dict = {}
@@ -265,6 +267,7 @@ def arrivals_from_args(args) -> Arrivals:
 
 def main(argv: list[str] | None = None) -> int:
     from scheduler.config import load_classes
+    from scripts.corunner import add_corunner_device_arg, corunner_device
 
     p = argparse.ArgumentParser(prog="slonn replay", description=__doc__)
     p.add_argument("--target", default="localhost:50051")
@@ -273,21 +276,27 @@ def main(argv: list[str] | None = None) -> int:
     add_arrival_args(p)
     p.add_argument("--csv", type=Path, default=None, help="write per-request records here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--corunner-start-s", type=float, default=None, help="start a CPU co-runner at this second")
+    p.add_argument("--corunner-start-s", type=float, default=None, help="start a co-runner at this second")
     p.add_argument("--corunner-stop-s", type=float, default=None, help="stop it at this second")
-    p.add_argument("--corunner-procs", type=int, default=1, help="co-runner busy processes (cores)")
+    p.add_argument("--corunner-procs", type=int, default=1, help="co-runner busy processes (cores, or GPU shares)")
+    add_corunner_device_arg(p)
     add_client_args(p)
     args = p.parse_args(argv)
     classes = load_classes(args.classes)
     arrivals = arrivals_from_args(args)
     deadlines = {n: c.latency_ms for n, c in classes.items()}
     corunner = args.corunner_start_s is not None
+    try:
+        burn_device = corunner_device(args.corunner_device) if corunner else "cpu"
+    except ValueError as exc:
+        p.error(f"--corunner-device: {exc}")
     usage: dict = {}
     if corunner:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
         records = aio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
                                                args.corunner_start_s, stop_s, args.corunner_procs,
-                                               usage=usage, **client_kwargs(args)), args.event_loop)
+                                               usage=usage, corunner_device=burn_device, **client_kwargs(args)),
+                          args.event_loop)
     else:
         records = aio.run(replay(args.target, args.model, arrivals, deadlines, **client_kwargs(args)),
                           args.event_loop)

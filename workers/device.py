@@ -17,6 +17,13 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def gpu_index(requested: str = "auto") -> int | None:
+    """The CUDA device index :func:`pick_device` resolves ``requested`` to, or None for the CPU."""
+    device = pick_device(requested)
+    return None if device.type != "cuda" else (device.index if device.index is not None else
+                                               torch.cuda.current_device())
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a timer around it measures the work itself."""
     if device.type == "cuda":

@@ -93,3 +93,47 @@ def test_burner_runs_at_its_own_niceness_not_its_parents(nice):
         pytest.skip("lowering the niceness needs CAP_SYS_NICE")
     expect, got = map(int, out[-2:])
     assert got == expect
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_device_burner_runs_its_kernel_loop_and_stops():
+    """On "cpu" the device burner's loop (torch matrix products, the GPU co-runner's body) runs without a GPU."""
+    from scripts.corunner import DeviceBurner
+
+    burner = DeviceBurner("cpu", n_procs=1)
+    burner.start()
+    time.sleep(3.0)  # a spawned child imports torch before it burns
+    burner.stop()
+    usage = burner.usage()
+    assert usage["kind"] == "device" and usage["device"] == "cpu" and usage["cpu_s"] > 0.5
+    assert burner.pids == []  # stopped
+
+
+def test_make_burner_picks_the_burner_for_the_device():
+    from scripts.corunner import CpuBurner, DeviceBurner, make_burner
+
+    assert type(make_burner("cpu", 2, 0.5)) is CpuBurner
+    gpu = make_burner("cuda:1", 1, nice=0)
+    assert isinstance(gpu, DeviceBurner) and gpu.device == "cuda:1" and gpu.nice == 0 and gpu.intensity == 1.0
+
+
+def test_corunner_device_resolves_auto_and_names_a_bad_value():
+    import torch
+
+    from scripts.corunner import corunner_device
+
+    assert corunner_device("cpu") == "cpu"
+    assert corunner_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'tpu'"):
+        corunner_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            corunner_device("cuda")
+
+
+def test_replay_names_a_bad_corunner_device(capsys):
+    from scripts import replay
+
+    with pytest.raises(SystemExit):
+        replay.main(["--corunner-start-s", "1", "--corunner-device", "tpu"])
+    assert "--corunner-device" in capsys.readouterr().err

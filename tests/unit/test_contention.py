@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from policy.contention import ContentionMonitor, Smoother, combine, others_load, parse_procs_running, \
-    probe_slowdown, task_state
+from policy.contention import ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, others_load, \
+    parse_procs_running, probe_slowdown, task_state
 
 STAT = "cpu  1 2 3 4\ncpu0 1 2 3 4\nintr 5\nctxt 6\nprocs_running 5\nprocs_blocked 0\n"
 
@@ -52,6 +52,7 @@ def test_combine_modes():
     assert combine(0.5, 2.0, "load") == 0.5
     assert combine(0.5, 2.0, "probe") == 2.0
     assert combine(0.5, 2.0, "max") == 2.0
+    assert combine(0.5, 2.0, "gpu", gpu=0.8) == 0.8 and combine(0.5, 2.0, "gpu", gpu=0.1) == 0.5
 
 
 def _fake_proc(tmp_path, procs_running: int, states: dict[int, str]):
@@ -116,3 +117,90 @@ def test_thread_runq_reads_the_second_schedstat_field(tmp_path):
     (tmp_path / "thread-self" / "schedstat").write_text("123456 7890 42\n")
     assert thread_runq_ns(str(tmp_path)) == 7890
     assert thread_runq_ns(str(tmp_path / "missing")) is None  # a kernel without schedstats
+
+
+# ----------------------------------------------------------------------------- GPU neighbours (fake NVML)
+
+
+class _Sample:
+    def __init__(self, pid: int, ts: int, sm: int) -> None:
+        self.pid, self.timeStamp, self.smUtil = pid, ts, sm
+
+
+class _FakeNvml:
+    """The slice of pynvml the monitor uses: process samples newer than a timestamp, device utilisation."""
+
+    NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_NOT_FOUND = 6
+
+    class NVMLError(Exception):
+        def __init__(self, value: int) -> None:
+            super().__init__(value)
+            self.value = value
+
+    def __init__(self, samples=(), device_util: int = 0, error: int | None = None) -> None:
+        self.samples, self.device_util, self.error = list(samples), device_util, error
+        self.asked_since: list[int] = []
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int):
+        if index != 0:
+            raise self.NVMLError(2)
+        return "gpu0"
+
+    def nvmlDeviceGetProcessUtilization(self, handle, last_seen: int):
+        self.asked_since.append(last_seen)
+        if self.error is not None:
+            raise self.NVMLError(self.error)
+        return [s for s in self.samples if s.timeStamp > last_seen]
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return type("Rates", (), {"gpu": self.device_util})()
+
+
+def test_others_gpu_busy_sums_the_latest_sample_of_every_other_process():
+    samples = [_Sample(10, 1, 90), _Sample(10, 5, 30), _Sample(11, 4, 20), _Sample(99, 5, 70)]
+    assert others_gpu_busy(samples, own_pids=[99]) == pytest.approx(0.5)  # 30 (latest of 10) + 20
+    assert others_gpu_busy(samples, own_pids=[]) == pytest.approx(1.0)   # 120% clamps to the whole GPU
+    assert others_gpu_busy([], own_pids=[1]) == 0.0
+
+
+def test_gpu_sampler_reads_only_new_samples_and_leaves_ours_out():
+    nvml = _FakeNvml([_Sample(10, 100, 40), _Sample(20, 100, 50)])
+    sampler = GpuSampler.open(0, nvml)
+    assert sampler.others({20}) == pytest.approx(0.4)
+    nvml.samples.append(_Sample(10, 200, 10))
+    assert sampler.others({20}) == pytest.approx(0.1)  # only the sample after t=100
+    assert nvml.asked_since == [0, 100]
+
+
+def test_gpu_sampler_nobody_since_is_zero_and_no_per_process_support_falls_back_to_the_device():
+    idle = GpuSampler.open(0, _FakeNvml(error=_FakeNvml.NVML_ERROR_NOT_FOUND, device_util=80))
+    assert idle.others(set()) == 0.0 and idle.per_process
+    old = GpuSampler.open(0, _FakeNvml(error=_FakeNvml.NVML_ERROR_NOT_SUPPORTED, device_util=80))
+    assert old.others(set()) == pytest.approx(0.8) and not old.per_process
+    broken = GpuSampler.open(0, _FakeNvml(error=999))
+    assert broken.others(set()) is None
+    assert GpuSampler.open(1, _FakeNvml()) is None  # no such GPU: no sampler, a warning
+
+
+def test_monitor_in_gpu_mode_takes_the_larger_of_cpu_load_and_others_gpu_share(tmp_path):
+    me = os.getpid()
+    _fake_proc(tmp_path, procs_running=1, states={me: "R"})  # nobody else on the CPUs
+    nvml = _FakeNvml([_Sample(4242, 1, 60), _Sample(me, 1, 35)])
+    mon = ContentionMonitor(probe=False, window=1, mode="gpu", gpu_index=0, nvml=nvml, proc_root=str(tmp_path))
+    assert mon.sample_once() == pytest.approx(0.6)  # our own 35% is not contention
+    assert mon.last.gpu == pytest.approx(0.6) and mon.components()["gpu"] == pytest.approx(0.6)
+    (tmp_path / "busy").mkdir()
+    _fake_proc(tmp_path / "busy", procs_running=1 + 3 * mon.n_cpus, states={me: "R"})
+    busy = ContentionMonitor(probe=False, window=1, mode="gpu", gpu_index=0, nvml=_FakeNvml(),
+                             proc_root=str(tmp_path / "busy"))
+    assert busy.sample_once() == pytest.approx(3.0)  # CPUs crowded, GPU idle: the CPU load shows
+
+
+def test_gpu_mode_without_a_gpu_to_watch_falls_back_to_cpu_load(caplog):
+    mon = ContentionMonitor(probe=False, mode="gpu")
+    assert mon.mode == "load" and "watching the CPUs only" in caplog.text
+    assert mon.components()["gpu"] is None
