@@ -42,6 +42,8 @@ class WorkerPool(ABC):
 
     manifests: dict[str, ModelManifest]
     device: str = "cpu"
+    niceness: int | None = None
+    """The niceness the workers reported when they came up (None: they run in, or inherit, this process's)."""
     on_idle: Callable[[], None] | None = None
     """Called when a worker becomes idle other than by a batch's future finishing (a replacement is
     ready) or when the pool breaks: whoever dispatches should look again."""
@@ -184,6 +186,7 @@ class ProcessPool(WorkerPool):
             # Replacements reuse this measurement: a restart should not pay for calibration again.
             self.spec = replace(self.spec, kernel_tables=dict(msg.kernel_table))
         self.device = msg.device
+        self.niceness = msg.niceness
         log.info(READY_LOG, w.worker_id, msg.pid, msg.device, msg.niceness, ",".join(map(str, msg.cpus)),
                  msg.kernel_table)
         if not w.ready.done():

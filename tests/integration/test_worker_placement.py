@@ -50,3 +50,17 @@ def test_the_corunner_runs_on_the_cpus_it_was_given():
         assert os.sched_getaffinity(burner.pids[0]) == {cpu}
     finally:
         burner.stop()
+
+
+async def test_the_pool_knows_the_niceness_its_workers_got(tiny_model_dir):
+    """The server judges its latency profile against it (scheduler.latency.base_rows)."""
+    from workers.pool import ProcessPool
+
+    nice = min(os.getpriority(os.PRIO_PROCESS, 0) + 2, 19)
+    pool = ProcessPool(WorkerSpec((tiny_model_dir,), "cpu", calibrate=False, precision="fp32", worker_nice=nice))
+    assert pool.niceness is None
+    await pool.start()
+    try:
+        assert pool.niceness == nice
+    finally:
+        await pool.close()
