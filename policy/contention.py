@@ -346,48 +346,64 @@ def time_call(fn: Callable, *args):
 # --------------------------------------------------------------------------- optional NVML
 
 
+GPU_SAMPLE_HOLD_S = 1.0
+"""How long a GPU reading stands when NVML has no newer process sample. The driver samples utilisation every
+~1/6 s, more slowly than the monitor polls: a poll in between finds nothing new, which says "no news", not
+"nobody is using the GPU". Only after this long without a sample is the GPU taken to be idle."""
+
+
 class GpuSampler:
     """Others' use of one GPU, from NVML (``pynvml``, from the nvidia-ml-py package; optional)."""
 
-    def __init__(self, nvml, handle, index: int) -> None:
+    def __init__(self, nvml, handle, index: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._nvml = nvml
         self._handle = handle
         self.index = index
+        self._clock = clock
         self._last_ts = 0
+        self._held = 0.0     # the latest per-process reading
+        self._held_at = -1e9
         self.per_process = True
         """False once the driver said it does not report utilisation per process: :meth:`others` then
         returns the device's whole utilisation, ours included."""
 
     @classmethod
-    def open(cls, index: int, nvml=None) -> "GpuSampler | None":
+    def open(cls, index: int, nvml=None, clock: Callable[[], float] = time.monotonic) -> "GpuSampler | None":
         """A sampler for GPU ``index``, or None (with a warning) without NVML or that GPU."""
         try:
             if nvml is None:
                 import pynvml as nvml  # optional: only on GPU machines
             nvml.nvmlInit()
-            return cls(nvml, nvml.nvmlDeviceGetHandleByIndex(index), index)
+            return cls(nvml, nvml.nvmlDeviceGetHandleByIndex(index), index, clock)
         except Exception as exc:  # noqa: BLE001 - no pynvml, no driver, no such GPU: no GPU signal
             log.warning("contention: GPU %d not watched (%r)", index, exc)
             return None
 
     def others(self, own_pids: Iterable[int]) -> float | None:
-        """Others' share of the GPU's time since the last call, in [0, 1]; None if NVML failed."""
+        """Others' share of the GPU's time in [0, 1], from the process samples newer than the last call's
+        (with none, the last reading for up to :data:`GPU_SAMPLE_HOLD_S`, then 0); None if NVML failed."""
         nvml = self._nvml
         try:
             if self.per_process:
                 try:
                     samples = nvml.nvmlDeviceGetProcessUtilization(self._handle, self._last_ts)
                 except nvml.NVMLError as exc:
-                    if exc.value == nvml.NVML_ERROR_NOT_FOUND:  # no process used the GPU since then
-                        return 0.0
-                    if exc.value != nvml.NVML_ERROR_NOT_SUPPORTED:
+                    if exc.value == nvml.NVML_ERROR_NOT_FOUND:  # no sample since the last call
+                        samples = []
+                    elif exc.value == nvml.NVML_ERROR_NOT_SUPPORTED:
+                        self.per_process = False
+                        log.warning("contention: GPU %d reports no per-process utilisation; using the whole "
+                                    "device's, our own work included", self.index)
+                    else:
                         raise
-                    self.per_process = False
-                    log.warning("contention: GPU %d reports no per-process utilisation; using the whole "
-                                "device's, our own work included", self.index)
-                else:
-                    self._last_ts = max([self._last_ts, *(s.timeStamp for s in samples)])
-                    return others_gpu_busy(samples, own_pids)
+                if self.per_process:
+                    now = self._clock()
+                    if samples:
+                        self._last_ts = max(self._last_ts, *(s.timeStamp for s in samples))
+                        self._held, self._held_at = others_gpu_busy(samples, own_pids), now
+                    elif now - self._held_at > GPU_SAMPLE_HOLD_S:
+                        self._held = 0.0
+                    return self._held
             return nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
         except Exception as exc:  # noqa: BLE001 - a driver hiccup must not stop the monitor
             log.debug("contention: NVML read failed on GPU %d: %r", self.index, exc)

@@ -45,8 +45,8 @@ def _burn(stop, duty: float, period_s: float, nice: int | None = None, cpus: tup
 
 
 DEVICE_BURN_N = 2048
-"""Side of the square matrices a device burner multiplies: ~17 GFLOP a product, ~1-2 ms on a data-centre
-GPU, so a burner's busy phase is many short kernels and its duty cycle holds to within one of them."""
+"""Side of the square matrices a device burner multiplies: ~17 GFLOP a product, about a millisecond in fp32 on
+a data-centre GPU, so a burner's busy phase is many short kernels and its duty cycle holds to within one."""
 
 
 def _burn_device(stop, duty: float, period_s: float, nice: int | None, cpus: tuple[int, ...] | None,

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from policy.contention import ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, others_load, \
+from policy.contention import GPU_SAMPLE_HOLD_S, ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, others_load, \
     parse_procs_running, probe_slowdown, task_state
 
 STAT = "cpu  1 2 3 4\ncpu0 1 2 3 4\nintr 5\nctxt 6\nprocs_running 5\nprocs_blocked 0\n"
@@ -184,6 +184,19 @@ def test_gpu_sampler_nobody_since_is_zero_and_no_per_process_support_falls_back_
     broken = GpuSampler.open(0, _FakeNvml(error=999))
     assert broken.others(set()) is None
     assert GpuSampler.open(1, _FakeNvml()) is None  # no such GPU: no sampler, a warning
+
+
+def test_a_gpu_reading_stands_between_the_drivers_samples_and_lapses_without_them():
+    nvml = _FakeNvml([_Sample(10, 100, 60)])
+    now = [0.0]
+    sampler = GpuSampler.open(0, nvml, clock=lambda: now[0])
+    assert sampler.others(set()) == pytest.approx(0.6)
+    now[0] = 0.5  # polled faster than the driver samples: nothing new, the reading stands
+    assert sampler.others(set()) == pytest.approx(0.6)
+    now[0] = 0.5 + GPU_SAMPLE_HOLD_S + 0.1  # no sample for longer than the hold: nobody is using it
+    assert sampler.others(set()) == 0.0
+    nvml.error = _FakeNvml.NVML_ERROR_NOT_FOUND  # NVML's way of saying "nothing new"
+    assert sampler.others(set()) == 0.0
 
 
 def test_monitor_in_gpu_mode_takes_the_larger_of_cpu_load_and_others_gpu_share(tmp_path):
