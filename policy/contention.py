@@ -16,16 +16,15 @@ daemon thread) reads:
   evidence of interference that the run queue cannot see (memory bandwidth,
   a noisy neighbour VM), but noisy: Linux lets a briefly-sleeping thread
   run at once, so a short probe sees little of a CPU hog.
-- ``gpu`` (when given a GPU to watch, ``gpu_index``): the share of that GPU's
-  time in which processes other than ours kept its SMs busy, from NVML's
-  per-process utilisation (``pynvml``, optional). Where the driver does not
-  report per process, the device's whole utilisation, ours included.
+- ``gpu`` (after ``watch_gpu``, which a server whose workers run on a GPU
+  calls): the share of that GPU's time in which processes other than ours
+  kept its SMs busy, from NVML's per-process utilisation (``pynvml``,
+  optional). None where the driver does not report per process.
 
 ``value`` (the model's feature) is the smoothed ``load`` by default
-(``mode="load"``); ``mode="probe"`` or ``"max"`` (max of both) are options,
-and ``mode="gpu"`` (max of ``load`` and ``gpu``) is what a server whose
-workers run on a GPU uses: a neighbour on the GPU slows the model, one on
-the CPUs the code around it.
+(``mode="load"``); ``mode="probe"`` or ``"max"`` (max of both) are options.
+``watch_gpu`` makes it ``mode="gpu"``, the max of ``load`` and ``gpu``: a
+neighbour on the GPU slows the model, one on the CPUs the code around it.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("load", "probe", "max", "gpu")
+MODES = ("load", "probe", "max")
+"""The modes a monitor starts in; :meth:`ContentionMonitor.watch_gpu` switches to "gpu"."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -151,10 +151,7 @@ class ContentionMonitor:
     def __init__(self, interval_s: float = 0.05, window: int = 10, mode: str = "load",
                  probe: bool = True, probe_every: int = 2, own_pids: Iterable[int] = (),
                  history_len: int = 2400, clock: Callable[[], float] = time.monotonic,
-                 proc_root: str = "/proc", gpu_index: int | None = None, nvml=None) -> None:
-        """``gpu_index``: the GPU the workers run on, whose other users to watch (None: no GPU signal);
-        ``nvml``: the pynvml module (tests pass a fake). ``mode="gpu"`` without a GPU to watch, or without
-        NVML, falls back to ``"load"`` with a warning."""
+                 proc_root: str = "/proc") -> None:
         if interval_s <= 0 or mode not in MODES or probe_every < 1:
             raise ValueError(f"ContentionMonitor(interval_s={interval_s}, mode={mode!r}, probe_every={probe_every}): "
                              f"need interval_s > 0, mode in {MODES}, probe_every >= 1")
@@ -182,14 +179,23 @@ class ContentionMonitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._gpu_sampler = GpuSampler.open(gpu_index, nvml) if gpu_index is not None else None
+        self._gpu_sampler: GpuSampler | None = None
         self._gpu = Smoother(window, "mean")
-        if mode == "gpu" and self._gpu_sampler is None:
-            log.warning("contention mode 'gpu' without %s: watching the CPUs only (mode 'load')",
-                        "a GPU to watch" if gpu_index is None else f"NVML for GPU {gpu_index} (pip install nvidia-ml-py)")
-            self.mode = "load"
         if probe:
             self.calibrate_probe()
+
+    def watch_gpu(self, gpu: int | str, nvml=None) -> bool:
+        """Watch GPU ``gpu`` (an NVML index, or "GPU-<uuid>" as a worker reports it) for other processes and
+        make the feature the max of CPU load and their share of it (mode "gpu"). Returns False, with a
+        warning, without NVML (``pip install nvidia-ml-py``) or that GPU: the monitor then watches the CPUs
+        only. ``nvml``: the pynvml module (tests pass a fake)."""
+        sampler = GpuSampler.open(gpu, nvml)
+        if sampler is None:
+            return False
+        with self._lock:
+            self._gpu_sampler = sampler
+            self.mode = "gpu"
+        return True
 
     # ----------------------------------------------------------------- own processes
 
@@ -355,56 +361,59 @@ GPU_SAMPLE_HOLD_S = 1.0
 class GpuSampler:
     """Others' use of one GPU, from NVML (``pynvml``, from the nvidia-ml-py package; optional)."""
 
-    def __init__(self, nvml, handle, index: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, nvml, handle, gpu: int | str, clock: Callable[[], float] = time.monotonic) -> None:
         self._nvml = nvml
         self._handle = handle
-        self.index = index
+        self.gpu = gpu
         self._clock = clock
         self._last_ts = 0
         self._held = 0.0     # the latest per-process reading
         self._held_at = -1e9
         self.per_process = True
         """False once the driver said it does not report utilisation per process: :meth:`others` then
-        returns the device's whole utilisation, ours included."""
+        returns None (the device's whole utilisation would count our own batches as contention)."""
 
     @classmethod
-    def open(cls, index: int, nvml=None, clock: Callable[[], float] = time.monotonic) -> "GpuSampler | None":
-        """A sampler for GPU ``index``, or None (with a warning) without NVML or that GPU."""
+    def open(cls, gpu: int | str, nvml=None, clock: Callable[[], float] = time.monotonic) -> "GpuSampler | None":
+        """A sampler for GPU ``gpu`` (NVML index or "GPU-<uuid>"), or None (with a warning) without NVML or
+        that GPU."""
         try:
             if nvml is None:
                 import pynvml as nvml  # optional: only on GPU machines
             nvml.nvmlInit()
-            return cls(nvml, nvml.nvmlDeviceGetHandleByIndex(index), index, clock)
+            handle = (nvml.nvmlDeviceGetHandleByUUID(gpu) if isinstance(gpu, str)
+                      else nvml.nvmlDeviceGetHandleByIndex(gpu))
+            return cls(nvml, handle, gpu, clock)
         except Exception as exc:  # noqa: BLE001 - no pynvml, no driver, no such GPU: no GPU signal
-            log.warning("contention: GPU %d not watched (%r)", index, exc)
+            log.warning("contention: GPU %s not watched, the signal covers the CPUs only (%r)", gpu, exc)
             return None
 
     def others(self, own_pids: Iterable[int]) -> float | None:
         """Others' share of the GPU's time in [0, 1], from the process samples newer than the last call's
-        (with none, the last reading for up to :data:`GPU_SAMPLE_HOLD_S`, then 0); None if NVML failed."""
+        (with none, the last reading for up to :data:`GPU_SAMPLE_HOLD_S`, then 0); None if NVML failed or
+        does not report per process."""
+        if not self.per_process:
+            return None
         nvml = self._nvml
         try:
-            if self.per_process:
-                try:
-                    samples = nvml.nvmlDeviceGetProcessUtilization(self._handle, self._last_ts)
-                except nvml.NVMLError as exc:
-                    if exc.value == nvml.NVML_ERROR_NOT_FOUND:  # no sample since the last call
-                        samples = []
-                    elif exc.value == nvml.NVML_ERROR_NOT_SUPPORTED:
-                        self.per_process = False
-                        log.warning("contention: GPU %d reports no per-process utilisation; using the whole "
-                                    "device's, our own work included", self.index)
-                    else:
-                        raise
-                if self.per_process:
-                    now = self._clock()
-                    if samples:
-                        self._last_ts = max(self._last_ts, *(s.timeStamp for s in samples))
-                        self._held, self._held_at = others_gpu_busy(samples, own_pids), now
-                    elif now - self._held_at > GPU_SAMPLE_HOLD_S:
-                        self._held = 0.0
-                    return self._held
-            return nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
+            try:
+                samples = nvml.nvmlDeviceGetProcessUtilization(self._handle, self._last_ts)
+            except nvml.NVMLError as exc:
+                if exc.value == nvml.NVML_ERROR_NOT_SUPPORTED:
+                    self.per_process = False
+                    log.warning("contention: GPU %s reports no per-process utilisation: the signal covers the "
+                                "CPUs only", self.gpu)
+                    return None
+                if exc.value != nvml.NVML_ERROR_NOT_FOUND:  # NOT_FOUND: no sample since the last call
+                    raise
+                samples = []
         except Exception as exc:  # noqa: BLE001 - a driver hiccup must not stop the monitor
-            log.debug("contention: NVML read failed on GPU %d: %r", self.index, exc)
+            log.debug("contention: NVML read failed on GPU %s: %r", self.gpu, exc)
             return None
+        now = self._clock()
+        if samples:
+            self._last_ts = max(self._last_ts, *(s.timeStamp for s in samples))
+            self._held, self._held_at = others_gpu_busy(samples, own_pids), now
+        elif now - self._held_at > GPU_SAMPLE_HOLD_S:
+            self._held = 0.0
+        return self._held

@@ -26,7 +26,6 @@ from scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from scheduler.metrics import ServerMetrics
 from workers.artifact import ModelManifest, load_manifest
-from workers.device import gpu_index
 from workers.heap import freeze_startup_heap
 from workers.pool import InProcessPool, ProcessPool, WorkerPool
 from workers.process import WorkerSpec
@@ -182,15 +181,14 @@ class SlonnServer:
                           worker_cpus=cfg.worker_cpus)
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
-        # Workers on a GPU: a neighbour on that GPU is contention too (NVML, policy/contention.py).
-        gpu = gpu_index(cfg.device)
-        self.monitor = ContentionMonitor(interval_s=0.1, window=5,  # 0.5 s of smoothing, half the samples
-                                         mode="load" if gpu is None else "gpu", gpu_index=gpu)
+        self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples
         if cfg.in_process:
             self.pool: WorkerPool = InProcessPool(spec, cfg.workers)
         else:
             self.pool = ProcessPool(spec, cfg.workers, on_spawn=self.monitor.add_own_pid)
         await self.pool.start()
+        if self.pool.gpu_uuid:  # workers on a GPU: a neighbour on that GPU is contention too
+            self.monitor.watch_gpu(self.pool.gpu_uuid)
         self.monitor.start()
         self.manifests = dict(self.pool.manifests)
         self.latency = LearnedLatency({

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.config import load_classes
-from scripts.corunner import add_corunner_device_arg, corunner_device, niceness_of
+from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit, niceness_of
 from scripts.replay import TRANSPORTS, phase_summaries, replay_with_corunner
 from scripts.report import RequestRecord
 from scripts.serve import call_at_niceness
@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bin-s", type=float, default=0.5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        burn_device = corunner_device(args.corunner_device)
-    except ValueError as exc:
-        p.error(f"--corunner-device: {exc}")
+    burn_device = corunner_device_or_exit(p, args.corunner_device)
     from workers.artifact import load_manifest
 
     model = load_manifest(args.model_dir).name

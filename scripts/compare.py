@@ -230,7 +230,7 @@ def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window
 def main(argv: list[str] | None = None) -> int:
     from scheduler.config import load_classes
     from scripts.plots import latency_cdf, timeline
-    from scripts.corunner import add_corunner_device_arg, corunner_device
+    from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit
     from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args
     from scripts.serve import spin_ms
     from scripts.simulate import add_sim_args
@@ -267,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args.policies = [s.strip() for s in args.policies.split(sep) if s.strip()]
     if not args.sim and not args.live:
         args.live = True
-    try:
-        args.burn_device = corunner_device(args.corunner_device) if args.corunner and args.live else "cpu"
-    except ValueError as exc:
-        p.error(f"--corunner-device: {exc}")
+    args.burn_device = corunner_device_or_exit(p, args.corunner_device) if args.corunner and args.live else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     arrivals = arrivals_from_args(args)
     classes_cfg = load_classes(args.classes)

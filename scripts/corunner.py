@@ -26,22 +26,32 @@ from dataclasses import dataclass
 from workers.placement import set_cpus, set_niceness
 
 
+def _duty_loop(stop, duty: float, period_s: float, step) -> None:
+    """Call ``step()`` for ``duty`` of every period and sleep the rest, until ``stop`` is set or the parent is
+    gone (a killed parent must not leave burners behind)."""
+    busy_s = duty * period_s
+    idle_s = period_s - busy_s
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:
+        t_end = time.perf_counter() + busy_s
+        while time.perf_counter() < t_end:
+            step()
+        if idle_s > 0:
+            time.sleep(idle_s)
+
+
 def _burn(stop, duty: float, period_s: float, nice: int | None = None, cpus: tuple[int, ...] | None = None) -> None:
     """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
     if nice is not None:
         set_niceness(nice)
     set_cpus(cpus)
-    busy_s = duty * period_s
-    idle_s = period_s - busy_s
-    parent = os.getppid()
-    x = 0
-    while not stop.is_set() and os.getppid() == parent:  # a killed parent must not leave burners behind
-        t_end = time.perf_counter() + busy_s
-        while time.perf_counter() < t_end:
-            for i in range(200):  # pure-Python arithmetic: keeps one core at 100%
-                x = (x * 1103515245 + i) & 0xFFFFFFFF
-        if idle_s > 0:
-            time.sleep(idle_s)
+
+    def spin() -> None:
+        x = 0
+        for i in range(200):  # pure-Python arithmetic: keeps one core at 100%
+            x = (x * 1103515245 + i) & 0xFFFFFFFF
+
+    _duty_loop(stop, duty, period_s, spin)
 
 
 DEVICE_BURN_N = 2048
@@ -50,10 +60,11 @@ a data-centre GPU, so a burner's busy phase is many short kernels and its duty c
 
 
 def _burn_device(stop, duty: float, period_s: float, nice: int | None, cpus: tuple[int, ...] | None,
-                 device: str) -> None:
+                 device: str, ready, products) -> None:
     """Child body of a device burner: ``duty`` of every period spent in matrix products on ``device``
-    (waiting for each, so the queue it leaves the GPU is one kernel long), the rest asleep. On "cpu" the
-    products run on one CPU thread (what the tests exercise without a GPU)."""
+    (waiting for each, so the queue it leaves the GPU is one kernel long), the rest asleep. Adds 1 to
+    ``ready`` after its first product (torch's import and the CUDA context take seconds) and counts its
+    products in ``products``. On "cpu" the products run on one CPU thread (what the tests exercise)."""
     import torch
 
     if nice is not None:
@@ -63,20 +74,21 @@ def _burn_device(stop, duty: float, period_s: float, nice: int | None, cpus: tup
     if dev.type == "cpu":
         torch.set_num_threads(1)
     n = DEVICE_BURN_N if dev.type != "cpu" else 128
-    a = torch.randn(n, n, device=dev)
+    state = {"a": torch.randn(n, n, device=dev)}
     b = torch.randn(n, n, device=dev)
-    busy_s = duty * period_s
-    idle_s = period_s - busy_s
-    parent = os.getppid()
-    while not stop.is_set() and os.getppid() == parent:  # a killed parent must not leave burners behind
-        t_end = time.perf_counter() + busy_s
-        while time.perf_counter() < t_end:
-            a = torch.mm(a, b)
-            a.div_(a.abs().max() + 1.0)  # keep the values finite
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-        if idle_s > 0:
-            time.sleep(idle_s)
+
+    def product() -> None:
+        a = torch.mm(state["a"], b)
+        state["a"] = a.div_(a.abs().max() + 1.0)  # keep the values finite
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        with products.get_lock():
+            products.value += 1
+
+    product()
+    with ready.get_lock():
+        ready.value += 1
+    _duty_loop(stop, duty, period_s, product)
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,10 @@ class CpuBurner:
     def _args(self) -> tuple:
         return self._stop, self.spec.duty, self.period_s, self.nice, self.cpus
 
+    def _died(self) -> list[int]:
+        """Exit codes of the burner processes that have ended (they should run until stop())."""
+        return [p.exitcode for p in self._procs if p.exitcode is not None]
+
     def stop(self, timeout_s: float = 2.0) -> None:
         procs, self._procs = self._procs, []  # a second stop() (another thread's) finds nothing to do
         if procs:  # what it got, read before it exits: did it really take its cores?
@@ -216,25 +232,52 @@ class CpuBurner:
 
 class DeviceBurner(CpuBurner):
     """Start/stop ``n_procs`` processes that keep a torch device busy (``device``, e.g. "cuda:0"); the
-    co-runner for a model served on a GPU. ``usage()`` reports the CPU its processes used, which on a GPU
-    is the time they spent waiting for their kernels."""
+    co-runner for a model served on a GPU. ``start()`` returns once every process has run its first
+    product (a child's torch import and CUDA context take seconds, which would otherwise count as
+    interference time). ``usage()`` reports the CPU its processes used (on a GPU, mostly the time they
+    waited for their kernels) and how many products they ran."""
 
     kind = "device"
 
     def __init__(self, device: str, n_procs: int = 1, duty: float = 1.0, period_s: float = 0.02,
-                 nice: int | None = None, cpus: tuple[int, ...] | None = None) -> None:
+                 nice: int | None = None, cpus: tuple[int, ...] | None = None,
+                 start_timeout_s: float = 120.0) -> None:
         super().__init__(n_procs, duty, period_s, nice, cpus)
         self.device = device
+        self.start_timeout_s = start_timeout_s
+        self._ready = self._ctx.Value("i", 0)
+        self._products = self._ctx.Value("q", 0)
 
     def _target(self):
         return _burn_device
 
     def _args(self) -> tuple:
-        return (*super()._args(), self.device)
+        return (*super()._args(), self.device, self._ready, self._products)
+
+    def start(self) -> "DeviceBurner":
+        self._ready.value = 0
+        self._products.value = 0
+        super().start()
+        t_end = time.monotonic() + self.start_timeout_s
+        while self._ready.value < self.spec.n_procs:
+            died = self._died()
+            if died or time.monotonic() > t_end:
+                self.stop()
+                raise RuntimeError(f"device burner on {self.device}: "
+                                   + (f"a process exited with {died[0]} before its first product" if died
+                                      else f"not burning after {self.start_timeout_s:.0f} s"))
+            time.sleep(0.05)
+        self._t0 = time.monotonic()  # interference starts now, not at the spawn
+        return self
+
+    @property
+    def products(self) -> int:
+        """Matrix products run since the last start()."""
+        return self._products.value
 
     def usage(self) -> dict | None:
         got = super().usage()
-        return None if got is None else {**got, "device": self.device}
+        return None if got is None else {**got, "device": self.device, "products": self.products}
 
 
 CORUNNER_DEVICES = ("auto", "cpu", "cuda")
@@ -246,15 +289,31 @@ def corunner_device(requested: str = "auto") -> str:
     value when CUDA is asked for and absent."""
     if requested == "cpu":
         return "cpu"
-    if requested != "auto" and not requested.startswith("cuda"):
-        raise ValueError(f"corunner device {requested!r}: expected one of {list(CORUNNER_DEVICES)} or cuda:N")
     import torch
 
+    try:
+        dev = torch.device("cuda" if requested == "auto" else requested)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type != "cuda":
+        raise ValueError(f"corunner device {requested!r}: expected one of {list(CORUNNER_DEVICES)} or cuda:N")
     if not torch.cuda.is_available():
         if requested == "auto":
             return "cpu"
         raise ValueError(f"corunner device {requested!r}: CUDA is not available here; use 'cpu' or 'auto'")
-    return "cuda:0" if requested in ("auto", "cuda") else requested
+    index = dev.index or 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"corunner device {requested!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return f"cuda:{index}"
+
+
+def corunner_device_or_exit(parser, requested: str) -> str:
+    """:func:`corunner_device`, or the parser's usage error naming ``--corunner-device``."""
+    try:
+        return corunner_device(requested)
+    except ValueError as exc:
+        parser.error(f"--corunner-device: {exc}")
+        raise  # parser.error exits; this is for type checkers
 
 
 def add_corunner_device_arg(p) -> None:

@@ -36,7 +36,7 @@ from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample
 from policy.latency_model import profile_csv_name
 from scripts.corunner import BurnSpec, make_burner
 from scripts.serve import spin_ms
-from workers.device import gpu_index
+from workers.device import gpu_uuid
 from workers.placement import set_niceness
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
@@ -67,7 +67,8 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
     rng = np.random.default_rng(seed)
     on_thread = threads == 1 and runner.device.type == "cpu"  # the call computes on this thread alone
     conn.send({"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0),
-               "levels": list(runner.manifest.levels), "kernel_table": kernel_table, "device": str(runner.device)})
+               "levels": list(runner.manifest.levels), "kernel_table": kernel_table, "device": str(runner.device),
+               "gpu_uuid": gpu_uuid(runner.device)})
     while True:
         msg = wait_for_task(conn, spin_ms * 1e-3)
         if msg is None:
@@ -264,10 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--worker-nice %d: not permitted (needs CAP_SYS_NICE); the worker runs at niceness %d, "
                     "which every row records", args.worker_nice, worker.ready["niceness"])
     levels = sorted(args.levels or worker.ready["levels"], reverse=True)
-    gpu = gpu_index(worker.ready["device"])
-    burn_device = "cpu" if gpu is None else f"cuda:{gpu}"  # the co-runner contends for what the model runs on
-    monitor = ContentionMonitor(own_pids=[worker.ready["pid"]], mode="load" if gpu is None else "gpu",
-                                gpu_index=gpu).start()
+    monitor = ContentionMonitor(own_pids=[worker.ready["pid"]])
+    burn_device = "cpu"
+    if worker.ready["gpu_uuid"]:  # the co-runner contends for what the model runs on, and is watched there
+        monitor.watch_gpu(worker.ready["gpu_uuid"])
+        burn_device = worker.ready["device"]
+    monitor.start()
     if args.signal_only:
         try:
             signal = signal_check(worker, monitor, args.intensities, args.signal_seconds, args.signal_rounds,

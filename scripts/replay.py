@@ -267,7 +267,7 @@ def arrivals_from_args(args) -> Arrivals:
 
 def main(argv: list[str] | None = None) -> int:
     from scheduler.config import load_classes
-    from scripts.corunner import add_corunner_device_arg, corunner_device
+    from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit
 
     p = argparse.ArgumentParser(prog="slonn replay", description=__doc__)
     p.add_argument("--target", default="localhost:50051")
@@ -286,10 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     arrivals = arrivals_from_args(args)
     deadlines = {n: c.latency_ms for n, c in classes.items()}
     corunner = args.corunner_start_s is not None
-    try:
-        burn_device = corunner_device(args.corunner_device) if corunner else "cpu"
-    except ValueError as exc:
-        p.error(f"--corunner-device: {exc}")
+    burn_device = corunner_device_or_exit(p, args.corunner_device) if corunner else "cpu"
     usage: dict = {}
     if corunner:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s

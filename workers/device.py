@@ -17,11 +17,14 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def gpu_index(requested: str = "auto") -> int | None:
-    """The CUDA device index :func:`pick_device` resolves ``requested`` to, or None for the CPU."""
-    device = pick_device(requested)
-    return None if device.type != "cuda" else (device.index if device.index is not None else
-                                               torch.cuda.current_device())
+def gpu_uuid(device: torch.device) -> str:
+    """NVML's name for the GPU ``device`` runs on ("GPU-<uuid>"), "" on the CPU. Called where the model
+    runs (a worker), which has its CUDA context anyway: a CUDA index means different GPUs to CUDA and to
+    NVML under CUDA_VISIBLE_DEVICES, a UUID does not."""
+    if device.type != "cuda":
+        return ""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else ""
 
 
 def synchronize(device: torch.device) -> None:

@@ -19,6 +19,7 @@ from typing import Callable
 from dataclasses import replace
 
 from workers.artifact import ModelManifest
+from workers.device import gpu_uuid
 from workers.process import WorkerSpec, execute, load_runners, warm_up, worker_main
 from workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 
@@ -44,6 +45,8 @@ class WorkerPool(ABC):
     device: str = "cpu"
     niceness: int | None = None
     """The niceness the workers reported when they came up (None: they run in, or inherit, this process's)."""
+    gpu_uuid: str = ""
+    """NVML's name of the workers' GPU ("" on the CPU), once started."""
     on_idle: Callable[[], None] | None = None
     """Called when a worker becomes idle other than by a batch's future finishing (a replacement is
     ready) or when the pool breaks: whoever dispatches should look again."""
@@ -87,6 +90,7 @@ class InProcessPool(WorkerPool):
         await asyncio.to_thread(warm_up, self._runners)
         self.manifests = {n: r.manifest for n, r in self._runners.items()}
         self.device = str(next(iter(self._runners.values())).device)
+        self.gpu_uuid = gpu_uuid(next(iter(self._runners.values())).device)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="slonn-inproc")
 
     def idle_count(self) -> int:
@@ -187,6 +191,7 @@ class ProcessPool(WorkerPool):
             self.spec = replace(self.spec, kernel_tables=dict(msg.kernel_table))
         self.device = msg.device
         self.niceness = msg.niceness
+        self.gpu_uuid = msg.gpu_uuid
         log.info(READY_LOG, w.worker_id, msg.pid, msg.device, msg.niceness, ",".join(map(str, msg.cpus)),
                  msg.kernel_table)
         if not w.ready.done():

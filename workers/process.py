@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workers.device import gpu_uuid
 from workers.heap import freeze_startup_heap
 from workers.placement import ask_niceness, set_cpus
 from workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
@@ -108,6 +109,7 @@ def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     freeze_startup_heap()
     conn.send(WorkerReady(
         worker_id=worker_id, pid=os.getpid(), device=str(next(iter(runners.values())).device),
+        gpu_uuid=gpu_uuid(next(iter(runners.values())).device),
         models={name: r.manifest.to_json() for name, r in runners.items()},
         kernel_table={name: r.chooser.to_json() for name, r in runners.items()}, niceness=niceness, cpus=cpus,
     ))

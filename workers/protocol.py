@@ -68,6 +68,9 @@ class WorkerReady:
     """The niceness the worker runs at (``WorkerSpec.worker_nice`` if it could be set, else its parent's)."""
     cpus: tuple[int, ...] = ()
     """The CPUs the worker may run on."""
+    gpu_uuid: str = ""
+    """NVML's name of the worker's GPU ("GPU-<uuid>"; ``workers.device.gpu_uuid``), "" on the CPU: the
+    server's contention monitor watches that GPU for other processes."""
 
 
 @dataclass(frozen=True)

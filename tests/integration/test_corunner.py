@@ -95,18 +95,29 @@ def test_burner_runs_at_its_own_niceness_not_its_parents(nice):
     assert got == expect
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_device_burner_runs_its_kernel_loop_and_stops():
     """On "cpu" the device burner's loop (torch matrix products, the GPU co-runner's body) runs without a GPU."""
     from scripts.corunner import DeviceBurner
 
-    burner = DeviceBurner("cpu", n_procs=1)
-    burner.start()
-    time.sleep(3.0)  # a spawned child imports torch before it burns
-    burner.stop()
+    burner = DeviceBurner("cpu", n_procs=2, duty=0.5)
+    burner.start()  # returns once both processes have run a product
+    procs = list(burner._procs)
+    try:
+        assert burner.products >= 2
+    finally:
+        burner.stop()
+    assert [p.exitcode for p in procs] == [0, 0]  # they ended at stop(), not by crashing
     usage = burner.usage()
-    assert usage["kind"] == "device" and usage["device"] == "cpu" and usage["cpu_s"] > 0.5
-    assert burner.pids == []  # stopped
+    assert usage["kind"] == "device" and usage["device"] == "cpu" and usage["products"] >= 2
+
+
+def test_a_device_burner_that_cannot_burn_says_so():
+    from scripts.corunner import DeviceBurner
+
+    burner = DeviceBurner("cuda:99", n_procs=1)  # no such GPU: the child dies before its first product
+    with pytest.raises(RuntimeError, match="exited"):
+        burner.start()
+    assert burner.pids == []
 
 
 def test_make_burner_picks_the_burner_for_the_device():
@@ -126,6 +137,8 @@ def test_corunner_device_resolves_auto_and_names_a_bad_value():
     assert corunner_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="'tpu'"):
         corunner_device("tpu")
+    with pytest.raises(ValueError, match="'cudax'"):
+        corunner_device("cudax")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             corunner_device("cuda")

@@ -29,7 +29,7 @@ def test_a_worker_sets_its_niceness_and_cpus_before_it_reports_ready(tiny_model_
         assert ours.poll(120), "worker did not report ready"
         ready = ours.recv()
         assert isinstance(ready, WorkerReady)
-        assert (ready.niceness, ready.cpus) == (nice, (cpu,))
+        assert (ready.niceness, ready.cpus, ready.gpu_uuid) == (nice, (cpu,), "")  # no GPU to watch on a CPU
         assert os.sched_getaffinity(proc.pid) == {cpu} and os.getpriority(os.PRIO_PROCESS, proc.pid) == nice
         ours.send(Shutdown())
         proc.join(30)
@@ -61,6 +61,6 @@ async def test_the_pool_knows_the_niceness_its_workers_got(tiny_model_dir):
     assert pool.niceness is None
     await pool.start()
     try:
-        assert pool.niceness == nice
+        assert pool.niceness == nice and pool.gpu_uuid == ""
     finally:
         await pool.close()

@@ -150,6 +150,11 @@ class _FakeNvml:
             raise self.NVMLError(2)
         return "gpu0"
 
+    def nvmlDeviceGetHandleByUUID(self, uuid: str):
+        if uuid != "GPU-0000":
+            raise self.NVMLError(2)
+        return "gpu0"
+
     def nvmlDeviceGetProcessUtilization(self, handle, last_seen: int):
         self.asked_since.append(last_seen)
         if self.error is not None:
@@ -176,14 +181,17 @@ def test_gpu_sampler_reads_only_new_samples_and_leaves_ours_out():
     assert nvml.asked_since == [0, 100]
 
 
-def test_gpu_sampler_nobody_since_is_zero_and_no_per_process_support_falls_back_to_the_device():
+def test_gpu_sampler_nobody_since_is_zero_and_no_per_process_support_is_no_signal():
     idle = GpuSampler.open(0, _FakeNvml(error=_FakeNvml.NVML_ERROR_NOT_FOUND, device_util=80))
     assert idle.others(set()) == 0.0 and idle.per_process
+    # The whole device's utilisation would count our own batches as contention: no signal instead.
     old = GpuSampler.open(0, _FakeNvml(error=_FakeNvml.NVML_ERROR_NOT_SUPPORTED, device_util=80))
-    assert old.others(set()) == pytest.approx(0.8) and not old.per_process
+    assert old.others(set()) is None and not old.per_process
     broken = GpuSampler.open(0, _FakeNvml(error=999))
-    assert broken.others(set()) is None
+    assert broken.others(set()) is None and broken.per_process  # a hiccup: try again next time
     assert GpuSampler.open(1, _FakeNvml()) is None  # no such GPU: no sampler, a warning
+    assert GpuSampler.open("GPU-0000", _FakeNvml()) is not None  # as a worker names its GPU
+    assert GpuSampler.open("GPU-ffff", _FakeNvml()) is None
 
 
 def test_a_gpu_reading_stands_between_the_drivers_samples_and_lapses_without_them():
@@ -203,17 +211,19 @@ def test_monitor_in_gpu_mode_takes_the_larger_of_cpu_load_and_others_gpu_share(t
     me = os.getpid()
     _fake_proc(tmp_path, procs_running=1, states={me: "R"})  # nobody else on the CPUs
     nvml = _FakeNvml([_Sample(4242, 1, 60), _Sample(me, 1, 35)])
-    mon = ContentionMonitor(probe=False, window=1, mode="gpu", gpu_index=0, nvml=nvml, proc_root=str(tmp_path))
+    mon = ContentionMonitor(probe=False, window=1, proc_root=str(tmp_path))
+    assert mon.watch_gpu("GPU-0000", nvml) and mon.mode == "gpu"
     assert mon.sample_once() == pytest.approx(0.6)  # our own 35% is not contention
     assert mon.last.gpu == pytest.approx(0.6) and mon.components()["gpu"] == pytest.approx(0.6)
     (tmp_path / "busy").mkdir()
     _fake_proc(tmp_path / "busy", procs_running=1 + 3 * mon.n_cpus, states={me: "R"})
-    busy = ContentionMonitor(probe=False, window=1, mode="gpu", gpu_index=0, nvml=_FakeNvml(),
-                             proc_root=str(tmp_path / "busy"))
+    busy = ContentionMonitor(probe=False, window=1, proc_root=str(tmp_path / "busy"))
+    assert busy.watch_gpu(0, _FakeNvml())
     assert busy.sample_once() == pytest.approx(3.0)  # CPUs crowded, GPU idle: the CPU load shows
 
 
-def test_gpu_mode_without_a_gpu_to_watch_falls_back_to_cpu_load(caplog):
-    mon = ContentionMonitor(probe=False, mode="gpu")
-    assert mon.mode == "load" and "watching the CPUs only" in caplog.text
+def test_a_gpu_that_cannot_be_watched_leaves_the_cpu_signal(caplog):
+    mon = ContentionMonitor(probe=False)
+    assert not mon.watch_gpu("GPU-ffff", _FakeNvml())
+    assert mon.mode == "load" and "covers the CPUs only" in caplog.text
     assert mon.components()["gpu"] is None

@@ -1,5 +1,5 @@
-"""The GPU path's choices, checked on a machine without one: which device the monitor watches, what the
-profile expects a co-runner to show."""
+"""The GPU path's choices, checked on a machine without one: how a worker names its GPU for the monitor,
+what the profile expects a co-runner to show."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import torch
 
 from scripts.corunner import BurnSpec
 from scripts.profile import expected_signal
-from workers.device import gpu_index
+from workers.device import gpu_uuid
 
 
-def test_gpu_index_is_none_on_the_cpu_and_names_a_missing_gpu():
-    assert gpu_index("cpu") is None
-    if torch.cuda.is_available():
-        assert gpu_index("cuda:0") == 0
-    else:
-        assert gpu_index("auto") is None
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            gpu_index("cuda:1")
+def test_a_cpu_device_has_no_gpu_to_watch():
+    assert gpu_uuid(torch.device("cpu")) == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_is_named_the_way_nvml_names_it():
+    assert gpu_uuid(torch.device("cuda:0")).startswith("GPU-")
 
 
 def test_a_cpu_corunner_is_expected_per_cpu_and_a_gpu_one_as_a_share_of_the_gpu():
