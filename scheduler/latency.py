@@ -77,10 +77,10 @@ class LearnedLatency:
 
 
 def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION,
-              worker_nice: int | None = None) -> list[LatencySample] | None:
+              worker_nice: int | None = None, on_gpu: bool = False) -> list[LatencySample] | None:
     """The profile `slonn profile --precision` wrote beside the model for workers in ``precision``, if any;
     warns when it was taken at another niceness than ``worker_nice`` (None: this process's, which the
-    workers inherit)."""
+    workers inherit), or on the CPU for workers on a GPU (``on_gpu``)."""
     path = Path(model_dir) / profile_csv_name(precision)
     if not path.exists():
         return None
@@ -93,7 +93,16 @@ def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION,
     mismatch = niceness_mismatch(dicts, serving_nice)
     if mismatch:
         log.warning("%s: %s", path, mismatch)
+    if on_gpu and not profiled_on_gpu(dicts):
+        log.warning("%s: profiled without a GPU signal (on the CPU), served on a GPU whose neighbours the "
+                    "contention feature now counts: retake it on the GPU with `slonn profile --device cuda`", path)
     return rows
+
+
+def profiled_on_gpu(profile_rows: list[dict]) -> bool:
+    """Whether a profile's rows carry the GPU signal (its ``gpu`` column is filled when the profiled worker
+    ran on a GPU that the monitor watched)."""
+    return any(d.get("gpu") not in (None, "") for d in profile_rows)
 
 
 def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None:

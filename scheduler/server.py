@@ -242,7 +242,7 @@ class SlonnServer:
         """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
         directory = next(d for d in self.cfg.model_dirs if load_manifest(d).name == manifest.name)
         # Judged against the niceness the workers got: without CAP_SYS_NICE it is not the one asked for.
-        rows = base_rows(directory, self.cfg.precision, self.pool.niceness)
+        rows = base_rows(directory, self.cfg.precision, self.pool.niceness, on_gpu=bool(self.pool.gpu_uuid))
         if rows:
             log.info("%s: latency model from %d profile rows in %s", manifest.name, len(rows), directory)
             return rows

@@ -62,3 +62,11 @@ def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
     assert "niceness -10, served at 0" in msg and "--worker-nice 0" in msg
     assert niceness_mismatch([{"level": "1.0"}], 0) is None  # older profiles have no such column
     assert "not whole numbers" in niceness_mismatch([{"worker_nice": "-10.0"}], 0)  # a warning, not a crash
+
+
+def test_a_profile_knows_whether_it_saw_a_gpu():
+    from scheduler.latency import profiled_on_gpu
+
+    assert not profiled_on_gpu([{"gpu": ""}, {"gpu": ""}])  # taken on the CPU: the column is empty
+    assert not profiled_on_gpu([{"level": "1.0"}])           # older profiles have no such column
+    assert profiled_on_gpu([{"gpu": ""}, {"gpu": "0.25"}])
