@@ -40,11 +40,16 @@ def _duty_loop(stop, duty: float, period_s: float, step) -> None:
             time.sleep(idle_s)
 
 
-def _burn(stop, duty: float, period_s: float, nice: int | None = None, cpus: tuple[int, ...] | None = None) -> None:
-    """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
+def _place(nice: int | None, cpus: tuple[int, ...] | None) -> None:
+    """A burner child's niceness (absolute; None: its parent's) and CPUs (None: its parent's)."""
     if nice is not None:
         set_niceness(nice)
     set_cpus(cpus)
+
+
+def _burn(stop, duty: float, period_s: float, nice: int | None = None, cpus: tuple[int, ...] | None = None) -> None:
+    """Child body: busy-loop ``duty`` of every period until ``stop`` is set (or the parent is gone)."""
+    _place(nice, cpus)
 
     def spin() -> None:
         x = 0
@@ -67,9 +72,7 @@ def _burn_device(stop, duty: float, period_s: float, nice: int | None, cpus: tup
     products in ``products``. On "cpu" the products run on one CPU thread (what the tests exercise)."""
     import torch
 
-    if nice is not None:
-        set_niceness(nice)
-    set_cpus(cpus)
+    _place(nice, cpus)
     dev = torch.device(device)
     if dev.type == "cpu":
         torch.set_num_threads(1)

@@ -152,7 +152,8 @@ def sweep(worker: ProfileWorker, monitor: ContentionMonitor, levels, batch_sizes
                 rows.append(LatencySample(lv, b, c, exec_ms, kernel))
                 extra.append({"intensity": spec.intensity, "burn": spec.label(), "load": round(comp["load"], 4),
                               "probe": round(comp["probe"], 4),
-                              "gpu": "" if comp["gpu"] is None else round(comp["gpu"], 4), "t_s": round(time.monotonic(), 3),
+                              "gpu": "" if comp["gpu"] is None else round(comp["gpu"], 4),
+                              "t_s": round(time.monotonic(), 3),
                               "host_pause_ms": pause_ms, "worker_nice": worker.ready["niceness"]})
         expected = expected_signal(spec, monitor.n_cpus, burn_device)
         signal[spec.label()] = {"intensity": spec.intensity, "contention_mean": round(statistics.fmean(values), 4),
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"profile_csv": str(out), "rows": len(rows), "seconds": round(time.monotonic() - t0, 1),
                       "disturbed_intensities": disturbed,
                       "threads": args.threads, "device": worker.ready["device"], "precision": args.precision,
-                      "worker_niceness": worker.ready["niceness"], "corunner_device": burn_device, "worker_spin_ms": args.worker_spin_ms,
+                      "worker_niceness": worker.ready["niceness"], "corunner_device": burn_device,
+                      "worker_spin_ms": args.worker_spin_ms,
                       "levels": levels,
                       "batch_sizes": args.batch_sizes, "contention_per_intensity": signal,
                       "kernel_table": worker.ready["kernel_table"], "model": model.describe(),

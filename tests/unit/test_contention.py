@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from policy.contention import GPU_SAMPLE_HOLD_S, ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, others_load, \
-    parse_procs_running, probe_slowdown, task_state
+from policy.contention import GPU_SAMPLE_HOLD_S, ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, \
+    others_load, parse_procs_running, probe_slowdown, task_state
 
 STAT = "cpu  1 2 3 4\ncpu0 1 2 3 4\nintr 5\nctxt 6\nprocs_running 5\nprocs_blocked 0\n"
 
