@@ -46,11 +46,11 @@ def test_unpaused_rows_leave_out_what_the_host_took():
     actual = np.array([10.0, 10.0, 20.0, 20.0])
     mean = np.full(4, 10.0)
     dicts = [{"host_pause_ms": p} for p in ("0.1", "0.4", "10.0", "9.5")]
-    out = _unpaused(dicts, [0, 1, 2, 3], actual, mean, mean * 2, mean * 2)
+    out = _unpaused(dicts, [0, 1, 2, 3], actual, mean, mean * 2, mean, mean * 2)
     assert out["paused_rows_share"] == 0.5
     assert out["unpaused_rows"]["rows"] == 2 and out["unpaused_rows"]["mape_pct"] == 0.0
     # a profile without the column (older, GPU, several torch threads) has no such split
-    assert _unpaused([{}, {"host_pause_ms": ""}], [0, 1], actual[:2], mean[:2], mean[:2], mean[:2]) == {}
+    assert _unpaused([{}, {"host_pause_ms": ""}], [0, 1], actual[:2], *[mean[:2]] * 4) == {}
 
 
 def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
@@ -70,3 +70,14 @@ def test_a_profile_knows_whether_it_saw_a_gpu():
     assert not profiled_on_gpu([{"gpu": ""}, {"gpu": ""}])  # taken on the CPU: the column is empty
     assert not profiled_on_gpu([{"level": "1.0"}])           # older profiles have no such column
     assert profiled_on_gpu([{"gpu": ""}, {"gpu": "0.25"}])
+
+
+def test_scores_grade_the_model_and_the_table_the_planner_reads_separately():
+    import numpy as np
+
+    from scripts.eval_latency import _scores
+
+    actual = np.array([10.0, 20.0])
+    out = _scores(mean=actual, safe=actual * 1.2, table_mean=actual * 1.5, table_safe=actual * 0.9, actual=actual)
+    assert out["mape_pct"] == 0.0 and out["table_mape_pct"] == 50.0
+    assert out["exceed_safe_rate"] == 0.0 and out["exceed_table_safe_rate"] == 1.0
