@@ -104,9 +104,9 @@ def quiet_rows(seed: int = 0, noise: float = 0.2) -> list[LatencySample]:
 def test_rows_that_barely_vary_contention_do_not_extrapolate_a_slowdown(seed):
     """A cold start's warm-up sweep, or the learner before a co-runner: the contention terms' slope is noise
     there, and the penalty on them keeps it from turning into a made-up slowdown at contention 1.5."""
-    rows = quiet_rows(seed)
+    model = LatencyModel().fit(quiet_rows(seed))
     lv, b = np.meshgrid(LEVELS, BATCHES, indexing="ij")
-    ratio = LatencyModel().fit(rows).predict_mean(lv, b, 1.5) / LatencyModel().fit(rows).predict_mean(lv, b, 0.0)
+    ratio = model.predict_mean(lv, b, 1.5) / model.predict_mean(lv, b, 0.0)
     assert np.all(np.abs(np.log(ratio)) < np.log(1.25)), ratio.round(2)
 
 
