@@ -210,6 +210,21 @@ def table_rows(mode: str, runs: dict[str, list[RequestRecord]], duration_s: floa
     return rows
 
 
+def sim_live_gap(rows: list[dict], classes: list[str]) -> dict[str, dict[str, float]]:
+    """Per policy run in both modes: simulated minus live attainment, in points, per class (and ``all``; and
+    ``during_<class>`` with a co-runner). Positive: the simulator is optimistic. {} without both modes."""
+    by_mode = {(r["mode"], r["policy"]): r for r in rows}
+    keys = [f"attain_{c}" for c in classes] + ["attain_all"] + [f"during_{c}" for c in classes]
+    gaps: dict[str, dict[str, float]] = {}
+    for (mode, policy), sim in by_mode.items():
+        live = by_mode.get(("live", policy))
+        if mode != "sim" or live is None:
+            continue
+        gaps[policy] = {k.removeprefix("attain_"): round((sim[k] - live[k]) * 100, 1) for k in keys
+                        if sim.get(k) is not None and live.get(k) is not None}
+    return gaps
+
+
 def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window) -> str:
     pct = lambda v: "-" if v is None else f"{v * 100:.1f}%"
     head = ["mode", "policy", *[f"{c} in SLO" for c in classes], "served acc", "p99 ms (all)", "p99 ms (interactive)"]
@@ -224,6 +239,14 @@ def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window
             cells += [pct(r.get(f"during_{c}")) for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nDense (keep 1.0) held-out accuracy: {dense_accuracy * 100:.2f}%.")
+    gaps = sim_live_gap(rows, classes)
+    if gaps:
+        cols = list(next(iter(gaps.values())))
+        lines += ["\nSimulated minus live attainment (points; positive: the simulator is optimistic):\n",
+                  "| policy | " + " | ".join(c.replace("during_", "during, ") for c in cols) + " |",
+                  "|" + "---|" * (len(cols) + 1)]
+        lines += [f"| `{policy}` | " + " | ".join(f"{g.get(c, float('nan')):+.1f}" for c in cols) + " |"
+                  for policy, g in gaps.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -308,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
               "serve_nice": args.serve_nice, "client_nice": args.client_nice,
               "client_niceness_effective": getattr(args, "client_niceness", None) or None,
               "event_loop": args.event_loop, "worker_spin_ms": args.worker_spin_ms,
-              "rows": rows, "plots": plots}
+              "sim_live_gap_pts": sim_live_gap(rows, classes) or None, "rows": rows, "plots": plots}
     (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     md = markdown(rows, classes, dense, window)
     (args.out / "compare.md").write_text(f"Load: {json.dumps(arrivals.describe(), default=float)}\n\n" + md)

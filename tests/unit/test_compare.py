@@ -76,3 +76,19 @@ def test_steal_share_of_cpu_time_between_readings():
     after = [200, 0, 100, 1500, 0, 0, 0, 150, 0, 0]  # 950 ticks in all, 100 of them stolen
     assert steal_pct(before, after) == round(100 * 100 / 950, 2)
     assert steal_pct(None, after) is None and steal_pct(before, before) is None
+
+
+def test_sim_live_gap_is_per_policy_run_in_both_modes():
+    from scripts.compare import markdown, sim_live_gap
+
+    def row(mode, policy, inter, during=None):
+        return {"mode": mode, "policy": policy, "attain_interactive": inter, "attain_all": inter,
+                "during_interactive": during, "served_accuracy": 0.98, "p99_ms": 1.0, "p99_interactive_ms": 1.0}
+
+    rows = [row("sim", "slonn", 1.0, 1.0), row("sim", "triton", 0.93, 0.9), row("live", "slonn", 0.996, 0.99),
+            row("live", "triton", 0.75, 0.8), row("sim", "aimd", 0.9)]  # aimd ran in one mode only
+    gaps = sim_live_gap(rows, ["interactive"])
+    assert gaps == {"slonn": {"interactive": 0.4, "all": 0.4, "during_interactive": 1.0},
+                    "triton": {"interactive": 18.0, "all": 18.0, "during_interactive": 10.0}}
+    assert "| `triton` | +18.0 | +18.0 | +10.0 |" in markdown(rows, ["interactive"], 0.98, (1.0, 2.0))
+    assert sim_live_gap([r for r in rows if r["mode"] == "sim"], ["interactive"]) == {}
