@@ -68,7 +68,7 @@ def split(dicts: list[dict], test_fraction: float, holdout_intensity: str | None
 
 def _scores(mean, safe, table_mean, table_safe, actual) -> dict:
     """``mape_pct`` and ``exceed_safe_rate`` score the model; ``table_mape_pct`` and ``exceed_table_safe_rate``
-    the table the planner reads (bucketed contention, running max over batch size)."""
+    the table the planner reads (bucketed contention; see ``LatencyModel.to_table``)."""
     return {"rows": int(len(actual)), "mape_pct": round(mape(mean, actual), 2),
             "table_mape_pct": round(mape(table_mean, actual), 2),
             "exceed_safe_rate": round(float(np.mean(actual > safe)), 4),
@@ -90,18 +90,18 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
     cells = [(table.bucket(c), table.level_index(lv), int(b)) for lv, b, c in zip(level, batch, cont)]
     table_safe = np.array([table.safe(*cell) for cell in cells])
     table_mean = np.array([table.mean(*cell) for cell in cells])
-    overall = _scores(mean, safe, table_mean, table_safe, actual)
+    score = lambda sel: _scores(mean[sel], safe[sel], table_mean[sel], table_safe[sel], actual[sel])
+    overall = score(slice(None))
     per = {}
     burns = np.array([dicts[i].get("burn", "?") for i in test])
     for key in sorted(set(burns), key=_burn_order):
         sel = burns == key
-        per[key] = _scores(mean[sel], safe[sel], table_mean[sel], table_safe[sel], actual[sel])
+        per[key] = score(sel)
         per[key]["contention_mean"] = round(float(cont[sel].mean()), 3)
     # rows where the signal was no more than the co-runner's own demand: nobody else was loading the machine
     expected = np.array([float(dicts[i].get("intensity", 0) or 0) for i in test]) / model.config.n_cpus
     quiet = cont <= expected + DISTURBED_EXCESS
-    undisturbed = (_scores(mean[quiet], safe[quiet], table_mean[quiet], table_safe[quiet], actual[quiet])
-                   if quiet.any() else {})
+    undisturbed = score(quiet) if quiet.any() else {}
     unpaused = _unpaused(dicts, test, actual, mean, safe, table_mean, table_safe)
     per_bucket = {}
     buckets = np.array([table.bucket(c) for c in cont])
@@ -110,7 +110,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
         sel = buckets == k
         if sel.any():
             name = f"({bounds[k]:g}, {bounds[k + 1]:g}]"
-            per_bucket[name] = _scores(mean[sel], safe[sel], table_mean[sel], table_safe[sel], actual[sel])
+            per_bucket[name] = score(sel)
     oracle = cell_median_oracle(rows, dicts, train, test)
     return {"train_rows": len(train), "test_rows": len(test),
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else

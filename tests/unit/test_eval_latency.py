@@ -50,7 +50,8 @@ def test_unpaused_rows_leave_out_what_the_host_took():
     assert out["paused_rows_share"] == 0.5
     assert out["unpaused_rows"]["rows"] == 2 and out["unpaused_rows"]["mape_pct"] == 0.0
     # a profile without the column (older, GPU, several torch threads) has no such split
-    assert _unpaused([{}, {"host_pause_ms": ""}], [0, 1], actual[:2], *[mean[:2]] * 4) == {}
+    assert _unpaused([{}, {"host_pause_ms": ""}], [0, 1], actual[:2], mean=mean[:2], safe=mean[:2],
+                     table_mean=mean[:2], table_safe=mean[:2]) == {}
 
 
 def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
