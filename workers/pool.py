@@ -89,8 +89,8 @@ class InProcessPool(WorkerPool):
         self._runners = await asyncio.to_thread(load_runners, self.spec)
         await asyncio.to_thread(warm_up, self._runners)
         self.manifests = {n: r.manifest for n, r in self._runners.items()}
-        self.device = str(next(iter(self._runners.values())).device)
-        self.gpu_uuid = gpu_uuid(next(iter(self._runners.values())).device)
+        device = next(iter(self._runners.values())).device
+        self.device, self.gpu_uuid = str(device), gpu_uuid(device)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="slonn-inproc")
 
     def idle_count(self) -> int:

@@ -107,9 +107,9 @@ def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     runners = load_runners(spec)
     warm_up(runners)
     freeze_startup_heap()
+    device = next(iter(runners.values())).device
     conn.send(WorkerReady(
-        worker_id=worker_id, pid=os.getpid(), device=str(next(iter(runners.values())).device),
-        gpu_uuid=gpu_uuid(next(iter(runners.values())).device),
+        worker_id=worker_id, pid=os.getpid(), device=str(device), gpu_uuid=gpu_uuid(device),
         models={name: r.manifest.to_json() for name, r in runners.items()},
         kernel_table={name: r.chooser.to_json() for name, r in runners.items()}, niceness=niceness, cpus=cpus,
     ))

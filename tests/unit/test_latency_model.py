@@ -18,7 +18,7 @@ def true_ms(level, batch, contention):
     return 0.5 + 0.1 * np.asarray(batch) * np.asarray(level) * (1 + np.asarray(contention))
 
 
-def synthetic_rows(reps: int = 4, noise: float = 0.03, seed: int = 0) -> list[LatencySample]:
+def synthetic_rows(reps: int = 4, noise: float = 0.03, seed: int = 0, truth=true_ms) -> list[LatencySample]:
     rng = np.random.default_rng(seed)
     rows = []
     for lv in LEVELS:
@@ -26,7 +26,7 @@ def synthetic_rows(reps: int = 4, noise: float = 0.03, seed: int = 0) -> list[La
             for c in CONTENTIONS:
                 for _ in range(reps):
                     cm = c + rng.normal(0, 0.02)  # the measured signal is noisy too
-                    ms = true_ms(lv, b, c) * (1 + noise * rng.standard_normal())
+                    ms = truth(lv, b, c) * (1 + noise * rng.standard_normal())
                     rows.append(LatencySample(lv, b, max(cm, 0.0), float(ms)))
     return rows
 
@@ -122,10 +122,7 @@ def test_mean_table_follows_a_latency_that_falls_with_contention(drop, noise):
     from idling (session 16's fp32 profile: 0.92x). The mean table keeps that; the safe table stays
     non-decreasing in contention, even where a quiet bucket's mean is above a busier bucket's safe (a steep
     fall, little noise: a small residual quantile)."""
-    rng = np.random.default_rng(0)
-    rows = [LatencySample(lv, b, c + float(rng.normal(0, 0.02)),
-                          float(true_ms(lv, b, 0.0) * (1 - drop * c / 1.5) * np.exp(noise * rng.standard_normal())))
-            for lv in LEVELS for b in BATCHES for c in CONTENTIONS for _ in range(3)]
+    rows = synthetic_rows(reps=3, noise=noise, truth=lambda lv, b, c: true_ms(lv, b, 0.0) * (1 - drop * c / 1.5))
     model = LatencyModel().fit(rows)
     table = model.to_table(LEVELS, 64, EDGES)
     assert np.all(table.mean_ms[-1] < table.mean_ms[0])
