@@ -69,7 +69,7 @@ class DynamicBatchingPolicy(Policy):
     def hopeless_at(self, p: Pending, ctx: PlanContext) -> None:
         return None
 
-    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool, finished_s: float) -> None:
         pass
 
     def _level_index(self, ctx: PlanContext) -> int:
@@ -166,7 +166,7 @@ class AIMDPolicy(Policy):
         self._objective_ms[id(plan)] = slo_s * 1e3 - ctx.overhead_ms
         return plan
 
-    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool, finished_s: float) -> None:
         objective_ms = self._objective_ms.pop(id(plan), float("inf"))
         met = deadline_met if self.config.signal == "deadline" else exec_ms <= objective_ms
         if met:
@@ -178,7 +178,7 @@ class AIMDPolicy(Policy):
 # --------------------------------------------------------------------------- names
 
 
-def _parse_params(text: str, where: str) -> dict[str, str]:
+def parse_policy_params(text: str, where: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
@@ -206,14 +206,14 @@ def make_baseline(name: str):
     kind, _, rest = name.partition(":")
     try:
         if kind == "triton":
-            return DynamicBatchingPolicy(_batching_config(_parse_params(rest, name), name, 1.0), name)
+            return DynamicBatchingPolicy(_batching_config(parse_policy_params(rest, name), name, 1.0), name)
         if kind == "fixed":
             head, _, tail = rest.partition(",")
             if not head or "=" in head:
                 raise ValueError(f"policy {name!r}: fixed needs a level first, e.g. fixed:0.25")
-            return DynamicBatchingPolicy(_batching_config(_parse_params(tail, name), name, float(head)), name)
+            return DynamicBatchingPolicy(_batching_config(parse_policy_params(tail, name), name, float(head)), name)
         if kind == "aimd":
-            params = _parse_params(rest, name)
+            params = parse_policy_params(rest, name)
             known = {"start", "step", "backoff", "level", "signal"}
             if set(params) - known:
                 raise ValueError(f"policy {name!r}: unknown parameter(s) {sorted(set(params) - known)}; "

@@ -16,6 +16,7 @@ Policies:
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,14 +77,16 @@ class Plan:
     A plain class with slots like Pending: one is built per batch on the hot path of both the server and
     the simulator."""
 
-    __slots__ = ("count", "level", "predicted_ms", "late", "reason", "slack_ms", "candidates")
+    __slots__ = ("count", "level", "predicted_ms", "late", "reason", "slack_ms", "candidates", "table_mean_ms",
+                 "speed")
 
     def __init__(self, count: int, level: float, predicted_ms: float, late: bool = False, reason: str = "",
-                 slack_ms: float = float("nan"), candidates: int = 0) -> None:
+                 slack_ms: float = float("nan"), candidates: int = 0, table_mean_ms: float = float("nan"),
+                 speed: float = 1.0) -> None:
         self.count = count
         self.level = level
         self.predicted_ms = predicted_ms
-        """Safe predicted exec ms (without overhead)."""
+        """Safe predicted exec ms (without overhead), ``speed`` included."""
         self.late = late
         """The batch cannot make its earliest deadline (served late on purpose)."""
         self.reason = reason
@@ -92,19 +95,26 @@ class Plan:
         """Time left to the batch's earliest deadline when it was planned."""
         self.candidates = candidates
         """Requests the policy considered."""
+        self.table_mean_ms = table_mean_ms
+        """The table's mean exec ms for this batch, before ``speed`` (NaN: the policy did not say): what
+        :class:`RecentSlowdown` compares the measured exec ms with."""
+        self.speed = speed
+        """The recent-slowdown factor the policy applied to the table's predictions (1: none)."""
 
     def __eq__(self, other: object) -> bool:
         """Field by field; an unset ``slack_ms`` (NaN) equals another unset one."""
         if not isinstance(other, Plan):
             return NotImplemented
         a, b = self.slack_ms, other.slack_ms
+        c, d = self.table_mean_ms, other.table_mean_ms
         return (self.count == other.count and self.level == other.level and self.predicted_ms == other.predicted_ms
                 and self.late == other.late and self.reason == other.reason and self.candidates == other.candidates
-                and (a == b or (a != a and b != b)))
+                and (a == b or (a != a and b != b)) and (c == d or (c != c and d != d)) and self.speed == other.speed)
 
     def __repr__(self) -> str:
         return (f"Plan(count={self.count}, level={self.level}, predicted_ms={self.predicted_ms}, late={self.late}, "
-                f"reason={self.reason!r}, slack_ms={self.slack_ms}, candidates={self.candidates})")
+                f"reason={self.reason!r}, slack_ms={self.slack_ms}, candidates={self.candidates}, "
+                f"table_mean_ms={self.table_mean_ms}, speed={self.speed})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +131,71 @@ def edf_key(p: Pending) -> tuple:
 
 def fifo_key(p: Pending) -> tuple:
     return (p.arrival_s, p.seq)
+
+
+RECENT_TAU_S = 0.06
+"""Time constant of :class:`RecentSlowdown` (seconds). Measured on eleven profiles of sessions 13-17: a
+profile row's ratio to its cell's median has a lag-1 autocorrelation of 0.3-0.65 at ~8 ms between calls, and
+time constants of 30-100 ms took the held-out MAPE down by 1-3 points, 60 ms about the most
+(docs/latency-model.md, "Session 17")."""
+RECENT_PRIOR = 1.0
+"""Weight (in batches) of the prior "no slowdown" in :class:`RecentSlowdown`: one recent batch moves the
+factor half way to its ratio."""
+RECENT_MAX_FACTOR = 2.0
+""":class:`RecentSlowdown` never scales predictions by more than this, or less than its inverse."""
+
+
+class RecentSlowdown:
+    """How much slower than the latency table the last batches ran: the factor to scale its predictions by.
+
+    The machine's speed drifts faster than any refit: on a shared 2-vCPU VM a batch that ran 20% slow is
+    followed by another that does more often than not, tens of milliseconds later. This keeps a
+    time-decayed mean of ``log(measured / table mean)`` (time constant ``tau_s``), shrunk toward 0 by a prior
+    of ``prior`` batches, and answers ``exp`` of it, clamped to ``[1/max_factor, max_factor]``. O(1) per
+    batch and per decision: two ``exp``. ``tau_s`` = 0 turns it off (the factor stays 1).
+
+    The same class serves the planner (:class:`SLOAwarePolicy`) and ``slonn eval-latency``'s score of what
+    the server predicts."""
+
+    __slots__ = ("tau_s", "prior", "max_factor", "_sum", "_weight", "_t_s")
+
+    def __init__(self, tau_s: float = RECENT_TAU_S, prior: float = RECENT_PRIOR,
+                 max_factor: float = RECENT_MAX_FACTOR) -> None:
+        if not tau_s >= 0.0 or not prior > 0.0 or not max_factor >= 1.0:
+            raise ValueError(f"RecentSlowdown: tau_s={tau_s} must be >= 0, prior={prior} > 0 and "
+                             f"max_factor={max_factor} >= 1")
+        self.tau_s = tau_s
+        self.prior = prior
+        self.max_factor = max_factor
+        self._sum = 0.0
+        self._weight = 0.0
+        self._t_s = -math.inf
+
+    def _decay(self, now_s: float) -> float:
+        dt = now_s - self._t_s
+        return math.exp(-dt / self.tau_s) if dt > 0.0 else 1.0
+
+    def observe(self, now_s: float, measured_ms: float, table_mean_ms: float) -> None:
+        """A batch that the table put at ``table_mean_ms`` ran in ``measured_ms``, finishing at ``now_s``. A
+        non-positive or NaN value (a policy that did not say) is ignored."""
+        if self.tau_s == 0.0 or not (measured_ms > 0.0 and table_mean_ms > 0.0):
+            return
+        if now_s > self._t_s:
+            d = self._decay(now_s)
+            self._sum *= d
+            self._weight *= d
+            self._t_s = now_s
+        self._sum += math.log(measured_ms / table_mean_ms)
+        self._weight += 1.0
+
+    def factor(self, now_s: float) -> float:
+        """What to multiply the table's predictions by at ``now_s``: 1 with no batch in the last few ``tau_s``."""
+        if self._weight == 0.0:
+            return 1.0
+        d = self._decay(now_s)
+        z = self._sum * d / (self._weight * d + self.prior)
+        bound = math.log(self.max_factor)
+        return math.exp(min(bound, max(-bound, z)))
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -158,8 +233,8 @@ class Policy:
         requeueing the candidates of a decision that is a wait (tests/unit/test_core.py checks both paths)."""
         return None
 
-    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
-        """Feedback after a batch ran (stateful policies such as AIMD adapt here)."""
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool, finished_s: float) -> None:
+        """Feedback after a batch ran, finishing at ``finished_s`` (stateful policies such as AIMD adapt here)."""
 
 
 def backlog_ms(ahead: int, min_accuracy: float, ctx: PlanContext) -> float:
@@ -191,10 +266,14 @@ _LATE = "late: fastest allowed level"
 class SLOAwarePolicy(Policy):
     """slonn's policy: EDF, then the largest batch and the best level that meet the deadline and the floor."""
 
-    def __init__(self) -> None:
+    def __init__(self, recent: RecentSlowdown | None = None) -> None:
         super().__init__("slonn")
         self._margin_ctx: PlanContext | None = None
         self._margin_s: dict[float, float] = {}
+        self.recent = recent if recent is not None else RecentSlowdown()
+        """Scales the table's predictions by how the last batches ran against it (batch and level choice only:
+        admission and early drop judge the table's mean, so a burst of slow batches does not turn requests
+        away)."""
 
     def order_key(self, p: Pending) -> tuple:
         return edf_key(p)
@@ -218,25 +297,26 @@ class SLOAwarePolicy(Policy):
                 ctx.backlog_ms + ctx.table.mean(ctx.bucket, i, 1) + ctx.overhead_ms) * 1e-3
         return p.deadline_s - margin
 
-    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool) -> None:
-        pass
+    def observe(self, plan: Plan, exec_ms: float, deadline_met: bool, finished_s: float) -> None:
+        self.recent.observe(finished_s, exec_ms, plan.table_mean_ms)
 
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
         n_max = min(len(candidates), ctx.max_batch)
         if n_max == 0:
             raise ValueError("plan() needs at least one candidate")
-        table, bucket, accuracy = ctx.table, ctx.bucket, ctx.accuracy
-        rows = table.safe_rows(bucket)
+        rows = ctx.table.safe_rows(ctx.bucket)
+        speed = self.recent.factor(now_s)
         if n_max == 1:  # one candidate (most decisions at low load): no prefixes to build
-            return self._plan_one(candidates, now_s, ctx, rows)
-        return self._plan_prefixes(candidates, n_max, now_s, ctx, rows)
+            return self._plan_one(candidates, now_s, ctx, rows, speed)
+        return self._plan_prefixes(candidates, n_max, now_s, ctx, rows, speed)
 
     def _plan_prefixes(self, candidates: Sequence[Pending], n_max: int, now_s: float, ctx: PlanContext,
-                       rows: list[list[float]]) -> Plan:
+                       rows: list[list[float]], speed: float) -> Plan:
         table, accuracy = ctx.table, ctx.accuracy
         # Prefix constraints of the batch made of the first n candidates: the highest floor, and the
-        # time budget (ms) left for exec by the earliest deadline once the overhead is paid.
-        floors, budgets = [], []
+        # time budget (ms) left for exec by the earliest deadline once the overhead is paid, divided by
+        # ``speed`` so that it compares with the table's own predictions.
+        floors, budgets, slacks = [], [], []
         floor, deadline = 0.0, float("inf")
         for p in candidates[:n_max]:
             if p.min_accuracy > floor:
@@ -244,7 +324,8 @@ class SLOAwarePolicy(Policy):
             if p.deadline_s < deadline:
                 deadline = p.deadline_s
             floors.append(floor)
-            budgets.append((deadline - now_s) * 1e3 - ctx.overhead_ms)
+            slacks.append((deadline - now_s) * 1e3)
+            budgets.append((slacks[-1] - ctx.overhead_ms) / speed)
         accuracy_mode = candidates[0].mode == "accuracy"
         best_n, best_i = 0, -1
         for i, acc in enumerate(accuracy):
@@ -257,17 +338,20 @@ class SLOAwarePolicy(Policy):
             # run as much as the head's floor allows at the fastest level, to catch up.
             i = fastest_allowed(candidates[0].min_accuracy, ctx)
             n = max(1, bisect.bisect_right(floors, accuracy[i]))
-            return Plan(n, table.levels[i], rows[i][n - 1], late=True, reason=_LATE,
-                        slack_ms=budgets[0] + ctx.overhead_ms, candidates=len(candidates))
-        return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1], reason=_CHOSEN[accuracy_mode],
-                    slack_ms=budgets[best_n - 1] + ctx.overhead_ms, candidates=len(candidates))
+            return Plan(n, table.levels[i], rows[i][n - 1] * speed, late=True, reason=_LATE,
+                        slack_ms=slacks[0], candidates=len(candidates),
+                        table_mean_ms=table.mean(ctx.bucket, i, n), speed=speed)
+        return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1] * speed, reason=_CHOSEN[accuracy_mode],
+                    slack_ms=slacks[best_n - 1], candidates=len(candidates),
+                    table_mean_ms=table.mean(ctx.bucket, best_i, best_n), speed=speed)
 
     def _plan_one(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext,
-                  rows: list[list[float]]) -> Plan:
+                  rows: list[list[float]], speed: float) -> Plan:
         """``plan`` for a batch of at most one: the same choice as the general path, without its lists."""
         p = candidates[0]
         accuracy = ctx.accuracy
-        budget = (p.deadline_s - now_s) * 1e3 - ctx.overhead_ms
+        slack = (p.deadline_s - now_s) * 1e3
+        budget = (slack - ctx.overhead_ms) / speed
         accuracy_mode = p.mode == "accuracy"
         best_i, best_acc, best_ms = -1, 0.0, 0.0
         for i, acc in enumerate(accuracy):
@@ -279,10 +363,11 @@ class SLOAwarePolicy(Policy):
                 best_i, best_acc, best_ms = i, acc, ms
         if best_i < 0:
             i = fastest_allowed(p.min_accuracy, ctx)
-            return Plan(1, ctx.table.levels[i], rows[i][0], late=True, reason=_LATE,
-                        slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
-        return Plan(1, ctx.table.levels[best_i], rows[best_i][0],
-                    reason=_CHOSEN[accuracy_mode], slack_ms=budget + ctx.overhead_ms, candidates=len(candidates))
+            return Plan(1, ctx.table.levels[i], rows[i][0] * speed, late=True, reason=_LATE, slack_ms=slack,
+                        candidates=len(candidates), table_mean_ms=ctx.table.mean(ctx.bucket, i, 1), speed=speed)
+        return Plan(1, ctx.table.levels[best_i], rows[best_i][0] * speed, reason=_CHOSEN[accuracy_mode],
+                    slack_ms=slack, candidates=len(candidates), table_mean_ms=ctx.table.mean(ctx.bucket, best_i, 1),
+                    speed=speed)
 
     @staticmethod
     def _better(i: int, j: int, n: int, accuracy_mode: bool, rows: list[list[float]],

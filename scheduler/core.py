@@ -250,7 +250,7 @@ class Scheduler:
     def update_from_output(self, batch: Batch, exec_ms: float, finished_s: float) -> None:
         """Feedback after a batch ran (stateful policies adapt)."""
         met = all(finished_s <= r.pending.deadline_s for r in batch.requests)
-        self.policy.observe(batch.plan, exec_ms, met)
+        self.policy.observe(batch.plan, exec_ms, met, finished_s)
 
     def drain(self) -> list[QueuedRequest]:
         """Remove every queued request (shutdown)."""

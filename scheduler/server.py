@@ -11,10 +11,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from policy.baselines import make_baseline, parse_policy_params
 from policy.contention import ContentionMonitor
 from policy.latency_model import LatencySample
 from policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
-from policy.planner import SLOAwarePolicy
+from policy.planner import RecentSlowdown, SLOAwarePolicy
 from protos import slonn_pb2 as pb
 from protos import slonn_pb2_grpc as pb_grpc
 from protos.tensors import TensorError, from_tensor, to_tensor
@@ -159,11 +160,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 def make_policy(name: str):
-    """Policy by name: slonn, or a baseline from policy/baselines.py."""
-    if name == "slonn":
-        return SLOAwarePolicy()
-    from policy.baselines import make_baseline
-
+    """Policy by name: slonn (``slonn:recent_tau_ms=T`` sets its recent-slowdown time constant, 0 = off), or a
+    baseline from policy/baselines.py."""
+    kind, _, rest = name.partition(":")
+    if kind == "slonn":
+        params = parse_policy_params(rest, name)
+        if set(params) - {"recent_tau_ms"}:
+            raise ValueError(f"policy {name!r}: unknown parameter(s) {sorted(set(params) - {'recent_tau_ms'})}; "
+                             f"known: ['recent_tau_ms']")
+        if "recent_tau_ms" not in params:
+            return SLOAwarePolicy()
+        try:
+            tau_s = float(params["recent_tau_ms"]) * 1e-3
+            return SLOAwarePolicy(RecentSlowdown(tau_s=tau_s))
+        except ValueError as exc:
+            raise ValueError(f"policy {name!r}: recent_tau_ms must be a number >= 0 ({exc})") from None
     return make_baseline(name)
 
 

@@ -9,6 +9,12 @@ exceeds the safe prediction (target <= 2%). Also the same for the table the
 planner would read (bucketed contention, batch-monotone), which is what
 decisions use, and (``host_pauses``) for the rows the host did not pause,
 where the profile recorded it.
+
+``served``: what the server predicts, the table (and the model) times the
+recent-slowdown factor of the policy (``policy.planner.RecentSlowdown``),
+replayed over the profile in time order. Each row's factor comes from the rows
+that finished before it started (training rows scored out of fold, as a live
+batch is scored by a model that has not seen it).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import KFold
 
 from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
     profile_csv_name, profile_niceness, read_rows_csv, rows_to_arrays
 from policy.learner import LearnerConfig, OnlineLearner
+from policy.planner import RecentSlowdown
 from workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 MAPE_TARGET_PCT = 10.0
@@ -112,6 +120,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             name = f"({bounds[k]:g}, {bounds[k + 1]:g}]"
             per_bucket[name] = score(sel)
     oracle = cell_median_oracle(rows, dicts, train, test)
+    served = served_scores(rows, dicts, train, test, model, mean, safe, table_mean, table_safe, actual)
     return {"train_rows": len(train), "test_rows": len(test),
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
             f"random {test_fraction:.0%} per intensity (seed {seed})",
@@ -121,6 +130,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             "targets": {"mape_pct": MAPE_TARGET_PCT, "exceed_safe_rate": EXCEED_TARGET},
             "meets_targets": overall["mape_pct"] <= MAPE_TARGET_PCT and overall["exceed_safe_rate"] <= EXCEED_TARGET,
             "noise_floor": oracle,
+            "served": served,
             "model": model.describe()}
 
 
@@ -148,6 +158,42 @@ def _unpaused(dicts, test: list[int], actual, mean, safe, table_mean, table_safe
                 per[key] = {"paused_rows_share": round(float(1 - sel.sum() / in_key.sum()), 4),
                             "mape_pct": round(mape(mean[sel], actual[sel]), 2)}
         out["unpaused_per_intensity"] = per
+    return out
+
+
+def served_scores(rows, dicts, train: list[int], test: list[int], model: LatencyModel, mean, safe, table_mean,
+                  table_safe, actual, recent: RecentSlowdown | None = None) -> dict:
+    """Scores of the predictions times the recent-slowdown factor (see the module's doc); {} when the profile
+    has no ``t_s`` column (when each row finished)."""
+    try:
+        t_end = np.array([float(d["t_s"]) for d in dicts])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    recent = recent or RecentSlowdown()
+    level, batch, cont, ms = rows_to_arrays(rows)
+    predicted = np.empty(len(rows))
+    predicted[test] = mean
+    train_idx = np.asarray(train)
+    folds = KFold(model.config.folds, shuffle=True, random_state=model.config.seed)
+    for fit_part, score_part in folds.split(train_idx):
+        fold = LatencyModel(model.config).fit([rows[i] for i in train_idx[fit_part]])
+        idx = train_idx[score_part]
+        predicted[idx] = fold.predict_mean(level[idx], batch[idx], cont[idx])
+    t_start = t_end - ms * 1e-3
+    factor = np.ones(len(rows))
+    for i in np.argsort(t_end, kind="stable"):
+        # the rows that finished before this one started (a profile runs one call at a time: all earlier ones)
+        factor[i] = recent.factor(float(t_start[i]))
+        recent.observe(float(t_end[i]), float(ms[i]), float(predicted[i]))
+    f = factor[test]
+    out = {"tau_s": recent.tau_s, "prior_batches": recent.prior, "max_factor": recent.max_factor,
+           "factor_p5_p50_p95": [round(float(x), 3) for x in np.percentile(f, [5, 50, 95])],
+           "overall": _scores(mean * f, safe * f, table_mean * f, table_safe * f, actual)}
+    burns = np.array([dicts[i].get("burn", "?") for i in test])
+    out["per_intensity"] = {key: round(mape((mean * f)[burns == key], actual[burns == key]), 2)
+                            for key in sorted(set(burns), key=_burn_order)}
+    out["meets_targets"] = (out["overall"]["mape_pct"] <= MAPE_TARGET_PCT
+                            and out["overall"]["exceed_safe_rate"] <= EXCEED_TARGET)
     return out
 
 

@@ -76,7 +76,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="worker weight precision: bf16/fp16 add half-precision kernels (picked where measured "
                         "faster), fp32 serves exact kernels only")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--policy", default="slonn", help="slonn | triton | fixed:<level> | aimd")
+    p.add_argument("--policy", default="slonn", help="slonn[:recent_tau_ms=T] | triton | fixed:<level> | aimd")
     p.add_argument("--max-inflight", type=int, default=8192)
     p.add_argument("--max-pending", type=int, default=0,
                    help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); "

@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     # A literal, not __doc__: mypyc drops module docstrings (scheduler/compiled.py).
     p = sim_parser(prog="slonn simulate",
                    description="Discrete-event replay of a trace through the real scheduler on a virtual clock.")
-    p.add_argument("--policy", default="slonn", help="slonn | triton[:k=v,...] | fixed:<level> | aimd")
+    p.add_argument("--policy", default="slonn", help="slonn[:recent_tau_ms=T] | triton[:k=v,...] | fixed:<level> | aimd")
     p.add_argument("--csv", type=Path, default=None, help="write per-request records here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)

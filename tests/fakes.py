@@ -86,5 +86,5 @@ class WrappedPolicy(Policy):
     def plan(self, candidates, now_s, ctx):
         return self.inner.plan(candidates, now_s, ctx)
 
-    def observe(self, plan, exec_ms, deadline_met):
-        self.inner.observe(plan, exec_ms, deadline_met)
+    def observe(self, plan, exec_ms, deadline_met, finished_s):
+        self.inner.observe(plan, exec_ms, deadline_met, finished_s)

@@ -90,13 +90,13 @@ def test_aimd_increases_additively_and_backs_off_multiplicatively():
     cands = [pend(i, 1.0) for i in range(8)]
     plan = policy.plan(cands, 1.0, ctx())
     assert plan.count == 4 and plan.level == 1.0
-    policy.observe(plan, 3.0, True)
-    policy.observe(plan, 3.0, True)
+    policy.observe(plan, 3.0, True, 1.0)
+    policy.observe(plan, 3.0, True, 1.0)
     assert policy.plan(cands, 1.0, ctx()).count == 6
-    policy.observe(plan, 30.0, False)
+    policy.observe(plan, 30.0, False, 1.0)
     assert policy.plan(cands, 1.0, ctx()).count == 3
     for _ in range(5):
-        policy.observe(plan, 300.0, False)
+        policy.observe(plan, 300.0, False, 1.0)
     assert policy.plan(cands, 1.0, ctx()).count == 1  # never below one
 
 
@@ -105,10 +105,10 @@ def test_aimd_default_signal_is_batch_exec_latency_against_the_slo():
     policy = make_baseline("aimd:start=4,backoff=0.5")
     cands = [pend(i, 1.0, deadline_ms=25.0) for i in range(8)]
     plan = policy.plan(cands, 1.0, ctx())
-    policy.observe(plan, 20.0, False)  # 20 ms + 1 ms overhead <= 25 ms: increase despite the missed deadline
+    policy.observe(plan, 20.0, False, 1.0)  # 20 ms + 1 ms overhead <= 25 ms: increase despite the missed deadline
     assert policy.cap == 5
     plan = policy.plan(cands, 1.0, ctx())
-    policy.observe(plan, 24.5, True)  # 24.5 + 1 > 25: decrease
+    policy.observe(plan, 24.5, True, 1.0)  # 24.5 + 1 > 25: decrease
     assert policy.cap == 2.5
 
 
@@ -117,7 +117,7 @@ def test_aimd_cap_stops_at_max_batch_and_batch_is_bounded_by_the_queue():
     c = ctx(max_batch=8)
     plan = policy.plan([pend(0, 1.0)], 1.0, c)
     for _ in range(50):
-        policy.observe(plan, 1.0, True)
+        policy.observe(plan, 1.0, True, 1.0)
     assert policy.cap == 8
     assert policy.plan([pend(i, 1.0) for i in range(3)], 1.0, c).count == 3
     assert policy.plan([pend(i, 1.0) for i in range(20)], 1.0, c).count == 8

@@ -35,7 +35,7 @@ class RecordingPolicy(WrappedPolicy):
         super().__init__()
         self.observed: list[tuple[float, bool]] = []
 
-    def observe(self, plan, exec_ms, deadline_met):
+    def observe(self, plan, exec_ms, deadline_met, finished_s):
         self.observed.append((exec_ms, deadline_met))
 
 
@@ -320,6 +320,22 @@ def test_update_from_output_reports_whether_deadlines_were_met():
     sched.update_from_output(batch, 3.0, clock.now() + 0.010)
     sched.update_from_output(batch, 30.0, clock.now() + 0.030)  # past interactive's 20 ms
     assert policy.observed == [(3.0, True), (30.0, False)]
+
+
+def test_a_batch_that_ran_slow_makes_the_next_plan_expect_it():
+    """The measured exec goes back to slonn's policy (its recent-slowdown factor) through the scheduler."""
+    sched, ctxs, clock = make()
+    for _ in range(2):
+        submit(sched, ctxs, clock, "standard")
+    first = sched.schedule(clock.now(), ctxs).batch
+    assert first.plan.speed == 1.0 and first.plan.table_mean_ms == pytest.approx(2.0)  # 2 requests at level 1.0
+    sched.update_from_output(first, 8.0, clock.now() + 0.008)  # 4x the table
+    clock.advance(0.008)
+    for _ in range(2):
+        submit(sched, ctxs, clock, "standard")
+    second = sched.schedule(clock.now(), ctxs).batch
+    assert second.plan.speed > 1.5
+    assert second.plan.predicted_ms == pytest.approx(second.plan.speed * second.plan.table_mean_ms)
 
 
 def test_drain_returns_every_queued_request():

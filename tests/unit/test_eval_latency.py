@@ -82,3 +82,50 @@ def test_scores_grade_the_model_and_the_table_the_planner_reads_separately():
     out = _scores(mean=actual, safe=actual * 1.2, table_mean=actual * 1.5, table_safe=actual * 0.9, actual=actual)
     assert out["mape_pct"] == 0.0 and out["table_mape_pct"] == 50.0
     assert out["exceed_safe_rate"] == 0.0 and out["exceed_table_safe_rate"] == 1.0
+
+
+def _drifting_profile(seed: int = 0, n: int = 1600, t_s: bool = True):
+    """A profile whose machine speed drifts slowly (an AR(1) over calls 10 ms apart) on top of a known
+    cell latency, and a little independent noise: what the recent-slowdown factor is for."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows, dicts = [], []
+    drift = 0.0
+    for k in range(n):
+        drift = 0.9 * drift + rng.normal(0.0, 0.08)
+        level, batch = (1.0, 0.25)[k % 2], (1, 4, 16)[k % 3]
+        ms = (0.5 + 0.4 * batch * level) * np.exp(drift + rng.normal(0.0, 0.03))
+        burn = "0x1" if k < n // 2 else "1x1"
+        rows.append(LatencySample(level, batch, 0.0 if burn == "0x1" else 0.5, float(ms)))
+        dicts.append({"burn": burn, "intensity": "0" if burn == "0x1" else "1",
+                      **({"t_s": f"{k * 0.01 + ms * 1e-3:.4f}"} if t_s else {})})
+    return rows, dicts
+
+
+def test_served_predictions_follow_a_drifting_machine_and_need_the_call_times():
+    from scripts.eval_latency import evaluate
+
+    rows, dicts = _drifting_profile()
+    result = evaluate(rows, dicts)
+    served = result["served"]
+    assert served["overall"]["rows"] == result["overall"]["rows"]
+    # the drift is most of the scatter: the factor recovers a good part of it
+    assert served["overall"]["mape_pct"] < 0.8 * result["overall"]["mape_pct"]
+    assert served["overall"]["exceed_safe_rate"] <= 0.02
+    assert set(served["per_intensity"]) == {"0x1", "1x1"}
+    assert evaluate(*_drifting_profile(t_s=False))["served"] == {}
+
+
+def test_served_predictions_do_not_help_without_drift():
+    """Independent noise only: the factor chases nothing, and the served MAPE stays near the model's."""
+    import numpy as np
+
+    from scripts.eval_latency import evaluate
+
+    rng = np.random.default_rng(1)
+    rows, dicts = _drifting_profile()
+    rows = [LatencySample(r.level, r.batch_size, r.contention,
+                          (0.5 + 0.4 * r.batch_size * r.level) * float(np.exp(rng.normal(0.0, 0.1)))) for r in rows]
+    result = evaluate(rows, dicts)
+    assert result["served"]["overall"]["mape_pct"] == pytest.approx(result["overall"]["mape_pct"], rel=0.1)

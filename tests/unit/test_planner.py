@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.planner import Pending, Plan, PlanContext, SLOAwarePolicy, edf_key, fastest_allowed
+from policy.planner import Pending, Plan, PlanContext, RecentSlowdown, SLOAwarePolicy, edf_key, fastest_allowed
 from policy.table import LatencyTable
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
@@ -231,11 +231,98 @@ def test_plan_matches_brute_force(raw, max_batch, overhead_ms):
     assert plan.predicted_ms == TABLE.safe(0, LEVELS.index(plan.level), plan.count)
 
 
+def policy_at_speed(speed: float) -> SLOAwarePolicy:
+    """A policy whose recent batches ran ``speed`` times the table's mean, just now (a negligible prior)."""
+    policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1e-12, max_factor=4.0))
+    policy.observe(Plan(1, 1.0, 1.0, table_mean_ms=1.0), speed, True, NOW)
+    return policy
+
+
 @settings(max_examples=200)
 @given(slack=st.floats(-5.0, 20.0), floor=st.sampled_from([0.0, 0.9, 0.95, 0.97, 0.99, 1.0]),
-       mode=st.sampled_from(["latency", "accuracy"]), overhead_ms=st.sampled_from([0.0, 0.5]))
-def test_one_candidate_shortcut_equals_the_general_path(slack, floor, mode, overhead_ms):
+       mode=st.sampled_from(["latency", "accuracy"]), overhead_ms=st.sampled_from([0.0, 0.5]),
+       speed=st.sampled_from([1.0, 0.7, 1.6]))
+def test_one_candidate_shortcut_equals_the_general_path(slack, floor, mode, overhead_ms, speed):
     c = ctx(overhead_ms=overhead_ms)
     p = [pend(slack, floor, mode=mode, on_late="serve")]
     rows = TABLE.safe_rows(0)
-    assert POLICY._plan_one(p, NOW, c, rows) == POLICY._plan_prefixes(p, 1, NOW, c, rows) == POLICY.plan(p, NOW, c)
+    policy = policy_at_speed(speed)
+    f = policy.recent.factor(NOW)
+    assert f == pytest.approx(speed)
+    assert policy._plan_one(p, NOW, c, rows, f) == policy._plan_prefixes(p, 1, NOW, c, rows, f) \
+        == policy.plan(p, NOW, c)
+
+
+# --------------------------------------------------------------------------- recent slowdown
+
+
+def test_recent_slowdown_starts_at_one_and_moves_half_way_on_one_batch():
+    r = RecentSlowdown(tau_s=0.1, prior=1.0)
+    assert r.factor(0.0) == 1.0
+    r.observe(0.0, 2.0, 1.0)  # ran twice the table's mean
+    assert r.factor(0.0) == pytest.approx(2.0 ** 0.5)  # log-mean 0.69 over weights 1 (batch) + 1 (prior)
+    r.observe(0.0, 2.0, 1.0)
+    assert r.factor(0.0) == pytest.approx(2.0 ** (2 / 3))
+
+
+def test_recent_slowdown_forgets_with_time():
+    r = RecentSlowdown(tau_s=0.1, prior=1.0)
+    for i in range(20):
+        r.observe(i * 0.01, 0.5, 1.0)  # batches ran at half the table's mean
+    assert r.factor(0.19) < 0.6
+    assert r.factor(0.19) < r.factor(0.29) < r.factor(0.49) < 1.0
+    assert r.factor(2.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_recent_slowdown_is_clamped_ignores_missing_means_and_turns_off():
+    r = RecentSlowdown(tau_s=0.1, prior=1.0, max_factor=2.0)
+    for _ in range(10):
+        r.observe(1.0, 100.0, 1.0)  # a stall: 100x the table
+    assert r.factor(1.0) == 2.0
+    for _ in range(100):
+        r.observe(1.0, 0.01, 1.0)
+    assert r.factor(1.0) == 0.5
+    quiet = RecentSlowdown()
+    quiet.observe(1.0, 5.0, float("nan"))  # a plan without a table mean (a baseline's)
+    quiet.observe(1.0, float("nan"), 1.0)
+    assert quiet.factor(1.0) == 1.0
+    off = RecentSlowdown(tau_s=0.0)
+    off.observe(1.0, 5.0, 1.0)
+    assert off.factor(1.0) == 1.0
+    for bad in ({"tau_s": -1.0}, {"prior": 0.0}, {"max_factor": 0.5}):
+        with pytest.raises(ValueError):
+            RecentSlowdown(**bad)
+
+
+def test_a_slow_recent_batch_shrinks_the_plan_and_scales_its_predictions():
+    # 10.6 ms: at the table's speed level 0.25 runs 30 requests (7.5 ms); at twice the table's latency
+    # the largest batch any level fits is 0.1 x 53 (10.6 ms, predicted 2 x 5.3).
+    cands = batch(60, slack_ms=10.6)
+    assert (POLICY.plan(cands, NOW, ctx()).count, POLICY.plan(cands, NOW, ctx()).level) == (60, 0.1)
+    slow = policy_at_speed(2.0)
+    plan = slow.plan(cands, NOW, ctx())
+    assert (plan.count, plan.level) == (53, 0.1)
+    assert plan.speed == pytest.approx(2.0)
+    assert plan.table_mean_ms == TABLE.mean(0, TABLE.level_index(0.1), 53)
+    assert plan.predicted_ms == pytest.approx(2.0 * TABLE.safe(0, TABLE.level_index(0.1), 53))
+    assert plan.slack_ms == pytest.approx(10.6)
+    fast = policy_at_speed(0.5).plan(batch(8, slack_ms=10.6), NOW, ctx())
+    assert (fast.count, fast.level) == (8, 1.0) and fast.predicted_ms == pytest.approx(4.0)
+
+
+def test_a_slow_recent_batch_makes_the_head_late_but_not_hopeless():
+    """Batch and level choice read the recent factor; early drop judges the table's mean alone."""
+    slow = policy_at_speed(3.0)
+    head = pend(0.2)  # 0.2 ms: level 0.1 alone takes 0.1 ms at the table's speed, 0.3 at 3x
+    assert not slow.is_hopeless(head, NOW, ctx())
+    plan = slow.plan([head], NOW, ctx())
+    assert plan.late and plan.level == 0.1
+    assert not POLICY.plan([pend(0.2)], NOW, ctx()).late
+
+
+def test_the_scheduler_feeds_the_measured_exec_back_to_the_policy():
+    policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1.0))
+    plan = policy.plan(batch(4, slack_ms=50.0), NOW, ctx())
+    assert plan.table_mean_ms == pytest.approx(4.0) and plan.speed == 1.0
+    policy.observe(plan, 12.0, True, NOW)  # 3x the table's mean
+    assert policy.plan(batch(4, slack_ms=50.0), NOW, ctx()).speed == pytest.approx(3.0 ** 0.5)

@@ -54,7 +54,8 @@ def assert_answered_once(arrivals, result):
     return summary
 
 
-@pytest.mark.parametrize("name", ["slonn", "triton", "triton:max_delay_ms=3", "fixed:0.25", "aimd"])
+@pytest.mark.parametrize("name", ["slonn", "slonn:recent_tau_ms=0", "triton", "triton:max_delay_ms=3", "fixed:0.25",
+                                  "aimd"])
 def test_every_request_is_answered_exactly_once(name):
     arrivals, result = run(make_policy(name))
     summary = assert_answered_once(arrivals, result)
@@ -109,7 +110,7 @@ class SpyPolicy(WrappedPolicy):
         self.calls["plan"] += 1
         return super().plan(candidates, now_s, ctx)
 
-    def observe(self, plan, exec_ms, deadline_met):
+    def observe(self, plan, exec_ms, deadline_met, finished_s):
         self.calls["observe"] += 1
 
 
@@ -191,3 +192,13 @@ def test_a_slow_frontend_turns_a_clump_into_a_staircase_and_deadlines_count_from
     ok = [r for r in slow.records if r.status == "OK"]
     assert all(r.answer_s - r.send_s <= 0.010 for r in ok)
     assert max(r.answer_s for r in ok) > max(r.answer_s for r in plain.records)
+
+
+def test_make_policy_reads_slonns_recent_slowdown_setting_and_names_bad_ones():
+    assert make_policy("slonn").recent.tau_s == pytest.approx(0.06)
+    assert make_policy("slonn:recent_tau_ms=150").recent.tau_s == pytest.approx(0.15)
+    assert make_policy("slonn:recent_tau_ms=0").recent.tau_s == 0.0
+    for bad, word in (("slonn:tau=1", "unknown parameter"), ("slonn:recent_tau_ms=-1", "recent_tau_ms"),
+                      ("slonn:recent_tau_ms=x", "recent_tau_ms"), ("slonnx", "unknown policy")):
+        with pytest.raises(ValueError, match=word):
+            make_policy(bad)
