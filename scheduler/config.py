@@ -142,7 +142,7 @@ class ServerConfig:
     max_batch: int = 64
     """Largest batch the planner forms (1..1024)."""
     policy: str = "slonn"
-    """Scheduling policy: slonn (SLO-aware; slonn:recent_tau_ms=0 without the recent-slowdown factor), triton,
+    """Scheduling policy: slonn (SLO-aware; slonn:recent_tau_ms=60 with the recent-slowdown factor), triton,
     fixed:<level>, aimd."""
     max_inflight: int = 8192
     """Admitted requests not yet answered, across classes; beyond it RESOURCE_EXHAUSTED (> 0)."""

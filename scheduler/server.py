@@ -160,8 +160,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 def make_policy(name: str):
-    """Policy by name: slonn (``slonn:recent_tau_ms=T`` sets its recent-slowdown time constant, 0 = off), or a
-    baseline from policy/baselines.py."""
+    """Policy by name: slonn (``slonn:recent_tau_ms=T`` plans with a recent-slowdown factor of time constant T;
+    the default 0 is off), or a baseline from policy/baselines.py."""
     kind, _, rest = name.partition(":")
     if kind == "slonn":
         params = parse_policy_params(rest, name)

@@ -10,11 +10,12 @@ planner would read (bucketed contention, batch-monotone), which is what
 decisions use, and (``host_pauses``) for the rows the host did not pause,
 where the profile recorded it.
 
-``served``: what the server predicts, the table (and the model) times the
-recent-slowdown factor of the policy (``policy.planner.RecentSlowdown``),
-replayed over the profile in time order. Each row's factor comes from the rows
-that finished before it started (training rows scored out of fold, as a live
-batch is scored by a model that has not seen it).
+``recent_slowdown``: the same predictions times the recent-slowdown factor
+(``policy.planner.RecentSlowdown``, what ``--policy slonn:recent_tau_ms=60``
+plans with; the default policy does not), replayed over the profile in time
+order. Each row's factor comes from the rows that finished before it started
+(training rows scored out of fold, as a live batch is scored by a model that
+has not seen it).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             name = f"({bounds[k]:g}, {bounds[k + 1]:g}]"
             per_bucket[name] = score(sel)
     oracle = cell_median_oracle(rows, dicts, train, test)
-    served = served_scores(rows, dicts, train, test, model, mean, safe, table_mean, table_safe, actual)
+    recent = recent_slowdown_scores(rows, dicts, train, test, model, mean, safe, table_mean, table_safe, actual)
     return {"train_rows": len(train), "test_rows": len(test),
             "split": f"holdout intensity {holdout_intensity}" if holdout_intensity else
             f"random {test_fraction:.0%} per intensity (seed {seed})",
@@ -130,7 +131,7 @@ def evaluate(rows, dicts, test_fraction: float = 0.25, holdout_intensity: str | 
             "targets": {"mape_pct": MAPE_TARGET_PCT, "exceed_safe_rate": EXCEED_TARGET},
             "meets_targets": overall["mape_pct"] <= MAPE_TARGET_PCT and overall["exceed_safe_rate"] <= EXCEED_TARGET,
             "noise_floor": oracle,
-            "served": served,
+            "recent_slowdown": recent,
             "model": model.describe()}
 
 
@@ -161,8 +162,8 @@ def _unpaused(dicts, test: list[int], actual, mean, safe, table_mean, table_safe
     return out
 
 
-def served_scores(rows, dicts, train: list[int], test: list[int], model: LatencyModel, mean, safe, table_mean,
-                  table_safe, actual, recent: RecentSlowdown | None = None) -> dict:
+def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model: LatencyModel, mean, safe,
+                           table_mean, table_safe, actual, recent: RecentSlowdown | None = None) -> dict:
     """Scores of the predictions times the recent-slowdown factor (see the module's doc); {} when the profile
     has no ``t_s`` column (when each row finished)."""
     try:

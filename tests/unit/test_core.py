@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from policy.baselines import make_baseline
-from policy.planner import PlanContext, SLOAwarePolicy, Wait
+from policy.planner import PlanContext, RecentSlowdown, SLOAwarePolicy, Wait
 from policy.table import LatencyTable
 from scheduler.clock import FakeClock
 from scheduler.config import SLOClassConfig
@@ -324,7 +324,7 @@ def test_update_from_output_reports_whether_deadlines_were_met():
 
 def test_a_batch_that_ran_slow_makes_the_next_plan_expect_it():
     """The measured exec goes back to slonn's policy (its recent-slowdown factor) through the scheduler."""
-    sched, ctxs, clock = make()
+    sched, ctxs, clock = make(policy=SLOAwarePolicy(RecentSlowdown()))
     for _ in range(2):
         submit(sched, ctxs, clock, "standard")
     first = sched.schedule(clock.now(), ctxs).batch

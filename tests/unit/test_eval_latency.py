@@ -103,22 +103,22 @@ def _drifting_profile(seed: int = 0, n: int = 1600, t_s: bool = True):
     return rows, dicts
 
 
-def test_served_predictions_follow_a_drifting_machine_and_need_the_call_times():
+def test_the_recent_slowdown_follows_a_drifting_machine_and_needs_the_call_times():
     from scripts.eval_latency import evaluate
 
     rows, dicts = _drifting_profile()
     result = evaluate(rows, dicts)
-    served = result["served"]
-    assert served["overall"]["rows"] == result["overall"]["rows"]
+    recent = result["recent_slowdown"]
+    assert recent["overall"]["rows"] == result["overall"]["rows"]
     # the drift is most of the scatter: the factor recovers a good part of it
-    assert served["overall"]["mape_pct"] < 0.8 * result["overall"]["mape_pct"]
-    assert served["overall"]["exceed_safe_rate"] <= 0.02
-    assert set(served["per_intensity"]) == {"0x1", "1x1"}
-    assert evaluate(*_drifting_profile(t_s=False))["served"] == {}
+    assert recent["overall"]["mape_pct"] < 0.8 * result["overall"]["mape_pct"]
+    assert recent["overall"]["exceed_safe_rate"] <= 0.02
+    assert set(recent["per_intensity"]) == {"0x1", "1x1"}
+    assert evaluate(*_drifting_profile(t_s=False))["recent_slowdown"] == {}
 
 
-def test_served_predictions_do_not_help_without_drift():
-    """Independent noise only: the factor chases nothing, and the served MAPE stays near the model's."""
+def test_the_recent_slowdown_does_not_help_without_drift():
+    """Independent noise only: the factor chases nothing, and the MAPE with it stays near the model's."""
     import numpy as np
 
     from scripts.eval_latency import evaluate
@@ -128,4 +128,4 @@ def test_served_predictions_do_not_help_without_drift():
     rows = [LatencySample(r.level, r.batch_size, r.contention,
                           (0.5 + 0.4 * r.batch_size * r.level) * float(np.exp(rng.normal(0.0, 0.1)))) for r in rows]
     result = evaluate(rows, dicts)
-    assert result["served"]["overall"]["mape_pct"] == pytest.approx(result["overall"]["mape_pct"], rel=0.1)
+    assert result["recent_slowdown"]["overall"]["mape_pct"] == pytest.approx(result["overall"]["mape_pct"], rel=0.1)

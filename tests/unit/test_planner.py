@@ -320,7 +320,14 @@ def test_a_slow_recent_batch_makes_the_head_late_but_not_hopeless():
     assert not POLICY.plan([pend(0.2)], NOW, ctx()).late
 
 
-def test_the_scheduler_feeds_the_measured_exec_back_to_the_policy():
+def test_the_default_policy_plans_without_the_factor():
+    policy = SLOAwarePolicy()
+    first = policy.plan(batch(4, slack_ms=50.0), NOW, ctx())
+    policy.observe(first, 12.0, True, NOW)  # 3x the table's mean
+    assert policy.plan(batch(4, slack_ms=50.0), NOW, ctx()).speed == 1.0
+
+
+def test_observe_feeds_the_measured_exec_into_the_next_plan():
     policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1.0))
     plan = policy.plan(batch(4, slack_ms=50.0), NOW, ctx())
     assert plan.table_mean_ms == pytest.approx(4.0) and plan.speed == 1.0
