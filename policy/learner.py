@@ -62,6 +62,12 @@ class LearnerConfig:
     moments a burst needed both, for a table that had not changed."""
     drift_samples: int = 5
     """Samples since the last refit before drift is judged (>= 1)."""
+    exceed_trigger: float = 0.2
+    """Refit at the next check once this share of recent batches (the same exponential weighting as
+    ``drift``) ran over the published table's safe prediction, in (0, 1]. A tail that grows without moving the
+    mean (a co-runner preempting some batches) is drift too: in session 17 such a tail waited for the quiet
+    refit, up to ``quiet_refit_s``. From a calibrated 99% bound, three overruns in a few batches is a
+    one-in-ten-thousand event."""
     min_rows: int = 20
     """No refit below this many rows (profile + live), >= 10."""
     max_base_rows: int = 1200
@@ -71,10 +77,11 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
                 or self.min_rows < 10 or self.max_base_rows < 10 or self.quiet_refit_s < self.refit_interval_s \
-                or self.drift <= 0 or self.drift_samples < 1:
+                or self.drift <= 0 or self.drift_samples < 1 or not 0 < self.exceed_trigger <= 1:
             raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
                              "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10, "
-                             "quiet_refit_s >= refit_interval_s, drift > 0, drift_samples >= 1")
+                             "quiet_refit_s >= refit_interval_s, drift > 0, drift_samples >= 1, "
+                             "0 < exceed_trigger <= 1")
 
 
 DRIFT_EWMA_ALPHA = 0.1
@@ -152,6 +159,7 @@ class OnlineLearner:
         self._fitted_seen = 0   # value of _seen at the last refit
         self._fitted_at = clock()
         self._drift = 0.0       # EWMA of log(measured / published mean) since the last refit
+        self._exceed = 0.0      # EWMA of [measured > published safe] since the last refit
         self._drift_n = 0
         self._stop = threading.Event()
         self._started = threading.Event()
@@ -176,27 +184,35 @@ class OnlineLearner:
         t = self._clock() if now_s is None else now_s
         table = self.table
         try:
-            mean = table.mean(table.bucket(sample.contention), table.level_index(sample.level), sample.batch_size)
+            cell = (table.bucket(sample.contention), table.level_index(sample.level), sample.batch_size)
+            mean, safe = table.mean(*cell), table.safe(*cell)
         except (KeyError, IndexError):  # a level or batch size the table does not have: no drift evidence
-            mean = 0.0
+            mean = safe = 0.0
         with self._lock:
             self._live.append((t, sample))
             self._seen += 1
             if mean > 0 and sample.exec_ms > 0:
                 r = math.log(sample.exec_ms / mean)
-                self._drift = r if self._drift_n == 0 else self._drift + DRIFT_EWMA_ALPHA * (r - self._drift)
+                over = 1.0 if sample.exec_ms > safe else 0.0
+                if self._drift_n == 0:
+                    self._drift, self._exceed = r, over * DRIFT_EWMA_ALPHA
+                else:
+                    self._drift += DRIFT_EWMA_ALPHA * (r - self._drift)
+                    self._exceed += DRIFT_EWMA_ALPHA * (over - self._exceed)
                 self._drift_n += 1
 
     def refit_due(self, now_s: float | None = None) -> bool:
-        """New samples, and they drifted from the published table or ``quiet_refit_s`` has passed."""
+        """New samples, and they drifted from the published table (mean or tail) or ``quiet_refit_s`` has
+        passed."""
         if self.pending == 0:
             return False
         now = self._clock() if now_s is None else now_s
         if now - self._fitted_at >= self.config.quiet_refit_s:
             return True
         with self._lock:
-            n, drift = self._drift_n, self._drift
-        return n >= self.config.drift_samples and abs(drift) > math.log1p(self.config.drift)
+            n, drift, exceed = self._drift_n, self._drift, self._exceed
+        return n >= self.config.drift_samples and (abs(drift) > math.log1p(self.config.drift)
+                                                   or exceed > self.config.exceed_trigger)
 
     # ----------------------------------------------------------------- refit
 
@@ -220,7 +236,7 @@ class OnlineLearner:
         with self._fit_lock:
             with self._lock:
                 seen = self._seen
-                self._drift, self._drift_n = 0.0, 0
+                self._drift, self._exceed, self._drift_n = 0.0, 0.0, 0
             self._fitted_at = self._clock() if now_s is None else now_s
             if self._executor is not None:
                 live = self.live_samples(now_s)

@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport", choices=TRANSPORTS, default="unary",
                    help="one Infer call per request (as every session-14 figure), or one stream")
     p.add_argument("--bin-s", type=float, default=0.5)
+    p.add_argument("--policy", default="slonn", help="`slonn serve --policy`, e.g. slonn:recent_tau_ms=60")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     burn_device = corunner_device_or_exit(p, args.corunner_device)
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     deadlines = {n: c.latency_ms for n, c in load_classes(None).items()}
     arrivals = poisson_arrivals(args.rate, args.duration_s, {args.slo_class: 1.0})
     server_log = Path("runs/adapt/server.log")
-    serve = ["--model-dir", str(args.model_dir), "--stats-interval-s", "2", "--nice", str(args.serve_nice)]
+    serve = ["--model-dir", str(args.model_dir), "--stats-interval-s", "2", "--nice", str(args.serve_nice),
+             "--policy", args.policy]
     if args.worker_nice is not None:
         serve += ["--worker-nice", str(args.worker_nice)]
     placement = split_cpus(sorted(os.sched_getaffinity(0))) if args.pin else None
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
         "corunner_device": burn_device,
-        "transport": args.transport,
+        "transport": args.transport, "policy": args.policy,
         "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),

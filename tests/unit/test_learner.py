@@ -235,3 +235,29 @@ def test_drift_after_a_long_quiet_stretch_is_seen_within_a_few_dozen_batches():
         b = (1, 2, 4, 8)[i % 4]
         learner.observe(LatencySample(0.5, b, 0.0, 1.6 * true_ms(0.5, b, 0.0)))
     assert learner.refit_due()
+
+
+def _tail_without_mean_shift(learner: OnlineLearner) -> None:
+    """Batches that overrun the safe bound every other time, with fast ones between: the mean hardly moves."""
+    table = learner.table
+    for i in range(8):
+        b = (1, 2, 4, 8)[i % 4]
+        cell = (table.bucket(0.0), table.level_index(0.5), b)
+        ms = 1.05 * table.safe(*cell) if i % 2 else 0.8 * table.mean(*cell)
+        learner.observe(LatencySample(0.5, b, 0.0, ms))
+
+
+def test_a_growing_tail_is_drift_even_when_the_mean_holds():
+    clock = FakeClock()
+    config = LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5)
+    learner = make(config, clock=clock)
+    _tail_without_mean_shift(learner)
+    assert abs(learner._drift) < np.log1p(0.15)  # the mean alone would not call for a refit
+    assert learner.refit_due()
+    learner.refit_now()
+    assert not learner.refit_due()
+    blind = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5, exceed_trigger=1.0), clock=clock)
+    _tail_without_mean_shift(blind)
+    assert not blind.refit_due()
+    with pytest.raises(ValueError, match="exceed_trigger"):
+        LearnerConfig(exceed_trigger=0.0)
