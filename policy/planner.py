@@ -134,10 +134,10 @@ def fifo_key(p: Pending) -> tuple:
 
 
 RECENT_TAU_S = 0.06
-"""Time constant of :class:`RecentSlowdown` (seconds). Measured on eleven profiles of sessions 13-17: a
-profile row's ratio to its cell's median has a lag-1 autocorrelation of 0.3-0.65 at ~8 ms between calls, and
-time constants of 30-100 ms took the held-out MAPE down by 1-3 points, 60 ms about the most
-(docs/latency-model.md, "Recent slowdown"). The planner does not use it by default (see SLOAwarePolicy)."""
+"""Time constant of :class:`RecentSlowdown` (seconds). A profile row's ratio to its cell's median has a lag-1
+autocorrelation of 0.3-0.65 at ~8 ms between calls; time constants of 30-100 ms did best on the four profiles
+it was chosen on, and 60 ms took the held-out MAPE of thirteen profiles of sessions 13-17 down by 0.7-4.3
+points (docs/latency-model.md, "Session 17"). The planner does not use it by default (see SLOAwarePolicy)."""
 RECENT_PRIOR = 1.0
 """Weight (in batches) of the prior "no slowdown" in :class:`RecentSlowdown`: one recent batch moves the
 factor half way to its ratio."""
