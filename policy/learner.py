@@ -66,8 +66,9 @@ class LearnerConfig:
     """Refit at the next check once this share of recent batches (the same exponential weighting as
     ``drift``) ran over the published table's safe prediction, in (0, 1]. A tail that grows without moving the
     mean (a co-runner preempting some batches) is drift too: in session 17 such a tail waited for the quiet
-    refit, up to ``quiet_refit_s``. From a calibrated 99% bound, three overruns in a few batches is a
-    one-in-ten-thousand event."""
+    refit, up to ``quiet_refit_s``. It takes three overruns within about twenty batches: from a calibrated
+    99% bound, a false trigger comes about once in 2e4 batches and costs one refit. 1 turns it off (the
+    average of a 0/1 signal never exceeds it)."""
     min_rows: int = 20
     """No refit below this many rows (profile + live), >= 10."""
     max_base_rows: int = 1200

@@ -137,7 +137,7 @@ RECENT_TAU_S = 0.06
 """Time constant of :class:`RecentSlowdown` (seconds). A profile row's ratio to its cell's median has a lag-1
 autocorrelation of 0.3-0.65 at ~8 ms between calls; time constants of 30-100 ms did best on the four profiles
 it was chosen on, and 60 ms took the held-out MAPE of thirteen profiles of sessions 13-17 down by 0.7-4.3
-points (docs/latency-model.md, "Session 17"). The planner does not use it by default (see SLOAwarePolicy)."""
+points, also on the eight not used to choose it (docs/latency-model.md, "Session 17"). The planner does not use it by default (see SLOAwarePolicy)."""
 RECENT_PRIOR = 1.0
 """Weight (in batches) of the prior "no slowdown" in :class:`RecentSlowdown`: one recent batch moves the
 factor half way to its ratio."""
@@ -155,15 +155,16 @@ class RecentSlowdown:
     batch and per decision: two ``exp``. ``tau_s`` = 0 turns it off (the factor stays 1).
 
     The same class serves the planner (:class:`SLOAwarePolicy`, when asked) and ``slonn eval-latency``'s
-    ``recent_slowdown`` score."""
+    ``recent_slowdown`` score. One instance per policy: with several models served, every model's batches
+    feed the same factor (it measures the machine, and assumes each model's table is about as right)."""
 
     __slots__ = ("tau_s", "prior", "max_factor", "_sum", "_weight", "_t_s")
 
     def __init__(self, tau_s: float = RECENT_TAU_S, prior: float = RECENT_PRIOR,
                  max_factor: float = RECENT_MAX_FACTOR) -> None:
-        if not tau_s >= 0.0 or not prior > 0.0 or not max_factor >= 1.0:
-            raise ValueError(f"RecentSlowdown: tau_s={tau_s} must be >= 0, prior={prior} > 0 and "
-                             f"max_factor={max_factor} >= 1")
+        if not (0.0 <= tau_s < math.inf and 0.0 < prior < math.inf and 1.0 <= max_factor < math.inf):
+            raise ValueError(f"RecentSlowdown: tau_s={tau_s} must be finite and >= 0, prior={prior} finite "
+                             f"and > 0, max_factor={max_factor} finite and >= 1")
         self.tau_s = tau_s
         self.prior = prior
         self.max_factor = max_factor
@@ -177,15 +178,19 @@ class RecentSlowdown:
 
     def observe(self, now_s: float, measured_ms: float, table_mean_ms: float) -> None:
         """A batch that the table put at ``table_mean_ms`` ran in ``measured_ms``, finishing at ``now_s``. A
-        non-positive or NaN value (a policy that did not say) is ignored."""
+        ratio that is not a finite positive number (a NaN mean from a policy that did not say, an infinite
+        time) is ignored: one would stick in the sum for good."""
         if self.tau_s == 0.0 or not (measured_ms > 0.0 and table_mean_ms > 0.0):
+            return
+        r = math.log(measured_ms / table_mean_ms)
+        if not -math.inf < r < math.inf:
             return
         if now_s > self._t_s:
             d = self._decay(now_s)
             self._sum *= d
             self._weight *= d
             self._t_s = now_s
-        self._sum += math.log(measured_ms / table_mean_ms)
+        self._sum += r
         self._weight += 1.0
 
     def factor(self, now_s: float) -> float:

@@ -28,7 +28,9 @@ planner keeps it and ``shift_s`` stays None. So the same test is also applied to
 the planner believes, which every response carries: its predicted exec ms,
 divided by the quiet phase's median prediction for the same (level, batch
 size). ``prediction_shift_s`` is when that ratio leaves its quiet band: the
-time for the learned latency table to react, whatever the levels do.
+time for the learned latency table to react, whatever the levels do. (With a
+policy that scales the table, ``--policy slonn:recent_tau_ms=60``, it is the
+scaled prediction that responses carry, so it times that factor too.)
 """
 
 from __future__ import annotations

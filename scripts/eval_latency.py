@@ -180,13 +180,7 @@ def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model
         fold = LatencyModel(model.config).fit([rows[i] for i in train_idx[fit_part]])
         idx = train_idx[score_part]
         predicted[idx] = fold.predict_mean(level[idx], batch[idx], cont[idx])
-    t_start = t_end - ms * 1e-3
-    factor = np.ones(len(rows))
-    for i in np.argsort(t_end, kind="stable"):
-        # the rows that finished before this one started (a profile runs one call at a time: all earlier ones)
-        factor[i] = recent.factor(float(t_start[i]))
-        recent.observe(float(t_end[i]), float(ms[i]), float(predicted[i]))
-    f = factor[test]
+    f = replay_factors(recent, t_end, ms, predicted)[test]
     out = {"tau_s": recent.tau_s, "prior_batches": recent.prior, "max_factor": recent.max_factor,
            "factor_p5_p50_p95": [round(float(x), 3) for x in np.percentile(f, [5, 50, 95])],
            "overall": _scores(mean * f, safe * f, table_mean * f, table_safe * f, actual)}
@@ -196,6 +190,18 @@ def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model
     out["meets_targets"] = (out["overall"]["mape_pct"] <= MAPE_TARGET_PCT
                             and out["overall"]["exceed_safe_rate"] <= EXCEED_TARGET)
     return out
+
+
+def replay_factors(recent: RecentSlowdown, t_end: np.ndarray, ms: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Each row's recent-slowdown factor from the rows that finished before it started (``t_end - ms``; a
+    profile runs one call at a time, so that is every earlier row), fed ``measured / predicted`` in the
+    order the rows finished. The model's mean stands in for the table's, which the planner compares with."""
+    t_start = t_end - ms * 1e-3
+    factor = np.ones(len(ms))
+    for i in np.argsort(t_end, kind="stable"):
+        factor[i] = recent.factor(float(t_start[i]))
+        recent.observe(float(t_end[i]), float(ms[i]), float(predicted[i]))
+    return factor
 
 
 def cell_median_oracle(rows, dicts, train: list[int], test: list[int]) -> dict:

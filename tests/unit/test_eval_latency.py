@@ -129,3 +129,19 @@ def test_the_recent_slowdown_does_not_help_without_drift():
                           (0.5 + 0.4 * r.batch_size * r.level) * float(np.exp(rng.normal(0.0, 0.1)))) for r in rows]
     result = evaluate(rows, dicts)
     assert result["recent_slowdown"]["overall"]["mape_pct"] == pytest.approx(result["overall"]["mape_pct"], rel=0.1)
+
+
+def test_a_rows_factor_comes_only_from_rows_that_finished_before_it_started():
+    import numpy as np
+
+    from policy.planner import RecentSlowdown
+    from scripts.eval_latency import replay_factors
+
+    # four calls 10 ms apart, the second one 3x slow; listed out of time order
+    t_end = np.array([0.031, 0.001, 0.0115, 0.021])
+    ms = np.array([1.0, 1.0, 3.0, 1.0])
+    f = replay_factors(RecentSlowdown(tau_s=0.06), t_end, ms, np.ones(4))
+    assert f[1] == 1.0  # the first call: nothing before it
+    assert f[2] == pytest.approx(1.0, abs=0.02)  # the slow call does not see itself
+    assert f[3] > 1.3  # the call after it does
+    assert 1.0 < f[0] < f[3]  # and the one after that, less

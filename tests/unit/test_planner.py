@@ -289,7 +289,12 @@ def test_recent_slowdown_is_clamped_ignores_missing_means_and_turns_off():
     off = RecentSlowdown(tau_s=0.0)
     off.observe(1.0, 5.0, 1.0)
     assert off.factor(1.0) == 1.0
-    for bad in ({"tau_s": -1.0}, {"prior": 0.0}, {"max_factor": 0.5}):
+    stuck = RecentSlowdown(tau_s=0.1)
+    stuck.observe(1.0, float("inf"), 1.0)  # an infinite ratio would stay in the sum for good
+    stuck.observe(1.0, 1.0, 1e-320)
+    assert stuck.factor(1.0) == 1.0 and stuck.factor(100.0) == 1.0
+    for bad in ({"tau_s": -1.0}, {"tau_s": float("inf")}, {"prior": 0.0}, {"max_factor": 0.5},
+                {"max_factor": float("inf")}):
         with pytest.raises(ValueError):
             RecentSlowdown(**bad)
 

@@ -199,6 +199,7 @@ def test_make_policy_reads_slonns_recent_slowdown_setting_and_names_bad_ones():
     assert make_policy("slonn:recent_tau_ms=150").recent.tau_s == pytest.approx(0.15)
     assert make_policy("slonn:recent_tau_ms=0").recent.tau_s == 0.0
     for bad, word in (("slonn:tau=1", "unknown parameter"), ("slonn:recent_tau_ms=-1", "recent_tau_ms"),
-                      ("slonn:recent_tau_ms=x", "recent_tau_ms"), ("slonnx", "unknown policy")):
+                      ("slonn:recent_tau_ms=x", "recent_tau_ms"), ("slonn:recent_tau_ms=inf", "recent_tau_ms"),
+                      ("slonnx", "unknown policy")):
         with pytest.raises(ValueError, match=word):
             make_policy(bad)
