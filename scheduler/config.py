@@ -163,12 +163,17 @@ class ServerConfig:
     """Serve Prometheus metrics on host:metrics_port/metrics (0 = off)."""
     stats_interval_s: float = 10.0
     """Period of the one-line stats summary in the log (0 = off)."""
+    refit_overrun_share: float = 0.2
+    """Refit the latency table early once this share of recent batches ran over their safe prediction
+    (``LearnerConfig.exceed_trigger``; 1 = only on a mean drift or the quiet interval), in (0, 1]."""
 
     def __post_init__(self) -> None:
         if not self.model_dirs:
             raise ValueError("model_dirs is empty: pass at least one --model-dir")
         if self.workers <= 0 or self.threads <= 0:
             raise ValueError(f"workers={self.workers}, threads={self.threads}: both must be > 0")
+        if not 0 < self.refit_overrun_share <= 1:
+            raise ValueError(f"refit_overrun_share={self.refit_overrun_share} must be in (0, 1]")
         if not 0 <= self.worker_spin_ms < float("inf"):
             raise ValueError(f"worker_spin_ms={self.worker_spin_ms} must be finite and >= 0")
         if self.worker_spin_ms and self.in_process:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -203,7 +203,8 @@ class SlonnServer:
         self.monitor.start()
         self.manifests = dict(self.pool.manifests)
         self.latency = LearnedLatency({
-            name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch, config=LEARNER)
+            name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch,
+                                config=replace(LEARNER, exceed_trigger=cfg.refit_overrun_share))
             for name, manifest in self.manifests.items()})
         self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
         # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)

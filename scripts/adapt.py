@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one Infer call per request (as every session-14 figure), or one stream")
     p.add_argument("--bin-s", type=float, default=0.5)
     p.add_argument("--policy", default="slonn", help="`slonn serve --policy`, e.g. slonn:recent_tau_ms=60")
+    p.add_argument("--refit-overrun-share", type=float, default=None, metavar="X",
+                   help="`slonn serve --refit-overrun-share` (default: the server's)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     burn_device = corunner_device_or_exit(p, args.corunner_device)
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
              "--policy", args.policy]
     if args.worker_nice is not None:
         serve += ["--worker-nice", str(args.worker_nice)]
+    if args.refit_overrun_share is not None:
+        serve += ["--refit-overrun-share", str(args.refit_overrun_share)]
     placement = split_cpus(sorted(os.sched_getaffinity(0))) if args.pin else None
     if args.pin and placement is None:
         p.error(f"--pin needs at least 2 CPUs; this process may use {sorted(os.sched_getaffinity(0))}")
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
         "corunner_device": burn_device,
-        "transport": args.transport, "policy": args.policy,
+        "transport": args.transport, "policy": args.policy, "refit_overrun_share": args.refit_overrun_share,
         "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),
