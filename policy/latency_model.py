@@ -249,6 +249,7 @@ class LatencyModel:
     _feat: _Featurizer | None = field(default=None, init=False, repr=False)
     _ridge: Ridge | None = field(default=None, init=False, repr=False)
     _q: np.ndarray | None = field(default=None, init=False, repr=False)
+    _oof_log_resid: np.ndarray | None = field(default=None, init=False, repr=False)
     _c_max: float = field(default=0.0, init=False, repr=False)
 
     def fit(self, rows: Sequence[LatencySample], weights: np.ndarray | None = None) -> "LatencyModel":
@@ -263,13 +264,13 @@ class LatencyModel:
         self._feat = _Featurizer.from_data(level, batch, cont, self.config.contention_groups, self.config.n_cpus,
                                            math.sqrt(self.config.alpha / self.config.contention_alpha))
         x, y = self._feat(level, batch, cont), np.log(ms)
-        self._ridge, self._q = self._fit_with_residual_quantiles(x, y, w, cont)
+        self._ridge, self._q, self._oof_log_resid = self._fit_with_residual_quantiles(x, y, w, cont)
         self._c_max = float(np.quantile(cont, 0.95))
         return self
 
-    def _fit_with_residual_quantiles(self, x, y, w, cont) -> tuple[Ridge, np.ndarray]:
-        """The ridge on all rows, and per contention group the ``quantile``-th out-of-fold log-residual
-        (the global one where a group is small)."""
+    def _fit_with_residual_quantiles(self, x, y, w, cont) -> tuple[Ridge, np.ndarray, np.ndarray]:
+        """The ridge on all rows, per contention group the ``quantile``-th out-of-fold log-residual (the
+        global one where a group is small), and the out-of-fold log-residuals themselves."""
         folds = KFold(self.config.folds, shuffle=True, random_state=self.config.seed).split(x)
         resid = np.empty_like(y)
         # One BLAS thread: a refit runs beside the event loop, and multi-threaded BLAS under CPU
@@ -279,7 +280,7 @@ class LatencyModel:
                 m = _ridge(self.config.alpha).fit(x[train], y[train], sample_weight=w[train])
                 resid[test] = y[test] - m.predict(x[test])
             model = _ridge(self.config.alpha).fit(x, y, sample_weight=w)
-        return model, self._group_quantiles(resid, w, cont)
+        return model, self._group_quantiles(resid, w, cont), resid
 
     def _group_quantiles(self, resid, w, cont) -> np.ndarray:
         q_all = weighted_quantile(resid, self.config.quantile, w)
@@ -290,6 +291,12 @@ class LatencyModel:
             if sel.sum() >= self.config.min_group_rows:
                 q[g] = weighted_quantile(resid[sel], self.config.quantile, w[sel])
         return np.maximum(q, 0.0)
+
+    def out_of_fold_mean(self) -> np.ndarray:
+        """Each fitted row's mean prediction from the fold model that did not see it (``config.folds``-fold,
+        the split the safe quantile is taken over), in the order of ``rows``."""
+        self._check()
+        return np.array([r.exec_ms for r in self.rows]) * np.exp(-self._oof_log_resid)
 
     @property
     def fitted(self) -> bool:

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import KFold
 
 from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
     profile_csv_name, profile_niceness, read_rows_csv, rows_to_arrays
@@ -171,15 +170,10 @@ def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model
     except (KeyError, TypeError, ValueError):
         return {}
     recent = recent or RecentSlowdown()
-    level, batch, cont, ms = rows_to_arrays(rows)
+    ms = rows_to_arrays(rows)[3]
     predicted = np.empty(len(rows))
     predicted[test] = mean
-    train_idx = np.asarray(train)
-    folds = KFold(model.config.folds, shuffle=True, random_state=model.config.seed)
-    for fit_part, score_part in folds.split(train_idx):
-        fold = LatencyModel(model.config).fit([rows[i] for i in train_idx[fit_part]])
-        idx = train_idx[score_part]
-        predicted[idx] = fold.predict_mean(level[idx], batch[idx], cont[idx])
+    predicted[train] = model.out_of_fold_mean()  # the model was fitted on the train rows, in this order
     f = replay_factors(recent, t_end, ms, predicted)[test]
     out = {"tau_s": recent.tau_s, "prior_batches": recent.prior, "max_factor": recent.max_factor,
            "factor_p5_p50_p95": [round(float(x), 3) for x in np.percentile(f, [5, 50, 95])],

@@ -186,3 +186,19 @@ def test_weighted_quantile_is_conservative_and_weighted():
     assert weighted_quantile(x, 0.5, w) >= 50
 
 
+
+
+def test_out_of_fold_means_are_what_a_model_refitted_without_each_row_predicts():
+    from sklearn.model_selection import KFold
+
+    from policy.latency_model import rows_to_arrays
+
+    rows = synthetic_rows(reps=2)
+    model = LatencyModel(LatencyModelConfig(folds=4, seed=3)).fit(rows)
+    level, batch, cont, _ = rows_to_arrays(rows)
+    expected = np.empty(len(rows))
+    for fit_part, score_part in KFold(4, shuffle=True, random_state=3).split(level):
+        fold = LatencyModel(model.config).fit([rows[i] for i in fit_part])
+        expected[score_part] = fold.predict_mean(level[score_part], batch[score_part], cont[score_part])
+    assert model.out_of_fold_mean() == pytest.approx(expected, rel=1e-9)
+    assert not np.allclose(model.out_of_fold_mean(), model.predict_mean(level, batch, cont), rtol=1e-6)
