@@ -178,21 +178,24 @@ class AIMDPolicy(Policy):
 # --------------------------------------------------------------------------- names
 
 
-def parse_policy_params(text: str, where: str) -> dict[str, str]:
+def parse_policy_params(text: str, where: str, known: set[str]) -> dict[str, str]:
+    """``k=v,k=v`` of policy ``where`` (its full name, for messages); a key outside ``known`` is an error."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"policy {where!r}: parameter {item!r} must look like key=value")
         out[key.strip()] = value.strip()
+    unknown = set(out) - known
+    if unknown:
+        raise ValueError(f"policy {where!r}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
     return out
 
 
-def _batching_config(params: dict[str, str], where: str, level: float) -> BatchingConfig:
-    known = {"max_delay_ms", "max_batch", "preferred"}
-    unknown = set(params) - known
-    if unknown:
-        raise ValueError(f"policy {where!r}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+_BATCHING_PARAMS = {"max_delay_ms", "max_batch", "preferred"}
+
+
+def _batching_config(params: dict[str, str], level: float) -> BatchingConfig:
     preferred = tuple(int(s) for s in params.get("preferred", "").split("/") if s)
     return BatchingConfig(level=level, max_delay_ms=float(params.get("max_delay_ms", 1.0)),
                           max_batch=int(params.get("max_batch", 0)), preferred=preferred)
@@ -206,19 +209,17 @@ def make_baseline(name: str):
     kind, _, rest = name.partition(":")
     try:
         if kind == "triton":
-            return DynamicBatchingPolicy(_batching_config(parse_policy_params(rest, name), name, 1.0), name)
+            return DynamicBatchingPolicy(_batching_config(parse_policy_params(rest, name, _BATCHING_PARAMS), 1.0),
+                                         name)
         if kind == "fixed":
             head, _, tail = rest.partition(",")
             if not head or "=" in head:
                 raise ValueError(f"policy {name!r}: fixed needs a level first, e.g. fixed:0.25")
-            return DynamicBatchingPolicy(_batching_config(parse_policy_params(tail, name), name, float(head)), name)
+            return DynamicBatchingPolicy(
+                _batching_config(parse_policy_params(tail, name, _BATCHING_PARAMS), float(head)), name)
         if kind == "aimd":
-            params = parse_policy_params(rest, name)
-            known = {"start", "step", "backoff", "level", "signal"}
-            if set(params) - known:
-                raise ValueError(f"policy {name!r}: unknown parameter(s) {sorted(set(params) - known)}; "
-                                 f"known: {sorted(known)}")
             types = {"start": int, "step": float, "backoff": float, "level": float, "signal": str}
+            params = parse_policy_params(rest, name, set(types))
             return AIMDPolicy(AIMDConfig(**{k: types[k](v) for k, v in params.items()}))
     except ValueError as exc:
         if str(exc).startswith("policy "):

@@ -164,10 +164,7 @@ def make_policy(name: str):
     the default 0 is off), or a baseline from policy/baselines.py."""
     kind, _, rest = name.partition(":")
     if kind == "slonn":
-        params = parse_policy_params(rest, name)
-        if set(params) - {"recent_tau_ms"}:
-            raise ValueError(f"policy {name!r}: unknown parameter(s) {sorted(set(params) - {'recent_tau_ms'})}; "
-                             f"known: ['recent_tau_ms']")
+        params = parse_policy_params(rest, name, {"recent_tau_ms"})
         if "recent_tau_ms" not in params:
             return SLOAwarePolicy()
         try:

@@ -135,3 +135,9 @@ def test_server_make_policy_builds_baselines(name, cls):
 def test_bad_names_raise_with_the_name(bad):
     with pytest.raises(ValueError, match="polic"):
         make_baseline(bad)
+
+
+@pytest.mark.parametrize("name", ["triton:x=2", "fixed:0.1,x=2", "aimd:x=2"])
+def test_an_unknown_parameter_is_named_with_the_known_ones(name):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['x'\]; known: \["):
+        make_baseline(name)
