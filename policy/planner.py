@@ -86,7 +86,9 @@ class Plan:
         self.count = count
         self.level = level
         self.predicted_ms = predicted_ms
-        """Safe predicted exec ms (without overhead), ``speed`` included."""
+        """The upper bound on exec ms (without overhead) the batch was planned with: the table's safe
+        prediction, or with the recent slowdown on and its margin known, the table's mean x ``speed`` x the
+        margin."""
         self.late = late
         """The batch cannot make its earliest deadline (served late on purpose)."""
         self.reason = reason
@@ -99,7 +101,8 @@ class Plan:
         """The table's mean exec ms for this batch, before ``speed`` (NaN: the policy did not say): what
         :class:`RecentSlowdown` compares the measured exec ms with."""
         self.speed = speed
-        """The recent-slowdown factor the policy applied to the table's predictions (1: none)."""
+        """The recent-slowdown factor when the batch was planned (1: off), which ``predicted_ms`` includes
+        once its margin is known."""
 
     def __eq__(self, other: object) -> bool:
         """Field by field; an unset ``slack_ms`` (NaN) equals another unset one."""
@@ -143,6 +146,13 @@ RECENT_PRIOR = 1.0
 factor half way to its ratio."""
 RECENT_MAX_FACTOR = 2.0
 """:class:`RecentSlowdown` never scales predictions by more than this, or less than its inverse."""
+RECENT_QUANTILE = 0.99
+"""The quantile of the factor's own errors that bounds a batch (:meth:`RecentSlowdown.margin`), as the table's safe
+prediction is the 99th percentile of the model's out-of-fold residuals."""
+RECENT_WINDOW = 256
+""":meth:`RecentSlowdown.margin` is taken over the last this many batches: a few seconds under load."""
+RECENT_REFRESH = 8
+""":meth:`RecentSlowdown.margin` is recomputed (a sort of the window) every this many batches."""
 
 
 class RecentSlowdown:
@@ -154,37 +164,55 @@ class RecentSlowdown:
     of ``prior`` batches, and answers ``exp`` of it, clamped to ``[1/max_factor, max_factor]``. O(1) per
     batch and per decision: two ``exp``. ``tau_s`` = 0 turns it off (the factor stays 1).
 
+    It also bounds its own errors (:meth:`margin`): the ``quantile`` of ``log(measured / (table mean x the
+    factor when the batch was planned))`` over the last ``window`` batches. The table's safe prediction cannot
+    serve for that: its margin covers the very slowdowns the factor already scales by, and multiplying the two
+    counts them twice (session 17: planning with safe x factor missed more deadlines live than without).
+
     The same class serves the planner (:class:`SLOAwarePolicy`, when asked) and ``slonn eval-latency``'s
     ``recent_slowdown`` score. One instance per policy: with several models served, every model's batches
     feed the same factor (it measures the machine, and assumes each model's table is about as right)."""
 
-    __slots__ = ("tau_s", "prior", "max_factor", "_sum", "_weight", "_t_s")
+    __slots__ = ("tau_s", "prior", "max_factor", "quantile", "window", "_sum", "_weight", "_t_s", "_errors",
+                 "_next", "_count", "_margin")
 
     def __init__(self, tau_s: float = RECENT_TAU_S, prior: float = RECENT_PRIOR,
-                 max_factor: float = RECENT_MAX_FACTOR) -> None:
-        if not (0.0 <= tau_s < math.inf and 0.0 < prior < math.inf and 1.0 <= max_factor < math.inf):
+                 max_factor: float = RECENT_MAX_FACTOR, quantile: float = RECENT_QUANTILE,
+                 window: int = RECENT_WINDOW) -> None:
+        if not (0.0 <= tau_s < math.inf and 0.0 < prior < math.inf and 1.0 <= max_factor < math.inf
+                and 0.0 < quantile < 1.0 and window >= 1):
             raise ValueError(f"RecentSlowdown: tau_s={tau_s} must be finite and >= 0, prior={prior} finite "
-                             f"and > 0, max_factor={max_factor} finite and >= 1")
+                             f"and > 0, max_factor={max_factor} finite and >= 1, quantile={quantile} in (0, 1), "
+                             f"window={window} >= 1")
         self.tau_s = tau_s
         self.prior = prior
         self.max_factor = max_factor
+        self.quantile = quantile
+        self.window = window
         self._sum = 0.0
         self._weight = 0.0
         self._t_s = -math.inf
+        self._errors: list[float] = []
+        """Ring buffer of the last ``window`` corrected log errors."""
+        self._next = 0
+        self._count = 0
+        self._margin = 0.0
 
     def _decay(self, now_s: float) -> float:
         dt = now_s - self._t_s
         return math.exp(-dt / self.tau_s) if dt > 0.0 else 1.0
 
-    def observe(self, now_s: float, measured_ms: float, table_mean_ms: float) -> None:
-        """A batch that the table put at ``table_mean_ms`` ran in ``measured_ms``, finishing at ``now_s``. A
+    def observe(self, now_s: float, measured_ms: float, table_mean_ms: float, factor: float = 1.0) -> None:
+        """A batch that the table put at ``table_mean_ms`` ran in ``measured_ms``, finishing at ``now_s``;
+        ``factor`` is what :meth:`factor` answered when it was planned (whether or not the plan used it). A
         ratio that is not a finite positive number (a NaN mean from a policy that did not say, an infinite
         time) is ignored: one would stick in the sum for good."""
-        if self.tau_s == 0.0 or not (measured_ms > 0.0 and table_mean_ms > 0.0):
+        if self.tau_s == 0.0 or not (measured_ms > 0.0 and table_mean_ms > 0.0 and factor > 0.0):
             return
         r = math.log(measured_ms / table_mean_ms)
         if not -math.inf < r < math.inf:
             return
+        self._add_error(r - math.log(factor))
         if now_s > self._t_s:
             d = self._decay(now_s)
             self._sum *= d
@@ -192,6 +220,24 @@ class RecentSlowdown:
             self._t_s = now_s
         self._sum += r
         self._weight += 1.0
+
+    def _add_error(self, e: float) -> None:
+        if len(self._errors) < self.window:
+            self._errors.append(e)
+        else:
+            self._errors[self._next] = e
+            self._next = (self._next + 1) % self.window
+        self._count += 1
+        if self._count % RECENT_REFRESH == 0:
+            ranked = sorted(self._errors)
+            k = math.ceil((len(ranked) + 1) * self.quantile)  # split-conformal rank, as the table's safe bound
+            self._margin = math.exp(max(ranked[k - 1], 0.0)) if k <= len(ranked) else 0.0
+
+    def margin(self) -> float:
+        """What the factor-scaled table mean is multiplied by to bound a batch: ``exp`` of the ``quantile`` of
+        the factor's recent errors (at least 1). 0 while too few batches ran to know it (the finite-sample rank
+        ``ceil((n + 1) q)`` exceeds ``n``: fewer than 99 at ``q`` = 0.99) and when off."""
+        return self._margin
 
     def factor(self, now_s: float) -> float:
         """What to multiply the table's predictions by at ``now_s``: 1 with no batch in the last few ``tau_s``."""
@@ -276,11 +322,11 @@ class SLOAwarePolicy(Policy):
         self._margin_ctx: PlanContext | None = None
         self._margin_s: dict[float, float] = {}
         self.recent = recent if recent is not None else RecentSlowdown(tau_s=0.0)
-        """Scales the table's predictions by how the last batches ran against it (batch and level choice only:
-        admission and early drop judge the table's mean, so a burst of slow batches does not turn requests
-        away). Off by default (``tau_s`` = 0): it predicts the profile's held-out rows better, but in four
-        live A/B runs of session 17 slonn missed more deadlines with it than without (49 against 3 of 5,464
-        interactive requests); ``slonn:recent_tau_ms=60`` turns it on."""
+        """Scales the table's mean by how the last batches ran against it, and bounds batches with that times
+        the factor's own error margin instead of the table's safe prediction, once the margin is known (batch
+        and level choice only: admission and early drop judge the table's mean, so a burst of slow batches
+        does not turn requests away). Off by default (``tau_s`` = 0); ``slonn:recent_tau_ms=60`` turns it
+        on."""
 
     def order_key(self, p: Pending) -> tuple:
         return edf_key(p)
@@ -305,24 +351,28 @@ class SLOAwarePolicy(Policy):
         return p.deadline_s - margin
 
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool, finished_s: float) -> None:
-        self.recent.observe(finished_s, exec_ms, plan.table_mean_ms)
+        self.recent.observe(finished_s, exec_ms, plan.table_mean_ms, plan.speed)
 
     def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
         n_max = min(len(candidates), ctx.max_batch)
         if n_max == 0:
             raise ValueError("plan() needs at least one candidate")
-        rows = ctx.table.safe_rows(ctx.bucket)
         speed = self.recent.factor(now_s)
+        margin = self.recent.margin()
+        if margin > 0.0:  # bound = table mean x factor x the factor's error margin
+            rows, scale = ctx.table.mean_rows(ctx.bucket), speed * margin
+        else:  # the table's safe prediction (always, with the recent slowdown off)
+            rows, scale = ctx.table.safe_rows(ctx.bucket), 1.0
         if n_max == 1:  # one candidate (most decisions at low load): no prefixes to build
-            return self._plan_one(candidates, now_s, ctx, rows, speed)
-        return self._plan_prefixes(candidates, n_max, now_s, ctx, rows, speed)
+            return self._plan_one(candidates, now_s, ctx, rows, scale, speed)
+        return self._plan_prefixes(candidates, n_max, now_s, ctx, rows, scale, speed)
 
     def _plan_prefixes(self, candidates: Sequence[Pending], n_max: int, now_s: float, ctx: PlanContext,
-                       rows: list[list[float]], speed: float) -> Plan:
+                       rows: list[list[float]], scale: float, speed: float) -> Plan:
         table, accuracy = ctx.table, ctx.accuracy
         # Prefix constraints of the batch made of the first n candidates: the highest floor, and the
         # time budget (ms) left for exec by the earliest deadline once the overhead is paid, divided by
-        # ``speed`` so that it compares with the table's own predictions.
+        # ``scale`` so that it compares with ``rows`` (bound = row x scale).
         floors, budgets, slacks = [], [], []
         floor, deadline = 0.0, float("inf")
         for p in candidates[:n_max]:
@@ -332,7 +382,7 @@ class SLOAwarePolicy(Policy):
                 deadline = p.deadline_s
             floors.append(floor)
             slacks.append((deadline - now_s) * 1e3)
-            budgets.append((slacks[-1] - ctx.overhead_ms) / speed)
+            budgets.append((slacks[-1] - ctx.overhead_ms) / scale)
         accuracy_mode = candidates[0].mode == "accuracy"
         best_n, best_i = 0, -1
         for i, acc in enumerate(accuracy):
@@ -345,20 +395,20 @@ class SLOAwarePolicy(Policy):
             # run as much as the head's floor allows at the fastest level, to catch up.
             i = fastest_allowed(candidates[0].min_accuracy, ctx)
             n = max(1, bisect.bisect_right(floors, accuracy[i]))
-            return Plan(n, table.levels[i], rows[i][n - 1] * speed, late=True, reason=_LATE,
+            return Plan(n, table.levels[i], rows[i][n - 1] * scale, late=True, reason=_LATE,
                         slack_ms=slacks[0], candidates=len(candidates),
                         table_mean_ms=table.mean(ctx.bucket, i, n), speed=speed)
-        return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1] * speed, reason=_CHOSEN[accuracy_mode],
+        return Plan(best_n, table.levels[best_i], rows[best_i][best_n - 1] * scale, reason=_CHOSEN[accuracy_mode],
                     slack_ms=slacks[best_n - 1], candidates=len(candidates),
                     table_mean_ms=table.mean(ctx.bucket, best_i, best_n), speed=speed)
 
     def _plan_one(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext,
-                  rows: list[list[float]], speed: float) -> Plan:
+                  rows: list[list[float]], scale: float, speed: float) -> Plan:
         """``plan`` for a batch of at most one: the same choice as the general path, without its lists."""
         p = candidates[0]
         accuracy = ctx.accuracy
         slack = (p.deadline_s - now_s) * 1e3
-        budget = (slack - ctx.overhead_ms) / speed
+        budget = (slack - ctx.overhead_ms) / scale
         accuracy_mode = p.mode == "accuracy"
         best_i, best_acc, best_ms = -1, 0.0, 0.0
         for i, acc in enumerate(accuracy):
@@ -370,9 +420,9 @@ class SLOAwarePolicy(Policy):
                 best_i, best_acc, best_ms = i, acc, ms
         if best_i < 0:
             i = fastest_allowed(p.min_accuracy, ctx)
-            return Plan(1, ctx.table.levels[i], rows[i][0] * speed, late=True, reason=_LATE, slack_ms=slack,
+            return Plan(1, ctx.table.levels[i], rows[i][0] * scale, late=True, reason=_LATE, slack_ms=slack,
                         candidates=len(candidates), table_mean_ms=ctx.table.mean(ctx.bucket, i, 1), speed=speed)
-        return Plan(1, ctx.table.levels[best_i], rows[best_i][0] * speed, reason=_CHOSEN[accuracy_mode],
+        return Plan(1, ctx.table.levels[best_i], rows[best_i][0] * scale, reason=_CHOSEN[accuracy_mode],
                     slack_ms=slack, candidates=len(candidates), table_mean_ms=ctx.table.mean(ctx.bucket, best_i, 1),
                     speed=speed)
 

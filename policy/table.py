@@ -88,6 +88,10 @@ class LatencyTable:
     def mean(self, bucket: int, level_index: int, batch_size: int) -> float:
         return self._mean[bucket][level_index][batch_size - 1]
 
+    def mean_rows(self, bucket: int) -> list[list[float]]:
+        """``rows[level_index][batch_size - 1]`` = mean ms (non-decreasing in batch size, as the safe rows)."""
+        return self._mean[bucket]
+
     @classmethod
     def constant(cls, levels: tuple[float, ...], max_batch: int, per_item_ms: float, fixed_ms: float = 0.0,
                  ) -> "LatencyTable":

@@ -174,10 +174,22 @@ def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model
     predicted = np.empty(len(rows))
     predicted[test] = mean
     predicted[train] = model.out_of_fold_mean()  # the model was fitted on the train rows, in this order
-    f = replay_factors(recent, t_end, ms, predicted)[test]
+    f, margin = (x[test] for x in replay_factors(recent, t_end, ms, predicted))
     out = {"tau_s": recent.tau_s, "prior_batches": recent.prior, "max_factor": recent.max_factor,
            "factor_p5_p50_p95": [round(float(x), 3) for x in np.percentile(f, [5, 50, 95])],
            "overall": _scores(mean * f, safe * f, table_mean * f, table_safe * f, actual)}
+    known = margin > 0
+    if known.any():
+        # What the planner plans with once the factor's margin is known: table mean x factor x margin (the
+        # table's safe prediction, unscaled, before).
+        bound = np.where(known, table_mean * f * margin, table_safe)
+        out["planning_bound"] = {
+            "quantile": recent.quantile, "window_batches": recent.window,
+            "rows_with_margin_share": round(float(known.mean()), 4),
+            "margin_p5_p50_p95": [round(float(x), 3) for x in np.percentile(margin[known], [5, 50, 95])],
+            "exceed_rate": round(float(np.mean(actual > bound)), 4),
+            "mean_bound_over_actual": round(float(np.mean(bound / actual)), 3),
+            "table_safe_mean_over_actual": round(float(np.mean(table_safe / actual)), 3)}
     burns = np.array([dicts[i].get("burn", "?") for i in test])
     out["per_intensity"] = {key: round(mape((mean * f)[burns == key], actual[burns == key]), 2)
                             for key in sorted(set(burns), key=_burn_order)}
@@ -186,16 +198,19 @@ def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model
     return out
 
 
-def replay_factors(recent: RecentSlowdown, t_end: np.ndarray, ms: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Each row's recent-slowdown factor from the rows that finished before it started (``t_end - ms``; a
-    profile runs one call at a time, so that is every earlier row), fed ``measured / predicted`` in the
-    order the rows finished. The model's mean stands in for the table's, which the planner compares with."""
+def replay_factors(recent: RecentSlowdown, t_end: np.ndarray, ms: np.ndarray,
+                   predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's recent-slowdown factor and margin (0: not known yet) from the rows that finished before it
+    started (``t_end - ms``; a profile runs one call at a time, so that is every earlier row), fed
+    ``measured / predicted`` in the order the rows finished. The model's mean stands in for the table's, which
+    the planner compares with."""
     t_start = t_end - ms * 1e-3
-    factor = np.ones(len(ms))
+    factor, margin = np.ones(len(ms)), np.zeros(len(ms))
     for i in np.argsort(t_end, kind="stable"):
         factor[i] = recent.factor(float(t_start[i]))
-        recent.observe(float(t_end[i]), float(ms[i]), float(predicted[i]))
-    return factor
+        margin[i] = recent.margin()
+        recent.observe(float(t_end[i]), float(ms[i]), float(predicted[i]), float(factor[i]))
+    return factor, margin
 
 
 def cell_median_oracle(rows, dicts, train: list[int], test: list[int]) -> dict:

@@ -335,7 +335,8 @@ def test_a_batch_that_ran_slow_makes_the_next_plan_expect_it():
         submit(sched, ctxs, clock, "standard")
     second = sched.schedule(clock.now(), ctxs).batch
     assert second.plan.speed > 1.5
-    assert second.plan.predicted_ms == pytest.approx(second.plan.speed * second.plan.table_mean_ms)
+    # two batches are too few to know the factor's error margin: the plan is still bounded by the table
+    assert second.plan.predicted_ms == pytest.approx(TABLE.safe(0, 0, second.plan.count))
 
 
 def test_drain_returns_every_queued_request():

@@ -140,7 +140,8 @@ def test_a_rows_factor_comes_only_from_rows_that_finished_before_it_started():
     # four calls 10 ms apart, the second one 3x slow; listed out of time order
     t_end = np.array([0.031, 0.001, 0.0115, 0.021])
     ms = np.array([1.0, 1.0, 3.0, 1.0])
-    f = replay_factors(RecentSlowdown(tau_s=0.06), t_end, ms, np.ones(4))
+    f, margin = replay_factors(RecentSlowdown(tau_s=0.06), t_end, ms, np.ones(4))
+    assert (margin == 0).all()  # four batches are too few to know a 99th percentile
     assert f[1] == 1.0  # the first call: nothing before it
     assert f[2] == pytest.approx(1.0, abs=0.02)  # the slow call does not see itself
     assert f[3] > 1.3  # the call after it does

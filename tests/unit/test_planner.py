@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.planner import Pending, Plan, PlanContext, RecentSlowdown, SLOAwarePolicy, edf_key, fastest_allowed
+from policy.planner import RECENT_REFRESH, Pending, Plan, PlanContext, RecentSlowdown, SLOAwarePolicy, edf_key, \
+    fastest_allowed
 from policy.table import LatencyTable
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
@@ -232,9 +234,12 @@ def test_plan_matches_brute_force(raw, max_batch, overhead_ms):
 
 
 def policy_at_speed(speed: float) -> SLOAwarePolicy:
-    """A policy whose recent batches ran ``speed`` times the table's mean, just now (a negligible prior)."""
-    policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1e-12, max_factor=4.0))
-    policy.observe(Plan(1, 1.0, 1.0, table_mean_ms=1.0), speed, True, NOW)
+    """A policy whose recent batches ran ``speed`` times the table's mean, just now, as its factor expected (a
+    negligible prior; the margin is the median of the last batch's error, here exactly 1)."""
+    policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1e-12, max_factor=4.0, quantile=0.5, window=1))
+    for _ in range(RECENT_REFRESH):
+        policy.observe(Plan(1, 1.0, 1.0, table_mean_ms=1.0, speed=speed), speed, True, NOW)
+    assert policy.recent.margin() == 1.0
     return policy
 
 
@@ -245,11 +250,11 @@ def policy_at_speed(speed: float) -> SLOAwarePolicy:
 def test_one_candidate_shortcut_equals_the_general_path(slack, floor, mode, overhead_ms, speed):
     c = ctx(overhead_ms=overhead_ms)
     p = [pend(slack, floor, mode=mode, on_late="serve")]
-    rows = TABLE.safe_rows(0)
+    rows = TABLE.mean_rows(0)
     policy = policy_at_speed(speed)
     f = policy.recent.factor(NOW)
     assert f == pytest.approx(speed)
-    assert policy._plan_one(p, NOW, c, rows, f) == policy._plan_prefixes(p, 1, NOW, c, rows, f) \
+    assert policy._plan_one(p, NOW, c, rows, f, f) == policy._plan_prefixes(p, 1, NOW, c, rows, f, f) \
         == policy.plan(p, NOW, c)
 
 
@@ -294,23 +299,23 @@ def test_recent_slowdown_is_clamped_ignores_missing_means_and_turns_off():
     stuck.observe(1.0, 1.0, 1e-320)
     assert stuck.factor(1.0) == 1.0 and stuck.factor(100.0) == 1.0
     for bad in ({"tau_s": -1.0}, {"tau_s": float("inf")}, {"prior": 0.0}, {"max_factor": 0.5},
-                {"max_factor": float("inf")}):
+                {"max_factor": float("inf")}, {"quantile": 1.0}, {"quantile": 0.0}, {"window": 0}):
         with pytest.raises(ValueError):
             RecentSlowdown(**bad)
 
 
 def test_a_slow_recent_batch_shrinks_the_plan_and_scales_its_predictions():
-    # 10.6 ms: at the table's speed level 0.25 runs 30 requests (7.5 ms); at twice the table's latency
-    # the largest batch any level fits is 0.1 x 53 (10.6 ms, predicted 2 x 5.3).
-    cands = batch(60, slack_ms=10.6)
+    # 10.7 ms: at the table's speed level 0.1 runs all 60 (level 0.25 only 42); at twice the table's
+    # latency the largest batch any level fits is 0.1 x 53 (predicted 2 x 5.3 = 10.6 ms).
+    cands = batch(60, slack_ms=10.7)
     assert (POLICY.plan(cands, NOW, ctx()).count, POLICY.plan(cands, NOW, ctx()).level) == (60, 0.1)
     slow = policy_at_speed(2.0)
     plan = slow.plan(cands, NOW, ctx())
     assert (plan.count, plan.level) == (53, 0.1)
     assert plan.speed == pytest.approx(2.0)
     assert plan.table_mean_ms == TABLE.mean(0, TABLE.level_index(0.1), 53)
-    assert plan.predicted_ms == pytest.approx(2.0 * TABLE.safe(0, TABLE.level_index(0.1), 53))
-    assert plan.slack_ms == pytest.approx(10.6)
+    assert plan.predicted_ms == pytest.approx(2.0 * TABLE.mean(0, TABLE.level_index(0.1), 53))
+    assert plan.slack_ms == pytest.approx(10.7)
     fast = policy_at_speed(0.5).plan(batch(8, slack_ms=10.6), NOW, ctx())
     assert (fast.count, fast.level) == (8, 1.0) and fast.predicted_ms == pytest.approx(4.0)
 
@@ -323,6 +328,41 @@ def test_a_slow_recent_batch_makes_the_head_late_but_not_hopeless():
     plan = slow.plan([head], NOW, ctx())
     assert plan.late and plan.level == 0.1
     assert not POLICY.plan([pend(0.2)], NOW, ctx()).late
+
+
+def test_the_margin_is_the_conformal_quantile_of_the_factors_own_errors():
+    r = RecentSlowdown(tau_s=1.0, quantile=0.9, window=20)
+    errors = [0.01 * k for k in range(24)]  # log(measured / (table mean x factor)): 0.00 .. 0.23
+    for k, e in enumerate(errors):
+        r.observe(NOW, 1.5 * math.exp(e), 1.0, factor=1.5)
+        if k + 1 < 16:  # recomputed every RECENT_REFRESH batches, from 10 on (rank ceil(0.9 (n + 1)) <= n)
+            assert r.margin() == 0.0
+    # the window holds the last 20 errors (0.04 .. 0.23); the 19th of them in order is 0.22
+    assert r.margin() == pytest.approx(math.exp(0.22))
+    fast = RecentSlowdown(tau_s=1.0, quantile=0.5, window=8)
+    for _ in range(8):
+        fast.observe(NOW, 0.5, 1.0, factor=1.0)  # faster than expected: the margin never goes below 1
+    assert fast.margin() == 1.0
+    off = RecentSlowdown(tau_s=0.0, quantile=0.5, window=1)
+    for _ in range(8):
+        off.observe(NOW, 2.0, 1.0)
+    assert off.margin() == 0.0
+
+
+def test_the_factor_plans_only_once_its_margin_is_known():
+    """Before, the bound is the table's safe prediction, unscaled: safe x factor counts slowdowns twice."""
+    table = LatencyTable(LEVELS, 64, (), TABLE.mean_ms * 1.5, TABLE.mean_ms.copy())  # safe = 1.5 x mean
+    policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1e-12, quantile=0.5, window=4))
+    policy.observe(Plan(1, 1.0, 1.0, table_mean_ms=1.0), 2.0, True, NOW)
+    plan = policy.plan(batch(8, slack_ms=50.0), NOW, ctx(table))
+    assert plan.speed == pytest.approx(2.0) and policy.recent.margin() == 0.0
+    assert (plan.count, plan.level) == (8, 1.0) and plan.predicted_ms == pytest.approx(12.0)  # 1.5 x 8 ms
+    for _ in range(RECENT_REFRESH):  # batches that ran 1.2x what the factor said
+        policy.observe(Plan(1, 1.0, 1.0, table_mean_ms=1.0, speed=2.0), 2.4, True, NOW)
+    f, m = policy.recent.factor(NOW), policy.recent.margin()
+    assert m == pytest.approx(1.2)
+    plan = policy.plan(batch(8, slack_ms=50.0), NOW, ctx(table))
+    assert plan.speed == pytest.approx(f) and plan.predicted_ms == pytest.approx(8.0 * f * m)
 
 
 def test_the_default_policy_plans_without_the_factor():
