@@ -48,7 +48,7 @@ import numpy as np
 from scheduler.config import load_classes
 from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit, niceness_of
 from scripts.replay import TRANSPORTS, phase_summaries, replay_with_corunner
-from scripts.report import RequestRecord
+from scripts.report import RequestRecord, write_csv
 from scripts.serve import call_at_niceness
 from scripts.serverproc import ServerProcess
 from scripts.trace import poisson_arrivals
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="slonn", help="`slonn serve --policy`, e.g. slonn:recent_tau_ms=60")
     p.add_argument("--refit-overrun-share", type=float, default=None, metavar="X",
                    help="`slonn serve --refit-overrun-share` (default: the server's)")
+    p.add_argument("--csv", type=Path, default=None, help="also write every request's record here (as `slonn replay --csv`)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     burn_device = corunner_device_or_exit(p, args.corunner_device)
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      corunner_device=burn_device,
                                                      transport=args.transport, progress=False)),
             args.client_nice)
+    if args.csv:
+        write_csv(records, args.csv)
     workers = started_workers(server_log)
     niceness["workers"] = sorted({w["niceness"] for w in workers})
     niceness["corunner"] = usage.get("niceness")
