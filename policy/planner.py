@@ -151,6 +151,8 @@ RECENT_QUANTILE = 0.99
 prediction is the 99th percentile of the model's out-of-fold residuals."""
 RECENT_WINDOW = 256
 """:meth:`RecentSlowdown.margin` is taken over the last this many batches: a few seconds under load."""
+RECENT_MAX_ERROR = 50.0
+"""A factor's log error is capped here (a ratio of e^50): ``exp`` of a degenerate one would overflow."""
 RECENT_REFRESH = 8
 """:meth:`RecentSlowdown.margin` is recomputed (a sort of the window) every this many batches."""
 
@@ -180,10 +182,11 @@ class RecentSlowdown:
                  max_factor: float = RECENT_MAX_FACTOR, quantile: float = RECENT_QUANTILE,
                  window: int = RECENT_WINDOW) -> None:
         if not (0.0 <= tau_s < math.inf and 0.0 < prior < math.inf and 1.0 <= max_factor < math.inf
-                and 0.0 < quantile < 1.0 and window >= 1):
+                and 0.0 < quantile < 1.0 and window >= 1 and math.ceil((window + 1) * quantile) <= window):
             raise ValueError(f"RecentSlowdown: tau_s={tau_s} must be finite and >= 0, prior={prior} finite "
                              f"and > 0, max_factor={max_factor} finite and >= 1, quantile={quantile} in (0, 1), "
-                             f"window={window} >= 1")
+                             f"window={window} >= 1 and large enough for that quantile "
+                             f"(ceil((window + 1) quantile) <= window, or the margin is never known)")
         self.tau_s = tau_s
         self.prior = prior
         self.max_factor = max_factor
@@ -207,12 +210,12 @@ class RecentSlowdown:
         ``factor`` is what :meth:`factor` answered when it was planned (whether or not the plan used it). A
         ratio that is not a finite positive number (a NaN mean from a policy that did not say, an infinite
         time) is ignored: one would stick in the sum for good."""
-        if self.tau_s == 0.0 or not (measured_ms > 0.0 and table_mean_ms > 0.0 and factor > 0.0):
+        if self.tau_s == 0.0 or not (measured_ms > 0.0 and table_mean_ms > 0.0 and 0.0 < factor < math.inf):
             return
         r = math.log(measured_ms / table_mean_ms)
         if not -math.inf < r < math.inf:
             return
-        self._add_error(r - math.log(factor))
+        self._add_error(min(RECENT_MAX_ERROR, r - math.log(factor)))
         if now_s > self._t_s:
             d = self._decay(now_s)
             self._sum *= d
@@ -236,7 +239,9 @@ class RecentSlowdown:
     def margin(self) -> float:
         """What the factor-scaled table mean is multiplied by to bound a batch: ``exp`` of the ``quantile`` of
         the factor's recent errors (at least 1). 0 while too few batches ran to know it (the finite-sample rank
-        ``ceil((n + 1) q)`` exceeds ``n``: fewer than 99 at ``q`` = 0.99) and when off."""
+        ``ceil((n + 1) q)`` exceeds ``n``: fewer than 99 at ``q`` = 0.99, and it is recomputed every
+        ``RECENT_REFRESH`` batches, so first known after 104) and when off. Not capped: two host stalls among
+        the last ``window`` batches set it until they leave the window, as they widen the table's safe bound."""
         return self._margin
 
     def factor(self, now_s: float) -> float:

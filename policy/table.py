@@ -89,7 +89,9 @@ class LatencyTable:
         return self._mean[bucket][level_index][batch_size - 1]
 
     def mean_rows(self, bucket: int) -> list[list[float]]:
-        """``rows[level_index][batch_size - 1]`` = mean ms (non-decreasing in batch size, as the safe rows)."""
+        """``rows[level_index][batch_size - 1]`` = mean ms. The planner's binary search needs them non-decreasing
+        in batch size, which the builders guarantee (``LatencyModel.to_table``'s running max, ``constant`` with
+        ``per_item_ms >= 0``, ``scheduler.latency``'s linear table) and this class does not check."""
         return self._mean[bucket]
 
     @classmethod

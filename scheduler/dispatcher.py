@@ -209,7 +209,7 @@ class Dispatcher:
     def _launch(self, batch: Batch, contention: float) -> None:
         if log.isEnabledFor(logging.DEBUG):  # why this batch (the simulator's batches are not logged)
             plan = batch.plan
-            log.debug("plan %s: %d of %d candidates at level %g, predicted %.2f ms (recent slowdown x%.2f), "
+            log.debug("plan %s: %d of %d candidates at level %g, predicted %.2f ms (recent slowdown factor %.2f), "
                       "slack %.2f ms (%s)", batch.model, plan.count, plan.candidates, plan.level, plan.predicted_ms,
                       plan.speed, plan.slack_ms, plan.reason)
         inputs = np.stack([r.inputs for r in batch.requests])

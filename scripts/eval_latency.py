@@ -15,7 +15,10 @@ where the profile recorded it.
 plans with; the default policy does not), replayed over the profile in time
 order. Each row's factor comes from the rows that finished before it started
 (training rows scored out of fold, as a live batch is scored by a model that
-has not seen it).
+has not seen it). Its ``planning_bound`` scores the bound the planner uses
+with the factor on: mean x factor x the factor's own error margin
+(``RecentSlowdown.margin``), or the table's safe prediction while the margin
+is not known yet.
 """
 
 from __future__ import annotations
@@ -163,8 +166,8 @@ def _unpaused(dicts, test: list[int], actual, mean, safe, table_mean, table_safe
 
 def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model: LatencyModel, mean, safe,
                            table_mean, table_safe, actual, recent: RecentSlowdown | None = None) -> dict:
-    """Scores of the predictions times the recent-slowdown factor (see the module's doc); {} when the profile
-    has no ``t_s`` column (when each row finished)."""
+    """Scores of the predictions times the recent-slowdown factor, and of the planning bound with its margin
+    (see the module's doc); {} when the profile has no ``t_s`` column (when each row finished)."""
     try:
         t_end = np.array([float(d["t_s"]) for d in dicts])
     except (KeyError, TypeError, ValueError):
@@ -180,9 +183,10 @@ def recent_slowdown_scores(rows, dicts, train: list[int], test: list[int], model
            "overall": _scores(mean * f, safe * f, table_mean * f, table_safe * f, actual)}
     known = margin > 0
     if known.any():
-        # What the planner plans with once the factor's margin is known: table mean x factor x margin (the
-        # table's safe prediction, unscaled, before).
-        bound = np.where(known, table_mean * f * margin, table_safe)
+        # What the planner plans with once the factor's margin is known: mean x factor x margin (the table's
+        # safe prediction, unscaled, before). The model's mean, which the replay learned the margin against;
+        # the planner's is the table's, against which it learns it live.
+        bound = np.where(known, mean * f * margin, table_safe)
         out["planning_bound"] = {
             "quantile": recent.quantile, "window_batches": recent.window,
             "rows_with_margin_share": round(float(known.mean()), 4),

@@ -323,20 +323,30 @@ def test_update_from_output_reports_whether_deadlines_were_met():
 
 
 def test_a_batch_that_ran_slow_makes_the_next_plan_expect_it():
-    """The measured exec goes back to slonn's policy (its recent-slowdown factor) through the scheduler."""
-    sched, ctxs, clock = make(policy=SLOAwarePolicy(RecentSlowdown()))
-    for _ in range(2):
-        submit(sched, ctxs, clock, "standard")
-    first = sched.schedule(clock.now(), ctxs).batch
-    assert first.plan.speed == 1.0 and first.plan.table_mean_ms == pytest.approx(2.0)  # 2 requests at level 1.0
-    sched.update_from_output(first, 8.0, clock.now() + 0.008)  # 4x the table
-    clock.advance(0.008)
-    for _ in range(2):
-        submit(sched, ctxs, clock, "standard")
-    second = sched.schedule(clock.now(), ctxs).batch
-    assert second.plan.speed > 1.5
-    # two batches are too few to know the factor's error margin: the plan is still bounded by the table
-    assert second.plan.predicted_ms == pytest.approx(TABLE.safe(0, 0, second.plan.count))
+    """The measured exec goes back to slonn's policy (its recent-slowdown factor and margin) through the
+    scheduler."""
+    policy = SLOAwarePolicy(RecentSlowdown(quantile=0.5, window=1))
+
+    def run_two(exec_ms: float):
+        for _ in range(2):
+            submit(sched, ctxs, clock, "standard")
+        batch = sched.schedule(clock.now(), ctxs).batch
+        sched.update_from_output(batch, exec_ms, clock.now() + exec_ms * 1e-3)
+        clock.advance(exec_ms * 1e-3)
+        return batch.plan
+
+    sched, ctxs, clock = make(policy=policy)
+    first = run_two(8.0)  # 4x the table
+    assert first.speed == 1.0 and first.table_mean_ms == pytest.approx(2.0)  # 2 requests at level 1.0
+    second = run_two(8.0)
+    assert second.speed > 1.5
+    # one batch is too few to know the factor's error margin: the plan is still bounded by the table
+    assert second.predicted_ms == pytest.approx(TABLE.safe(0, 0, second.count))
+    for _ in range(8):
+        plan = run_two(8.0)
+    assert policy.recent.margin() >= 1.0
+    assert plan.speed > 1.5 and plan.predicted_ms == pytest.approx(plan.speed * plan.table_mean_ms
+                                                                    * policy.recent.margin())
 
 
 def test_drain_returns_every_queued_request():

@@ -299,7 +299,8 @@ def test_recent_slowdown_is_clamped_ignores_missing_means_and_turns_off():
     stuck.observe(1.0, 1.0, 1e-320)
     assert stuck.factor(1.0) == 1.0 and stuck.factor(100.0) == 1.0
     for bad in ({"tau_s": -1.0}, {"tau_s": float("inf")}, {"prior": 0.0}, {"max_factor": 0.5},
-                {"max_factor": float("inf")}, {"quantile": 1.0}, {"quantile": 0.0}, {"window": 0}):
+                {"max_factor": float("inf")}, {"quantile": 1.0}, {"quantile": 0.0}, {"window": 0},
+                {"window": 98}, {"quantile": 0.999}):  # the 99th (99.9th) percentile of 98 (256) is unknowable
         with pytest.raises(ValueError):
             RecentSlowdown(**bad)
 
@@ -335,7 +336,7 @@ def test_the_margin_is_the_conformal_quantile_of_the_factors_own_errors():
     errors = [0.01 * k for k in range(24)]  # log(measured / (table mean x factor)): 0.00 .. 0.23
     for k, e in enumerate(errors):
         r.observe(NOW, 1.5 * math.exp(e), 1.0, factor=1.5)
-        if k + 1 < 16:  # recomputed every RECENT_REFRESH batches, from 10 on (rank ceil(0.9 (n + 1)) <= n)
+        if k + 1 < 16:  # the rank ceil(0.9 (n + 1)) <= n exists from 9 on; recomputed every 8, so first at 16
             assert r.margin() == 0.0
     # the window holds the last 20 errors (0.04 .. 0.23); the 19th of them in order is 0.22
     assert r.margin() == pytest.approx(math.exp(0.22))
