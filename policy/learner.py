@@ -69,13 +69,6 @@ class LearnerConfig:
     refit, up to ``quiet_refit_s``. It takes three overruns within about twenty batches: from a calibrated
     99% bound, a false trigger comes about once in 2e4 batches and costs one refit. 1 turns it off (the
     average of a 0/1 signal never exceeds it)."""
-    contention_trigger: float = 0.5
-    """Refit at the next check once the contention of recent batches (the same exponential weighting as
-    ``drift``) moved this far from where it was at the last refit, in others' runnable tasks per CPU (> 0;
-    ``inf`` turns it off). A co-runner that starts often moves neither the mean nor the tail enough for the
-    other triggers (session 18: a batch of one ran a median 0.4 ms with or without one, but its p99 went
-    from ~1 to ~4 ms), and the contended bucket's safe bound then waited for the quiet refit. Half a CPU's
-    worth: the quiet signal's own swings (0.2-0.5 under the load generator) stay below it."""
     min_rows: int = 20
     """No refit below this many rows (profile + live), >= 10."""
     max_base_rows: int = 1200
@@ -85,12 +78,11 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
                 or self.min_rows < 10 or self.max_base_rows < 10 or self.quiet_refit_s < self.refit_interval_s \
-                or self.drift <= 0 or self.drift_samples < 1 or not 0 < self.exceed_trigger <= 1 \
-                or not self.contention_trigger > 0:
+                or self.drift <= 0 or self.drift_samples < 1 or not 0 < self.exceed_trigger <= 1:
             raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
                              "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10, "
                              "quiet_refit_s >= refit_interval_s, drift > 0, drift_samples >= 1, "
-                             "0 < exceed_trigger <= 1, contention_trigger > 0")
+                             "0 < exceed_trigger <= 1")
 
 
 DRIFT_EWMA_ALPHA = 0.1
@@ -170,8 +162,6 @@ class OnlineLearner:
         self._drift = 0.0       # EWMA of log(measured / published mean) since the last refit
         self._exceed = 0.0      # EWMA of [measured > published safe] since the last refit
         self._drift_n = 0
-        self._contention = math.nan         # EWMA of the batches' contention (not reset by a refit)
-        self._fitted_contention = math.nan  # its value at the last refit (NaN: no batch before it)
         self._stop = threading.Event()
         self._started = threading.Event()
         self._thread: threading.Thread | None = None
@@ -202,11 +192,6 @@ class OnlineLearner:
         with self._lock:
             self._live.append((t, sample))
             self._seen += 1
-            c = sample.contention
-            if self._contention != self._contention:  # NaN: the first batch
-                self._contention = c
-            elif c == c:
-                self._contention += DRIFT_EWMA_ALPHA * (c - self._contention)
             if mean > 0 and sample.exec_ms > 0:
                 r = math.log(sample.exec_ms / mean)
                 over = 1.0 if sample.exec_ms > safe else 0.0
@@ -218,8 +203,8 @@ class OnlineLearner:
                 self._drift_n += 1
 
     def refit_due(self, now_s: float | None = None) -> bool:
-        """New samples, and they drifted from the published table (mean or tail), or the machine's contention
-        moved since the last refit, or ``quiet_refit_s`` has passed."""
+        """New samples, and they drifted from the published table (mean or tail) or ``quiet_refit_s`` has
+        passed."""
         if self.pending == 0:
             return False
         now = self._clock() if now_s is None else now_s
@@ -227,10 +212,8 @@ class OnlineLearner:
             return True
         with self._lock:
             n, drift, exceed = self._drift_n, self._drift, self._exceed
-            moved = abs(self._contention - self._fitted_contention)  # NaN (never true) before a fitted batch
         return n >= self.config.drift_samples and (abs(drift) > math.log1p(self.config.drift)
-                                                   or exceed > self.config.exceed_trigger
-                                                   or moved > self.config.contention_trigger)
+                                                   or exceed > self.config.exceed_trigger)
 
     # ----------------------------------------------------------------- refit
 
@@ -255,7 +238,6 @@ class OnlineLearner:
             with self._lock:
                 seen = self._seen
                 self._drift, self._exceed, self._drift_n = 0.0, 0.0, 0
-                self._fitted_contention = self._contention
             self._fitted_at = self._clock() if now_s is None else now_s
             if self._executor is not None:
                 live = self.live_samples(now_s)

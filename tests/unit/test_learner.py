@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 
@@ -262,34 +261,3 @@ def test_a_growing_tail_is_drift_even_when_the_mean_holds():
     assert not blind.refit_due()
     with pytest.raises(ValueError, match="exceed_trigger"):
         LearnerConfig(exceed_trigger=0.0)
-
-
-def _batches_at(learner: OnlineLearner, contention: float, n: int) -> None:
-    """``n`` batches at ``contention`` that ran exactly as the truth (and so the table) says."""
-    for i in range(n):
-        b = (1, 2, 4, 8)[i % 4]
-        learner.observe(LatencySample(0.5, b, contention, true_ms(0.5, b, contention)))
-
-
-def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts_well():
-    config = LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5)
-    learner = make(config, clock=FakeClock())
-    _batches_at(learner, 0.2, 50)
-    learner.refit_now()  # the learner has seen batches at 0.2
-    _batches_at(learner, 0.5, 40)  # 0.3 away: within the trigger's 0.5
-    assert abs(learner._drift) < np.log1p(0.15) and learner._exceed <= config.exceed_trigger
-    assert not learner.refit_due()
-    _batches_at(learner, 1.0, 20)  # a co-runner: the signal moves by 0.8; mean and tail as predicted
-    assert abs(learner._drift) < np.log1p(0.15) and learner._exceed <= config.exceed_trigger
-    assert learner.refit_due()
-    learner.refit_now()
-    _batches_at(learner, 1.0, 10)
-    assert not learner.refit_due()  # measured from where it was at the last refit
-    off = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5, contention_trigger=math.inf),
-               clock=FakeClock())
-    _batches_at(off, 0.2, 50)
-    off.refit_now()
-    _batches_at(off, 1.0, 20)
-    assert not off.refit_due()
-    with pytest.raises(ValueError, match="contention_trigger"):
-        LearnerConfig(contention_trigger=0.0)
