@@ -69,6 +69,15 @@ class LearnerConfig:
     refit, up to ``quiet_refit_s``. It takes three overruns within about twenty batches: from a calibrated
     99% bound, a false trigger comes about once in 2e4 batches and costs one refit. 1 turns it off (the
     average of a 0/1 signal never exceeds it)."""
+    contention_trigger: float = 0.5
+    """Refit at the next check once the batches' contention, averaged over the last seconds (time constant
+    ``CONTENTION_TAU_S``), moved this far from where it was at the last refit, in others' runnable tasks per
+    CPU, and the last refit is ``CONTENTION_MIN_GAP_S`` old (> 0; ``inf`` turns it off). A co-runner that
+    starts often moves neither the mean nor the tail enough for the other triggers (session 18: a batch of
+    one ran a median 0.4 ms with or without one, but its p99 went from ~1 to ~4 ms), and the contended
+    bucket's safe bound then waited for the quiet refit, up to 10 s. A first version averaged over ten
+    batches (50 ms at 300 req/s): the quiet signal swings 0.1-1.0 under a load generator, and in five
+    interleaved `slonn adapt` pairs it cost 167 late answers against 15."""
     min_rows: int = 20
     """No refit below this many rows (profile + live), >= 10."""
     max_base_rows: int = 1200
@@ -78,16 +87,25 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.max_live < 1 or self.max_age_s <= 0 or self.live_weight < 1 or self.refit_interval_s <= 0 \
                 or self.min_rows < 10 or self.max_base_rows < 10 or self.quiet_refit_s < self.refit_interval_s \
-                or self.drift <= 0 or self.drift_samples < 1 or not 0 < self.exceed_trigger <= 1:
+                or self.drift <= 0 or self.drift_samples < 1 or not 0 < self.exceed_trigger <= 1 \
+                or not self.contention_trigger > 0:
             raise ValueError(f"LearnerConfig({self}): need max_live >= 1, max_age_s > 0, live_weight >= 1, "
                              "refit_interval_s > 0, min_rows >= 10, max_base_rows >= 10, "
                              "quiet_refit_s >= refit_interval_s, drift > 0, drift_samples >= 1, "
-                             "0 < exceed_trigger <= 1")
+                             "0 < exceed_trigger <= 1, contention_trigger > 0")
 
 
 DRIFT_EWMA_ALPHA = 0.1
 """Weight of the newest sample in the drift average. A cumulative mean since the last refit let the quiet
 samples before a co-runner outvote it: `slonn adapt` saw predictions follow 7.5 s after its start."""
+
+
+CONTENTION_TAU_S = 2.0
+"""Time constant (s) of the contention average that ``LearnerConfig.contention_trigger`` watches: long enough
+that a quiet signal's swings (0.1-1.0 within seconds under a load generator) average out, short enough that
+two busy co-runners (+1 or more) cross a 0.5 threshold in about a second."""
+CONTENTION_MIN_GAP_S = 3.0
+"""The contention trigger fires only this long after the last refit: at most one refit per 3 s for it."""
 
 
 def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: LatencyModelConfig,
@@ -162,6 +180,9 @@ class OnlineLearner:
         self._drift = 0.0       # EWMA of log(measured / published mean) since the last refit
         self._exceed = 0.0      # EWMA of [measured > published safe] since the last refit
         self._drift_n = 0
+        self._contention = math.nan         # time-decayed mean of the batches' contention (not reset by a refit)
+        self._contention_t = -math.inf      # when it was last updated
+        self._fitted_contention = math.nan  # its value at the last refit (NaN: no batch before it)
         self._stop = threading.Event()
         self._started = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,6 +213,12 @@ class OnlineLearner:
         with self._lock:
             self._live.append((t, sample))
             self._seen += 1
+            c = sample.contention
+            if self._contention != self._contention:  # NaN: the first batch
+                self._contention, self._contention_t = c, t
+            elif c == c and t > self._contention_t:
+                self._contention += -math.expm1((self._contention_t - t) / CONTENTION_TAU_S) * (c - self._contention)
+                self._contention_t = t
             if mean > 0 and sample.exec_ms > 0:
                 r = math.log(sample.exec_ms / mean)
                 over = 1.0 if sample.exec_ms > safe else 0.0
@@ -203,8 +230,8 @@ class OnlineLearner:
                 self._drift_n += 1
 
     def refit_due(self, now_s: float | None = None) -> bool:
-        """New samples, and they drifted from the published table (mean or tail) or ``quiet_refit_s`` has
-        passed."""
+        """New samples, and they drifted from the published table (mean or tail), or the machine's contention
+        moved since the last refit, or ``quiet_refit_s`` has passed."""
         if self.pending == 0:
             return False
         now = self._clock() if now_s is None else now_s
@@ -212,8 +239,10 @@ class OnlineLearner:
             return True
         with self._lock:
             n, drift, exceed = self._drift_n, self._drift, self._exceed
+            moved = abs(self._contention - self._fitted_contention)  # NaN (never true) before a fitted batch
+        moved_far = moved > self.config.contention_trigger and now - self._fitted_at >= CONTENTION_MIN_GAP_S
         return n >= self.config.drift_samples and (abs(drift) > math.log1p(self.config.drift)
-                                                   or exceed > self.config.exceed_trigger)
+                                                   or exceed > self.config.exceed_trigger or moved_far)
 
     # ----------------------------------------------------------------- refit
 
@@ -238,6 +267,7 @@ class OnlineLearner:
             with self._lock:
                 seen = self._seen
                 self._drift, self._exceed, self._drift_n = 0.0, 0.0, 0
+                self._fitted_contention = self._contention
             self._fitted_at = self._clock() if now_s is None else now_s
             if self._executor is not None:
                 live = self.live_samples(now_s)

@@ -166,6 +166,9 @@ class ServerConfig:
     refit_overrun_share: float = 0.2
     """Refit the latency table early once this share of recent batches ran over their safe prediction
     (``LearnerConfig.exceed_trigger``; 1 = only on a mean drift or the quiet interval), in (0, 1]."""
+    refit_contention_shift: float = 0.5
+    """Refit the latency table early once the contention of recent batches moved this far since the last refit
+    (``LearnerConfig.contention_trigger``; others' runnable tasks per CPU; inf = off), > 0."""
 
     def __post_init__(self) -> None:
         if not self.model_dirs:
@@ -174,6 +177,8 @@ class ServerConfig:
             raise ValueError(f"workers={self.workers}, threads={self.threads}: both must be > 0")
         if not 0 < self.refit_overrun_share <= 1:
             raise ValueError(f"refit_overrun_share={self.refit_overrun_share} must be in (0, 1]")
+        if not self.refit_contention_shift > 0:
+            raise ValueError(f"refit_contention_shift={self.refit_contention_shift} must be > 0 (inf = off)")
         if not 0 <= self.worker_spin_ms < float("inf"):
             raise ValueError(f"worker_spin_ms={self.worker_spin_ms} must be finite and >= 0")
         if self.worker_spin_ms and self.in_process:

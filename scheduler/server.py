@@ -201,7 +201,8 @@ class SlonnServer:
         self.manifests = dict(self.pool.manifests)
         self.latency = LearnedLatency({
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch,
-                                config=replace(LEARNER, exceed_trigger=cfg.refit_overrun_share))
+                                config=replace(LEARNER, exceed_trigger=cfg.refit_overrun_share,
+                                               contention_trigger=cfg.refit_contention_shift))
             for name, manifest in self.manifests.items()})
         self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
         # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)

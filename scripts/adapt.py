@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="slonn", help="`slonn serve --policy`, e.g. slonn:recent_tau_ms=60")
     p.add_argument("--refit-overrun-share", type=float, default=None, metavar="X",
                    help="`slonn serve --refit-overrun-share` (default: the server's)")
+    p.add_argument("--refit-contention-shift", type=float, default=None, metavar="X",
+                   help="`slonn serve --refit-contention-shift` (default: the server's; inf = off)")
     p.add_argument("--csv", type=Path, default=None,
                    help="also write every request's record here (as `slonn replay --csv`)")
     p.add_argument("--json", action="store_true")
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         serve += ["--worker-nice", str(args.worker_nice)]
     if args.refit_overrun_share is not None:
         serve += ["--refit-overrun-share", str(args.refit_overrun_share)]
+    if args.refit_contention_shift is not None:
+        serve += ["--refit-contention-shift", str(args.refit_contention_shift)]
     placement = split_cpus(sorted(os.sched_getaffinity(0))) if args.pin else None
     if args.pin and placement is None:
         p.error(f"--pin needs at least 2 CPUs; this process may use {sorted(os.sched_getaffinity(0))}")
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
         "corunner_device": burn_device,
         "transport": args.transport, "policy": args.policy, "refit_overrun_share": args.refit_overrun_share,
+        "refit_contention_shift": args.refit_contention_shift,
         "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),

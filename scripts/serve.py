@@ -85,6 +85,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-overrun-share", type=float, default=0.2, metavar="X",
                    help="refit the latency table early once this share of recent batches ran over their safe "
                         "prediction (0 < X <= 1; 1 = only when their mean drifts, or every 10 s)")
+    p.add_argument("--refit-contention-shift", type=float, default=0.5, metavar="X",
+                   help="refit the latency table early once the contention of recent batches moved by X "
+                        "(others' runnable tasks per CPU) since the last refit (X > 0; inf = off)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
@@ -156,7 +159,7 @@ def config_from_args(args) -> ServerConfig:
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
         max_pending=args.max_pending,
         overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,
-        refit_overrun_share=args.refit_overrun_share,
+        refit_overrun_share=args.refit_overrun_share, refit_contention_shift=args.refit_contention_shift,
         metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
 
 

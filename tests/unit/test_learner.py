@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -261,3 +262,46 @@ def test_a_growing_tail_is_drift_even_when_the_mean_holds():
     assert not blind.refit_due()
     with pytest.raises(ValueError, match="exceed_trigger"):
         LearnerConfig(exceed_trigger=0.0)
+
+
+def _batches_at(learner: OnlineLearner, contention: float, t0: float, seconds: float) -> float:
+    """Batches 10 ms apart at ``contention`` from ``t0`` for ``seconds``, which ran exactly as the truth (and so
+    the table) says; returns the time of the last."""
+    n = int(round(seconds / 0.01))
+    for i in range(n):
+        b = (1, 2, 4, 8)[i % 4]
+        learner.observe(LatencySample(0.5, b, contention, true_ms(0.5, b, contention)), now_s=t0 + i * 0.01)
+    return t0 + (n - 1) * 0.01
+
+
+def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts_well():
+    from policy.learner import CONTENTION_MIN_GAP_S
+
+    config = LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5)
+    learner = make(config, clock=FakeClock())
+    t = _batches_at(learner, 0.2, 100.0, 1.0)
+    learner.refit_now(now_s=t)  # the learner has seen batches at 0.2
+    t = _batches_at(learner, 0.5, t, 10.0)  # the quiet signal wanders by 0.3: within the trigger's 0.5
+    assert abs(learner._drift) < np.log1p(0.15) and learner._exceed <= config.exceed_trigger
+    assert not learner.refit_due(now_s=t)
+    t = _batches_at(learner, 1.0, t, 2.5)  # a co-runner: +0.5 for 2.5 s; mean and tail as predicted
+    assert abs(learner._drift) < np.log1p(0.15) and learner._exceed <= config.exceed_trigger
+    assert learner.refit_due(now_s=t)
+    learner.refit_now(now_s=t)
+    t = _batches_at(learner, 1.0, t, 1.0)
+    assert not learner.refit_due(now_s=t)  # measured from where it was at the last refit
+    # a jump right after a refit waits until the refit is CONTENTION_MIN_GAP_S old
+    jump = make(config, clock=FakeClock())
+    t0 = _batches_at(jump, 0.0, 100.0, 1.0)
+    jump.refit_now(now_s=t0)
+    t = _batches_at(jump, 1.0, t0, 2.0)  # 2 s at +1: the average moved by 1 - e^-1 = 0.63
+    assert t - t0 < CONTENTION_MIN_GAP_S and not jump.refit_due(now_s=t)
+    assert jump.refit_due(now_s=t0 + CONTENTION_MIN_GAP_S)
+    off = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5, contention_trigger=math.inf),
+               clock=FakeClock())
+    t = _batches_at(off, 0.2, 100.0, 1.0)
+    off.refit_now(now_s=t)
+    t = _batches_at(off, 1.0, t, 5.0)
+    assert not off.refit_due(now_s=t)
+    with pytest.raises(ValueError, match="contention_trigger"):
+        LearnerConfig(contention_trigger=0.0)

@@ -57,16 +57,21 @@ def test_serve_flags_reach_the_config():
 
     p = argparse.ArgumentParser()
     add_server_args(p)
-    args = p.parse_args(["--worker-nice", "5", "--worker-cpus", "0", "--cpus", "0", "--refit-overrun-share", "1"])
+    args = p.parse_args(["--worker-nice", "5", "--worker-cpus", "0", "--cpus", "0", "--refit-overrun-share", "1",
+                         "--refit-contention-shift", "inf"])
     cfg = config_from_args(args)
-    assert (cfg.worker_nice, cfg.worker_cpus, args.cpus, cfg.refit_overrun_share) == (5, (0,), (0,), 1.0)
+    assert (cfg.worker_nice, cfg.worker_cpus, args.cpus, cfg.refit_overrun_share, cfg.refit_contention_shift) \
+        == (5, (0,), (0,), 1.0, float("inf"))
     default = config_from_args(p.parse_args([]))
     assert default.worker_cpus is None and default.refit_overrun_share == 0.2
+    assert default.refit_contention_shift == 0.5
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"refit_overrun_share": 0.0}, "refit_overrun_share"),
     ({"refit_overrun_share": 1.5}, "refit_overrun_share"),
+    ({"refit_contention_shift": 0.0}, "refit_contention_shift"),
+    ({"refit_contention_shift": float("nan")}, "refit_contention_shift"),
     ({"worker_nice": 20}, "worker_nice"),
     ({"worker_nice": 1.5}, "worker_nice"),
     ({"worker_nice": True}, "worker_nice"),
