@@ -167,8 +167,9 @@ class ServerConfig:
     """Refit the latency table early once this share of recent batches ran over their safe prediction
     (``LearnerConfig.exceed_trigger``; 1 = only on a mean drift or the quiet interval), in (0, 1]."""
     refit_contention_shift: float = 0.5
-    """Refit the latency table early once the contention of recent batches moved this far since the last refit
-    (``LearnerConfig.contention_trigger``; others' runnable tasks per CPU; inf = off), > 0."""
+    """Refit the latency table early once the batches' contention, averaged over 2 s, moved this far since a
+    refit at least 3 s old (``LearnerConfig.contention_trigger``; others' runnable tasks per CPU; inf = off),
+    > 0."""
 
     def __post_init__(self) -> None:
         if not self.model_dirs:

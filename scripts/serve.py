@@ -86,8 +86,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="refit the latency table early once this share of recent batches ran over their safe "
                         "prediction (0 < X <= 1; 1 = only when their mean drifts, or every 10 s)")
     p.add_argument("--refit-contention-shift", type=float, default=0.5, metavar="X",
-                   help="refit the latency table early once the contention of recent batches moved by X "
-                        "(others' runnable tasks per CPU) since the last refit (X > 0; inf = off)")
+                   help="refit the latency table early once the batches' contention, averaged over 2 s, moved "
+                        "by X (others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
