@@ -103,7 +103,7 @@ samples before a co-runner outvote it: `slonn adapt` saw predictions follow 7.5 
 CONTENTION_TAU_S = 2.0
 """Time constant (s) of the contention average that ``LearnerConfig.contention_trigger`` watches: long enough
 that a quiet signal's swings (0.1-1.0 within seconds under a load generator) average out, short enough that
-two busy co-runners (+1 or more) cross a 0.5 threshold in about a second."""
+two busy co-runners (+1 or more) cross a 0.5 threshold in about 1.4 s (2 ln 2), plus up to a check."""
 CONTENTION_MIN_GAP_S = 3.0
 """The contention trigger fires only this long after the last refit: at most one refit per 3 s for it."""
 
@@ -216,6 +216,8 @@ class OnlineLearner:
             c = sample.contention
             if self._contention != self._contention:  # NaN: the first batch
                 self._contention, self._contention_t = c, t
+                if self._fitted_contention != self._fitted_contention:  # the start-up fit saw no batch: from here
+                    self._fitted_contention = c
             elif c == c and t > self._contention_t:
                 self._contention += -math.expm1((self._contention_t - t) / CONTENTION_TAU_S) * (c - self._contention)
                 self._contention_t = t

@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "load": arrivals.describe(), "slo_class": args.slo_class, "corunner_procs": args.corunner_procs,
         "corunner_device": burn_device,
         "transport": args.transport, "policy": args.policy, "refit_overrun_share": args.refit_overrun_share,
-        "refit_contention_shift": args.refit_contention_shift,
+        "refit_contention_shift": (None if args.refit_contention_shift is None
+                                   else str(args.refit_contention_shift)),  # "inf": strict JSON has no Infinity
         "cpus": cpus, "niceness": niceness, "corunner_cores": usage.get("cores"),
         "corunner_window_s": [args.corunner_start_s, args.corunner_stop_s],
         **shift_time(ends, means, args.corunner_start_s, args.corunner_stop_s),

@@ -288,7 +288,7 @@ def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts
     assert abs(learner._drift) < np.log1p(0.15) and learner._exceed <= config.exceed_trigger
     assert learner.refit_due(now_s=t)
     learner.refit_now(now_s=t)
-    t = _batches_at(learner, 1.0, t, 1.0)
+    t = _batches_at(learner, 1.0, t, 3.5)  # past the gap: from 0.2 it would have moved by 0.77
     assert not learner.refit_due(now_s=t)  # measured from where it was at the last refit
     # a jump right after a refit waits until the refit is CONTENTION_MIN_GAP_S old
     jump = make(config, clock=FakeClock())
@@ -297,6 +297,11 @@ def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts
     t = _batches_at(jump, 1.0, t0, 2.0)  # 2 s at +1: the average moved by 1 - e^-1 = 0.63
     assert t - t0 < CONTENTION_MIN_GAP_S and not jump.refit_due(now_s=t)
     assert jump.refit_due(now_s=t0 + CONTENTION_MIN_GAP_S)
+    fresh = make(config, clock=FakeClock())  # no batch before the start-up fit: the first batches are the base
+    t = _batches_at(fresh, 0.0, 100.0, 3.0)
+    assert not fresh.refit_due(now_s=t)
+    t = _batches_at(fresh, 1.0, t, 2.0)
+    assert fresh.refit_due(now_s=t)
     off = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5, contention_trigger=math.inf),
                clock=FakeClock())
     t = _batches_at(off, 0.2, 100.0, 1.0)
