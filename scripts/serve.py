@@ -82,10 +82,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); "
                         "0 = gRPC's default (1000)")
     p.add_argument("--overhead-ms", type=float, default=1.0, help="dispatch + IPC time added to predictions")
-    p.add_argument("--refit-overrun-share", type=float, default=0.2, metavar="X",
+    p.add_argument("--refit-overrun-share", type=float, default=ServerConfig.refit_overrun_share, metavar="X",
                    help="refit the latency table early once this share of recent batches ran over their safe "
                         "prediction (0 < X <= 1; 1 = only when their mean drifts, or every 10 s)")
-    p.add_argument("--refit-contention-shift", type=float, default=0.5, metavar="X",
+    p.add_argument("--refit-contention-shift", type=float, default=ServerConfig.refit_contention_shift, metavar="X",
                    help="refit the latency table early once the batches' contention, averaged over 2 s, moved "
                         "by X (others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
