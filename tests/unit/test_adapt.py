@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from scripts.adapt import level_series, prediction_series, shift_time
+from scheduler.config import load_classes
+from scripts.adapt import level_series, prediction_series, shift_time, with_deadline
 from scripts.report import RequestRecord
 
 
@@ -72,3 +75,15 @@ def test_the_band_is_taken_just_before_the_start_not_over_an_earlier_step():
     means = np.where(ends > 10.0, 1.2, means)  # the co-runner starts at 10 s: predictions x2 at once
     assert shift_time(ends, means, 10.0, 20.0, name="prediction")["prediction_shift_s"] == 0.5
     assert shift_time(ends, means, 10.0, 20.0, name="prediction", baseline_s=10.0)["prediction_shift_s"] is None
+
+
+def test_a_deadline_override_changes_that_class_alone_and_round_trips_through_toml(tmp_path):
+    packaged = load_classes(None)
+    assert with_deadline(dict(packaged), "interactive", None, tmp_path / "none.toml") is None
+    assert not (tmp_path / "none.toml").exists()
+    out = with_deadline(dict(packaged), "interactive", 7.5, tmp_path / "c.toml")
+    written = load_classes(out)
+    assert written["interactive"].latency_ms == 7.5 != packaged["interactive"].latency_ms
+    assert {n: c for n, c in written.items() if n != "interactive"} == {
+        n: c for n, c in packaged.items() if n != "interactive"}
+    assert dataclasses.replace(written["interactive"], latency_ms=packaged["interactive"].latency_ms) == packaged["interactive"]
