@@ -86,4 +86,5 @@ def test_a_deadline_override_changes_that_class_alone_and_round_trips_through_to
     assert written["interactive"].latency_ms == 7.5 != packaged["interactive"].latency_ms
     assert {n: c for n, c in written.items() if n != "interactive"} == {
         n: c for n, c in packaged.items() if n != "interactive"}
-    assert dataclasses.replace(written["interactive"], latency_ms=packaged["interactive"].latency_ms) == packaged["interactive"]
+    before = packaged["interactive"]
+    assert dataclasses.replace(written["interactive"], latency_ms=before.latency_ms) == before
