@@ -26,7 +26,7 @@ slonn eval-latency --json --online > "$out/eval-bf16.json" 2> "$out/eval-bf16.er
 slonn eval-latency --json --online --precision fp32 > "$out/eval-fp32.json" 2> "$out/eval-fp32.err"; step eval-fp32 $?
 slonn --log-level WARNING adapt --json > "$out/adapt.json" 2> "$out/adapt.err"; step adapt $?
 slonn --log-level WARNING adapt --json --rate 200 > "$out/adapt-200.json" 2> "$out/adapt-200.err"; step adapt-200 $?
-# A deadline the quiet level meets and the co-runner does not: the levels must shift (session 19).
+# A deadline at which the co-runner makes the levels shift (session 19; at 25 ms they may not need to).
 slonn --log-level WARNING adapt --json --deadline-ms 10 > "$out/adapt-d10.json" 2> "$out/adapt-d10.err"
 step adapt-d10 $?
 # Issue #5: every policy on the same load, simulated and live; then slonn with the co-runner.

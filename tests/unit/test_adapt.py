@@ -79,10 +79,12 @@ def test_the_band_is_taken_just_before_the_start_not_over_an_earlier_step():
 
 def test_a_deadline_override_changes_that_class_alone_and_round_trips_through_toml(tmp_path):
     packaged = load_classes(None)
-    assert with_deadline(dict(packaged), "interactive", None, tmp_path / "none.toml") is None
-    assert not (tmp_path / "none.toml").exists()
-    out = with_deadline(dict(packaged), "interactive", 7.5, tmp_path / "c.toml")
+    same, none = with_deadline(packaged, "interactive", None, tmp_path / "none.toml")
+    assert same is packaged and none is None and not (tmp_path / "none.toml").exists()
+    changed, out = with_deadline(packaged, "interactive", 7.5, tmp_path / "c.toml")
+    assert packaged["interactive"].latency_ms != 7.5  # the caller's dict is left alone
     written = load_classes(out)
+    assert written == changed  # what the server reads is what the client judges by
     assert written["interactive"].latency_ms == 7.5 != packaged["interactive"].latency_ms
     assert {n: c for n, c in written.items() if n != "interactive"} == {
         n: c for n, c in packaged.items() if n != "interactive"}
