@@ -192,6 +192,8 @@ class OnlineLearner:
         self._on_spawn: Callable[[int], None] | None = None
         self._on_exit: Callable[[int], None] | None = None
         self.refits = 0
+        self.dropped = 0
+        """Live samples ignored because their exec ms or contention was not a finite number (exec ms > 0)."""
         self.model: LatencyModel | None = None
         self.table: LatencyTable = initial_table or LatencyTable.constant(self.levels, max_batch, per_item_ms=1.0,
                                                                           fixed_ms=1.0)
@@ -202,7 +204,16 @@ class OnlineLearner:
     # ----------------------------------------------------------------- hot path
 
     def observe(self, sample: LatencySample, now_s: float | None = None) -> None:
-        """Record one live batch (O(1): a table lookup and the deque's append; maxlen evicts the oldest)."""
+        """Record one live batch (O(1): a table lookup and the deque's append; maxlen evicts the oldest).
+
+        A sample whose exec ms is not a finite positive number, or whose contention is not finite, is counted
+        in ``dropped`` and otherwise ignored: in the window it would make every fit fail until it left."""
+        if not (0.0 < sample.exec_ms < math.inf and -math.inf < sample.contention < math.inf):
+            with self._lock:
+                self.dropped += 1
+            log.debug("latency learner: ignored a sample with exec_ms=%r contention=%r", sample.exec_ms,
+                      sample.contention)
+            return
         t = self._clock() if now_s is None else now_s
         table = self.table
         try:
@@ -221,7 +232,7 @@ class OnlineLearner:
             elif c == c and t > self._contention_t:
                 self._contention += -math.expm1((self._contention_t - t) / CONTENTION_TAU_S) * (c - self._contention)
                 self._contention_t = t
-            if mean > 0 and sample.exec_ms > 0:
+            if mean > 0 and table is self.table:  # judged against the table the averages are about
                 r = math.log(sample.exec_ms / mean)
                 over = 1.0 if sample.exec_ms > safe else 0.0
                 if self._drift_n == 0:
@@ -264,13 +275,15 @@ class OnlineLearner:
         return rows, weights
 
     def refit_now(self, now_s: float | None = None) -> LatencyTable | None:
-        """Refit and publish synchronously (tests, start-up); returns the new table, or None if too few rows."""
+        """Refit and publish synchronously (tests, start-up); returns the new table, or None if too few rows.
+
+        What the triggers measure from (samples seen, the contention average, the drift and overrun averages)
+        moves to this fit only when its table is published: a fit that fails (the child died or hangs) or
+        finds too few rows leaves the evidence that asked for it, and the next check asks again."""
         with self._fit_lock:
             with self._lock:
-                seen = self._seen
-                self._drift, self._exceed, self._drift_n = 0.0, 0.0, 0
-                self._fitted_contention = self._contention
-            self._fitted_at = self._clock() if now_s is None else now_s
+                seen, contention = self._seen, self._contention
+            fitted_at = self._clock() if now_s is None else now_s
             if self._executor is not None:
                 live = self.live_samples(now_s)
                 if len(self._base) + len(live) < self.config.min_rows:
@@ -288,8 +301,11 @@ class OnlineLearner:
                 model, table = fit_table(rows, weights, self.model_config, self.levels, self.max_batch,
                                          self.contention_edges)
                 n_rows = len(rows)
-            self.model, self.table = model, table  # publish: readers see the old or the new table, whole
-            self._fitted_seen = seen
+            with self._lock:  # publish: readers see the old or the new table, whole
+                self.model, self.table = model, table
+                self._fitted_seen, self._fitted_contention, self._fitted_at = seen, contention, fitted_at
+                # Batches that finished during the fit were judged against the old table: start afresh.
+                self._drift, self._exceed, self._drift_n = 0.0, 0.0, 0
             self.refits += 1
             log.debug("latency refit #%d: %d rows (%d live) in %.1f ms%s", self.refits, n_rows,
                       n_rows - len(self._base), (time.perf_counter() - t0) * 1e3,
@@ -391,7 +407,9 @@ class OnlineLearner:
                           "hangs" if isinstance(exc, TimeoutError) else "died")
                 self._drop_child()
             except Exception:  # keep serving on the last good table
-                log.exception("latency refit failed; keeping the previous table")
+                log.exception("latency refit failed; keeping the previous table, next try in %.0f s",
+                              self.config.quiet_refit_s)
+                stop.wait(self.config.quiet_refit_s)  # the evidence stays due: do not fail once a second
 
     def __enter__(self) -> "OnlineLearner":
         return self.start()

@@ -310,3 +310,59 @@ def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts
     assert not off.refit_due(now_s=t)
     with pytest.raises(ValueError, match="contention_trigger"):
         LearnerConfig(contention_trigger=0.0)
+
+
+def test_a_failed_refit_keeps_the_evidence_that_asked_for_it(monkeypatch):
+    import policy.learner as learner_module
+
+    clock = FakeClock()
+    learner = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5), clock=clock)
+    old, refits = learner.table, learner.refits
+    for b in (1, 2, 4, 8, 16, 32):  # the machine got 2x slower
+        learner.observe(LatencySample(0.5, b, 0.0, 2.0 * true_ms(0.5, b, 0.0)))
+    assert learner.refit_due()
+    real_fit = learner_module.fit_table
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the fit failed")
+
+    monkeypatch.setattr(learner_module, "fit_table", broken)
+    with pytest.raises(RuntimeError):
+        learner.refit_now()
+    assert learner.table is old and learner.refits == refits
+    assert learner.pending == 6 and learner.refit_due()  # still due: the next check tries again
+    monkeypatch.setattr(learner_module, "fit_table", real_fit)
+    assert learner.refit_now() is learner.table is not old
+    assert learner.pending == 0 and not learner.refit_due()
+
+
+def test_batches_that_finish_during_a_fit_are_not_evidence_against_the_new_table(monkeypatch):
+    import policy.learner as learner_module
+
+    clock = FakeClock()
+    learner = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=3), clock=clock)
+    for b in (1, 2, 4, 8, 16, 32):
+        learner.observe(LatencySample(0.5, b, 0.0, 2.0 * true_ms(0.5, b, 0.0)))
+    real_fit = learner_module.fit_table
+
+    def fit_while_batches_finish(*args, **kwargs):
+        for b in (1, 2, 4, 8):  # judged against the old table, which these overrun
+            learner.observe(LatencySample(0.5, b, 0.0, 2.0 * true_ms(0.5, b, 0.0)))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(learner_module, "fit_table", fit_while_batches_finish)
+    learner.refit_now()
+    assert learner.pending == 4  # kept for the next fit ...
+    assert not learner.refit_due()  # ... but no reason for one on their own
+
+
+@pytest.mark.parametrize("exec_ms, contention", [(float("nan"), 0.0), (float("inf"), 0.0), (0.0, 0.0),
+                                                 (-1.0, 0.0), (1.0, float("nan")), (1.0, float("inf"))])
+def test_a_sample_that_is_not_a_finite_measurement_is_dropped(exec_ms, contention):
+    clock = FakeClock()
+    learner = make(LearnerConfig(quiet_refit_s=10.0), clock=clock)
+    learner.observe(LatencySample(0.5, 4, contention, exec_ms))
+    learner.observe(LatencySample(0.5, 4, 0.0, 2.0 * true_ms(0.5, 4, 0.0)))
+    assert learner.dropped == 1 and learner.pending == 1 and len(learner.live_samples()) == 1
+    clock.t += 10.0
+    assert learner.refit_due() and learner.refit_now() is learner.table  # the fit still works
