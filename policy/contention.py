@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import statistics
 import threading
@@ -181,6 +182,8 @@ class ContentionMonitor:
         self._thread: threading.Thread | None = None
         self._gpu_sampler: GpuSampler | None = None
         self._gpu = Smoother(window, "mean")
+        self._gpu_read_s = -math.inf
+        """When NVML last gave a reading (the GPU share holds through its gaps for GPU_SAMPLE_HOLD_S)."""
         if probe:
             self.calibrate_probe()
 
@@ -258,8 +261,12 @@ class ContentionMonitor:
                 probe = probe_slowdown(_probe_kernel(self._probe_array, self._probe_iters), self._baseline_ms)
             gpu = self._gpu_sampler.others(self._own_pids) if self._gpu_sampler is not None else None
             self._n += 1
-            value = combine(self._load.push(load), self._probe.push(probe), self.mode,
-                            self._gpu.push(float("nan") if gpu is None else gpu))
+            if gpu is not None:
+                self._gpu_read_s, gpu_in = now_s, gpu
+            else:  # NVML failed, or stopped reporting per process: the last share stands only as long as a
+                # reading would, then counts as nobody (it would otherwise stay in the smoother for good)
+                gpu_in = float("nan") if now_s - self._gpu_read_s <= GPU_SAMPLE_HOLD_S else 0.0
+            value = combine(self._load.push(load), self._probe.push(probe), self.mode, self._gpu.push(gpu_in))
             self.last = ContentionReading(now_s, load, probe, gpu, value)
             self.history.append((now_s, value))
         log.debug("contention t=%.3f load=%.3f probe=%.3f gpu=%s value=%.3f", now_s, load, probe, gpu, value)

@@ -227,3 +227,20 @@ def test_a_gpu_that_cannot_be_watched_leaves_the_cpu_signal(caplog):
     assert not mon.watch_gpu("GPU-ffff", _FakeNvml())
     assert mon.mode == "load" and "covers the CPUs only" in caplog.text
     assert mon.components()["gpu"] is None
+
+
+def test_a_gpu_share_does_not_outlive_nvml_going_silent(tmp_path):
+    me = os.getpid()
+    _fake_proc(tmp_path, procs_running=1, states={me: "R"})  # nobody else on the CPUs
+    nvml = _FakeNvml([_Sample(4242, 1, 80)])
+    now = [0.0]
+    mon = ContentionMonitor(probe=False, window=3, proc_root=str(tmp_path), clock=lambda: now[0])
+    assert mon.watch_gpu("GPU-0000", nvml)
+    assert mon.sample_once() == pytest.approx(0.8)
+    nvml.error = 999  # the driver stops answering, and the neighbour leaves
+    now[0] = 0.5
+    assert mon.sample_once() == pytest.approx(0.8)  # a gap shorter than a reading stands: it holds
+    for _ in range(3):
+        now[0] += GPU_SAMPLE_HOLD_S
+        mon.sample_once()
+    assert mon.value == 0.0 and mon.last.gpu is None
