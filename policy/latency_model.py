@@ -186,9 +186,11 @@ class _Featurizer:
 
     @classmethod
     def from_data(cls, level, batch, cont, groups: int, n_cpus: int,
-                  contention_scale: float = 1.0) -> "_Featurizer":
-        lk = np.unique(np.log2(level))
-        bk = np.unique(np.log2(batch))
+                  contention_scale: float = 1.0, knot_rows: int | None = None) -> "_Featurizer":
+        """Knots at the levels and batch sizes of the first ``knot_rows`` rows (all when None); contention
+        groups from every row."""
+        lk = np.unique(np.log2(level[:knot_rows]))
+        bk = np.unique(np.log2(batch[:knot_rows]))
         edges = np.unique(np.quantile(np.maximum(cont, 0.0), np.linspace(0, 1, groups + 1)[1:-1]))
         return cls(lk, bk, edges, n_cpus, contention_scale)
 
@@ -252,8 +254,15 @@ class LatencyModel:
     _oof_log_resid: np.ndarray | None = field(default=None, init=False, repr=False)
     _c_max: float = field(default=0.0, init=False, repr=False)
 
-    def fit(self, rows: Sequence[LatencySample], weights: np.ndarray | None = None) -> "LatencyModel":
-        """Fit on ``rows`` (optional per-row ``weights``, e.g. live rows outweighing the profile)."""
+    def fit(self, rows: Sequence[LatencySample], weights: np.ndarray | None = None,
+            knot_rows: int | None = None) -> "LatencyModel":
+        """Fit on ``rows`` (optional per-row ``weights``, e.g. live rows outweighing the profile).
+
+        ``knot_rows``: the cells' knots are the levels and batch sizes of the first ``knot_rows`` rows (the
+        profile, ahead of the live rows), or of all rows (None, or no such row). Live traffic runs nearly
+        every batch size from 1 to the maximum: a knot for each put a cell on a handful of noisy live rows
+        (weighted up), and the mean followed single batches (a second reader's synthetic check, session 19:
+        11.1% against 4.4% MAPE to the truth, with 64 knots against the profile's 12)."""
         if len(rows) < 2 * self.config.folds:
             raise ValueError(f"LatencyModel.fit needs >= {2 * self.config.folds} rows, got {len(rows)}")
         level, batch, cont, ms = rows_to_arrays(rows)
@@ -262,7 +271,8 @@ class LatencyModel:
         w = np.ones(len(rows)) if weights is None else np.asarray(weights, float)
         self.rows = list(rows)
         self._feat = _Featurizer.from_data(level, batch, cont, self.config.contention_groups, self.config.n_cpus,
-                                           math.sqrt(self.config.alpha / self.config.contention_alpha))
+                                           math.sqrt(self.config.alpha / self.config.contention_alpha),
+                                           knot_rows or None)
         x, y = self._feat(level, batch, cont), np.log(ms)
         self._ridge, self._q, self._oof_log_resid = self._fit_with_residual_quantiles(x, y, w, cont)
         self._c_max = float(np.quantile(cont, 0.95))

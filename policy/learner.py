@@ -110,9 +110,10 @@ CONTENTION_MIN_GAP_S = 3.0
 
 def fit_table(rows: Sequence[LatencySample], weights: np.ndarray, config: LatencyModelConfig,
               levels: tuple[float, ...], max_batch: int,
-              contention_edges: tuple[float, ...]) -> tuple[LatencyModel, LatencyTable]:
-    """Fit the model and lay out its table (pure; runs in the learner's thread or its child process)."""
-    model = LatencyModel(config).fit(rows, weights)
+              contention_edges: tuple[float, ...], knot_rows: int | None = None) -> tuple[LatencyModel, LatencyTable]:
+    """Fit the model and lay out its table (pure; runs in the learner's thread or its child process). The
+    first ``knot_rows`` rows (the profile) set the model's knots (:meth:`LatencyModel.fit`)."""
+    model = LatencyModel(config).fit(rows, weights, knot_rows)
     return model, model.to_table(levels, max_batch, contention_edges)
 
 
@@ -137,7 +138,7 @@ def _child_fit(live: list[LatencySample], live_weight: float, config: LatencyMod
                contention_edges: tuple[float, ...]) -> tuple[LatencyModel, LatencyTable]:
     """In the child: the profile rows were sent once at start; only the live window travels per refit."""
     weights = np.concatenate([np.ones(len(_CHILD_BASE)), np.full(len(live), live_weight)])
-    return fit_table(_CHILD_BASE + live, weights, config, levels, max_batch, contention_edges)
+    return fit_table(_CHILD_BASE + live, weights, config, levels, max_batch, contention_edges, len(_CHILD_BASE))
 
 
 def _end_child(executor: concurrent.futures.ProcessPoolExecutor | None, pid: int | None) -> None:
@@ -299,7 +300,7 @@ class OnlineLearner:
                     return None
                 t0 = time.perf_counter()
                 model, table = fit_table(rows, weights, self.model_config, self.levels, self.max_batch,
-                                         self.contention_edges)
+                                         self.contention_edges, len(self._base))
                 n_rows = len(rows)
             with self._lock:  # publish: readers see the old or the new table, whole
                 self.model, self.table = model, table

@@ -366,3 +366,18 @@ def test_a_sample_that_is_not_a_finite_measurement_is_dropped(exec_ms, contentio
     assert learner.dropped == 1 and learner.pending == 1 and len(learner.live_samples()) == 1
     clock.t += 10.0
     assert learner.refit_due() and learner.refit_now() is learner.table  # the fit still works
+
+
+def test_live_batch_sizes_do_not_become_knots_of_the_model():
+    clock = FakeClock()
+    learner = make(LearnerConfig(quiet_refit_s=10.0), clock=clock)
+    for b in (3, 5, 6, 7, 9, 11, 13, 17):  # sizes the profile never ran, as live traffic does
+        learner.observe(LatencySample(0.5, b, 0.0, true_ms(0.5, b, 0.0)))
+    learner.refit_now()
+    assert np.array_equal(learner.model._feat.batch_knots, np.log2(BATCHES))
+    assert learner.model.predict_mean(0.5, 5, 0.0) == pytest.approx(true_ms(0.5, 5, 0.0), rel=0.1)
+    cold = make(LearnerConfig(min_rows=12), rows=[])  # no profile: the live rows are all there is
+    for b in (1, 3, 5, 8) * 3:
+        cold.observe(LatencySample(0.5, b, 0.0, true_ms(0.5, b, 0.0)))
+    cold.refit_now()
+    assert np.array_equal(cold.model._feat.batch_knots, np.log2([1, 3, 5, 8]))
