@@ -193,14 +193,21 @@ class Scheduler:
                     out.wake_at_s = until_s
                     return out
         candidates = pop_merged(queues, ctx.max_batch)
-        while self._mixed_late:
-            candidates = self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)
-            if candidates or not self.pending(model):
-                break
-            candidates = pop_merged(queues, ctx.max_batch)  # every candidate was dropped: the next ones
-        if not candidates:
-            return out
-        decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
+        try:
+            while self._mixed_late:
+                candidates = self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)
+                if candidates or not self.pending(model):
+                    break
+                candidates = pop_merged(queues, ctx.max_batch)  # every candidate was dropped: the next ones
+            if not candidates:
+                return out
+            decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
+        except BaseException:
+            # A decision that raises loses nobody: what it had taken out (and what it had expired, which the
+            # caller never gets) goes back to the queues, where the caller's error path drains and answers it.
+            self._requeue(candidates)
+            self._requeue(out.expired)
+            raise
         if isinstance(decision, Wait):
             self._requeue(candidates)
             out.wake_at_s = decision.until_s

@@ -197,7 +197,12 @@ class Dispatcher:
             if out.batch is None:
                 wake_at = out.wake_at_s
                 break
-            self._launch(out.batch, self.contention())
+            try:
+                self._launch(out.batch, self.contention())
+            except Exception:  # out of the queues and not yet running: answer them here, then the loop drains
+                for req in out.batch.requests:
+                    self._fail(req, RequestError("internal scheduler error; see the server log"))
+                raise
         return wake_at
 
     def _expire(self, expired: list[QueuedRequest], now: float) -> None:

@@ -159,6 +159,35 @@ def test_backlog_ahead_counts_at_admission():
     assert sched.pending() == 9
 
 
+def test_the_backlog_ahead_is_priced_at_the_safe_bound():
+    # The same queue as above, with the safe bound 5x the mean: 8 ahead cost 2 full batches of 4 at level 0.1
+    # at 2 ms each (the safe bound), then this one's 0.1 ms on the mean.
+    mean = TABLE.mean_ms
+    sched, ctxs, clock = make(max_batch=4, table=LatencyTable(LEVELS, 64, (), 5 * mean, mean.copy()))
+    for _ in range(8):
+        submit(sched, ctxs, clock, "standard")
+    with pytest.raises(DeadlineUnreachable, match="8 request"):
+        submit(sched, ctxs, clock, "standard", budget_ms=4.05)
+    submit(sched, ctxs, clock, "standard", budget_ms=4.15)
+    assert sched.pending() == 9
+
+
+class RaisingPolicy(WrappedPolicy):
+    def plan(self, candidates, now_s, ctx):
+        raise RuntimeError("a bad decision")
+
+
+def test_a_decision_that_raises_puts_every_request_back_for_the_error_path_to_answer():
+    sched, ctxs, clock = make(policy=RaisingPolicy())
+    late = submit(sched, ctxs, clock, "standard", budget_ms=0.5)
+    reqs = [submit(sched, ctxs, clock, "standard") for _ in range(3)]
+    clock.advance(0.001)  # the first is now hopeless: expired in the same call that then raises
+    with pytest.raises(RuntimeError):
+        sched.schedule(clock.now(), ctxs)
+    assert sched.pending() == 4
+    assert set(sched.drain()) == {late, *reqs}
+
+
 # -- scheduling ------------------------------------------------------------
 
 

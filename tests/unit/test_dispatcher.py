@@ -323,3 +323,24 @@ async def test_a_worker_dying_after_drain_answers_unavailable_instead_of_requeue
     with pytest.raises(Unavailable):
         await running
     assert d.scheduler.pending() == 0 and d.inflight == 0
+
+
+async def test_a_batch_that_cannot_be_launched_is_answered_not_lost(monkeypatch):
+    pool = FakeWorkerPool(workers=1)
+    broken = {"on": True}
+    submit = pool.submit
+
+    def failing_submit(task):
+        if broken["on"]:
+            raise RuntimeError("the pool refused the batch")
+        return submit(task)
+
+    monkeypatch.setattr(pool, "submit", failing_submit)
+    d = make(pool)
+    with pytest.raises(RequestError, match="internal scheduler error"):
+        await asyncio.wait_for(d.infer("m", "slow", x(1)), 5.0)
+    broken["on"] = False  # the loop survived: the next request runs
+    task = asyncio.create_task(d.infer("m", "slow", x(2)))
+    await until(lambda: len(pool.submitted) == 1, "the next batch submitted")
+    pool.finish(0)
+    assert (await task).output[0] == 2

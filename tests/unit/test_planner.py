@@ -168,6 +168,35 @@ def test_late_plan_runs_at_least_the_head():
     assert plan.late and plan.count == 1 and plan.level == 1.0
 
 
+def test_a_late_head_takes_along_only_followers_the_batch_does_not_make_late():
+    # The head cannot make it even alone (0.05 ms left, 0.1 ms at level 0.1). The next request can in its
+    # own 3 ms, and the 62 after it in 50 ms: at level 0.1 the batch stops where it would make the second
+    # late (30 requests, 3 ms), instead of taking all 64 along (6.4 ms).
+    candidates = [pend(0.05), pend(3.0)] + batch(62, slack_ms=50)
+    plan = POLICY.plan(candidates, NOW, ctx())
+    assert plan.late and plan.level == 0.1
+    assert plan.count == 30 and plan.predicted_ms == pytest.approx(3.0)
+
+
+def test_a_late_head_leaves_a_follower_the_next_batch_serves_in_time():
+    # A kernel switch makes level 0.1 jump from 0.2 ms at batch 2 to 5 ms at batch 3. The second request
+    # (0.15 ms left) is late wherever it runs and joins the head; the third (1 ms left) would be late in this
+    # batch but runs in time next (0.2 + 0.1 ms), so the batch stops before it.
+    safe = TABLE.safe_ms.copy()
+    safe[0, 3, 2:] = 5.0 + 0.1 * np.arange(62)
+    table = LatencyTable(LEVELS, 64, (), safe, safe.copy())
+    plan = POLICY.plan([pend(0.05), pend(0.15), pend(1.0), pend(1.0)], NOW, ctx(table=table))
+    assert plan.late and (plan.count, plan.level) == (2, 0.1)
+
+
+def test_a_backlog_of_late_requests_is_caught_up_in_full_batches():
+    candidates = batch(40, slack_ms=-1.0, on_late="serve") + batch(30, slack_ms=1.0, on_late="serve")
+    plan = POLICY.plan(candidates, NOW, ctx())
+    # The 40 are late whatever runs; the batch of 40 at 0.1 takes 4 ms, so the others (1 ms) are late
+    # alone too, past 0.1 ms each: none of them caps it.
+    assert plan.late and (plan.count, plan.level) == (64, 0.1)
+
+
 def test_contention_bucket_selects_the_table_row():
     fast = TABLE.safe_ms[0]
     safe = np.stack([fast, fast * 10])
