@@ -147,28 +147,19 @@ def test_floor_decides_the_fastest_level_at_admission():
     submit(sched, ctxs, clock, "standard", budget_ms=0.3)
 
 
-def test_backlog_ahead_counts_at_admission():
-    sched, ctxs, clock = make(max_batch=4)
-    submit(sched, ctxs, clock, "standard", budget_ms=0.85)  # empty queue: 0.1 ms, fine
+@pytest.mark.parametrize(("safe_over_mean", "refused_ms", "admitted_ms"), [(1, 0.85, 0.95), (5, 4.05, 4.15)])
+def test_backlog_ahead_counts_at_admission_at_the_safe_bound(safe_over_mean, refused_ms, admitted_ms):
+    mean = TABLE.mean_ms
+    table = LatencyTable(LEVELS, 64, (), safe_over_mean * mean, mean.copy())
+    sched, ctxs, clock = make(max_batch=4, table=table)
+    submit(sched, ctxs, clock, "standard", budget_ms=0.85)  # empty queue: 0.1 ms on the mean, fine
     for _ in range(7):
         submit(sched, ctxs, clock, "standard")
-    # 8 queued ahead = 2 full batches of 4 at level 0.1 (0.4 ms each) before this one's 0.1 ms.
+    # 8 queued ahead = 2 full batches of 4 at level 0.1, each at its safe bound (0.4 ms on the mean), before
+    # this one's 0.1 ms on the mean.
     with pytest.raises(DeadlineUnreachable, match="8 request"):
-        submit(sched, ctxs, clock, "standard", budget_ms=0.85)
-    submit(sched, ctxs, clock, "standard", budget_ms=0.95)
-    assert sched.pending() == 9
-
-
-def test_the_backlog_ahead_is_priced_at_the_safe_bound():
-    # The same queue as above, with the safe bound 5x the mean: 8 ahead cost 2 full batches of 4 at level 0.1
-    # at 2 ms each (the safe bound), then this one's 0.1 ms on the mean.
-    mean = TABLE.mean_ms
-    sched, ctxs, clock = make(max_batch=4, table=LatencyTable(LEVELS, 64, (), 5 * mean, mean.copy()))
-    for _ in range(8):
-        submit(sched, ctxs, clock, "standard")
-    with pytest.raises(DeadlineUnreachable, match="8 request"):
-        submit(sched, ctxs, clock, "standard", budget_ms=4.05)
-    submit(sched, ctxs, clock, "standard", budget_ms=4.15)
+        submit(sched, ctxs, clock, "standard", budget_ms=refused_ms)
+    submit(sched, ctxs, clock, "standard", budget_ms=admitted_ms)
     assert sched.pending() == 9
 
 
