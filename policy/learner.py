@@ -304,7 +304,9 @@ class OnlineLearner:
                 n_rows = len(rows)
             with self._lock:  # publish: readers see the old or the new table, whole
                 self.model, self.table = model, table
-                self._fitted_seen, self._fitted_contention, self._fitted_at = seen, contention, fitted_at
+                self._fitted_seen, self._fitted_at = seen, fitted_at
+                if contention == contention:  # NaN: no batch before the fit; observe() set the base since
+                    self._fitted_contention = contention
                 # Batches that finished during the fit were judged against the old table: start afresh.
                 self._drift, self._exceed, self._drift_n = 0.0, 0.0, 0
             self.refits += 1

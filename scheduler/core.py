@@ -147,8 +147,12 @@ class Scheduler:
         worker only to learn it is late.
         """
         expired: list[QueuedRequest] = []
-        for model, queues in self._queue_lists.items():
-            self._expire(queues, now_s, contexts[model], expired)
+        try:
+            for model, queues in self._queue_lists.items():
+                self._expire(queues, now_s, contexts[model], expired)
+        except BaseException:
+            self._requeue(expired)  # a check that raises loses nobody: the caller's error path drains them
+            raise
         return expired
 
     def next_expiry_s(self, contexts: Mapping[str, PlanContext]) -> float | None:
@@ -168,6 +172,20 @@ class Scheduler:
     def schedule(self, now_s: float, contexts: Mapping[str, PlanContext]) -> SchedulerOutput:
         """Expire hopeless requests, then plan at most one batch (call once per free worker)."""
         out = SchedulerOutput(expired=self.expire(now_s, contexts))
+        candidates: list[QueuedRequest] = []
+        try:
+            return self._schedule(now_s, contexts, out, candidates)
+        except BaseException:
+            # A decision that raises loses nobody: what it had taken out (and what it had expired, which the
+            # caller never gets) goes back to the queues, where the caller's error path drains and answers it.
+            self._requeue(candidates)
+            self._requeue(out.expired)
+            raise
+
+    def _schedule(self, now_s: float, contexts: Mapping[str, PlanContext], out: SchedulerOutput,
+                  candidates: list[QueuedRequest]) -> SchedulerOutput:
+        """``schedule`` after expiry; every request it takes out of the queues is in ``candidates`` or
+        ``out.expired`` until it returns."""
         live = -1  # the model's live requests, when already counted
         if self._only_model is not None:  # the common case: no need to compare heads
             live = self.pending()
@@ -192,22 +210,15 @@ class Scheduler:
                 if until_s is not None:
                     out.wake_at_s = until_s
                     return out
-        candidates = pop_merged(queues, ctx.max_batch)
-        try:
-            while self._mixed_late:
-                candidates = self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)
-                if candidates or not self.pending(model):
-                    break
-                candidates = pop_merged(queues, ctx.max_batch)  # every candidate was dropped: the next ones
-            if not candidates:
-                return out
-            decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
-        except BaseException:
-            # A decision that raises loses nobody: what it had taken out (and what it had expired, which the
-            # caller never gets) goes back to the queues, where the caller's error path drains and answers it.
-            self._requeue(candidates)
-            self._requeue(out.expired)
-            raise
+        candidates.extend(pop_merged(queues, ctx.max_batch))
+        while self._mixed_late:
+            self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)
+            if candidates or not self.pending(model):
+                break
+            candidates.extend(pop_merged(queues, ctx.max_batch))  # every candidate was dropped: the next ones
+        if not candidates:
+            return out
+        decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
         if isinstance(decision, Wait):
             self._requeue(candidates)
             out.wake_at_s = decision.until_s
@@ -223,18 +234,20 @@ class Scheduler:
         return out
 
     def _drop_hopeless_hard(self, candidates: list[QueuedRequest], now_s: float, ctx: PlanContext,
-                            expired: list[QueuedRequest]) -> list[QueuedRequest]:
+                            expired: list[QueuedRequest]) -> None:
         """Requests of a late-serving class that must not be served late (their caller's deadline binds)
         can sit behind a late head that ``expire`` stops at: catch the hopeless ones before they are
-        planned into a late batch nobody reads."""
-        keep = []
+        planned into a late batch nobody reads. Moves them from ``candidates`` (in place) to ``expired``,
+        all at once after every check, so that a check that raises leaves each request in one list."""
+        keep, dropped = [], []
         for r in candidates:
             if r.pending.on_late == "reject" and self.classes[r.slo_class].on_late != "reject" \
                     and self.policy.is_hopeless(r.pending, now_s, ctx):
-                expired.append(r)
+                dropped.append(r)
             else:
                 keep.append(r)
-        return keep
+        candidates[:] = keep
+        expired.extend(dropped)
 
     def retry(self, requests: list[QueuedRequest]) -> list[QueuedRequest]:
         """Requests of a batch whose worker died go back to their queues for one more run.

@@ -179,6 +179,60 @@ def test_a_decision_that_raises_puts_every_request_back_for_the_error_path_to_an
     assert set(sched.drain()) == {late, *reqs}
 
 
+class FailsOnCall(WrappedPolicy):
+    """Raises on the ``n``-th call of ``method`` (1-based), as a bug would."""
+
+    def __init__(self, method: str, n: int, may_wait: bool = False) -> None:
+        super().__init__()
+        self.method, self.n, self.calls, self.may_wait = method, n, 0, may_wait
+
+    def _tick(self, method: str) -> None:
+        if method == self.method:
+            self.calls += 1
+            if self.calls == self.n:
+                raise RuntimeError(f"a bad {method}")
+
+    def is_hopeless(self, p, now_s, ctx):
+        self._tick("is_hopeless")
+        return super().is_hopeless(p, now_s, ctx)
+
+    def wait_until(self, head, count, now_s, ctx):
+        self._tick("wait_until")
+        return None
+
+
+def _raises_and_keeps_everyone(sched, ctxs, clock, reqs) -> None:
+    with pytest.raises(RuntimeError):
+        sched.schedule(clock.now(), ctxs)
+    assert sched.pending() == len(reqs)  # each back in its queue exactly once
+    drained = sched.drain()
+    assert len(drained) == len(reqs) and set(drained) == set(reqs)
+
+
+def test_an_expiry_check_that_raises_midway_puts_back_what_it_had_expired():
+    sched, ctxs, clock = make(policy=FailsOnCall("is_hopeless", 4))  # calls 1-2: admission
+    reqs = [submit(sched, ctxs, clock, c, budget_ms=0.5) for c in ("interactive", "standard")]
+    clock.advance(0.001)  # both heads hopeless; the check of the second raises
+    _raises_and_keeps_everyone(sched, ctxs, clock, reqs)
+
+
+def test_a_wait_check_that_raises_puts_back_what_expiry_took():
+    sched, ctxs, clock = make(policy=FailsOnCall("wait_until", 1, may_wait=True))
+    reqs = [submit(sched, ctxs, clock, "standard", budget_ms=0.5), submit(sched, ctxs, clock, "standard")]
+    clock.advance(0.001)  # the first is expired, then the wait check raises
+    _raises_and_keeps_everyone(sched, ctxs, clock, reqs)
+
+
+def test_a_late_serve_head_check_that_raises_queues_nobody_twice():
+    sched, ctxs, clock = make(policy=FailsOnCall("is_hopeless", 4))
+    late_head = submit(sched, ctxs, clock, "batch", budget_ms=0.05)  # soft: served late
+    hard = [sched.make_request("m", "batch", clock.now(), budget_ms=b, hard=True) for b in (0.5, 0.6)]
+    for r in hard:
+        sched.add_request(r, clock.now(), ctxs["m"])  # is_hopeless calls 1 and 2 (admission)
+    clock.advance(0.002)  # the first hard one is dropped behind the late head, the check of the next raises
+    _raises_and_keeps_everyone(sched, ctxs, clock, [late_head, *hard])
+
+
 # -- scheduling ------------------------------------------------------------
 
 

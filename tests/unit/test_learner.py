@@ -381,3 +381,20 @@ def test_live_batch_sizes_do_not_become_knots_of_the_model():
         cold.observe(LatencySample(0.5, b, 0.0, true_ms(0.5, b, 0.0)))
     cold.refit_now()
     assert np.array_equal(cold.model._feat.batch_knots, np.log2([1, 3, 5, 8]))
+
+
+def test_the_first_batch_during_a_fit_stays_the_contention_triggers_base(monkeypatch):
+    import policy.learner as learner_module
+
+    learner = make(LearnerConfig(quiet_refit_s=1e6), clock=FakeClock())  # the start-up fit saw no batch
+    real_fit = learner_module.fit_table
+
+    def fit_while_the_first_batch_finishes(*args, **kwargs):
+        learner.observe(LatencySample(0.5, 1, 0.2, true_ms(0.5, 1, 0.2)), now_s=100.0)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(learner_module, "fit_table", fit_while_the_first_batch_finishes)
+    learner.refit_now(now_s=100.0)
+    monkeypatch.setattr(learner_module, "fit_table", real_fit)
+    t = _batches_at(learner, 1.0, 100.01, 4.0)  # a co-runner from then on: +0.8 from the base
+    assert learner.refit_due(now_s=t)

@@ -168,12 +168,13 @@ def test_late_plan_runs_at_least_the_head():
     assert plan.late and plan.count == 1 and plan.level == 1.0
 
 
-def test_a_late_head_takes_along_only_followers_the_batch_does_not_make_late():
-    # The head cannot make it even alone (0.05 ms left, 0.1 ms at level 0.1). The next request can in its
-    # own 3 ms, and the 62 after it in 50 ms: at level 0.1 the batch stops where it would make the second
-    # late (30 requests, 3 ms), instead of taking all 64 along (6.4 ms).
-    candidates = [pend(0.05), pend(3.0)] + batch(62, slack_ms=50)
-    plan = POLICY.plan(candidates, NOW, ctx())
+@pytest.mark.parametrize("overhead_ms", [0.0, 0.5])
+def test_a_late_head_takes_along_only_followers_the_batch_does_not_make_late(overhead_ms):
+    # The head cannot make it even alone (0.05 ms left after the overhead, 0.1 ms at level 0.1). The next
+    # request can in its own 3 ms, and the 62 after it in 50 ms: at level 0.1 the batch stops where it would
+    # make the second late (30 requests, 3 ms), instead of taking all 64 along (6.4 ms).
+    candidates = [pend(0.05 + overhead_ms), pend(3.0 + overhead_ms)] + batch(62, slack_ms=50 + overhead_ms)
+    plan = POLICY.plan(candidates, NOW, ctx(overhead_ms=overhead_ms))
     assert plan.late and plan.level == 0.1
     assert plan.count == 30 and plan.predicted_ms == pytest.approx(3.0)
 
