@@ -230,7 +230,7 @@ class OnlineLearner:
                 self._contention, self._contention_t = c, t
                 if self._fitted_contention != self._fitted_contention:  # the start-up fit saw no batch: from here
                     self._fitted_contention = c
-            elif c == c and t > self._contention_t:
+            elif t > self._contention_t:  # c is finite: the check above dropped any other
                 self._contention += -math.expm1((self._contention_t - t) / CONTENTION_TAU_S) * (c - self._contention)
                 self._contention_t = t
             if mean > 0 and table is self.table:  # judged against the table the averages are about
