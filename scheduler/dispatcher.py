@@ -32,6 +32,8 @@ OVERHEAD_WINDOW = 256
 """Recent batches whose overhead (done - planned - exec) sets the planner's overhead allowance."""
 OVERHEAD_STALE_S = 1.0
 """Without a finished batch for this long, a raised overhead allowance is halved (see _forget_stale_overhead)."""
+INTERNAL_ERROR = "internal scheduler error; see the server log"
+"""What requests are answered (INTERNAL) when the scheduler itself raised."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad decision
                 log.exception("dispatch failed; failing the queued requests")
                 for req in self.scheduler.drain():
-                    self._fail(req, RequestError("internal scheduler error; see the server log"))
+                    self._fail(req, RequestError(INTERNAL_ERROR))
                 wake_at = None
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
             try:
@@ -201,7 +203,7 @@ class Dispatcher:
                 self._launch(out.batch, self.contention())
             except Exception:  # out of the queues and not yet running: answer them here, then the loop drains
                 for req in out.batch.requests:
-                    self._fail(req, RequestError("internal scheduler error; see the server log"))
+                    self._fail(req, RequestError(INTERNAL_ERROR))
                 raise
         return wake_at
 
