@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _compiled_module():
-    spec = importlib.util.spec_from_file_location("_slonn_compiled", ROOT / "scheduler" / "compiled.py")
+    spec = importlib.util.spec_from_file_location("_slonn_compiled", ROOT / "slonn" / "scheduler" / "compiled.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from policy.planner import Pending, Plan, PlanContext, Policy, Wait, fifo_key
+from slonn.policy.planner import Pending, Plan, PlanContext, Policy, Wait, fifo_key
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, LatencySample
-from policy.table import LatencyTable
+from slonn.policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, LatencySample
+from slonn.policy.table import LatencyTable
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from mypy_extensions import mypyc_attr
 
-from policy.table import LatencyTable
+from slonn.policy.table import LatencyTable
 
 
 class Pending:

@@ -15,9 +15,9 @@ from typing import AsyncIterable, AsyncIterator
 import grpc
 import numpy as np
 
-from protos import slonn_pb2 as pb
-from protos import slonn_pb2_grpc as pb_grpc
-from protos.tensors import to_tensor
+from slonn.protos import slonn_pb2 as pb
+from slonn.protos import slonn_pb2_grpc as pb_grpc
+from slonn.protos.tensors import to_tensor
 
 _OPTIONS = [("grpc.max_receive_message_length", 1 << 20), ("grpc.max_send_message_length", 1 << 20)]
 

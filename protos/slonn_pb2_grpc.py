@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import slonn_pb2 as protos_dot_slonn__pb2
+from slonn.protos import slonn_pb2 as slonn_dot_protos_dot_slonn__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/slonn_pb2_grpc.py depends on'
+        + ' but the generated code in slonn/protos/slonn_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class InferenceStub:
         """
         self.Infer = channel.unary_unary(
                 '/slonn.v1.Inference/Infer',
-                request_serializer=protos_dot_slonn__pb2.InferRequest.SerializeToString,
-                response_deserializer=protos_dot_slonn__pb2.InferResponse.FromString,
+                request_serializer=slonn_dot_protos_dot_slonn__pb2.InferRequest.SerializeToString,
+                response_deserializer=slonn_dot_protos_dot_slonn__pb2.InferResponse.FromString,
                 _registered_method=True)
         self.InferStream = channel.stream_stream(
                 '/slonn.v1.Inference/InferStream',
-                request_serializer=protos_dot_slonn__pb2.InferRequest.SerializeToString,
-                response_deserializer=protos_dot_slonn__pb2.StreamResponse.FromString,
+                request_serializer=slonn_dot_protos_dot_slonn__pb2.InferRequest.SerializeToString,
+                response_deserializer=slonn_dot_protos_dot_slonn__pb2.StreamResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/slonn.v1.Inference/ListModels',
-                request_serializer=protos_dot_slonn__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_slonn__pb2.ListModelsResponse.FromString,
+                request_serializer=slonn_dot_protos_dot_slonn__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=slonn_dot_protos_dot_slonn__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -78,18 +78,18 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=protos_dot_slonn__pb2.InferRequest.FromString,
-                    response_serializer=protos_dot_slonn__pb2.InferResponse.SerializeToString,
+                    request_deserializer=slonn_dot_protos_dot_slonn__pb2.InferRequest.FromString,
+                    response_serializer=slonn_dot_protos_dot_slonn__pb2.InferResponse.SerializeToString,
             ),
             'InferStream': grpc.stream_stream_rpc_method_handler(
                     servicer.InferStream,
-                    request_deserializer=protos_dot_slonn__pb2.InferRequest.FromString,
-                    response_serializer=protos_dot_slonn__pb2.StreamResponse.SerializeToString,
+                    request_deserializer=slonn_dot_protos_dot_slonn__pb2.InferRequest.FromString,
+                    response_serializer=slonn_dot_protos_dot_slonn__pb2.StreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_slonn__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_slonn__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=slonn_dot_protos_dot_slonn__pb2.ListModelsRequest.FromString,
+                    response_serializer=slonn_dot_protos_dot_slonn__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,8 +117,8 @@ class Inference:
             request,
             target,
             '/slonn.v1.Inference/Infer',
-            protos_dot_slonn__pb2.InferRequest.SerializeToString,
-            protos_dot_slonn__pb2.InferResponse.FromString,
+            slonn_dot_protos_dot_slonn__pb2.InferRequest.SerializeToString,
+            slonn_dot_protos_dot_slonn__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +144,8 @@ class Inference:
             request_iterator,
             target,
             '/slonn.v1.Inference/InferStream',
-            protos_dot_slonn__pb2.InferRequest.SerializeToString,
-            protos_dot_slonn__pb2.StreamResponse.FromString,
+            slonn_dot_protos_dot_slonn__pb2.InferRequest.SerializeToString,
+            slonn_dot_protos_dot_slonn__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class Inference:
             request,
             target,
             '/slonn.v1.Inference/ListModels',
-            protos_dot_slonn__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_slonn__pb2.ListModelsResponse.FromString,
+            slonn_dot_protos_dot_slonn__pb2.ListModelsRequest.SerializeToString,
+            slonn_dot_protos_dot_slonn__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

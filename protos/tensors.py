@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protos import slonn_pb2 as pb
+from slonn.protos import slonn_pb2 as pb
 
 _DTYPES = {pb.FLOAT32: np.dtype("<f4")}
 

@@ -31,23 +31,25 @@ import warnings
 from pathlib import Path
 from typing import Mapping
 
-COMPILED_MODULES = ("policy.table", "policy.planner", "policy.baselines", "scheduler.clock", "scheduler.queues",
-                    "scheduler.core", "scripts.report", "scripts.simulate")
+COMPILED_MODULES = ("slonn.policy.table", "slonn.policy.planner", "slonn.policy.baselines", "slonn.scheduler.clock",
+                    "slonn.scheduler.queues", "slonn.scheduler.core", "slonn.scheduler.report",
+                    "slonn.scheduler.simulator")
 """What setup.py compiles: the per-request and per-batch path of the scheduler, and the simulator's event loop
 with the records it fills."""
 
-TYPED_DEPENDENCIES = ("scheduler.config", "scheduler.errors", "scripts.trace")
+TYPED_DEPENDENCIES = ("slonn.scheduler.config", "slonn.scheduler.errors", "slonn.scheduler.trace")
 """Interpreted modules whose values flow into compiled attributes and arguments (class settings, the
 exceptions raised and caught, the arrivals): mypyc builds their declared types in and checks them at run time,
 so a change there also makes the build stale."""
 
-SHARED_LIB = "scheduler.hotpath__mypyc"
+SHARED_LIB = "slonn.scheduler.hotpath__mypyc"
 """The extension that holds all the compiled code (setup.py's mypyc group); the others are shims into it."""
 
-ROOT = Path(__file__).resolve().parent.parent
-"""Where the packages live (the checkout, or site-packages)."""
+ROOT = Path(__file__).absolute().parents[2]
+"""The folder that holds the ``slonn`` package (the checkout, or site-packages). Not resolved: in a checkout
+``slonn/scheduler`` links to the top-level ``scheduler/`` folder, and module paths go through ``slonn/``."""
 
-STAMP = Path("scheduler", "compiled_sources.json")
+STAMP = Path("slonn", "scheduler", "compiled_sources.json")
 """{module: SHA-256 of its source} as compiled, relative to the root; written by setup.py."""
 
 ENV = "SLONN_COMPILED"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from workers.protocol import DEFAULT_PRECISION, low_precision_of
+from slonn.workers.protocol import DEFAULT_PRECISION, low_precision_of
 
 ON_LATE = ("reject", "serve")
 MODES = ("latency", "accuracy")

@@ -12,10 +12,10 @@ import itertools
 from dataclasses import replace
 from typing import Any, Mapping
 
-from policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
-from scheduler.config import SLOClassConfig
-from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
-from scheduler.queues import QueuedRequest, RequestQueue, peek_merged, pop_merged
+from slonn.policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
+from slonn.scheduler.config import SLOClassConfig
+from slonn.scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
+from slonn.scheduler.queues import QueuedRequest, RequestQueue, peek_merged, pop_merged
 
 
 MAX_ATTEMPTS = 2

@@ -15,16 +15,21 @@ from typing import Callable
 
 import numpy as np
 
-from policy.latency_model import LatencySample
-from policy.planner import PlanContext
-from scheduler.clock import Clock
-from scheduler.core import Batch, Scheduler
-from scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
-from scheduler.latency import LatencySource
-from scheduler.metrics import ServerMetrics
-from scheduler.queues import QueuedRequest
-from workers.pool import TaskFailed, WorkerDied, WorkerPool
-from workers.protocol import BatchTask
+from slonn.policy.latency_model import LatencySample
+from slonn.policy.planner import PlanContext
+from slonn.scheduler.clock import Clock
+from slonn.scheduler.core import Batch, Scheduler
+from slonn.scheduler.errors import (
+    DeadlineUnreachable,
+    QueueFull,
+    RequestError,
+    Unavailable,
+)
+from slonn.scheduler.latency import LatencySource
+from slonn.scheduler.metrics import ServerMetrics
+from slonn.scheduler.queues import QueuedRequest
+from slonn.workers.pool import TaskFailed, WorkerDied, WorkerPool
+from slonn.workers.protocol import BatchTask
 
 log = logging.getLogger(__name__)
 

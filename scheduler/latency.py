@@ -11,12 +11,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from policy.latency_model import LatencySample, foreign_kernels, profile_csv_name, profile_niceness, read_rows_csv
-from policy.learner import OnlineLearner
-from policy.table import LatencyTable
-from workers.artifact import ModelManifest
-from workers.pool import WorkerDied, WorkerPool
-from workers.protocol import DEFAULT_PRECISION, BatchTask
+from slonn.policy.latency_model import LatencySample, foreign_kernels, profile_csv_name, profile_niceness, read_rows_csv
+from slonn.policy.learner import OnlineLearner
+from slonn.policy.table import LatencyTable
+from slonn.workers.artifact import ModelManifest
+from slonn.workers.pool import WorkerDied, WorkerPool
+from slonn.workers.protocol import DEFAULT_PRECISION, BatchTask
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from heapq import heapify, heappop, heappush
 from typing import Any, Callable, Iterator
 
-from policy.planner import Pending
+from slonn.policy.planner import Pending
 
 
 class QueuedRequest:

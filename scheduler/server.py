@@ -11,25 +11,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policy.baselines import make_baseline, parse_policy_params
-from policy.contention import ContentionMonitor
-from policy.latency_model import LatencySample
-from policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
-from policy.planner import RecentSlowdown, SLOAwarePolicy
-from protos import slonn_pb2 as pb
-from protos import slonn_pb2_grpc as pb_grpc
-from protos.tensors import TensorError, from_tensor, to_tensor
-from scheduler.clock import MonotonicClock
-from scheduler.config import ServerConfig
-from scheduler.core import Batch, Scheduler
-from scheduler.dispatcher import Completion, Dispatcher
-from scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
-from scheduler.latency import LearnedLatency, base_rows, warmup_profile
-from scheduler.metrics import ServerMetrics
-from workers.artifact import ModelManifest, load_manifest
-from workers.heap import freeze_startup_heap
-from workers.pool import InProcessPool, ProcessPool, WorkerPool
-from workers.process import WorkerSpec
+from slonn.policy.baselines import make_baseline, parse_policy_params
+from slonn.policy.contention import ContentionMonitor
+from slonn.policy.latency_model import LatencySample
+from slonn.policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
+from slonn.policy.planner import RecentSlowdown, SLOAwarePolicy
+from slonn.protos import slonn_pb2 as pb
+from slonn.protos import slonn_pb2_grpc as pb_grpc
+from slonn.protos.tensors import TensorError, from_tensor, to_tensor
+from slonn.scheduler.clock import MonotonicClock
+from slonn.scheduler.config import ServerConfig
+from slonn.scheduler.core import Batch, Scheduler
+from slonn.scheduler.dispatcher import Completion, Dispatcher
+from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
+from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
+from slonn.scheduler.metrics import ServerMetrics
+from slonn.workers.artifact import ModelManifest, load_manifest
+from slonn.workers.heap import freeze_startup_heap
+from slonn.workers.pool import InProcessPool, ProcessPool, WorkerPool
+from slonn.workers.process import WorkerSpec
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name

@@ -1,6 +1,6 @@
 """Benchmark the level kernels against the plain dense model (issue #3).
 
-    python -m scripts.bench_kernels --json [--threads 1] [--batch-sizes 1,4,16,64] [--repeats 15]
+    slonn bench-kernels --json [--threads 1] [--batch-sizes 1,4,16,64] [--repeats 15]
 
 For every batch size and level: median latency of the plain dense torch model
 (``SLOAwareMLP.forward(x, 1.0)``, fp32), of every kernel, and of the kernel the
@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.digits import load_split
-from workers.artifact import load_artifact
-from workers.device import DeviceTimer, pick_device
-from workers.kernels import LOW_PRECISION_DTYPES, SparseMLP, measure_kernel_table
-from workers.kernels_chooser import split_choice
-from workers.protocol import DEFAULT_PRECISION, PRECISIONS, low_precision_of
+from slonn.workers.artifact import load_artifact
+from slonn.workers.device import DeviceTimer, pick_device
+from slonn.workers.digits import load_split
+from slonn.workers.kernels import LOW_PRECISION_DTYPES, SparseMLP, measure_kernel_table
+from slonn.workers.kernels_chooser import split_choice
+from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS, low_precision_of
 
 NOISE_STD = 0.5
 """Std (pixel units, pixels are 0..16) of the noise on the held-out copies that extend the input pool."""

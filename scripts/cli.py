@@ -9,19 +9,16 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
-    "serve": ("scripts.serve", "run the gRPC inference server"),
-    "train": ("scripts.train_cli", "train an SLO-aware MLP on the digits and write an artifact"),
-    "infer": ("scripts.infer", "send one request to a server and print the answer"),
-    "demo": ("scripts.demo", "train if needed, serve, replay a trace minute, print the SLO report"),
-    "replay": ("scripts.replay", "open-loop trace replay against a live server"),
-    "bench-kernels": ("scripts.bench_kernels", "dense vs sparse kernel latency per batch size and level"),
-    "bench-frontend": ("scripts.bench_frontend", "CPU per request of the serving path: server, workers, client"),
-    "profile": ("scripts.profile", "sweep levels x batch sizes x contention; write the latency profile"),
-    "eval-latency": ("scripts.eval_latency", "held-out accuracy of the latency model"),
-    "adapt": ("scripts.adapt", "seconds from a co-runner's start until the chosen levels shift"),
-    "simulate": ("scripts.simulate", "discrete-event replay through the real scheduler on a virtual clock"),
-    "compare": ("scripts.compare", "every policy on the same trace and load: one table"),
-    "reliability": ("scripts.reliability", "overload, worker kills, bad input, shutdown: every request answered"),
+    "serve": ("slonn.scripts.serve", "run the gRPC inference server"),
+    "train": ("slonn.scripts.train", "train an SLO-aware MLP on the digits and write an artifact"),
+    "infer": ("slonn.scripts.infer", "send one request to a server and print the answer"),
+    "demo": ("slonn.scripts.demo", "train if needed, serve, replay a trace minute, print the SLO report"),
+    "replay": ("slonn.scheduler.replay", "open-loop trace replay against a live server"),
+    "bench-kernels": ("slonn.scripts.bench_kernels", "dense vs sparse kernel latency per batch size and level"),
+    "profile": ("slonn.scripts.profile", "sweep levels x batch sizes x contention; write the latency profile"),
+    "simulate": ("slonn.scheduler.simulator", "discrete-event replay through the real scheduler on a virtual clock"),
+    "compare": ("slonn.scripts.compare", "every policy on the same trace and load: one table"),
+    "reliability": ("slonn.scripts.reliability", "overload, worker kills, bad input, shutdown: every request answered"),
 }
 
 

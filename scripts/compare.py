@@ -1,9 +1,9 @@
 """`slonn compare`: every policy on the same trace and load, one table (JSON + Markdown) and plots.
 
-Simulated (``--sim``: the real scheduler on a virtual clock, scripts/simulate.py)
+Simulated (``--sim``: the real scheduler on a virtual clock, slonn.scheduler.simulator)
 and/or live (``--live``: a fresh ``slonn serve --policy NAME`` per policy,
 open-loop gRPC replay). ``--corunner`` turns a co-runner on for the middle
-third of the replay (live: ``scripts.corunner.make_burner``, CPU-burning
+third of the replay (live: ``workers.corunner.make_burner``, CPU-burning
 processes, or GPU-burning ones with ``--corunner-device cuda`` or on a GPU
 machine; simulated: the profile's contention at that intensity).
 """
@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from scheduler.compiled import state as compiled_state
-from scripts.report import RequestRecord, summarize, write_csv
-from scripts.trace import Arrivals
+from slonn.scheduler.compiled import state as compiled_state
+from slonn.scheduler.report import RequestRecord, summarize, write_csv
+from slonn.scheduler.trace import Arrivals
 
 DEFAULT_POLICIES = ("slonn", "triton", "fixed:0.1", "aimd")
 
@@ -50,7 +50,7 @@ def slug(name: str) -> str:
 
 
 def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
-    from scripts.simulate import build_setup, run_policy, sim_config
+    from slonn.scheduler.simulator import build_setup, run_policy, sim_config
 
     if window is not None:
         args.corunner_start_s, args.corunner_stop_s = window
@@ -67,11 +67,11 @@ def run_sim(args, arrivals: Arrivals, window) -> dict[str, list[RequestRecord]]:
 
 
 def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -> dict[str, list[RequestRecord]]:
-    from scripts import aio
-    from scripts.replay import client_kwargs, replay, replay_with_corunner
-    from scripts.serve import call_at_niceness
-    from scripts.serverproc import ServerProcess
-    from workers.artifact import load_manifest
+    from slonn.scheduler import aio
+    from slonn.scheduler.replay import client_kwargs, replay, replay_with_corunner
+    from slonn.scripts.serve import call_at_niceness
+    from slonn.scheduler.serverproc import ServerProcess
+    from slonn.workers.artifact import load_manifest
 
     manifest = load_manifest(args.model_dir)
     runs = {}
@@ -191,7 +191,7 @@ def _loadavg() -> float | None:
 
 def table_rows(mode: str, runs: dict[str, list[RequestRecord]], duration_s: float, classes: list[str],
                window) -> list[dict]:
-    from scripts.replay import phase_summaries
+    from slonn.scheduler.replay import phase_summaries
 
     rows = []
     for name, records in runs.items():
@@ -251,13 +251,13 @@ def markdown(rows: list[dict], classes: list[str], dense_accuracy: float, window
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scheduler.config import load_classes
-    from scripts.plots import latency_cdf, timeline
-    from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit
-    from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args
-    from scripts.serve import spin_ms
-    from scripts.simulate import add_sim_args
-    from workers.artifact import load_manifest
+    from slonn.scheduler.config import load_classes
+    from slonn.scheduler.plots import latency_cdf, timeline
+    from slonn.workers.corunner import add_corunner_device_arg, corunner_device_or_exit
+    from slonn.scheduler.replay import add_arrival_args, add_client_args, arrivals_from_args
+    from slonn.scripts.serve import spin_ms
+    from slonn.scheduler.simulator import add_sim_args
+    from slonn.workers.artifact import load_manifest
 
     p = argparse.ArgumentParser(prog="slonn compare", description=__doc__.splitlines()[0])
     add_arrival_args(p)

@@ -12,13 +12,13 @@ import json
 import time
 from pathlib import Path
 
-from scheduler.config import load_classes
-from scripts import aio
-from scripts.replay import add_arrival_args, add_client_args, arrivals_from_args, client_kwargs, replay
-from scripts.report import format_table, summarize, write_csv
-from scripts.serverproc import ServerProcess
-from scripts.train import TrainConfig, train_to
-from workers.artifact import is_artifact, load_manifest
+from slonn.scheduler.config import load_classes
+from slonn.scheduler import aio
+from slonn.scheduler.replay import add_arrival_args, add_client_args, arrivals_from_args, client_kwargs, replay
+from slonn.scheduler.report import format_table, summarize, write_csv
+from slonn.scheduler.serverproc import ServerProcess
+from slonn.workers.train import TrainConfig, train_to
+from slonn.workers.artifact import is_artifact, load_manifest
 
 
 def ensure_model(model_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """Generate the gRPC stubs in protos/ from protos/*.proto (grpcio-tools).
 
 The stubs are committed; tests/unit/test_protos.py fails when they are stale.
-Run: python -m scripts.gen_protos
+Run: python -m slonn.scripts.gen_protos
 """
 
 from __future__ import annotations
@@ -10,23 +10,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "protos"
+ROOT = Path(__file__).absolute().parents[2]
+"""The folder that holds the ``slonn`` package: the stubs import each other as ``slonn.protos``."""
+PROTO_DIR = ROOT / "slonn" / "protos"
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto into out_dir/protos."""
+    """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto into out_dir/slonn/protos."""
     from grpc_tools import protoc
 
-    (out_dir / "protos").mkdir(parents=True, exist_ok=True)
+    (out_dir / "slonn" / "protos").mkdir(parents=True, exist_ok=True)
     protos = sorted(PROTO_DIR.glob("*.proto"))
-    # -I ROOT with paths "protos/x.proto" makes the generated grpc module import
-    # "from protos import x_pb2", so the stubs work as a package.
+    # -I ROOT with paths "slonn/protos/x.proto" makes the generated grpc module import
+    # "from slonn.protos import x_pb2", so the stubs work inside the package.
     args = ["protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}"] + [str(p.relative_to(ROOT)) for p in protos]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted((out_dir / "protos").glob("*_pb2*.py*"))
+    return sorted((out_dir / "slonn" / "protos").glob("*_pb2*.py*"))
 
 
 def main() -> int:

@@ -9,8 +9,8 @@ import sys
 import grpc
 import numpy as np
 
-from protos.client import SlonnClient
-from scripts.digits import load_split
+from slonn.protos.client import SlonnClient
+from slonn.workers.digits import load_split
 
 
 def main(argv: list[str] | None = None) -> int:

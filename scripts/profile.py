@@ -4,7 +4,7 @@ The model runs in a spawned worker process exactly as the server's worker
 does (``ModelRunner``, ``torch.set_num_threads(threads)``, calibrated kernel
 choice); this process plays the scheduler: it owns the
 :class:`~policy.contention.ContentionMonitor` (told only the worker's pid) and
-a co-runner at several intensities (``scripts.corunner.make_burner``: CPU-burning
+a co-runner at several intensities (``workers.corunner.make_burner``: CPU-burning
 processes, or GPU-burning ones when the worker runs on a GPU). Every call uses
 distinct inputs (held-out digits plus small noise). Each row records the
 contention the monitor reported when the batch was sent, so the model learns
@@ -30,15 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.contention import ContentionMonitor, time_call
-from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
+from slonn.policy.contention import ContentionMonitor, time_call
+from slonn.policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
-from policy.latency_model import profile_csv_name
-from scripts.corunner import BurnSpec, make_burner
-from scripts.serve import spin_ms
-from workers.device import gpu_uuid
-from workers.placement import set_niceness
-from workers.protocol import DEFAULT_PRECISION, PRECISIONS
+from slonn.policy.latency_model import profile_csv_name
+from slonn.workers.corunner import BurnSpec, make_burner
+from slonn.scripts.serve import spin_ms
+from slonn.workers.device import gpu_uuid
+from slonn.workers.placement import set_niceness
+from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
     request until told to stop, waiting for each as a server worker does (``wait_for_task``)."""
     import torch
 
-    from scripts.digits import load_split
-    from workers.process import wait_for_task
-    from workers.runner import ModelRunner
+    from slonn.workers.digits import load_split
+    from slonn.workers.process import wait_for_task
+    from slonn.workers.runner import ModelRunner
 
     if nice is not None:
         set_niceness(nice)

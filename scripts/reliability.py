@@ -22,13 +22,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import slonn_pb2 as pb
-from protos.client import AsyncSlonnClient
-from scripts.replay import replay
-from scripts.report import RequestRecord
-from scripts.serverproc import ServerProcess
-from scripts.trace import poisson_arrivals
-from workers.placement import set_niceness
+from slonn.protos import slonn_pb2 as pb
+from slonn.protos.client import AsyncSlonnClient
+from slonn.scheduler.replay import replay
+from slonn.scheduler.report import RequestRecord
+from slonn.scheduler.serverproc import ServerProcess, child_pids
+from slonn.scheduler.trace import poisson_arrivals
+from slonn.workers.placement import set_niceness
 
 MIX = {"interactive": 0.4, "standard": 0.45, "batch": 0.15}
 CLIENT_START_S = 10.0
@@ -318,7 +318,7 @@ def shutdown(model_dir: Path, rate: float, duration_s: float, stop_after_s: floa
 
 
 def _model_name(model_dir: Path) -> str:
-    from workers.artifact import load_manifest
+    from slonn.workers.artifact import load_manifest
 
     return load_manifest(model_dir).name
 

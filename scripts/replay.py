@@ -1,273 +1,28 @@
-"""`slonn replay`: open-loop trace replay against a live server over gRPC.
-
-Open loop: each request is sent at its trace time whatever the server is
-doing (a slow server never slows the sender). Inputs are held-out digits;
-answers are checked against their labels.
-"""
+"""`slonn replay`: open-loop trace replay against a live server; per-class summary, per-request CSV."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
-import grpc
-import numpy as np
-
-from protos.client import AsyncSlonnClient, InferResult, make_request
-from scripts import aio
-from scripts.digits import load_split
-from scripts.report import RequestRecord, format_table, summarize, write_csv
-from scripts.trace import DEFAULT_TRACE, Arrivals, make_arrivals
-from workers.heap import freeze_startup_heap
-
-TRANSPORTS = ("unary", "stream")
-CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
-"""Status of a request the server never answered before the client's generous deadline."""
-
-
-def _progress(done: int, total: int, started: float, stream) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} sent  {time.monotonic() - started:5.1f}s")
-    stream.flush()
-
-
-async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
-                 split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
-                 transport: str = "unary", client_deadline: bool = False,
-                 start_at: float | None = None, on_start=None) -> list[RequestRecord]:
-    """Send every arrival at its time; returns one record per request (each with a terminal status).
-
-    ``transport``: "unary" (one Infer call per request, with a generous gRPC
-    deadline) or "stream" (all requests on one InferStream: far less per-request
-    CPU on both sides, for high rates on a small machine).
-
-    ``client_deadline`` (unary only): each call's gRPC deadline is its class
-    deadline, as a latency-sensitive client would set it; the server then
-    knows the true time left, ingress delay included, and an answer after it
-    is DEADLINE_EXCEEDED. Otherwise the deadline is generous (class deadline x
-    ``timeout_factor`` + 1 s), so every server answer, late or not, is seen.
-
-    ``start_at``: a ``time.time()`` at which the first arrival's clock starts (several load-generator
-    processes then offer their shares of the load over the same window).
-
-    ``on_start``: called with the ``time.monotonic()`` of the first arrival's clock, once it starts (a caller
-    that samples the machine meanwhile lines its samples up with the records' ``send_s``).
-    """
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
-    split = load_split(seed=split_seed)
-    x, y = split.x_test, split.y_test
-    records = [RequestRecord(i, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
-               for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
-    async with AsyncSlonnClient(target) as client:
-        await client.wait_ready()
-        freeze_startup_heap()
-        if start_at is not None:
-            if time.time() > start_at:
-                raise RuntimeError(f"replay was ready {time.time() - start_at:.1f} s after start_at")
-            await asyncio.sleep(start_at - time.time())
-        loop_t0 = time.monotonic()
-        clock = lambda: time.monotonic() - loop_t0  # noqa: E731
-        if on_start is not None:
-            on_start(loop_t0)
-
-        def answered(i: int, status: str, res=None, detail: str = "") -> None:
-            rec = records[i]
-            rec.answer_s, rec.status, rec.detail = clock(), status, detail
-            if res is not None:
-                rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
-                rec.exec_ms, rec.predicted_ms, rec.queue_ms = res.exec_ms, res.predicted_ms, res.queue_ms
-                rec.server_ms = res.server_ms
-                rec.correct = bool(int(np.argmax(res.output)) == int(y[i % len(x)]))
-
-        if transport == "unary":
-            send, finish = _unary_sender(client, model, records, x, timeout_factor, answered, clock,
-                                         client_deadline)
-        else:
-            send, finish = _stream_sender(client, model, records, x, timeout_factor, answered, clock)
-        for i, offset in enumerate(arrivals.offsets_s):
-            delay = offset - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            send(i)
-            if progress and i % 50 == 0:
-                _progress(i, len(arrivals), loop_t0, sys.stderr)
-        if progress:
-            _progress(len(arrivals), len(arrivals), loop_t0, sys.stderr)
-            sys.stderr.write("\n")
-        await finish()
-    return records
-
-
-def _unary_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
-                  timeout_factor: float, answered, clock, client_deadline: bool):
-    tasks = []
-
-    async def one(i: int) -> None:
-        rec = records[i]
-        rec.send_s = clock()
-        if client_deadline:
-            timeout = rec.deadline_ms * 1e-3
-        else:  # generous: the server answers DEADLINE_EXCEEDED itself, early
-            timeout = rec.deadline_ms * 1e-3 * timeout_factor + 1.0
-        try:
-            res = await client.infer(model, rec.slo_class, x[i % len(x)], request_id=str(i), timeout_s=timeout)
-        except grpc.aio.AioRpcError as exc:
-            # The client's own deadline firing means the server never answered.
-            client_timeout = (not client_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                              and exc.details() == "Deadline Exceeded")
-            answered(i, CLIENT_TIMEOUT if client_timeout else exc.code().name, detail=exc.details() or "")
-        else:
-            answered(i, "OK", res)
-
-    def send(i: int) -> None:
-        tasks.append(asyncio.create_task(one(i)))
-
-    async def finish() -> None:
-        await asyncio.gather(*tasks)
-
-    return send, finish
-
-
-def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
-                   timeout_factor: float, answered, clock):
-    outbox: asyncio.Queue = asyncio.Queue()
-    waiting: set[int] = set()
-    all_done = asyncio.Event()
-    sending = [True]
-
-    async def requests():
-        while (req := await outbox.get()) is not None:
-            yield req
-
-    call = client.stub.InferStream(requests())
-
-    async def read() -> None:
-        async for msg in call:
-            if msg.HasField("response"):
-                i = int(msg.response.request_id)
-                answered(i, "OK", InferResult.from_proto(msg.response))
-            else:
-                i = int(msg.error.request_id)
-                answered(i, msg.error.code, detail=msg.error.message)
-            waiting.discard(i)
-            if not waiting and not sending[0]:
-                all_done.set()
-
-    reader = asyncio.create_task(read())
-
-    def send(i: int) -> None:
-        rec = records[i]
-        rec.send_s = clock()
-        waiting.add(i)
-        outbox.put_nowait(make_request(model, rec.slo_class, x[i % len(x)], request_id=str(i)))
-
-    async def finish() -> None:
-        sending[0] = False
-        if waiting:
-            # Whatever the server has not answered by then stays UNANSWERED in the records.
-            limit = max(r.deadline_ms for r in records) * 1e-3 * timeout_factor + 1.0
-            try:
-                await asyncio.wait_for(all_done.wait(), limit)
-            except asyncio.TimeoutError:
-                pass
-        outbox.put_nowait(None)
-        try:
-            await asyncio.wait_for(reader, 10.0)
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-            reader.cancel()
-        for i in waiting:
-            records[i].status = CLIENT_TIMEOUT
-
-    return send, finish
-
-
-async def replay_with_corunner(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
-                               start_s: float, stop_s: float, n_procs: int = 1, usage: dict | None = None,
-                               corunner_cpus: tuple[int, ...] | None = None, corunner_device: str = "cpu",
-                               **kwargs) -> list[RequestRecord]:
-    """:func:`replay` with a co-runner (``scripts.corunner.make_burner``: CPU-burning processes, or on
-    ``corunner_device`` "cuda:N" GPU-burning ones) on from ``start_s`` to ``stop_s`` (seconds from the first
-    send), its processes on ``corunner_cpus`` (None: wherever this thread may run). ``usage``, if given,
-    receives the CPU the co-runner got (``CpuBurner.usage``)."""
-    from scripts.corunner import make_burner
-
-    # A neighbour at the default priority, whatever this process's.
-    burner = make_burner(corunner_device, n_procs, nice=0, cpus=corunner_cpus)
-
-    started = asyncio.Event()
-    origin: dict = {}
-    caller_on_start = kwargs.pop("on_start", None)
-
-    def on_start(t0: float) -> None:
-        origin["t0"] = t0
-        started.set()
-        if caller_on_start is not None:
-            caller_on_start(t0)
-
-    async def interfere() -> None:
-        await started.wait()  # times count from the records' t = 0, after the replay's set-up
-        t0 = origin["t0"]
-        await asyncio.sleep(max(0.0, start_s - (time.monotonic() - t0)))
-        await asyncio.to_thread(burner.start)  # spawning takes a moment: off the sending loop
-        await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - t0)))
-        await asyncio.to_thread(burner.stop)
-
-    task = asyncio.create_task(interfere())
-    try:
-        return await replay(target, model, arrivals, deadlines_ms, on_start=on_start, **kwargs)
-    finally:
-        task.cancel()
-        await asyncio.to_thread(burner.stop)  # a no-op if interfere() stopped it; else the replay ended first
-        if usage is not None:
-            usage.update(burner.usage() or {})
-
-
-def phase_summaries(records: list[RequestRecord], start_s: float, stop_s: float, duration_s: float) -> dict:
-    """The summary before, during and after an interference window, by send time."""
-    phases = {"before": (0.0, start_s), "during": (start_s, stop_s), "after": (stop_s, max(duration_s, stop_s))}
-    out = {}
-    for name, (lo, hi) in phases.items():
-        rs = [r for r in records if lo <= r.send_s < hi or (name == "after" and r.send_s >= hi)]
-        if rs:
-            out[name] = {"window_s": [round(lo, 3), round(hi, 3)], "summary": summarize(rs, max(hi - lo, 1e-9))}
-    return out
-
-
-def add_arrival_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="arrival trace CSV (TIMESTAMP column)")
-    p.add_argument("--start-s", type=float, default=0.0, help="window start in trace seconds")
-    p.add_argument("--duration-s", type=float, default=60.0, help="window length in trace seconds")
-    p.add_argument("--speedup", type=float, default=10.0, help="time compression factor")
-    p.add_argument("--rate", type=float, default=None, help="target mean requests/s (overrides --speedup)")
-
-
-def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
-                   help="the load generator's event loop, and in `slonn compare` the live servers' too "
-                        "(uvloop: less CPU per call; optional dependency)")
-    p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
-                   help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
-                        "sees the true time left) or generous (every late answer is still received)")
-
-
-def client_kwargs(args) -> dict:
-    return {"transport": args.transport, "client_deadline": args.client_deadline == "class"}
-
-
-def arrivals_from_args(args) -> Arrivals:
-    return make_arrivals(args.trace, args.start_s, args.duration_s, args.speedup, args.rate)
+from slonn.scheduler import aio
+from slonn.scheduler.replay import (
+    add_arrival_args,
+    add_client_args,
+    arrivals_from_args,
+    client_kwargs,
+    phase_summaries,
+    replay,
+    replay_with_corunner,
+)
+from slonn.scheduler.report import format_table, summarize, write_csv
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scheduler.config import load_classes
-    from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit
+    from slonn.scheduler.config import load_classes
+    from slonn.workers.corunner import add_corunner_device_arg, corunner_device_or_exit
 
     p = argparse.ArgumentParser(prog="slonn replay", description=__doc__)
     p.add_argument("--target", default="localhost:50051")
@@ -309,3 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_table(summary))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

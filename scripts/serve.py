@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from scheduler.compiled import state as compiled_state
-from scheduler.config import ServerConfig, load_classes
-from scripts import aio
-from workers.placement import ask_niceness, parse_cpus, set_cpus
-from workers.protocol import DEFAULT_PRECISION, PRECISIONS
+from slonn.scheduler import aio
+from slonn.scheduler.compiled import state as compiled_state
+from slonn.scheduler.config import ServerConfig, load_classes
+from slonn.workers.placement import ask_niceness, parse_cpus, set_cpus
+from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
 T = TypeVar("T")
@@ -164,7 +164,7 @@ def config_from_args(args) -> ServerConfig:
 
 
 async def run_server(cfg: ServerConfig) -> int:
-    from scheduler.server import SlonnServer
+    from slonn.scheduler.server import SlonnServer
 
     server = SlonnServer(cfg)
     port = await server.start()

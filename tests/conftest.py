@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A small real artifact trained on the digits (2 x 128 hidden, a few seconds)."""
-    from scripts.train import TrainConfig, train_to
+    from slonn.workers.train import TrainConfig, train_to
 
     directory = tmp_path_factory.mktemp("models") / "tiny"
     train_to(directory, TrainConfig(name="tiny", hidden=(128, 128), epochs=8, levels=(1.0, 0.5, 0.25, 0.1)))

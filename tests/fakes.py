@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 
-from policy.planner import Policy, SLOAwarePolicy
-from workers.pool import TaskFailed, WorkerDied, WorkerPool
-from workers.protocol import BatchResult, BatchTask
+from slonn.policy.planner import Policy, SLOAwarePolicy
+from slonn.workers.pool import TaskFailed, WorkerDied, WorkerPool
+from slonn.workers.protocol import BatchResult, BatchTask
 
 
 class FakeWorkerPool(WorkerPool):

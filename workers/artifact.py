@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.model import MLPArchitecture, SLOAwareMLP
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"

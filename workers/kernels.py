@@ -60,8 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers import native
-from workers.model import SLOAwareMLP, kept_units
+from slonn.workers import native
+from slonn.workers.model import SLOAwareMLP, kept_units
 
 EXACT_KERNELS: tuple[str, ...] = ("dense", "gather", "union")
 """Kernels equal to the reference up to float summation order that every layout has."""
@@ -331,6 +331,6 @@ def _union_gemm(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch
     return torch.addmm(layer.bias, h.index_select(1, union), layer.wt.index_select(0, union))
 
 
-from workers.kernels_chooser import KernelChooser, measure_kernel_table  # noqa: E402  (re-export)
+from slonn.workers.kernels_chooser import KernelChooser, measure_kernel_table  # noqa: E402  (re-export)
 
 __all__ = ["EXACT_KERNELS", "KernelChooser", "SparseLayer", "SparseMLP", "measure_kernel_table", "select_topk"]

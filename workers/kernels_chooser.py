@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from workers.device import DeviceTimer
+from slonn.workers.device import DeviceTimer
 
 if TYPE_CHECKING:
-    from workers.kernels import SparseMLP
+    from slonn.workers.kernels import SparseMLP
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 PRIOR_GATHER_MAX_BATCH = 4

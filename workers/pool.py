@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from dataclasses import replace
 
-from workers.artifact import ModelManifest
-from workers.device import gpu_uuid
-from workers.process import WorkerSpec, execute, load_runners, warm_up, worker_main
-from workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
+from slonn.workers.artifact import ModelManifest
+from slonn.workers.device import gpu_uuid
+from slonn.workers.process import WorkerSpec, execute, load_runners, warm_up, worker_main
+from slonn.workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.device import gpu_uuid
-from workers.heap import freeze_startup_heap
-from workers.placement import ask_niceness, set_cpus
-from workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
-from workers.runner import ModelRunner
+from slonn.workers.device import gpu_uuid
+from slonn.workers.heap import freeze_startup_heap
+from slonn.workers.placement import ask_niceness, set_cpus
+from slonn.workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
+from slonn.workers.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def wait_for_task(conn: Connection, spin_s: float):
     hands the physical core to someone else; the next batch then loses milliseconds to pauses in which
     the vCPU does not run at all. On the 2-vCPU VM of docs/latency-model.md, sleeping 2 ms between calls
     cost 30-42% of the calls' wall time; polling through the same gaps cost under 4%
-    (``python -m scripts.noise`` against ``--spin``). The price is the core the poll keeps busy while traffic
+    (``python -m bench.noise`` against ``--spin``). The price is the core the poll keeps busy while traffic
     flows, bounded by ``spin_s`` after the last batch once it stops.
     """
     if spin_s > 0 and not conn.poll():

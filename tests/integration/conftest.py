@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest_asyncio
 
-from protos.client import AsyncSlonnClient
+from slonn.protos.client import AsyncSlonnClient
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

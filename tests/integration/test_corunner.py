@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from scripts.corunner import CpuBurner
+from slonn.workers.corunner import CpuBurner
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -27,7 +27,7 @@ def test_burner_reports_the_cpu_it_got():
 def test_usage_is_reported_when_the_replay_ends_before_the_corunner_would_stop(monkeypatch):
     import asyncio
 
-    from scripts import replay as replay_mod
+    from slonn.scheduler import replay as replay_mod
 
     async def short_replay(*args, on_start=None, **kwargs):
         on_start(time.monotonic())
@@ -46,8 +46,8 @@ def test_the_corunner_window_counts_from_the_replays_first_send(monkeypatch):
     """The replay's set-up (channel, data) comes before its t = 0: the co-runner must not start during it."""
     import asyncio
 
-    from scripts import corunner
-    from scripts import replay as replay_mod
+    from slonn.scheduler import replay as replay_mod
+    from slonn.workers import corunner
 
     events = []
 
@@ -78,7 +78,7 @@ def test_burner_runs_at_its_own_niceness_not_its_parents(nice):
     # needed), then checks whether it may lower it again (CAP_SYS_NICE, which root in a container may lack).
     import subprocess
 
-    code = ("import os, time; from scripts.corunner import CpuBurner\n"
+    code = ("import os, time; from workers.corunner import CpuBurner\n"
             "parent = max(os.getpriority(os.PRIO_PROCESS, 0), 3); os.setpriority(os.PRIO_PROCESS, 0, parent)\n"
             "try:\n    os.setpriority(os.PRIO_PROCESS, 0, parent - 1); os.setpriority(os.PRIO_PROCESS, 0, parent)"
             "; privileged = True\nexcept PermissionError:\n    privileged = False\n"
@@ -97,7 +97,7 @@ def test_burner_runs_at_its_own_niceness_not_its_parents(nice):
 
 def test_the_device_burner_runs_its_kernel_loop_and_stops():
     """On "cpu" the device burner's loop (torch matrix products, the GPU co-runner's body) runs without a GPU."""
-    from scripts.corunner import DeviceBurner
+    from slonn.workers.corunner import DeviceBurner
 
     burner = DeviceBurner("cpu", n_procs=2, duty=0.5)
     burner.start()  # returns once both processes have run a product
@@ -112,7 +112,7 @@ def test_the_device_burner_runs_its_kernel_loop_and_stops():
 
 
 def test_a_device_burner_that_cannot_burn_says_so():
-    from scripts.corunner import DeviceBurner
+    from slonn.workers.corunner import DeviceBurner
 
     burner = DeviceBurner("cuda:99", n_procs=1)  # no such GPU: the child dies before its first product
     with pytest.raises(RuntimeError, match="exited"):
@@ -121,7 +121,7 @@ def test_a_device_burner_that_cannot_burn_says_so():
 
 
 def test_make_burner_picks_the_burner_for_the_device():
-    from scripts.corunner import CpuBurner, DeviceBurner, make_burner
+    from slonn.workers.corunner import CpuBurner, DeviceBurner, make_burner
 
     assert type(make_burner("cpu", 2, 0.5)) is CpuBurner
     gpu = make_burner("cuda:1", 1, nice=0)
@@ -131,7 +131,7 @@ def test_make_burner_picks_the_burner_for_the_device():
 def test_corunner_device_resolves_auto_and_names_a_bad_value():
     import torch
 
-    from scripts.corunner import corunner_device
+    from slonn.workers.corunner import corunner_device
 
     assert corunner_device("cpu") == "cpu"
     assert corunner_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -145,7 +145,7 @@ def test_corunner_device_resolves_auto_and_names_a_bad_value():
 
 
 def test_replay_names_a_bad_corunner_device(capsys):
-    from scripts import replay
+    from slonn.scripts import replay
 
     with pytest.raises(SystemExit):
         replay.main(["--corunner-start-s", "1", "--corunner-device", "tpu"])

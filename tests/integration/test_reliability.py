@@ -20,12 +20,12 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import slonn_pb2 as pb
-from protos import slonn_pb2_grpc as pb_grpc
-from protos.client import AsyncSlonnClient, make_request
-from scheduler.config import ServerConfig, SLOClassConfig
-from scheduler.server import SlonnServer
-from scripts.serverproc import ServerProcess
+from slonn.protos import slonn_pb2 as pb
+from slonn.protos import slonn_pb2_grpc as pb_grpc
+from slonn.protos.client import AsyncSlonnClient, make_request
+from slonn.scheduler.config import ServerConfig, SLOClassConfig
+from slonn.scheduler.server import SlonnServer
+from slonn.scheduler.serverproc import ServerProcess
 
 MODEL = "tiny"
 CLASSES = {c.name: c for c in (

@@ -17,14 +17,14 @@ import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import slonn_pb2 as pb
-from protos.client import InferResult, make_request
-from protos.tensors import to_tensor
-from scheduler.config import ServerConfig, SLOClassConfig
-from scheduler.server import SlonnServer
-from workers.artifact import load_artifact
-from workers.kernels import EXACT_KERNELS
-from workers.kernels_chooser import split_choice
+from slonn.protos import slonn_pb2 as pb
+from slonn.protos.client import InferResult, make_request
+from slonn.protos.tensors import to_tensor
+from slonn.scheduler.config import ServerConfig, SLOClassConfig
+from slonn.scheduler.server import SlonnServer
+from slonn.workers.artifact import load_artifact
+from slonn.workers.kernels import EXACT_KERNELS
+from slonn.workers.kernels_chooser import split_choice
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,7 +69,7 @@ def samples(local) -> np.ndarray:
     The server may run a half-precision kernel; with a wide margin its argmax must
     still equal the fp32 reference's, so the comparison below is deterministic.
     """
-    from scripts.digits import load_split
+    from slonn.workers.digits import load_split
 
     model, manifest = local
     x = load_split().x_test

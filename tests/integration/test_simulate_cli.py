@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler import compiled
-from scheduler.compiled import state
-from scripts import bench_sim, simulate
+from slonn.scheduler import compiled
+from slonn.scheduler.compiled import state
+from bench import bench_sim
+from slonn.scripts import simulate
 
 
 CLASSES = """
@@ -95,7 +96,7 @@ def test_bench_sim_side_by_side_runs_both_checkouts_and_reports_each_pair(tiny_m
 
 
 def test_compare_sim_writes_one_table_with_every_policy_and_says_whether_it_ran_compiled(tiny_model_dir, tmp_path):
-    from scripts import compare
+    from slonn.scripts import compare
 
     classes, profile = write_inputs(tmp_path)
     out_dir = tmp_path / "cmp"

@@ -7,10 +7,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from scripts import aio
-from scripts.replay import replay
-from scripts.serverproc import ServerProcess
-from scripts.trace import Arrivals
+from slonn.scheduler import aio
+from slonn.scheduler.replay import replay
+from slonn.scheduler.serverproc import ServerProcess
+from slonn.scheduler.trace import Arrivals
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from scripts.corunner import CpuBurner
-from workers.process import WorkerSpec, worker_main
-from workers.protocol import Shutdown, WorkerReady
+from slonn.workers.corunner import CpuBurner
+from slonn.workers.process import WorkerSpec, worker_main
+from slonn.workers.protocol import Shutdown, WorkerReady
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness and affinity per process")
 
@@ -54,7 +54,7 @@ def test_the_corunner_runs_on_the_cpus_it_was_given():
 
 async def test_the_pool_knows_the_niceness_its_workers_got(tiny_model_dir):
     """The server judges its latency profile against it (scheduler.latency.base_rows)."""
-    from workers.pool import ProcessPool
+    from slonn.workers.pool import ProcessPool
 
     nice = min(os.getpriority(os.PRIO_PROCESS, 0) + 2, 19)
     pool = ProcessPool(WorkerSpec((tiny_model_dir,), "cpu", calibrate=False, precision="fp32", worker_nice=nice))

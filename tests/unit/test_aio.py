@@ -1,4 +1,4 @@
-"""scripts.aio.run: the same coroutine on the standard loop and on uvloop."""
+"""slonn.scheduler.aio.run: the same coroutine on the standard loop and on uvloop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from scripts import aio
+from slonn.scheduler import aio
 
 
 async def _loop_name() -> str:

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from workers.artifact import (MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, is_artifact, load_artifact, load_manifest,
+from slonn.workers.artifact import (MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, is_artifact, load_artifact, load_manifest,
                               save_artifact)
-from workers.model import MLPArchitecture, SLOAwareMLP
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 ARCH = MLPArchitecture(in_features=8, hidden=(32, 16), out_features=3)
 LEVELS = (1.0, 0.5, 0.25, 0.1)

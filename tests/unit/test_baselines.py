@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from policy.baselines import AIMDPolicy, DynamicBatchingPolicy, make_baseline
-from policy.planner import Pending, Plan, PlanContext, Wait
-from policy.table import LatencyTable
-from scheduler.server import make_policy
+from slonn.policy.baselines import AIMDPolicy, DynamicBatchingPolicy, make_baseline
+from slonn.policy.planner import Pending, Plan, PlanContext, Wait
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.server import make_policy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
 

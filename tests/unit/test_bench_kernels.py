@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from scripts.bench_kernels import _union_fractions
-from workers.model import MLPArchitecture, SLOAwareMLP
+from slonn.scripts.bench_kernels import _union_fractions
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 ARCH = MLPArchitecture(in_features=16, hidden=(100, 40), out_features=5)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.compare import StealSampler, live_serve_args, steal_pct
-from scripts.serve import add_server_args
+from slonn.scripts.compare import StealSampler, live_serve_args, steal_pct
+from slonn.scripts.serve import add_server_args
 
 
 def namespace(**over) -> argparse.Namespace:
@@ -79,7 +79,7 @@ def test_steal_share_of_cpu_time_between_readings():
 
 
 def test_sim_live_gap_is_per_policy_run_in_both_modes():
-    from scripts.compare import markdown, sim_live_gap
+    from slonn.scripts.compare import markdown, sim_live_gap
 
     def row(mode, policy, inter, during=None):
         return {"mode": mode, "policy": policy, "attain_interactive": inter, "attain_all": inter,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from policy.planner import Pending, Plan
-from policy.table import LatencyTable
-from scheduler import compiled
+from slonn.policy.planner import Pending, Plan
+from slonn.policy.table import LatencyTable
+from slonn.scheduler import compiled
 
 EXT = importlib.machinery.EXTENSION_SUFFIXES[0]
 
@@ -53,21 +53,21 @@ def test_the_environment_can_turn_the_extensions_off(tmp_path):
 
 def test_an_edited_source_runs_from_source_with_a_warning(tmp_path):
     root = tree(tmp_path)
-    compiled.source_path("scheduler.core", root).write_text("# edited after the build\n")
-    with pytest.warns(RuntimeWarning, match="scheduler.core"):
+    compiled.source_path("slonn.scheduler.core", root).write_text("# edited after the build\n")
+    with pytest.warns(RuntimeWarning, match="slonn.scheduler.core"):
         got = compiled.decide(root, {})
-    assert not got["compiled"] and "changed since the build: scheduler.core" in got["reason"]
+    assert not got["compiled"] and "changed since the build: slonn.scheduler.core" in got["reason"]
 
 
 def test_an_edited_typed_dependency_makes_the_build_stale(tmp_path):
     root = tree(tmp_path)
-    compiled.source_path("scheduler.config", root).write_text("# a field changed type\n")
-    with pytest.warns(RuntimeWarning, match="scheduler.config"):
+    compiled.source_path("slonn.scheduler.config", root).write_text("# a field changed type\n")
+    with pytest.warns(RuntimeWarning, match="slonn.scheduler.config"):
         assert not compiled.decide(root, {})["compiled"]
 
 
 def test_a_partial_build_runs_every_module_from_source(tmp_path):
-    with pytest.warns(RuntimeWarning, match="not built: scripts.simulate"):
+    with pytest.warns(RuntimeWarning, match="not built: slonn.scheduler.simulator"):
         got = compiled.decide(tree(tmp_path, built=ALL_BUILT[:-2] + ALL_BUILT[-1:]), {})
     assert not got["compiled"]
 
@@ -86,14 +86,14 @@ def test_the_stamp_records_every_compiled_source_and_typed_dependency(tmp_path):
     root = tree(tmp_path)
     recorded = json.loads((root / compiled.STAMP).read_text())
     assert set(recorded) == set(compiled.COMPILED_MODULES + compiled.TYPED_DEPENDENCIES)
-    assert recorded["scheduler.core"] == compiled.source_digest(compiled.source_path("scheduler.core", root))
+    assert recorded["slonn.scheduler.core"] == compiled.source_digest(compiled.source_path("slonn.scheduler.core", root))
 
 
 def test_this_process_loaded_what_state_says():
-    import scheduler.core
+    import slonn.scheduler.core
 
     state = compiled.state()
-    assert state["compiled"] == scheduler.core.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    assert state["compiled"] == slonn.scheduler.core.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 def _sources_only(code: str) -> str:
@@ -116,11 +116,11 @@ def test_the_compiled_simulator_answers_exactly_as_the_sources_do():
     code = """
 import json
 import numpy as np
-from scheduler.config import load_classes
-from scheduler.server import make_policy
-from policy.table import LatencyTable
-from scripts.simulate import ContentionProfile, LatencyDraw, SimConfig, simulate
-from scripts.trace import poisson_arrivals
+from slonn.scheduler.config import load_classes
+from slonn.scheduler.server import make_policy
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.simulator import ContentionProfile, LatencyDraw, SimConfig, simulate
+from slonn.scheduler.trace import poisson_arrivals
 
 levels = (1.0, 0.5, 0.25, 0.1)
 table = LatencyTable.constant(levels, 64, 0.4, 1.0)
@@ -158,7 +158,7 @@ def test_a_table_pickles_through_its_constructor():
 
 def test_records_pickle(tmp_path):
     """slonn reliability sends RequestRecords back from its client processes."""
-    from scripts.report import RequestRecord
+    from slonn.scheduler.report import RequestRecord
 
     r = RequestRecord(3, "interactive", 25.0, 1.5, 1.52, "OK", 0.5, 4, True, False, 1.1, 1.3)
     back = pickle.loads(pickle.dumps(r))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import ServerConfig, SLOClassConfig, load_classes
+from slonn.scheduler.config import ServerConfig, SLOClassConfig, load_classes
 
 GOOD = """
 [[class]]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from policy.contention import GPU_SAMPLE_HOLD_S, ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, \
+from slonn.policy.contention import GPU_SAMPLE_HOLD_S, ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, \
     others_load, parse_procs_running, probe_slowdown, task_state
 
 STAT = "cpu  1 2 3 4\ncpu0 1 2 3 4\nintr 5\nctxt 6\nprocs_running 5\nprocs_blocked 0\n"
@@ -101,7 +101,7 @@ def test_monitor_rejects_bad_config():
 def test_time_call_counts_time_off_the_cpu_as_a_pause():
     import time
 
-    from policy.contention import CallTimes, time_call
+    from slonn.policy.contention import CallTimes, time_call
 
     out, times = time_call(lambda s: time.sleep(s) or "done", 0.02)
     assert out == "done"
@@ -111,7 +111,7 @@ def test_time_call_counts_time_off_the_cpu_as_a_pause():
 
 
 def test_thread_runq_reads_the_second_schedstat_field(tmp_path):
-    from policy.contention import thread_runq_ns
+    from slonn.policy.contention import thread_runq_ns
 
     (tmp_path / "thread-self").mkdir()
     (tmp_path / "thread-self" / "schedstat").write_text("123456 7890 42\n")

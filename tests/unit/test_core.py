@@ -9,13 +9,13 @@ import grpc
 import numpy as np
 import pytest
 
-from policy.baselines import make_baseline
-from policy.planner import PlanContext, RecentSlowdown, SLOAwarePolicy, Wait
-from policy.table import LatencyTable
-from scheduler.clock import FakeClock
-from scheduler.config import SLOClassConfig
-from scheduler.core import Scheduler
-from scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
+from slonn.policy.baselines import make_baseline
+from slonn.policy.planner import PlanContext, RecentSlowdown, SLOAwarePolicy, Wait
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.clock import FakeClock
+from slonn.scheduler.config import SLOClassConfig
+from slonn.scheduler.core import Scheduler
+from slonn.scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
 from tests.fakes import WrappedPolicy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)

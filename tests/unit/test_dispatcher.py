@@ -10,16 +10,16 @@ import grpc
 import numpy as np
 import pytest
 
-from policy.planner import SLOAwarePolicy
-from policy.table import LatencyTable
-from scheduler.clock import FakeClock, MonotonicClock
-from scheduler.config import SLOClassConfig
-from scheduler.core import Scheduler
-from scheduler.dispatcher import Dispatcher
-from scheduler.errors import DeadlineUnreachable, RequestError, Unavailable
-from scheduler.latency import StaticLatency
+from slonn.policy.planner import SLOAwarePolicy
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.clock import FakeClock, MonotonicClock
+from slonn.scheduler.config import SLOClassConfig
+from slonn.scheduler.core import Scheduler
+from slonn.scheduler.dispatcher import Dispatcher
+from slonn.scheduler.errors import DeadlineUnreachable, RequestError, Unavailable
+from slonn.scheduler.latency import StaticLatency
+from slonn.workers.pool import TaskFailed, WorkerDied
 from tests.fakes import FakeWorkerPool
-from workers.pool import TaskFailed, WorkerDied
 
 LEVELS = (1.0, 0.5, 0.1)
 ACC = (0.97, 0.96, 0.95)
@@ -72,7 +72,7 @@ async def test_each_batch_logs_why_at_debug(caplog):
     """Issue #4's explainability: one debug line per batch with its size, level, prediction, slack, reason."""
     pool = FakeWorkerPool(workers=1)
     d = make(pool)
-    with caplog.at_level(logging.DEBUG, logger="scheduler.dispatcher"):
+    with caplog.at_level(logging.DEBUG, logger="slonn.scheduler.dispatcher"):
         task = asyncio.create_task(d.infer("m", "slow", x(7)))
         await until(lambda: len(pool.submitted) == 1, "batch submitted")
     pool.finish(0)

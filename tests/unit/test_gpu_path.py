@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.corunner import BurnSpec
-from scripts.profile import expected_signal
-from workers.device import gpu_uuid
+from slonn.scripts.profile import expected_signal
+from slonn.workers.corunner import BurnSpec
+from slonn.workers.device import gpu_uuid
 
 
 def test_a_cpu_device_has_no_gpu_to_watch():

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from workers import native
-from workers.kernels import EXACT_KERNELS, NATIVE_KERNEL, KernelChooser, SparseMLP, measure_kernel_table, select_topk
-from workers.kernels_chooser import SPARSE_MARGIN, is_dense, promote, split_choice
-from workers.model import MLPArchitecture, SLOAwareMLP
+from slonn.workers import native
+from slonn.workers.kernels import EXACT_KERNELS, NATIVE_KERNEL, KernelChooser, SparseMLP, measure_kernel_table, select_topk
+from slonn.workers.kernels_chooser import SPARSE_MARGIN, is_dense, promote, split_choice
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
 CPU = torch.device("cpu")
@@ -223,8 +223,8 @@ def test_a_sparse_kernel_needs_a_clear_win_over_dense():
 
 
 def test_runner_runs_the_promoted_level(tmp_path, model):
-    from workers.artifact import ModelManifest, save_artifact
-    from workers.runner import ModelRunner
+    from slonn.workers.artifact import ModelManifest, save_artifact
+    from slonn.workers.runner import ModelRunner
 
     save_artifact(model, ModelManifest("t", model.arch, LEVELS, {lv: 0.9 for lv in LEVELS}), tmp_path)
     runner = ModelRunner.load(tmp_path, "cpu")
@@ -240,8 +240,8 @@ def test_runner_runs_the_promoted_level(tmp_path, model):
     ("bf16", {"gather_bf16", "dense_bf16"} | {f"{k}_bf16" for k in NATIVE}),
     ("fp16", {"gather_fp16", "dense_fp16"}), ("fp32", set())])
 def test_runner_precision_decides_the_kernel_set(tmp_path, model, precision, half_kernels):
-    from workers.artifact import ModelManifest, save_artifact
-    from workers.runner import ModelRunner
+    from slonn.workers.artifact import ModelManifest, save_artifact
+    from slonn.workers.runner import ModelRunner
 
     save_artifact(model, ModelManifest("t", model.arch, LEVELS, {lv: 0.9 for lv in LEVELS}), tmp_path)
     runner = ModelRunner.load(tmp_path, "cpu", precision)
@@ -251,7 +251,7 @@ def test_runner_precision_decides_the_kernel_set(tmp_path, model, precision, hal
 
 
 def test_profile_file_per_precision():
-    from policy.latency_model import PROFILE_CSV, profile_csv_name
+    from slonn.policy.latency_model import PROFILE_CSV, profile_csv_name
 
     assert profile_csv_name() == PROFILE_CSV
     assert profile_csv_name("fp32") == "latency_profile-fp32.csv" != profile_csv_name("fp16")
@@ -260,7 +260,7 @@ def test_profile_file_per_precision():
 
 
 def test_a_profile_of_another_precision_is_named():
-    from policy.latency_model import LatencySample, foreign_kernels
+    from slonn.policy.latency_model import LatencySample, foreign_kernels
 
     rows = [LatencySample(0.1, 1, 0.0, 1.0, k) for k in ("gather_fp16", "dense@1.0", "dense_bf16@1.0", "union")]
     assert foreign_kernels(rows, "bf16") == {"gather_fp16"}

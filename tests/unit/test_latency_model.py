@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, hat_basis, \
+from slonn.policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, hat_basis, \
     read_rows_csv, weighted_quantile
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -191,7 +191,7 @@ def test_weighted_quantile_is_conservative_and_weighted():
 def test_out_of_fold_means_are_what_a_model_refitted_without_each_row_predicts():
     from sklearn.model_selection import KFold
 
-    from policy.latency_model import rows_to_arrays
+    from slonn.policy.latency_model import rows_to_arrays
 
     rows = synthetic_rows(reps=2)
     model = LatencyModel(LatencyModelConfig(folds=4, seed=3)).fit(rows)

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from policy.latency_model import LatencySample
-from policy.learner import LearnerConfig, OnlineLearner
-from policy.table import LatencyTable
+from slonn.policy.latency_model import LatencySample
+from slonn.policy.learner import LearnerConfig, OnlineLearner
+from slonn.policy.table import LatencyTable
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -162,7 +162,7 @@ def test_refit_in_a_child_process_publishes_the_same_table_as_in_the_thread():
 
 
 def test_a_thread_left_spawning_by_stop_cannot_mark_a_later_start_as_started(monkeypatch):
-    import policy.learner as learner_module
+    import slonn.policy.learner as learner_module
 
     monkeypatch.setattr(learner_module, "STOP_JOIN_S", 0.05)
     gates = [threading.Event(), threading.Event()]
@@ -275,7 +275,7 @@ def _batches_at(learner: OnlineLearner, contention: float, t0: float, seconds: f
 
 
 def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts_well():
-    from policy.learner import CONTENTION_MIN_GAP_S
+    from slonn.policy.learner import CONTENTION_MIN_GAP_S
 
     config = LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5)
     learner = make(config, clock=FakeClock())
@@ -313,7 +313,7 @@ def test_a_move_of_the_contention_calls_for_a_refit_even_when_the_table_predicts
 
 
 def test_a_failed_refit_keeps_the_evidence_that_asked_for_it(monkeypatch):
-    import policy.learner as learner_module
+    import slonn.policy.learner as learner_module
 
     clock = FakeClock()
     learner = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=5), clock=clock)
@@ -337,7 +337,7 @@ def test_a_failed_refit_keeps_the_evidence_that_asked_for_it(monkeypatch):
 
 
 def test_batches_that_finish_during_a_fit_are_not_evidence_against_the_new_table(monkeypatch):
-    import policy.learner as learner_module
+    import slonn.policy.learner as learner_module
 
     clock = FakeClock()
     learner = make(LearnerConfig(quiet_refit_s=1e6, drift=0.15, drift_samples=3), clock=clock)
@@ -384,7 +384,7 @@ def test_live_batch_sizes_do_not_become_knots_of_the_model():
 
 
 def test_the_first_batch_during_a_fit_stays_the_contention_triggers_base(monkeypatch):
-    import policy.learner as learner_module
+    import slonn.policy.learner as learner_module
 
     learner = make(LearnerConfig(quiet_refit_s=1e6), clock=FakeClock())  # the start-up fit saw no batch
     real_fit = learner_module.fit_table

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from workers.model import MLPArchitecture, SLOAwareMLP, kept_units, topk_mask
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP, kept_units, topk_mask
 
 ARCH = MLPArchitecture(in_features=16, hidden=(100, 37, 64), out_features=5)
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05, 0.01)

@@ -1,4 +1,4 @@
-"""workers.native: built once per machine into its cache, and absent (not broken) without a compiler."""
+"""slonn.workers.native: built once per machine into its cache, and absent (not broken) without a compiler."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from workers import native
-from workers.kernels import NATIVE_KERNEL, SparseMLP
-from workers.model import MLPArchitecture, SLOAwareMLP
+from slonn.workers import native
+from slonn.workers.kernels import NATIVE_KERNEL, SparseMLP
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 
 @pytest.fixture
@@ -103,9 +103,9 @@ def test_a_copy_leaves_the_native_plan_behind_and_still_runs():
 
 
 def test_a_kernel_table_naming_kernels_this_worker_lacks_is_measured_again(tmp_path, monkeypatch):
-    from workers.artifact import ModelManifest, save_artifact
-    from workers.kernels import EXACT_KERNELS
-    from workers.runner import ModelRunner
+    from slonn.workers.artifact import ModelManifest, save_artifact
+    from slonn.workers.kernels import EXACT_KERNELS
+    from slonn.workers.runner import ModelRunner
 
     torch.manual_seed(0)
     model = SLOAwareMLP(MLPArchitecture(8, (32, 16), 3)).eval()

@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from scheduler.config import ServerConfig, SLOClassConfig
-from scripts.adapt import split_cpus, started_workers
-from scripts.serve import add_server_args, cpus_arg
-from workers.placement import parse_cpus, set_cpus
-from workers.pool import READY_LOG
+from bench.adapt import split_cpus, started_workers
+from slonn.scheduler.config import ServerConfig, SLOClassConfig
+from slonn.scripts.serve import add_server_args, cpus_arg
+from slonn.workers.placement import parse_cpus, set_cpus
+from slonn.workers.pool import READY_LOG
 
 CLASSES = {"c": SLOClassConfig("c", latency_ms=10)}
 
@@ -43,7 +43,7 @@ def test_set_cpus_on_a_cpu_this_machine_lacks_raises_naming_it_and_changes_nothi
 
 
 def test_serve_refuses_cpus_it_cannot_run_on_naming_the_flag():
-    from scripts.serve import placement_problem
+    from slonn.scripts.serve import placement_problem
 
     here = tuple(sorted(os.sched_getaffinity(0)))
     assert placement_problem(None, None) is None and placement_problem(here[:1], here[-1:]) is None
@@ -53,7 +53,7 @@ def test_serve_refuses_cpus_it_cannot_run_on_naming_the_flag():
 
 
 def test_serve_flags_reach_the_config():
-    from scripts.serve import config_from_args
+    from slonn.scripts.serve import config_from_args
 
     p = argparse.ArgumentParser()
     add_server_args(p)

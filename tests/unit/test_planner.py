@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.planner import RECENT_REFRESH, Pending, Plan, PlanContext, RecentSlowdown, SLOAwarePolicy, edf_key, \
+from slonn.policy.planner import RECENT_REFRESH, Pending, Plan, PlanContext, RecentSlowdown, SLOAwarePolicy, edf_key, \
     fastest_allowed
-from policy.table import LatencyTable
+from slonn.policy.table import LatencyTable
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
 ACCURACY = (0.99, 0.97, 0.95, 0.90)

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from policy.planner import Pending, edf_key
-from scheduler.queues import QueuedRequest, RequestQueue, pop_merged
+from slonn.policy.planner import Pending, edf_key
+from slonn.scheduler.queues import QueuedRequest, RequestQueue, pop_merged
 
 _seq = itertools.count()
 

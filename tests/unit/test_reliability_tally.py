@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from scripts.reliability import outcome, reject_reason, tally
-from scripts.report import RequestRecord
+from slonn.scheduler.report import RequestRecord
+from slonn.scripts.reliability import outcome, reject_reason, tally
 
 
 def rec(status: str, detail: str = "", latency_ms: float = 1.0, lag_ms: float = 0.0) -> RequestRecord:

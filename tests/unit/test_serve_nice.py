@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from scripts import serve
+from slonn.scripts import serve
 
 
 def test_nice_adds_to_the_process_niceness_and_children_inherit_it():
     # In a child process: niceness only goes up without privilege, and the test runner must not change.
-    code = ("import os, subprocess, sys; from scripts.serve import apply_nice; before = os.nice(0); "
+    code = ("import os, subprocess, sys; from slonn.scripts.serve import apply_nice; before = os.nice(0); "
             "after = apply_nice(3); child = subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'], "
             "capture_output=True, text=True).stdout.strip(); print(before, after, child)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

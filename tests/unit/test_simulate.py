@@ -8,13 +8,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from policy.table import LatencyTable
-from scheduler.config import SLOClassConfig
-from scheduler.core import Scheduler
-from scheduler.server import make_policy
-from scripts.report import summarize
-from scripts.simulate import ContentionProfile, LatencyDraw, SimConfig, simulate
-from scripts.trace import poisson_arrivals
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.config import SLOClassConfig
+from slonn.scheduler.core import Scheduler
+from slonn.scheduler.report import summarize
+from slonn.scheduler.server import make_policy
+from slonn.scheduler.simulator import (
+    ContentionProfile,
+    LatencyDraw,
+    SimConfig,
+    simulate,
+)
+from slonn.scheduler.trace import poisson_arrivals
 from tests.fakes import WrappedPolicy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
@@ -164,14 +169,14 @@ def test_contention_window_slows_the_draw_and_moves_the_planner_bucket():
 
 
 def test_admission_times_are_a_one_server_fifo():
-    from scripts.simulate import admission_times
+    from slonn.scheduler.simulator import admission_times
 
     # A clump of three at t=0 leaves one cost apart; a later arrival after the queue emptied waits for nobody.
     assert admission_times([0.0, 0.0, 0.0, 0.0105, 1.0], 0.005) == pytest.approx([0.005, 0.010, 0.015, 0.020, 1.005])
 
 
 def test_a_slow_frontend_turns_a_clump_into_a_staircase_and_deadlines_count_from_the_send():
-    from scripts.trace import Arrivals
+    from slonn.scheduler.trace import Arrivals
 
     # 40 interactive requests sent at the same instant; the frontend admits one every 0.5 ms.
     n = 40

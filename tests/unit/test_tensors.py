@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protos import slonn_pb2 as pb
-from protos.tensors import TensorError, from_tensor, to_tensor
+from slonn.protos import slonn_pb2 as pb
+from slonn.protos.tensors import TensorError, from_tensor, to_tensor
 
 F = 64
 

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from scheduler.latency import warmup_profile
+from slonn.scheduler.latency import warmup_profile
+from slonn.workers.pool import WorkerDied
 from tests.fakes import FakeWorkerPool
-from workers.pool import WorkerDied
 
 
 class DyingOncePool(FakeWorkerPool):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from scheduler.config import ServerConfig, SLOClassConfig
-from workers.process import wait_for_task
+from slonn.scheduler.config import ServerConfig, SLOClassConfig
+from slonn.workers.process import wait_for_task
 
 
 @pytest.mark.parametrize("spin_s", [0.0, 0.005, 1.0])
@@ -45,7 +45,7 @@ def test_negative_spin_is_rejected_naming_the_field():
 def test_spin_flag_rejects_negative_and_non_finite_values_naming_the_flag():
     import argparse
 
-    from scripts.serve import spin_ms
+    from slonn.scripts.serve import spin_ms
 
     assert spin_ms("20") == 20.0
     for bad in ("-1", "nan", "inf", "fast"):

@@ -1,4 +1,4 @@
-"""`python -m scripts.bench_sim`: simulated requests per second of wall time, compiled against the sources.
+"""`python -m bench.bench_sim`: simulated requests per second of wall time, compiled against the sources.
 
 Each round runs one child process per mode, alternating which goes first: ``SLONN_COMPILED=1`` (the mypyc
 extensions, if built) and ``SLONN_COMPILED=0`` (the same modules from their Python sources). A child
@@ -26,8 +26,8 @@ from pathlib import Path
 
 
 def _child(args: argparse.Namespace, rest: list[str]) -> int:
-    from scheduler import compiled
-    from scripts.simulate import load, run_policy, sim_parser
+    from slonn.scheduler import compiled
+    from slonn.scheduler.simulator import load, run_policy, sim_parser
 
     arrivals, setup, cfg = load(sim_parser().parse_args(rest))
     rates, cpu_rates = [], []
@@ -43,7 +43,7 @@ def _child(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _child_cmd(argv: list[str], cpu: int | None = None) -> list[str]:
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
-    return [*pin, sys.executable, "-m", "scripts.bench_sim", "--child", *argv]
+    return [*pin, sys.executable, "-m", "bench.bench_sim", "--child", *argv]
 
 
 def _result(out: str, err: str, returncode: int, what: str) -> dict:
@@ -61,8 +61,8 @@ def _run_child(mode: str, argv: list[str]) -> dict:
 def pinned_inputs(argv: list[str]) -> list[str]:
     """``argv`` with every input file made absolute, as this checkout resolves it (its model, trace, classes
     and profile): each side runs in its own checkout, and must read the same files."""
-    from scheduler.config import default_classes_path
-    from scripts.simulate import sim_parser
+    from slonn.scheduler.config import default_classes_path
+    from slonn.scheduler.simulator import sim_parser
 
     known, _ = sim_parser(add_help=False).parse_known_args(argv)
     pinned = ["--model-dir", str(known.model_dir.resolve()), "--trace", str(known.trace.resolve()),
@@ -76,7 +76,7 @@ def side_by_side(other: Path, pairs: int, argv: list[str]) -> dict:
     """This checkout and ``other`` at once, one pinned child each (``python -m`` imports from the child's
     working directory; each child reports where its code came from, and it is checked), swapping vCPUs every
     pair. Both must run compiled, on the same requests."""
-    from scheduler import compiled
+    from slonn.scheduler import compiled
 
     dirs = {"this": compiled.ROOT, "other": other.resolve()}
     cpus = sorted(os.sched_getaffinity(0))[:2]
@@ -117,7 +117,7 @@ def side_by_side(other: Path, pairs: int, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m scripts.bench_sim", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m bench.bench_sim", description=__doc__.splitlines()[0],
                                 epilog="Other arguments go to the simulation (as for `slonn simulate`); "
                                        "the default load is the compare load, --duration-s 1200 --speedup 20.41.")
     p.add_argument("--rounds", type=int, default=3,

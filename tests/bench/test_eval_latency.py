@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from policy.latency_model import LatencySample
-from scripts.eval_latency import cell_median_oracle
+from bench.eval_latency import cell_median_oracle
+from slonn.policy.latency_model import LatencySample
 
 
 def _rows(values_by_cell):
@@ -40,7 +40,7 @@ def test_held_out_rows_of_unmeasured_cells_are_skipped():
 def test_unpaused_rows_leave_out_what_the_host_took():
     import numpy as np
 
-    from scripts.eval_latency import _unpaused
+    from bench.eval_latency import _unpaused
 
     # four held-out rows: two the host did not pause (the model is right), two it paused (the model is 50% off)
     actual = np.array([10.0, 10.0, 20.0, 20.0])
@@ -55,7 +55,7 @@ def test_unpaused_rows_leave_out_what_the_host_took():
 
 
 def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
-    from scheduler.latency import niceness_mismatch
+    from slonn.scheduler.latency import niceness_mismatch
 
     rows = [{"worker_nice": "-10"}] * 3
     assert niceness_mismatch(rows, -10) is None
@@ -66,7 +66,7 @@ def test_a_profile_taken_at_another_niceness_is_named_at_serve_time():
 
 
 def test_a_profile_knows_whether_it_saw_a_gpu():
-    from scheduler.latency import profiled_on_gpu
+    from slonn.scheduler.latency import profiled_on_gpu
 
     assert not profiled_on_gpu([{"gpu": ""}, {"gpu": ""}])  # taken on the CPU: the column is empty
     assert not profiled_on_gpu([{"level": "1.0"}])           # older profiles have no such column
@@ -76,7 +76,7 @@ def test_a_profile_knows_whether_it_saw_a_gpu():
 def test_scores_grade_the_model_and_the_table_the_planner_reads_separately():
     import numpy as np
 
-    from scripts.eval_latency import _scores
+    from bench.eval_latency import _scores
 
     actual = np.array([10.0, 20.0])
     out = _scores(mean=actual, safe=actual * 1.2, table_mean=actual * 1.5, table_safe=actual * 0.9, actual=actual)
@@ -104,7 +104,7 @@ def _drifting_profile(seed: int = 0, n: int = 1600, t_s: bool = True):
 
 
 def test_the_recent_slowdown_follows_a_drifting_machine_and_needs_the_call_times():
-    from scripts.eval_latency import evaluate
+    from bench.eval_latency import evaluate
 
     rows, dicts = _drifting_profile()
     result = evaluate(rows, dicts)
@@ -121,7 +121,7 @@ def test_the_recent_slowdown_does_not_help_without_drift():
     """Independent noise only: the factor chases nothing, and the MAPE with it stays near the model's."""
     import numpy as np
 
-    from scripts.eval_latency import evaluate
+    from bench.eval_latency import evaluate
 
     rng = np.random.default_rng(1)
     rows, dicts = _drifting_profile()
@@ -134,8 +134,8 @@ def test_the_recent_slowdown_does_not_help_without_drift():
 def test_a_rows_factor_comes_only_from_rows_that_finished_before_it_started():
     import numpy as np
 
-    from policy.planner import RecentSlowdown
-    from scripts.eval_latency import replay_factors
+    from bench.eval_latency import replay_factors
+    from slonn.policy.planner import RecentSlowdown
 
     # four calls 10 ms apart, the second one 3x slow; listed out of time order
     t_end = np.array([0.031, 0.001, 0.0115, 0.021])

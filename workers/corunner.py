@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from workers.placement import set_cpus, set_niceness
+from slonn.workers.placement import set_cpus, set_niceness
 
 
 def _duty_loop(stop, duty: float, period_s: float, step) -> None:

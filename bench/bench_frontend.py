@@ -25,16 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` (all threads), 0.0 if it is gone."""
-    from scripts.corunner import cpu_seconds
+    from slonn.workers.corunner import cpu_seconds
 
     cpu = cpu_seconds(pid)
     return 0.0 if cpu is None else cpu
 
 
 def distinct_inputs(n: int, seed: int = 0) -> np.ndarray:
-    from scripts.digits import load_split
+    from slonn.workers.digits import load_split
 
     x = load_split(seed=seed).x_test
     rng = np.random.default_rng(seed)
@@ -45,8 +46,8 @@ def distinct_inputs(n: int, seed: int = 0) -> np.ndarray:
 async def measure(target: str, server_pid: int, model: str, slo_class: str, n: int, concurrency: int) -> dict:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from protos.client import AsyncSlonnClient
-    from scripts.serverproc import child_pids
+    from slonn.protos.client import AsyncSlonnClient
+    from slonn.scheduler.serverproc import child_pids
 
     x = distinct_inputs(3 * n)
     phases = {}
@@ -84,8 +85,8 @@ async def measure(target: str, server_pid: int, model: str, slo_class: str, n: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts import aio
-    from scripts.serverproc import ServerProcess
+    from slonn.scheduler import aio
+    from slonn.scheduler.serverproc import ServerProcess
 
     p = argparse.ArgumentParser(prog="slonn bench-frontend", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))

@@ -31,11 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.latency_model import DEFAULT_CONTENTION_EDGES, LatencyModel, LatencyModelConfig, PROFILE_CSV, mape, \
-    profile_csv_name, profile_niceness, read_rows_csv, rows_to_arrays
-from policy.learner import LearnerConfig, OnlineLearner
-from policy.planner import RecentSlowdown
-from workers.protocol import DEFAULT_PRECISION, PRECISIONS
+from slonn.policy.latency_model import (
+    DEFAULT_CONTENTION_EDGES,
+    PROFILE_CSV,
+    LatencyModel,
+    LatencyModelConfig,
+    mape,
+    profile_csv_name,
+    profile_niceness,
+    read_rows_csv,
+    rows_to_arrays,
+)
+from slonn.policy.learner import LearnerConfig, OnlineLearner
+from slonn.policy.planner import RecentSlowdown
+from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 MAPE_TARGET_PCT = 10.0
 DISTURBED_EXCESS = 0.1

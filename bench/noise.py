@@ -1,4 +1,4 @@
-"""`python -m scripts.noise`: where the scatter of quiet batch latencies comes from, per call.
+"""`python -m bench.noise`: where the scatter of quiet batch latencies comes from, per call.
 
 The latency model's held-out error is bounded by how much the same (level, batch size, contention) cell
 scatters (docs/latency-model.md, the cell-median oracle). This script runs a few cells of the worker's
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.contention import CallTimes, time_call
-from policy.latency_model import mape
+from slonn.policy.contention import CallTimes, time_call
+from slonn.policy.latency_model import mape
 
 DEFAULT_CELLS = ("0.1x12", "1.0x32", "0.25x4", "1.0x64")
 SLOW_RATIO = 1.25
@@ -159,8 +159,8 @@ def measure(model_dir: Path, precision: str, cells: list[tuple[float, int]], cal
     it (the vCPU stays busy)."""
     import torch
 
-    from scripts.digits import load_split
-    from workers.runner import ModelRunner
+    from slonn.workers.digits import load_split
+    from slonn.workers.runner import ModelRunner
 
     torch.set_num_threads(1)
     runner = ModelRunner.load(model_dir, "cpu", precision)
@@ -194,9 +194,9 @@ def measure(model_dir: Path, precision: str, cells: list[tuple[float, int]], cal
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.protocol import DEFAULT_PRECISION, PRECISIONS
+    from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
-    p = argparse.ArgumentParser(prog="python -m scripts.noise", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.noise", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS)
     p.add_argument("--cells", type=parse_cell, nargs="+", default=[parse_cell(c) for c in DEFAULT_CELLS],

@@ -24,7 +24,7 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "scripts.cli", "serve", "--host", "127.0.0.1", "--port", "0", *self.serve_args]
+        cmd = [sys.executable, "-m", "slonn.scripts.cli", "serve", "--host", "127.0.0.1", "--port", "0", *self.serve_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + self.start_timeout_s

@@ -1,4 +1,4 @@
-"""`python -m scripts.misses RUN_DIR ...`: where a `slonn compare` run's missed requests lost their time.
+"""`python -m bench.misses RUN_DIR ...`: where a `slonn compare` run's missed requests lost their time.
 
 For each live policy of each run directory (``slonn compare --out``), for one SLO class (default
 interactive), prints JSON with:
@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from scripts.report import RequestRecord, read_csv
+from slonn.scheduler.report import RequestRecord, read_csv
 
 STEAL_BIN_S = 10.0
 """`slonn compare` samples the host's steal per 10 s of the replay."""
@@ -71,7 +71,7 @@ def analyse(records: list[RequestRecord], slo_class: str, window: list[float] | 
 
 
 def analyse_run(run_dir: Path, slo_class: str) -> dict:
-    from scripts.compare import slug
+    from slonn.scripts.compare import slug
 
     report = json.loads((run_dir / "compare.json").read_text())
     window = report.get("corunner_window_s")
@@ -86,7 +86,7 @@ def analyse_run(run_dir: Path, slo_class: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.misses", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.misses", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="`slonn compare --out` directories (with live runs)")
     p.add_argument("--slo-class", default="interactive")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""`python -m scripts.noise`: the per-call summary on synthetic calls of known shape."""
+"""`python -m bench.noise`: the per-call summary on synthetic calls of known shape."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import argparse
 import numpy as np
 import pytest
 
-from policy.contention import CallTimes
-from scripts.noise import Call, history_feature, parse_cell, summarise
+from bench.noise import Call, history_feature, parse_cell, summarise
+from slonn.policy.contention import CallTimes
 
 
 def paused_calls(n: int = 200, seed: int = 0) -> list[Call]:

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from scripts.report import RequestRecord
+from slonn.scheduler.report import RequestRecord
 
 
 def _plt():

@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from scheduler.config import load_classes
-from scripts.adapt import level_series, prediction_series, shift_time, with_deadline
-from scripts.report import RequestRecord
+from bench.adapt import level_series, prediction_series, shift_time, with_deadline
+from slonn.scheduler.config import load_classes
+from slonn.scheduler.report import RequestRecord
 
 
 def records(level_after: float, pred_after: float, start_s: float = 10.0, shift_at_s: float = 11.2):
@@ -45,7 +45,7 @@ def test_a_pinned_level_has_no_level_shift_but_the_prediction_shift_is_still_mea
 
 
 def test_quiet_overload_is_flagged_only_below_the_threshold():
-    from scripts.adapt import QUIET_ATTAINMENT_MIN, quiet_overloaded
+    from bench.adapt import QUIET_ATTAINMENT_MIN, quiet_overloaded
 
     def phases(before):
         return {"before": {"interactive": {"attainment": before, "p99_ms": 10.0}}}
@@ -56,10 +56,10 @@ def test_quiet_overload_is_flagged_only_below_the_threshold():
 
 
 def test_flag_quiet_overload_sets_the_field_and_warns(caplog):
-    from scripts.adapt import flag_quiet_overload
+    from bench.adapt import flag_quiet_overload
 
     result = {"phases": {"before": {"interactive": {"attainment": 0.5, "p99_ms": 90.0}}}}
-    with caplog.at_level("WARNING", logger="scripts.adapt"):
+    with caplog.at_level("WARNING", logger="bench.adapt"):
         assert flag_quiet_overload(result, "interactive", 300.0)
     assert result["quiet_overloaded"] is True
     assert "50.0% of interactive" in caplog.text and "300 req/s" in caplog.text

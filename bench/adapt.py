@@ -47,18 +47,23 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from scheduler.config import SLOClassConfig, load_classes
-from scripts.corunner import add_corunner_device_arg, corunner_device_or_exit, niceness_of
-from scripts.replay import TRANSPORTS, phase_summaries, replay_with_corunner
-from scripts.report import RequestRecord, write_csv
-from scripts.serve import call_at_niceness
-from scripts.serverproc import ServerProcess
-from scripts.trace import poisson_arrivals
-from workers.placement import set_cpus
+from slonn.scheduler.config import SLOClassConfig, load_classes
+from slonn.scheduler.replay import TRANSPORTS, phase_summaries, replay_with_corunner
+from slonn.scheduler.report import RequestRecord, write_csv
+from slonn.scheduler.serverproc import ServerProcess
+from slonn.scheduler.trace import poisson_arrivals
+from slonn.scripts.serve import call_at_niceness
+from slonn.workers.corunner import (
+    add_corunner_device_arg,
+    corunner_device_or_exit,
+    niceness_of,
+)
+from slonn.workers.placement import set_cpus
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     burn_device = corunner_device_or_exit(p, args.corunner_device)
-    from workers.artifact import load_manifest
+    from slonn.workers.artifact import load_manifest
 
     model = load_manifest(args.model_dir).name
     try:
@@ -304,3 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     flag_quiet_overload(result, args.slo_class, args.rate)
     print(json.dumps(result, indent=2 if args.json else None))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

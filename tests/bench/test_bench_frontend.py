@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from scripts.bench_frontend import distinct_inputs, process_cpu_s
-from scripts.serverproc import child_pids
+from bench.bench_frontend import distinct_inputs, process_cpu_s
+from slonn.scheduler.serverproc import child_pids
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
 

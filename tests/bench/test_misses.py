@@ -1,4 +1,4 @@
-"""`python -m scripts.misses`: misses of a compare run, by phase and steal bin, and where their time went."""
+"""`python -m bench.misses`: misses of a compare run, by phase and steal bin, and where their time went."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from scripts import misses
-from scripts.report import RequestRecord, write_csv
+from bench import misses
+from slonn.scheduler.report import RequestRecord, write_csv
 
 
 def rec(i: int, t: float, latency_ms: float, status: str = "OK", queue: float = 1.0, exec_ms: float = 2.0,
@@ -59,7 +59,7 @@ def test_main_prints_json_per_run_and_refuses_a_directory_without_compare_json(t
 
 
 def test_read_csv_gives_back_the_records_write_csv_wrote(tmp_path):
-    from scripts.report import read_csv
+    from slonn.scheduler.report import read_csv
 
     records = [rec(0, 1.5, 12.0), rec(1, 2.0, 0.0, status="UNAVAILABLE"),
                RequestRecord(2, "batch", 500.0, 3.0)]  # defaults: NaN floats, correct None, no schedule

@@ -1,0 +1,520 @@
+"""`slonn simulate`: discrete-event replay of a trace through the real scheduler on a virtual clock.
+
+The simulator has no scheduling logic of its own. It does what the live
+``Dispatcher`` does — admit each arrival through ``Scheduler.add_request``,
+call ``Scheduler.schedule`` once per idle worker after every event, answer
+expired requests DEADLINE_EXCEEDED, finish a batch at ``now + latency`` and
+feed ``update_from_output`` — and what the replay client does (give up after
+its generous timeout, which cancels a still-queued request). Only the worker
+is replaced: a batch's exec time is drawn from the learned latency model at
+the true contention of that moment (mean x a residual ratio resampled from
+the profile), plus the dispatch/reply overhead. Correctness of an answer is
+the real model's prediction at that level on the same held-out digit the
+live replay would send (request i sends test digit i mod n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from dataclasses import dataclass
+from heapq import heappop, heappush
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from slonn.policy.latency_model import profile_csv_name
+from slonn.policy.planner import PlanContext, Policy
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.clock import FakeClock
+from slonn.scheduler.config import SLOClassConfig
+from slonn.scheduler.core import Batch, Scheduler
+from slonn.scheduler.errors import DeadlineUnreachable, RequestError
+from slonn.scheduler.report import RequestRecord
+from slonn.scheduler.trace import Arrivals
+from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
+
+CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # same status the live replay records (slonn.scheduler.replay)
+
+
+# --------------------------------------------------------------------------- interference and latency
+
+
+@dataclass(frozen=True)
+class ContentionProfile:
+    """Contention over simulated time: ``base`` outside the window, ``value`` inside [start_s, stop_s)."""
+
+    base: float = 0.0
+    value: float = 0.0
+    start_s: float = float("inf")
+    stop_s: float = float("inf")
+
+    def at(self, t_s: float) -> float:
+        return self.value if self.start_s <= t_s < self.stop_s else self.base
+
+    @property
+    def states(self) -> tuple[float, ...]:
+        return (self.base, self.value) if self.start_s < self.stop_s else (self.base,)
+
+
+class LatencyDraw:
+    """Exec ms of a batch = mean(contention state, level, batch) x a residual ratio (cycled from a pre-drawn pool)."""
+
+    def __init__(self, mean_ms: Mapping[float, np.ndarray], ratios: Mapping[float, np.ndarray]) -> None:
+        """``mean_ms[c]`` has shape (n_levels, max_batch); ``ratios[c]`` is a 1-D pool (>= 1 value)."""
+        self._mean = {c: np.asarray(m, float).tolist() for c, m in mean_ms.items()}
+        self._ratios = {c: np.asarray(r, float).tolist() for c, r in ratios.items()}
+        self._pos = {c: 0 for c in ratios}
+
+    def __call__(self, contention: float, level_index: int, batch_size: int) -> float:
+        pool = self._ratios[contention]
+        k = self._pos[contention]
+        self._pos[contention] = (k + 1) % len(pool)
+        return self._mean[contention][level_index][batch_size - 1] * pool[k]
+
+    @classmethod
+    def from_table(cls, table: LatencyTable, states: Sequence[float]) -> "LatencyDraw":
+        """No noise: the table's mean at the bucket of each state (tests, a quick look)."""
+        return cls({c: table.mean_ms[table.bucket(c)] for c in states}, {c: np.ones(1) for c in states})
+
+    @classmethod
+    def from_model(cls, model, levels: Sequence[float], max_batch: int, states: Sequence[float],
+                   seed: int = 0, pool_size: int = 1 << 16, min_rows: int = 60,
+                   edges: Sequence[float] | None = None) -> "LatencyDraw":
+        """Mean from ``model.predict_mean`` at each contention state; ratios resampled from the profile's
+        residuals ``exec_ms / predicted mean`` of the rows in the state's contention bucket (``edges``,
+        the table's), or of the ``min_rows`` rows nearest in contention if the bucket holds fewer."""
+        from slonn.policy.latency_model import DEFAULT_CONTENTION_EDGES, rows_to_arrays
+
+        edge_arr = np.asarray(DEFAULT_CONTENTION_EDGES if edges is None else edges, float)
+        rng = np.random.default_rng(seed)
+        level, batch, cont, ms = rows_to_arrays(model.rows)
+        ratio = ms / model.predict_mean(level, batch, cont)
+        row_bucket = np.searchsorted(edge_arr, cont, side="left")
+        lv = np.asarray(levels, float)[:, None]
+        b = np.arange(1, max_batch + 1, dtype=float)[None, :]
+        means, pools = {}, {}
+        for c in states:
+            means[c] = np.maximum.accumulate(model.predict_mean(lv, b, np.full_like(b, c)), axis=1)
+            mine = ratio[row_bucket == np.searchsorted(edge_arr, c, side="left")]
+            if len(mine) < min_rows:
+                mine = ratio[np.argsort(np.abs(cont - c), kind="stable")[:min_rows]]
+            pools[c] = rng.choice(mine, size=pool_size)
+        return cls(means, pools)
+
+
+# --------------------------------------------------------------------------- the event loop
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What the simulated server looks like."""
+
+    workers: int = 1
+    """Workers, each running one batch at a time (>= 1)."""
+    max_batch: int = 64
+    """Largest batch the planner forms (the server's --max-batch)."""
+    overhead_ms: float = 1.0
+    """The planner's allowance added to every predicted exec time (the server's --overhead-ms)."""
+    dispatch_ms: float = 1.0
+    """Simulated dispatch + IPC + reply time of a batch, added to its exec time (>= 0)."""
+    reply_ms_per_request: float = 0.05
+    """Serial reply cost: the i-th answer of a batch leaves i times this later (>= 0)."""
+    ingress_ms_per_request: float = 0.0
+    """Serial admission cost of the frontend (>= 0; 0 = off): request k reaches the scheduler at
+    ``a_k = max(send_k, a_{k-1}) + this``, a one-server FIFO in front of the queues. On a small machine the
+    frontend's CPU per request turns a clump of simultaneous arrivals into a staircase (``slonn
+    bench-frontend``: ~1-1.3 ms for the server process on the 2-vCPU EPYC, ~3-3.9 ms for the whole machine
+    with the workers and the client; 2-2.5 ms reproduces slonn's live attainment there, docs/simulation.md).
+    The request's deadline still counts from its send time, as the live server's does from the caller's
+    gRPC deadline; one with no time left at admission is answered DEADLINE_EXCEEDED (the live server
+    already does so with 5 ms left)."""
+    signal_lag_s: float = 0.25
+    """The planner sees the contention of this long ago (the monitor's smoothing window)."""
+    max_inflight: int = 8192
+    """Admitted, unanswered requests beyond this are rejected RESOURCE_EXHAUSTED (the server's --max-inflight)."""
+    timeout_factor: float = 4.0
+    """The client gives up after deadline x this + 1 s (as slonn.scheduler.replay does)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.max_batch < 1 or self.max_inflight < 1:
+            raise ValueError(f"SimConfig: workers={self.workers}, max_batch={self.max_batch}, "
+                             f"max_inflight={self.max_inflight} must be >= 1")
+        if min(self.overhead_ms, self.dispatch_ms, self.reply_ms_per_request, self.ingress_ms_per_request,
+               self.signal_lag_s) < 0:
+            raise ValueError("SimConfig: overhead_ms, dispatch_ms, reply_ms_per_request, ingress_ms_per_request, "
+                             "signal_lag_s must be >= 0")
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    batches: int
+    wall_s: float
+    """Wall time of the event loop (records included, summary excluded)."""
+    cpu_s: float
+    """CPU time of the same (the honest figure on a shared machine)."""
+    sim_s: float
+    """Virtual time at the last event."""
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.records) / max(self.wall_s, 1e-9)
+
+    @property
+    def requests_per_cpu_s(self) -> float:
+        return len(self.records) / max(self.cpu_s, 1e-9)
+
+
+def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: Policy, table: LatencyTable,
+             accuracy: Sequence[float], draw: LatencyDraw, cfg: SimConfig = SimConfig(),
+             contention: ContentionProfile = ContentionProfile(), correct: np.ndarray | None = None,
+             model: str = "model", seed: int = 0, scheduler: Scheduler | None = None) -> SimResult:
+    """Replay ``arrivals`` through a real :class:`Scheduler` with ``policy`` on a :class:`FakeClock`.
+
+    ``correct``: bool array (n_levels, n_inputs); request i is correct iff ``correct[level, i % n_inputs]``.
+    Without it, correctness is Bernoulli(accuracy of the level), seeded.
+    """
+    # The event loop allocates a few small objects per request and frees them all; the cyclic collector
+    # would walk every live record again and again for nothing (there are no cycles to find mid-run).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention, correct, model, seed,
+                         scheduler)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: Policy, table: LatencyTable,
+              accuracy: Sequence[float], draw: LatencyDraw, cfg: SimConfig, contention: ContentionProfile,
+              correct: np.ndarray | None, model: str, seed: int, scheduler: Scheduler | None) -> SimResult:
+    t0, c0 = time.perf_counter(), time.process_time()
+    accuracy = tuple(accuracy)
+    sched = scheduler or Scheduler({model: accuracy}, classes, policy)
+    clock = FakeClock()
+    rng = np.random.default_rng(seed)
+    n = len(arrivals)
+    # Typed lists: compiled, an element read is a native list access and an unboxed float (numpy's tolist()
+    # is untyped, and every read of its result went through the generic item protocol).
+    offsets: list[float] = arrivals.offsets_s.tolist()
+    cls_names: list[str] = list(arrivals.classes)
+    deadline_ms = {c: classes[c].latency_ms for c in set(cls_names)}
+    if correct is None:
+        u = rng.random(n)
+        correct = np.stack([u < a for a in accuracy])
+        correct_rows: list[list[bool]] = correct.tolist()
+        n_inputs = n
+    else:
+        correct_rows = np.asarray(correct, bool).tolist()
+        n_inputs = correct.shape[1]
+    # Client timeouts, in time order (one per request; most find the request long answered).
+    give_up_arr = np.asarray(offsets) + np.asarray([deadline_ms[c] for c in cls_names]) * 1e-3 * cfg.timeout_factor + 1.0
+    to_order: list[int] = np.argsort(give_up_arr, kind="stable").tolist()
+    give_up: list[float] = give_up_arr.tolist()
+    ingress = cfg.ingress_ms_per_request > 0
+    reach: list[float] = admission_times(offsets, cfg.ingress_ms_per_request * 1e-3) if ingress else offsets
+    """When each request reaches the scheduler (its send time unless the frontend is modelled)."""
+
+    # Per-request outcome, filled in place; RequestRecords are built once at the end.
+    status: list[str | None] = [None] * n
+    answer_s = [float("nan")] * n
+    out_level = [float("nan")] * n
+    out_li = [0] * n  # the index of out_level in the table (looked up once per batch, not per request)
+    out_late = [False] * n  # served late on purpose (the plan's flag, as the live server answers it)
+    out_batch = [0] * n
+    out_exec = [float("nan")] * n
+    out_pred = [float("nan")] * n
+    reqs: list = [None] * n  # index -> its QueuedRequest once admitted (the client cancels it on giving up)
+
+    contexts: dict[int, dict[str, PlanContext]] = {}  # bucket -> {model: PlanContext}; immutable, so cached
+    steady = contention.start_s >= contention.stop_s  # one contention level all along
+    steady_ctx = {model: PlanContext(table, table.bucket(contention.base), accuracy, cfg.max_batch,
+                                     cfg.overhead_ms, workers=cfg.workers)}
+
+    def contexts_at(now_s: float) -> dict[str, PlanContext]:
+        if steady:
+            return steady_ctx
+        bucket = table.bucket(contention.at(now_s - cfg.signal_lag_s))
+        got = contexts.get(bucket)
+        if got is None:
+            got = contexts[bucket] = {model: PlanContext(table, bucket, accuracy, cfg.max_batch, cfg.overhead_ms,
+                                                         workers=cfg.workers)}
+        return got
+
+    running: list[tuple[float, int, Batch, float, int]] = []  # (finish_s, tie, batch, exec_ms, level index)
+    free = cfg.workers
+    inflight = 0
+    wake_at = None
+    batches = 0
+    i = j = 0
+    inf = float("inf")
+    dispatch_s = cfg.dispatch_ms * 1e-3
+    reply_s = cfg.reply_ms_per_request * 1e-3
+    make_request, add_request, cancel = sched.make_request, sched.add_request, sched.cancel
+    max_inflight = cfg.max_inflight
+
+    while True:
+        t_fin = running[0][0] if running else inf
+        t_wake = wake_at if (wake_at is not None and free) else inf
+        t_next = t_fin if t_fin < t_wake else t_wake
+        t_arr = reach[i] if i < n else inf
+        now = t_arr if t_arr < t_next else t_next
+        if now == inf:
+            break
+        # Client give-ups due by now. Their only effect on the server is to cancel a queued request,
+        # which nothing reacts to until the next event: applying them just before it is exact.
+        while j < n and give_up[to_order[j]] <= now:
+            k = to_order[j]
+            j += 1
+            if status[k] is None:
+                status[k], answer_s[k] = CLIENT_TIMEOUT, give_up[k]
+                inflight -= 1
+                req = reqs[k]
+                if req is not None:
+                    cancel(req)  # as the live servicer does when its caller leaves (a no-op once in a batch)
+        clock.set(now)
+        if t_arr <= t_next:
+            # Arrivals while every worker is busy only queue up: admit them in one tight loop.
+            while True:
+                k = i
+                i += 1
+                if inflight >= max_inflight:
+                    status[k], answer_s[k] = "RESOURCE_EXHAUSTED", now
+                else:
+                    left_ms = None
+                    if ingress and now > offsets[k]:
+                        # The caller's deadline counts from its send (the live server reads it from the call's
+                        # gRPC deadline): the scheduler gets what is left, as a hard deadline.
+                        left_ms = deadline_ms[cls_names[k]] - (now - offsets[k]) * 1e3
+                    try:
+                        if left_ms is None:
+                            req = make_request(model, cls_names[k], now, None, None, k)
+                        elif left_ms > 0:
+                            req = make_request(model, cls_names[k], now, None, left_ms, k, True)
+                        else:
+                            raise DeadlineUnreachable(f"{-left_ms:.1f} ms past the deadline at admission")
+                        add_request(req, now, contexts_at(now)[model])
+                    except RequestError as exc:  # refused at admission, as the live servicer answers it
+                        status[k], answer_s[k] = exc.code.name, now
+                    else:
+                        reqs[k] = req
+                        inflight += 1
+                if free or i >= n or reach[i] >= t_next or (j < n and give_up[to_order[j]] <= reach[i]):
+                    break
+                now = reach[i]
+                clock.set(now)
+        elif t_fin <= now:  # a batch finished: answer it, free the worker, feed back
+            _, _, batch, exec_ms, li = heappop(running)
+            free += 1
+            plan = batch.plan
+            size = len(batch.requests)
+            for pos, req in enumerate(batch.requests):
+                k = req.handle
+                if status[k] is None:
+                    status[k] = "OK"
+                    answer_s[k] = now + pos * reply_s
+                    out_level[k], out_batch[k], out_exec[k], out_pred[k] = plan.level, size, exec_ms, plan.predicted_ms
+                    out_li[k] = li
+                    out_late[k] = plan.late
+                    inflight -= 1
+            sched.update_from_output(batch, exec_ms, now)
+        if not free:
+            continue
+        # What Dispatcher._dispatch does: plan a batch per idle worker.
+        wake_at = None
+        while free and sched.pending():
+            out = sched.schedule(now, contexts_at(now))
+            for req in out.expired:
+                k = req.handle
+                if status[k] is None:
+                    status[k], answer_s[k] = "DEADLINE_EXCEEDED", now
+                    inflight -= 1
+            planned = out.batch
+            if planned is None:
+                wake_at = out.wake_at_s
+                break
+            li = table.level_index(planned.plan.level)
+            exec_ms = draw(contention.at(now), li, len(planned.requests))
+            batches += 1
+            free -= 1
+            heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms, li))
+
+    records = []
+    for k in range(n):
+        st = status[k] or "UNANSWERED"
+        ok = st == "OK"
+        cls_ms = deadline_ms[cls_names[k]]
+        records.append(RequestRecord(
+            k, cls_names[k], cls_ms, offsets[k], answer_s[k], st, out_level[k], out_batch[k],
+            correct_rows[out_li[k]][k % n_inputs] if ok else None, out_late[k], out_exec[k], out_pred[k]))
+    return SimResult(records, batches, time.perf_counter() - t0, time.process_time() - c0, clock.now())
+
+
+def admission_times(send_s: Sequence[float], cost_s: float) -> list[float]:
+    """When each request clears a one-server FIFO of ``cost_s`` per request (``send_s`` nondecreasing)."""
+    out, t = [], float("-inf")
+    for s in send_s:
+        t = (s if s > t else t) + cost_s
+        out.append(t)
+    return out
+
+
+# --------------------------------------------------------------------------- building blocks from disk
+
+
+def held_out_correct(model_dir: Path, split_seed: int = 0) -> np.ndarray:
+    """(n_levels, n_test) bool: the real model's answer at each level on each held-out digit is right.
+
+    The same inputs, in the same order, as the live replay sends (request i -> test digit i mod n).
+    """
+    import torch
+
+    from slonn.workers.artifact import load_artifact
+    from slonn.workers.digits import load_split
+
+    net, manifest = load_artifact(model_dir, "cpu")
+    split = load_split(seed=split_seed)
+    x = torch.from_numpy(split.x_test)
+    with torch.inference_mode():
+        preds = [net(x, lv).argmax(dim=1).numpy() for lv in sorted(manifest.levels, reverse=True)]
+    return np.stack([p == split.y_test for p in preds])
+
+
+def load_latency_model(profile: Path):
+    """The learned latency model (policy/latency_model.py) refit from a profile CSV."""
+    from slonn.policy.latency_model import (
+        LatencyModel,
+        LatencyModelConfig,
+        read_rows_csv,
+    )
+
+    if not profile.exists():
+        raise SystemExit(f"latency profile {profile} not found: run `slonn profile --model-dir DIR` "
+                         f"(or pass --profile CSV)")
+    return LatencyModel(LatencyModelConfig()).fit(read_rows_csv(profile))
+
+
+def corunner_contention(profile: Path, intensity: float = 1.0) -> float | None:
+    """Mean measured contention of the profile rows taken with ``intensity`` cores of co-runner, if recorded."""
+    import csv
+
+    with open(profile, newline="") as f:
+        vals = [float(d["contention"]) for d in csv.DictReader(f)
+                if d.get("intensity") not in (None, "") and abs(float(d["intensity"]) - intensity) < 1e-6]
+    return float(np.mean(vals)) if vals else None
+
+
+def planner_table(model, levels: Sequence[float], max_batch: int, kind: str) -> LatencyTable:
+    """The table the planner reads: the learner's ("learned", contention buckets) or the server's
+    contention-blind one ("linear": scheduler.latency.linear_table over quiet profile rows)."""
+    if kind == "learned":
+        return model.to_table(levels, max_batch)
+    from slonn.scheduler.latency import WARMUP_BATCH_SIZES, linear_table
+
+    quiet = min(r.contention for r in model.rows)
+    samples = [r for r in model.rows if r.contention <= quiet + 0.1 and r.batch_size in WARMUP_BATCH_SIZES]
+    return linear_table(samples, tuple(levels), max_batch)
+
+
+@dataclass
+class SimSetup:
+    """Everything loaded once and shared by many runs (``slonn compare --sim`` runs every policy on it)."""
+
+    classes: dict
+    levels: tuple[float, ...]
+    accuracy: tuple[float, ...]
+    table: LatencyTable
+    draw_args: tuple
+    contention: ContentionProfile
+    correct: np.ndarray | None
+    model_name: str
+
+    def draw(self, seed: int) -> LatencyDraw:
+        model, levels, max_batch, states = self.draw_args
+        return LatencyDraw.from_model(model, levels, max_batch, states, seed=seed,
+                                      edges=self.table.contention_edges or None)
+
+
+def build_setup(args) -> SimSetup:
+    from slonn.scheduler.config import load_classes
+    from slonn.workers.artifact import load_manifest
+
+    manifest = load_manifest(args.model_dir)
+    levels = tuple(sorted(manifest.levels, reverse=True))
+    accuracy = tuple(manifest.accuracy[lv] for lv in levels)
+    profile = args.profile or args.model_dir / profile_csv_name(args.precision)
+    model = load_latency_model(profile)
+    value = args.corunner_contention
+    if value is None:
+        value = corunner_contention(profile) or 0.5
+    contention = ContentionProfile(args.quiet_contention, value, args.corunner_start_s, args.corunner_stop_s) \
+        if args.corunner_start_s is not None else ContentionProfile(args.quiet_contention)
+    correct = held_out_correct(args.model_dir, manifest.seed) if args.accuracy == "predictions" else None
+    table = planner_table(model, levels, args.max_batch, args.planner_table)
+    return SimSetup(load_classes(args.classes), levels, accuracy, table,
+                    (model, levels, args.max_batch, contention.states), contention, correct, manifest.name)
+
+
+def load(args) -> tuple[Arrivals, SimSetup, SimConfig]:
+    """What a set of ``slonn simulate`` arguments (:func:`add_sim_args` and the replay's arrival arguments)
+    stands for: the arrivals, the loaded model and profile, the simulated server."""
+    from slonn.scheduler.replay import arrivals_from_args
+
+    return arrivals_from_args(args), build_setup(args), sim_config(args)
+
+
+def sim_config(args) -> SimConfig:
+    return SimConfig(workers=args.workers, max_batch=args.max_batch, overhead_ms=args.overhead_ms,
+                     dispatch_ms=args.dispatch_ms, reply_ms_per_request=args.reply_ms_per_request,
+                     ingress_ms_per_request=args.ingress_ms_per_request,
+                     signal_lag_s=args.signal_lag_s)
+
+
+def run_policy(setup: SimSetup, arrivals: Arrivals, policy_name: str, cfg: SimConfig, seed: int = 0) -> SimResult:
+    from slonn.scheduler.server import make_policy
+
+    return simulate(arrivals, setup.classes, make_policy(policy_name), setup.table, setup.accuracy,
+                    setup.draw(seed), cfg, setup.contention, setup.correct, setup.model_name, seed)
+
+
+def sim_parser(**kwargs) -> argparse.ArgumentParser:
+    """An ``argparse.ArgumentParser(**kwargs)`` with the arrival and simulation arguments: what :func:`load`
+    reads (``slonn simulate``'s, and bench_sim's)."""
+    from slonn.scheduler.replay import add_arrival_args
+
+    p = argparse.ArgumentParser(**kwargs)
+    add_arrival_args(p)
+    add_sim_args(p)
+    return p
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
+    p.add_argument("--profile", type=Path, default=None,
+                   help="latency profile CSV (default: the one `slonn profile --precision` wrote in <model-dir>)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="worker weight precision (the server's --precision): picks the profile")
+    p.add_argument("--classes", type=Path, default=None, help="SLO classes TOML (default: the packaged one)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--overhead-ms", type=float, default=1.0, help="planner allowance (the server's --overhead-ms)")
+    p.add_argument("--dispatch-ms", type=float, default=1.0, help="simulated dispatch+IPC+reply ms per batch")
+    p.add_argument("--reply-ms-per-request", type=float, default=0.05, help="simulated serial reply ms per answer")
+    p.add_argument("--ingress-ms-per-request", type=float, default=0.0,
+                   help="simulated serial admission ms per request in the frontend (0 = off; 2-2.5 reproduced slonn's "
+                        "live attainment on a 2-vCPU VM; see slonn bench-frontend)")
+    p.add_argument("--signal-lag-s", type=float, default=0.25, help="contention signal lag seen by the planner")
+    p.add_argument("--planner-table", choices=("learned", "linear"), default="learned",
+                   help="learned: LatencyModel.to_table (contention buckets); linear: the server's cold-start table")
+    p.add_argument("--corunner-start-s", type=float, default=None, help="co-runner on from (s of the replay)")
+    p.add_argument("--corunner-stop-s", type=float, default=None, help="co-runner off at (s of the replay)")
+    p.add_argument("--corunner-contention", type=float, default=None,
+                   help="contention while the co-runner runs (default: the profile's mean at intensity 1, else 0.5)")
+    p.add_argument("--quiet-contention", type=float, default=0.0)
+    p.add_argument("--accuracy", choices=("predictions", "bernoulli"), default="predictions",
+                   help="predictions: the real model's answers on the held-out digits; bernoulli: draw per level")
+    p.add_argument("--seed", type=int, default=0)

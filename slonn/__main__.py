@@ -1,0 +1,7 @@
+"""``python -m slonn``: the same as the ``slonn`` command."""
+
+import sys
+
+from slonn.scripts.cli import main
+
+sys.exit(main())
