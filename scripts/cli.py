@@ -13,10 +13,10 @@ COMMANDS = {
     "train": ("slonn.scripts.train", "train an SLO-aware MLP on the digits and write an artifact"),
     "infer": ("slonn.scripts.infer", "send one request to a server and print the answer"),
     "demo": ("slonn.scripts.demo", "train if needed, serve, replay a trace minute, print the SLO report"),
-    "replay": ("slonn.scheduler.replay", "open-loop trace replay against a live server"),
+    "replay": ("slonn.scripts.replay", "open-loop trace replay against a live server"),
     "bench-kernels": ("slonn.scripts.bench_kernels", "dense vs sparse kernel latency per batch size and level"),
     "profile": ("slonn.scripts.profile", "sweep levels x batch sizes x contention; write the latency profile"),
-    "simulate": ("slonn.scheduler.simulator", "discrete-event replay through the real scheduler on a virtual clock"),
+    "simulate": ("slonn.scripts.simulate", "discrete-event replay through the real scheduler on a virtual clock"),
     "compare": ("slonn.scripts.compare", "every policy on the same trace and load: one table"),
     "reliability": ("slonn.scripts.reliability", "overload, worker kills, bad input, shutdown: every request answered"),
 }

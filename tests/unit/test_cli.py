@@ -20,3 +20,11 @@ def test_main_passes_double_dash_to_the_subcommand(monkeypatch):
     monkeypatch.setattr(cli.importlib, "import_module", lambda name: Module)
     assert cli.main(["compare", "--", "--precision", "fp32"]) == 0
     assert seen["argv"] == ["--", "--precision", "fp32"]
+
+
+def test_every_subcommand_is_an_entry_point_in_scripts():
+    import importlib
+
+    for command, (module_name, _) in cli.COMMANDS.items():
+        assert module_name.startswith("slonn.scripts."), f"{command}: {module_name} is not an entry point"
+        assert callable(importlib.import_module(module_name).main), f"{command}: {module_name} has no main()"
