@@ -1,4 +1,4 @@
-"""`slonn adapt --json`: seconds from a co-runner's start until the server's chosen levels shift.
+"""`python -m bench.adapt --json`: seconds from a co-runner's start until the server's chosen levels shift.
 
 Steady open-loop load of one class against a live server; a CPU co-runner
 (two busy processes at niceness 0 by default) starts at ``--corunner-start-s``.
@@ -11,10 +11,10 @@ form. ``--pin`` puts the model worker and the co-runner on the last CPU and
 the front end and the load generator on the others (``slonn serve --cpus 0
 --worker-cpus 1``): the co-runner then slows the model alone, the case of a
 neighbour's kernels on the same GPU. On 2 vCPUs that leaves one core for the
-front end and the client, which carried 100 req/s but not 150-200 on the
-noisy host of session 14. Raising the front end's priority instead
-(``--serve-nice -10 --worker-nice 0 --client-nice -10``) starved the worker
-behind the front end before the co-runner even started (50-88% in time).
+front end and the client, which carries about 100 req/s on a noisy host but
+not 150-200. Raising the front end's priority instead (``--serve-nice -10
+--worker-nice 0 --client-nice -10``) starves the worker behind the front end
+before the co-runner even starts (50-88% in time on 2 vCPUs).
 
 The chosen keep fraction per request is binned over time; the shift time is
 the end of the first bin after the start whose mean level leaves the quiet
@@ -22,7 +22,7 @@ baseline's band (mean +- max(3 sd, 10%) over the last 3 s before the start,
 see ``BASELINE_S``) and stays out for the next two bins.
 
 A level shift needs a reason to shift: when the fastest level is also the most
-accurate one (as it was for the five-level model before session 14), or when
+accurate one, or when
 the most accurate level still meets the deadline under the co-runner, the
 planner keeps it and ``shift_s`` stays None. So the same test is also applied to what
 the planner believes, which every response carries: its predicted exec ms,
@@ -33,8 +33,8 @@ policy that scales the table, ``--policy slonn:recent_tau_ms=60``, responses
 carry its bound, the table's mean x factor x margin once the margin is known,
 so it times that factor too.) ``--deadline-ms`` overrides the class's
 deadline: at 8-12 ms the co-runner made the levels shift in 15 of 17 runs on
-the 2-vCPU VM of session 19, where at the packaged 25 ms the quiet level
-mostly still fitted.
+a 2-vCPU VM, where at the packaged 25 ms the quiet level mostly still fitted
+(docs/results.md).
 """
 
 from __future__ import annotations
@@ -122,9 +122,8 @@ def prediction_series(records: list[RequestRecord], bin_s: float, duration_s: fl
 BASELINE_S = 3.0
 """The quiet band is taken over this many seconds before the co-runner starts. Not the whole quiet phase:
 early in it the learner is still moving from the profile's prior to the live latencies (a step of -40%
-in predictions ~10 s in, sessions 8-9), and a band over that step is wide enough to hide the co-runner's
-own jump (session 9: predictions x2 within 1 s of the start, reported at 6.0 and 11.5 s with a 10 s
-baseline)."""
+in predictions ~10 s in), and a band over that step is wide enough to hide the co-runner's own jump
+(predictions x2 within 1 s of the start read as a shift after 6.0 and 11.5 s with a 10 s baseline)."""
 
 
 def shift_time(ends: np.ndarray, means: np.ndarray, start_s: float, stop_s: float, hold: int = 2,
@@ -197,12 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. one with a deadline the co-runner makes too tight for the quiet level")
     p.add_argument("--deadline-ms", type=float, default=None,
                    help="override the --slo-class deadline (the server is given a copy of the classes with it): "
-                        "on the hosts of sessions 18-19 the quiet level mostly still fitted under the "
-                        "co-runner at the packaged 25 ms, and the levels had no reason to shift; at 8-12 ms "
-                        "they did")
+                        "at the packaged 25 ms the quiet level often still fits under the co-runner, and the "
+                        "levels have no reason to shift; at 8-12 ms they do")
     p.add_argument("--rate", type=float, default=300.0,
-                   help="steady requests/s: a load the machine carries when quiet (400 overloaded the 2-vCPU VM "
-                        "of session 14 before any co-runner) and at which batches form, so that a slower model "
+                   help="steady requests/s: a load the machine carries when quiet (400 overloads a 2-vCPU VM "
+                        "before any co-runner) and at which batches form, so that a slower model "
                         "leaves a choice between a smaller batch and a faster level")
     p.add_argument("--duration-s", type=float, default=40.0)
     p.add_argument("--corunner-start-s", type=float, default=15.0)
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-nice", type=int, default=None,
                    help="the load generator's niceness (absolute; default: unchanged)")
     p.add_argument("--transport", choices=TRANSPORTS, default="unary",
-                   help="one Infer call per request (as every session-14 figure), or one stream")
+                   help="one Infer call per request, or one stream")
     p.add_argument("--bin-s", type=float, default=0.5)
     p.add_argument("--policy", default="slonn", help="`slonn serve --policy`, e.g. slonn:recent_tau_ms=60")
     p.add_argument("--refit-overrun-share", type=float, default=None, metavar="X",

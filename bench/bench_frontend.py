@@ -1,4 +1,4 @@
-"""`slonn bench-frontend`: CPU per request of the serving path, by process (Linux /proc).
+"""`python -m bench.bench_frontend`: CPU per request of the serving path, by process (Linux /proc).
 
 Starts `slonn serve` on loopback and sends, in one run:
 - ``health``: gRPC health checks, one at a time: what a null RPC costs grpc.aio on this machine;

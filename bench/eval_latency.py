@@ -1,4 +1,4 @@
-"""`slonn eval-latency`: held-out accuracy of the latency model on a profile.
+"""`python -m bench.eval_latency`: held-out accuracy of the latency model on a profile.
 
 Splits the profile rows (random ``--test-fraction``, stratified by co-runner
 intensity so contended rows are held out too; or ``--holdout-intensity X``:
@@ -51,7 +51,7 @@ DISTURBED_EXCESS = 0.1
 """A row whose contention exceeds its co-runner's own demand (intensity / n_cpus) by more: other load."""
 PAUSE_SHARE = 0.05
 """A row whose host pause (``host_pause_ms``, time the worker's vCPU did not run) exceeds this share of its exec
-ms counts as paused by the host (docs/latency-model.md, "Where the scatter comes from")."""
+ms counts as paused by the host (docs/latency-model.md, "Evaluating the model")."""
 
 
 def _burn_order(label: str) -> float:

@@ -12,7 +12,7 @@ interactive), prints JSON with:
   ``handler_other`` (the rest of the time inside the server's handler: frontend, dispatch, IPC, reply) and
   ``outside`` (end-to-end minus the handler: the transport and the client).
 
-The analysis the session notes did by hand, from the files a run leaves (docs/simulation.md, session 13).
+It reads only the files a run leaves (docs/simulator.md, "slonn compare").
 """
 
 from __future__ import annotations

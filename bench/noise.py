@@ -1,7 +1,7 @@
 """`python -m bench.noise`: where the scatter of quiet batch latencies comes from, per call.
 
 The latency model's held-out error is bounded by how much the same (level, batch size, contention) cell
-scatters (docs/latency-model.md, the cell-median oracle). This script runs a few cells of the worker's
+scatters (docs/latency-model.md, "Evaluating the model": the noise floor). This script runs a few cells of the worker's
 model in this process, one torch thread, nothing else of ours running, and records per call:
 
 - ``wall_ms``: the model call's wall time (what the server measures);

@@ -71,9 +71,9 @@ class LatencyModelConfig:
     contention_alpha: float = 3.0
     """Ridge penalty on the contention terms (> 0): no slowdown unless the rows show one. Their slope is
     pinned by how much contention *varies* in the rows, and rows that barely vary it (the quiet rows a cold
-    start or the online learner begins from, at 0-0.1) fitted noise at ``alpha``: from the quiet rows of
-    session 16's first fp32 profile the model extrapolated a 2.0-3.5x slowdown to contention 1.5, where the
-    measured one was 0.92x. Over ten profiles (sessions 9-16, ``eval-latency --online``) the quiet-only
+    start or the online learner begins from, at 0-0.1) fit noise at ``alpha``: from the quiet rows of an
+    fp32 profile the model extrapolated a 2.0-3.5x slowdown to contention 1.5, where the measured one was
+    0.92x. Over ten profiles (``python -m bench.eval_latency --online``) the quiet-only
     table's MAPE on the busiest setting fell from 19-241% to 11-67%; with 200 live rows it is unchanged
     (10-39%), and a full profile's five co-runner settings outweigh the penalty (held-out MAPE moved by
     -0.26 to +0.24 points). The price is some shrinkage where rows are few: a synthetic 1.93x slowdown
@@ -261,8 +261,8 @@ class LatencyModel:
         ``knot_rows``: the cells' knots are the levels and batch sizes of the first ``knot_rows`` rows (the
         profile, ahead of the live rows), or of all rows (None, or no such row). Live traffic runs nearly
         every batch size from 1 to the maximum: a knot for each put a cell on a handful of noisy live rows
-        (weighted up), and the mean followed single batches (a second reader's synthetic check, session 19:
-        11.1% against 4.4% MAPE to the truth, with 64 knots against the profile's 12)."""
+        (weighted up), and the mean followed single batches (on synthetic rows, 11.1% against 4.4% MAPE to
+        the truth, with 64 knots against the profile's 12)."""
         if len(rows) < 2 * self.config.folds:
             raise ValueError(f"LatencyModel.fit needs >= {2 * self.config.folds} rows, got {len(rows)}")
         level, batch, cont, ms = rows_to_arrays(rows)
@@ -347,8 +347,8 @@ class LatencyModel:
         """Predictions on (bucket, level, 1..max_batch) at :meth:`bucket_points`, made non-decreasing in
         batch size; the safe ones also in contention (a busier bucket never plans a batch as faster), the mean
         ones not: a running max over buckets carried a quiet bucket's slower mean, or a bump of the fitted
-        curve, into busier buckets (held-out table MAPE 13.6% against the model's 9.3% on session 16's
-        first fp32 profile, 11.2% without it); ``safe_ms >= mean_ms``, the max of the two taken before the
+        curve, into busier buckets (held-out table MAPE 13.6% against the model's 9.3% on an fp32 profile,
+        11.2% without it); ``safe_ms >= mean_ms``, the max of the two taken before the
         running max over buckets, so that a quiet bucket's mean cannot poke above a busier bucket's safe."""
         self._check()
         levels = tuple(sorted(levels, reverse=True))

@@ -52,32 +52,32 @@ class LearnerConfig:
     they drifted from the published table (``drift``) or ``quiet_refit_s`` has passed."""
     quiet_refit_s: float = 10.0
     """With new samples but no drift, refit at most this often (>= refit_interval_s): slow changes and cells
-    the profile missed still reach the model. Equal to ``refit_interval_s``: refit at every check, as before
-    drift gating."""
+    the profile missed still reach the model. Equal to ``refit_interval_s``: refit at every check."""
     drift: float = 0.15
     """Refit at the next check once recent samples run this far from the published table's mean: an
     exponentially weighted mean of log(measured / mean) (weight ``DRIFT_EWMA_ALPHA``, so the last ~10 batches
-    count, not the many before a change) beyond log(1 + drift), > 0. A refit is ~40 ms of CPU in the child
-    (session 7's EPYC): on a 2-vCPU machine, once a second under load it took one vCPU in 4% of the
-    moments a burst needed both, for a table that had not changed."""
+    count, not the many before a change) beyond log(1 + drift), > 0. A refit is ~40 ms of CPU in the child:
+    on a 2-vCPU machine, refitting once a second under load takes one vCPU in 4% of the moments a burst
+    needs both, for a table that has not changed."""
     drift_samples: int = 5
     """Samples since the last refit before drift is judged (>= 1)."""
     exceed_trigger: float = 0.2
     """Refit at the next check once this share of recent batches (the same exponential weighting as
     ``drift``) ran over the published table's safe prediction, in (0, 1]. A tail that grows without moving the
-    mean (a co-runner preempting some batches) is drift too: in session 17 such a tail waited for the quiet
-    refit, up to ``quiet_refit_s``. It takes three overruns within about twenty batches: from a calibrated
+    mean (a co-runner preempting some batches) is drift too: without this trigger such a tail waits for the
+    quiet refit, up to ``quiet_refit_s``. It takes three overruns within about twenty batches: from a calibrated
     99% bound, a false trigger comes about once in 2e4 batches and costs one refit. 1 turns it off (the
     average of a 0/1 signal never exceeds it)."""
     contention_trigger: float = 0.5
     """Refit at the next check once the batches' contention, averaged over the last seconds (time constant
     ``CONTENTION_TAU_S``), moved this far from where it was at the last refit, in others' runnable tasks per
     CPU, and the last refit is ``CONTENTION_MIN_GAP_S`` old (> 0; ``inf`` turns it off). A co-runner that
-    starts often moves neither the mean nor the tail enough for the other triggers (session 18: a batch of
-    one ran a median 0.4 ms with or without one, but its p99 went from ~1 to ~4 ms), and the contended
-    bucket's safe bound then waited for the quiet refit, up to 10 s. A first version averaged over ten
-    batches (50 ms at 300 req/s): the quiet signal swings 0.1-1.0 under a load generator, and in five
-    interleaved `slonn adapt` pairs it cost 167 late answers against 15."""
+    starts often moves neither the mean nor the tail enough for the other triggers (a batch of one runs a
+    median 0.4 ms with or without one, but its p99 goes from ~1 to ~4 ms), and the contended bucket's safe
+    bound then waits for the quiet refit, up to 10 s. The average is over time, not over batches: over ten
+    batches (50 ms at 300 req/s) it would follow the quiet signal's swings (0.1-1.0 under a load
+    generator) and refit for nothing; in interleaved `python -m bench.adapt` pairs that cost 167 late
+    answers against 15."""
     min_rows: int = 20
     """No refit below this many rows (profile + live), >= 10."""
     max_base_rows: int = 1200
@@ -96,8 +96,9 @@ class LearnerConfig:
 
 
 DRIFT_EWMA_ALPHA = 0.1
-"""Weight of the newest sample in the drift average. A cumulative mean since the last refit let the quiet
-samples before a co-runner outvote it: `slonn adapt` saw predictions follow 7.5 s after its start."""
+"""Weight of the newest sample in the drift average: about the last ten batches count. A cumulative mean
+since the last refit would let the quiet samples before a co-runner outvote it (predictions following
+seconds late)."""
 
 
 CONTENTION_TAU_S = 2.0
@@ -129,8 +130,8 @@ _CHILD_BASE: list[LatencySample] = []
 def _child_init(base: list[LatencySample]) -> None:
     global _CHILD_BASE
     _CHILD_BASE = base
-    # Normal priority on purpose: at nice +10 the refit starved exactly when a co-runner took the CPUs,
-    # and the levels took 3.0 s instead of 0.5 s to react (`slonn adapt`).
+    # Normal priority on purpose: at nice +10 the refit starves exactly when a co-runner takes the CPUs,
+    # and the levels take 3.0 s instead of 0.5 s to react (`python -m bench.adapt`).
 
 
 def _child_fit(live: list[LatencySample], live_weight: float, config: LatencyModelConfig,
@@ -352,9 +353,9 @@ class OnlineLearner:
         fits fall back to the thread); False on timeout.
 
         A server calls this before it takes traffic: spawning the child imports scikit-learn (~1.5 s of
-        CPU), and done under load it stalled the event loop's first batches by 10-27 ms each; the
-        overhead allowance learned from them then turned a class's requests away as out of reach for
-        ~10 s (`slonn adapt` at 100 req/s, session 8: 36% of the quiet phase answered in time).
+        CPU), and done under load it stalls the event loop's first batches by 10-27 ms each; the
+        overhead allowance learned from them then turns a class's requests away as out of reach for
+        ~10 s.
         """
         return self._started.wait(timeout)
 

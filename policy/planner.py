@@ -29,8 +29,8 @@ class Pending:
     """What the planner sees of one queued request; treated as immutable.
 
     A plain class with slots, built once per request: under mypyc it is a native class whose fields
-    compiled code reads directly (a NamedTuple's fields went through generic attribute lookup there),
-    and interpreted it costs about what the NamedTuple did."""
+    compiled code reads directly (a NamedTuple's fields go through generic attribute lookup there),
+    and interpreted it costs about what a NamedTuple does."""
 
     __slots__ = ("seq", "arrival_s", "deadline_s", "min_accuracy", "priority", "mode", "on_late")
 
@@ -139,8 +139,9 @@ def fifo_key(p: Pending) -> tuple:
 RECENT_TAU_S = 0.06
 """Time constant of :class:`RecentSlowdown` (seconds). A profile row's ratio to its cell's median has a lag-1
 autocorrelation of 0.3-0.65 at ~8 ms between calls; time constants of 30-100 ms did best on the four profiles
-it was chosen on, and 60 ms took the held-out MAPE of thirteen profiles of sessions 13-17 down by 0.7-4.3
-points, also on the eight not used to choose it (docs/latency-model.md, "Session 17"). The planner does not use it by default (see SLOAwarePolicy)."""
+it was chosen on, and 60 ms took the held-out MAPE of thirteen profiles down by 0.7-4.3 points, also on the
+eight not used to choose it (docs/latency-model.md, "Recent slowdown"). The planner does not use it by
+default (see SLOAwarePolicy)."""
 RECENT_PRIOR = 1.0
 """Weight (in batches) of the prior "no slowdown" in :class:`RecentSlowdown`: one recent batch moves the
 factor half way to its ratio."""
@@ -169,9 +170,9 @@ class RecentSlowdown:
     It also bounds its own errors (:meth:`margin`): the ``quantile`` of ``log(measured / (table mean x the
     factor when the batch was planned))`` over the last ``window`` batches. The table's safe prediction cannot
     serve for that: its margin covers the very slowdowns the factor already scales by, and multiplying the two
-    counts them twice (session 17: planning with safe x factor missed more deadlines live than without).
+    counts them twice (planning with safe x factor missed more deadlines live than planning without it).
 
-    The same class serves the planner (:class:`SLOAwarePolicy`, when asked) and ``slonn eval-latency``'s
+    The same class serves the planner (:class:`SLOAwarePolicy`, when asked) and ``bench.eval_latency``'s
     ``recent_slowdown`` score. One instance per policy: with several models served, every model's batches
     feed the same factor (it measures the machine, and assumes each model's table is about as right)."""
 
@@ -299,9 +300,9 @@ def backlog_ms(ahead: int, min_accuracy: float, ctx: PlanContext) -> float:
     Full batches of the fastest level the request's floor allows, each at its safe
     bound: not the best case (the request's own run is judged on the mean, in
     ``hopeless_at``), but the queue ahead is many batches, and one of them running
-    slow delays everyone behind it. Priced at the mean instead (session 19, a
-    second reader's suggestion), admission let in more under overload and the
-    simulator's attainment fell by 0.8 points on average, worse in 12 of 20
+    slow delays everyone behind it. Priced at the mean instead, admission lets in
+    more under overload and the simulator's attainment falls by 0.8 points on
+    average, worse in 12 of 20
     overloaded runs (x1000-x4000, 5 seeds, with and without a 10 ms interactive
     deadline).
     """
@@ -354,8 +355,8 @@ class SLOAwarePolicy(Policy):
         if margin is None:
             # "Cannot make it" is judged on the *expected* run (the mean), not the safe upper bound that
             # plans batches: rejecting on the bound turns a ~1% risk of a late answer into a certain
-            # miss. On a noisy VM (session 6) live refits put the batch-1 bound at ~18 ms against a
-            # ~2.5 ms median, and admission turned away interactive requests with nothing queued ahead.
+            # miss. On a noisy VM live refits can put the batch-1 bound at ~18 ms against a ~2.5 ms
+            # median, and admission would turn away interactive requests with nothing queued ahead.
             i = fastest_allowed(p.min_accuracy, ctx)
             margin = self._margin_s[p.min_accuracy] = (
                 ctx.backlog_ms + ctx.table.mean(ctx.bucket, i, 1) + ctx.overhead_ms) * 1e-3
@@ -457,9 +458,8 @@ def _late_batch(row: list[float], n_floor: int, candidates: Sequence[Pending], n
     A follower joins unless that makes a request late that would not be otherwise: it must not push the batch
     past the budget of a member it runs in time, and it must not be one that would be late in this batch but
     in time in the next one, alone. One that is late either way joins: a backlog of late requests is caught up
-    in full batches. (Until session 19 the batch took every follower the floors allowed, up to
-    ``max_batch``: a head that had just missed the bound made late those that the next batch would have
-    served in time.)"""
+    in full batches. Taking every follower the floors allow, up to ``max_batch``, would let a head that has
+    just missed the bound make late those that the next batch would serve in time."""
     n, cap = 1, math.inf
     for k in range(1, n_floor):
         if row[k] > cap:

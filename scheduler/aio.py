@@ -2,7 +2,7 @@
 
 ``asyncio`` is the standard library's loop; ``uvloop`` (libuv, optional: ``pip install uvloop``, or ``pip install -e '.[uvloop]'`` from the checkout)
 costs less CPU per event, which matters where the frontend, the workers and the load generator share two
-cores (docs/simulation.md, session 10).
+cores (docs/results.md, "Front-end cost").
 """
 
 from __future__ import annotations

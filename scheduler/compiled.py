@@ -3,7 +3,7 @@
 ``pip install -e .`` (``setup.py``) compiles :data:`COMPILED_MODULES` with mypyc into C extensions beside
 their sources, and Python then imports the extension instead of the ``.py``. It is the same code: mypyc
 compiles the sources as they are, so the server and the simulator still run one scheduler; the
-simulator runs 2-3x faster (docs/simulation.md). The build is optional: without mypy or a C compiler the
+simulator runs about 3x faster (docs/simulator.md). The build is optional: without mypy or a C compiler the
 sources run.
 
 The sources are imported instead of the extensions when

@@ -126,9 +126,10 @@ class ServerConfig:
     worker_cpus: tuple[int, ...] | None = None
     """CPUs the worker processes may run on (None: the server's). With the server itself on other CPUs
     (``slonn serve --cpus``), a co-runner on the workers' CPUs slows the model and not the front end: on a
-    CPU host, the case of a neighbour on the same GPU (``slonn adapt --pin``). The contention signal still
-    counts runnable tasks over the whole machine, so two co-runners on the workers' one CPU read as they
-    would spread over two, and the learner has to learn the pinned worker's slower batches online."""
+    CPU host, the case of a neighbour on the same GPU (``python -m bench.adapt --pin``). The contention
+    signal still counts runnable tasks over the whole machine, so two co-runners on the workers' one CPU
+    read as they would spread over two, and the learner has to learn the pinned worker's slower batches
+    online."""
     worker_spin_ms: float = 0.0
     """After each batch a worker polls for the next one this long before it blocks (>= 0; see
     ``workers.process.wait_for_task``): on a VM this keeps the host from pausing the worker's vCPU during

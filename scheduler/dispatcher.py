@@ -300,8 +300,8 @@ class Dispatcher:
 
         The allowance is learned only from batches that ran. If a burst of contention raises it far
         enough, admission turns every request away, no batch runs, and it would never come down again:
-        the server would refuse everything after the contention is gone, or, as measured with
-        `slonn adapt`, serve nothing for the whole co-runner window. Without evidence it decays, so a
+        the server would refuse everything after the contention is gone, or serve nothing for a whole
+        co-runner window (`python -m bench.adapt`). Without evidence it decays, so a
         few requests get through and measure the machine again.
         """
         if self.overhead_ms <= self.min_overhead_ms or not self._refused_since_batch:

@@ -108,8 +108,8 @@ def profiled_on_gpu(profile_rows: list[dict]) -> bool:
 def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None:
     """Why a profile's latencies under contention do not describe workers at ``serving_nice`` (the workers'
     niceness: ``slonn serve --worker-nice``, else the server's, which they inherit), or None. Under
-    co-runners a worker's latency depends on its CPU weight: on the 2-vCPU VM of docs/latency-model.md, two
-    busy co-runners made batches scatter 27% around the model at niceness 0 and 11% at -10. Profiles without
+    co-runners a worker's latency depends on its CPU weight: on a 2-vCPU VM (docs/results.md), two
+    busy co-runners make batches scatter 27% around the model at niceness 0 and 11% at -10. Profiles without
     the ``worker_nice`` column (older ones) are not judged."""
     try:
         nices = profile_niceness(profile_rows)

@@ -14,8 +14,8 @@ class RequestRecord:
     """One request as the load generator (or the simulator) saw it.
 
     A plain class with slots, as :class:`policy.planner.Pending` is: the simulator builds one per request, and
-    under mypyc a native ``__init__`` costs a fraction of the interpreted one ``@dataclass`` generates (which
-    was a tenth of a simulation's time)."""
+    under mypyc a native ``__init__`` costs a fraction of the interpreted one ``@dataclass`` generates (that
+    one takes a tenth of a simulation's time)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ("index", "slo_class", "deadline_ms", "send_s", "answer_s", "status", "level",
                           "batch_size", "correct", "late", "exec_ms", "predicted_ms", "queue_ms", "server_ms",

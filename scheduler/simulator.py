@@ -125,9 +125,10 @@ class SimConfig:
     ingress_ms_per_request: float = 0.0
     """Serial admission cost of the frontend (>= 0; 0 = off): request k reaches the scheduler at
     ``a_k = max(send_k, a_{k-1}) + this``, a one-server FIFO in front of the queues. On a small machine the
-    frontend's CPU per request turns a clump of simultaneous arrivals into a staircase (``slonn
-    bench-frontend``: ~1-1.3 ms for the server process on the 2-vCPU EPYC, ~3-3.9 ms for the whole machine
-    with the workers and the client; 2-2.5 ms reproduces slonn's live attainment there, docs/simulation.md).
+    frontend's CPU per request turns a clump of simultaneous arrivals into a staircase (``python -m
+    bench.bench_frontend``: ~1-1.3 ms for the server process on a 2-vCPU EPYC, ~3-3.9 ms for the whole
+    machine with the workers and the client; 2-2.5 ms reproduces slonn's live attainment there,
+    docs/results.md).
     The request's deadline still counts from its send time, as the live server's does from the caller's
     gRPC deadline; one with no time left at admission is answered DEADLINE_EXCEEDED (the live server
     already does so with 5 ms left)."""
@@ -199,7 +200,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
     rng = np.random.default_rng(seed)
     n = len(arrivals)
     # Typed lists: compiled, an element read is a native list access and an unboxed float (numpy's tolist()
-    # is untyped, and every read of its result went through the generic item protocol).
+    # is untyped, and every read of its result would go through the generic item protocol).
     offsets: list[float] = arrivals.offsets_s.tolist()
     cls_names: list[str] = list(arrivals.classes)
     deadline_ms = {c: classes[c].latency_ms for c in set(cls_names)}

@@ -1,4 +1,4 @@
-"""Benchmark the level kernels against the plain dense model (issue #3).
+"""Benchmark the level kernels against the plain dense model (docs/kernels.md).
 
     slonn bench-kernels --json [--threads 1] [--batch-sizes 1,4,16,64] [--repeats 15]
 

@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the CSV, JSON and server log go")
     add_arrival_args(p)
     add_client_args(p)
-    # One stream per client, as the documented comparisons run (`--transport stream`, docs/simulation.md).
-    # One unary call per request costs ~7 ms more per round trip at this load on a 2-vCPU VM (session 14:
-    # interactive 77-92% in time, p50 9-17 ms, against 100% and 4-5 ms on a stream); `--transport unary`
-    # shows it.
+    # One stream per client, as the documented comparisons run (`--transport stream`, docs/simulator.md).
+    # One unary call per request costs ~7 ms more per round trip at this load on a 2-vCPU VM (interactive
+    # 77-92% in time, p50 9-17 ms, against 100% and 4-5 ms on a stream; docs/results.md); `--transport
+    # unary` shows it.
     p.set_defaults(transport="stream")
     args = p.parse_args(argv)
     ensure_model(args.model_dir)

@@ -139,9 +139,9 @@ def call_at_niceness(fn: Callable[[], T], value: int | None) -> tuple[T, int]:
 def apply_nice(increment: int) -> int:
     """Add ``increment`` to this process's niceness (children started later inherit it); returns the niceness.
 
-    An operator's knob for a worker that shares its cores with other work. On a 2-vCPU VM, where ~2 ms
-    batches had an exec p99 of ~19 ms, -10 gave 9.4-9.7 ms in two runs and 25.5 ms in a third
-    (docs/simulation.md): not a reliable fix there. Raising priority needs CAP_SYS_NICE: without it the
+    An operator's knob for a server that shares its cores with other work: the serving tier ahead of
+    best-effort neighbours (docs/operations.md, "CPU priority and placement"); profile the workers at the
+    niceness they are served at. Raising priority needs CAP_SYS_NICE: without it the
     server runs on at its current niceness, with a warning.
     """
     now = os.getpriority(os.PRIO_PROCESS, 0)

@@ -155,7 +155,7 @@ class CpuBurner:
         uses 0, a neighbour at the default priority whatever the load generator's (``slonn compare
         --client-nice``). Lowering it needs CAP_SYS_NICE: without it the burners keep their parent's, and
         :meth:`usage` reports the niceness they ran at. ``cpus``: the CPUs they may run on (None: the
-        starting thread's), e.g. the one a pinned worker runs on (``slonn adapt``)."""
+        starting thread's), e.g. the one a pinned worker runs on (``python -m bench.adapt --pin``)."""
         if n_procs < 0 or not 0.0 < duty <= 1.0 or period_s <= 0:
             raise ValueError(f"CpuBurner(n_procs={n_procs}, duty={duty}, period_s={period_s}): "
                              "need n_procs >= 0, 0 < duty <= 1, period_s > 0")

@@ -26,7 +26,7 @@ from slonn.workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailu
 log = logging.getLogger(__name__)
 
 READY_LOG = "worker %d ready (pid %d, %s, niceness %d, cpus %s); kernels %s"
-"""The line logged when a worker is up: id, pid, device, niceness, CPUs, kernel table (``slonn adapt`` reads
+"""The line logged when a worker is up: id, pid, device, niceness, CPUs, kernel table (``python -m bench.adapt`` reads
 the niceness and CPUs back from the server's log)."""
 
 

@@ -84,7 +84,7 @@ def wait_for_task(conn: Connection, spin_s: float):
 
     Why spin: on a VM, a worker that blocks between batches lets its vCPU go idle, and the hypervisor
     hands the physical core to someone else; the next batch then loses milliseconds to pauses in which
-    the vCPU does not run at all. On the 2-vCPU VM of docs/latency-model.md, sleeping 2 ms between calls
+    the vCPU does not run at all. On a 2-vCPU VM (docs/results.md), sleeping 2 ms between calls
     cost 30-42% of the calls' wall time; polling through the same gaps cost under 4%
     (``python -m bench.noise`` against ``--spin``). The price is the core the poll keeps busy while traffic
     flows, bounded by ``spin_s`` after the last batch once it stops.

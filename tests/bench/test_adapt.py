@@ -1,4 +1,4 @@
-"""`slonn adapt`'s shift detection on synthetic records (no server)."""
+"""`python -m bench.adapt`'s shift detection on synthetic records (no server)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ async def test_outputs_go_back_to_their_own_requests():
 
 
 async def test_each_batch_logs_why_at_debug(caplog):
-    """Issue #4's explainability: one debug line per batch with its size, level, prediction, slack, reason."""
+    """Explainability: one debug line per batch with its size, level, prediction, slack, reason."""
     pool = FakeWorkerPool(workers=1)
     d = make(pool)
     with caplog.at_level(logging.DEBUG, logger="slonn.scheduler.dispatcher"):

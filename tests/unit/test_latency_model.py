@@ -119,7 +119,7 @@ def test_the_contention_penalty_still_lets_a_profile_show_its_slowdown(model):
 @pytest.mark.parametrize("drop, noise", [(0.2, 0.03), (0.5, 0.01), (0.7, 0.003)])
 def test_mean_table_follows_a_latency_that_falls_with_contention(drop, noise):
     """A worker ahead of its co-runners on a VM (niceness -10) runs a little *faster* when they keep the vCPUs
-    from idling (session 16's fp32 profile: 0.92x). The mean table keeps that; the safe table stays
+    from idling (0.92x in a measured fp32 profile). The mean table keeps that; the safe table stays
     non-decreasing in contention, even where a quiet bucket's mean is above a busier bucket's safe (a steep
     fall, little noise: a small residual quantile)."""
     rows = synthetic_rows(reps=3, noise=noise, truth=lambda lv, b, c: true_ms(lv, b, 0.0) * (1 - drop * c / 1.5))

@@ -381,7 +381,8 @@ def test_the_margin_is_the_conformal_quantile_of_the_factors_own_errors():
 
 
 def test_the_factor_plans_only_once_its_margin_is_known():
-    """Before, the bound is the table's safe prediction, unscaled: safe x factor counts slowdowns twice."""
+    """Until its margin is known the factor plans on the table's safe bound, unscaled (safe x factor counts
+    slowdowns twice)."""
     table = LatencyTable(LEVELS, 64, (), TABLE.mean_ms * 1.5, TABLE.mean_ms.copy())  # safe = 1.5 x mean
     policy = SLOAwarePolicy(RecentSlowdown(tau_s=1.0, prior=1e-12, quantile=0.5, window=4))
     policy.observe(Plan(1, 1.0, 1.0, table_mean_ms=1.0), 2.0, True, NOW)

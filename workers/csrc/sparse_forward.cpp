@@ -9,7 +9,7 @@
 // compiles this file with the machine's C++ compiler (-O3 -march=native).
 //
 // Why not torch.nn.functional.embedding_bag: at batch 1 its bf16 bag is
-// compute-bound (~0.9 us a 4096-wide row even from cache, docs/kernels.md);
+// compute-bound (~0.9 us a 4096-wide row even from cache);
 // converting bf16 to fp32 by a 16-bit shift and FMA-ing eight rows per pass
 // over the output keeps the loop on memory bandwidth.
 //
@@ -199,11 +199,11 @@ struct Scratch {
 };
 
 // The whole batch, layer by layer, each sample reading its own rows. Layer by layer rather than sample by
-// sample ran ~1.6x faster at batch 16-64, keep 0.5 (14 vs 22-24 ms at batch 16), rows several samples keep
-// being still cached for the next. Going further, one L2-sized band of a layer's rows at a time for the
-// whole batch (each row fetched from memory about once) gained nothing at batch 2-64, so fetching rows is
-// not what bounds it there; nor did a union gather (one row, every sample that keeps it: 2x slower, each
-// row then updates whole output rows one at a time instead of eight rows' worth at once).
+// sample runs ~1.6x faster at batch 16-64, keep 0.5 (14 vs 22-24 ms at batch 16), rows several samples keep
+// being still cached for the next. One L2-sized band of a layer's rows at a time for the whole batch (each
+// row fetched from memory about once) gains nothing at batch 2-64, so fetching rows is not what bounds it
+// there; nor does a union gather (one row, every sample that keeps it: 2x slower, each row then updates
+// whole output rows one at a time instead of eight rows' worth at once).
 template <typename W>
 void forward_batch(int64_t batch, const float* x, int64_t in_features, const float* first_wt,
                    const float* first_b, int64_t first_out, int64_t n_layers, const void* const* wts,
