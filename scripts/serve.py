@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.scheduler import aio
 from slonn.scheduler.compiled import state as compiled_state
 from slonn.scheduler.config import ServerConfig, load_classes
 from slonn.workers.placement import ask_niceness, parse_cpus, set_cpus
-from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
 T = TypeVar("T")
