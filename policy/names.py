@@ -2,7 +2,8 @@
 
 String enums (``enum.StrEnum``): each member equals its spelling in TOML files and on the command line
 (``Mode.ACCURACY == "accuracy"``), so a value read from either compares with a member and ``Mode(text)``
-validates it. Standard library only: the scheduler's configuration and the compiled planner both import it.
+validates it; ``repr`` too is the string's, so configurations and requests print as they are written.
+Standard library only: the scheduler's configuration and the compiled planner both import it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class Mode(StrEnum):
+class _Name(StrEnum):
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Mode(_Name):
     """What an SLO class trades (``[[class]] mode``)."""
 
     LATENCY = "latency"
@@ -19,7 +25,7 @@ class Mode(StrEnum):
     """Meet the accuracy floor at the lowest latency."""
 
 
-class OnLate(StrEnum):
+class OnLate(_Name):
     """What happens to a request of an SLO class once its deadline is out of reach (``[[class]] on_late``)."""
 
     REJECT = "reject"
@@ -28,7 +34,7 @@ class OnLate(StrEnum):
     """Serve it late, flagged."""
 
 
-class PolicyName(StrEnum):
+class PolicyName(_Name):
     """A scheduling policy by the name that starts its spec (``kind[:params]``, ``slonn serve --policy``)."""
 
     SLONN = "slonn"
