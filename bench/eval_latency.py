@@ -44,7 +44,7 @@ from slonn.policy.latency_model import (
 )
 from slonn.policy.learner import LearnerConfig, OnlineLearner
 from slonn.policy.planner import RecentSlowdown
-from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
+from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 
 MAPE_TARGET_PCT = 10.0
 DISTURBED_EXCESS = 0.1

@@ -194,7 +194,7 @@ def measure(model_dir: Path, precision: str, cells: list[tuple[float, int]], cal
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
+    from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 
     p = argparse.ArgumentParser(prog="python -m bench.noise", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from slonn.policy.names import PolicyName
 from slonn.policy.planner import Pending, Plan, PlanContext, Policy, Wait, fifo_key
 
 
@@ -201,23 +202,23 @@ def _batching_config(params: dict[str, str], level: float) -> BatchingConfig:
                           max_batch=int(params.get("max_batch", 0)), preferred=preferred)
 
 
-BASELINES = ("triton", "fixed:<level>", "aimd")
+BASELINES = (PolicyName.TRITON.value, f"{PolicyName.FIXED.value}:<level>", PolicyName.AIMD.value)
 
 
 def make_baseline(name: str):
     """A baseline policy from its name, e.g. "triton", "triton:max_delay_ms=5", "fixed:0.25", "aimd:step=2"."""
     kind, _, rest = name.partition(":")
     try:
-        if kind == "triton":
+        if kind == PolicyName.TRITON:
             return DynamicBatchingPolicy(_batching_config(parse_policy_params(rest, name, _BATCHING_PARAMS), 1.0),
                                          name)
-        if kind == "fixed":
+        if kind == PolicyName.FIXED:
             head, _, tail = rest.partition(",")
             if not head or "=" in head:
                 raise ValueError(f"policy {name!r}: fixed needs a level first, e.g. fixed:0.25")
             return DynamicBatchingPolicy(
                 _batching_config(parse_policy_params(tail, name, _BATCHING_PARAMS), float(head)), name)
-        if kind == "aimd":
+        if kind == PolicyName.AIMD:
             types = {"start": int, "step": float, "backoff": float, "level": float, "signal": str}
             params = parse_policy_params(rest, name, set(types))
             return AIMDPolicy(AIMDConfig(**{k: types[k](v) for k, v in params.items()}))

@@ -41,7 +41,7 @@ from sklearn.model_selection import KFold
 from threadpoolctl import threadpool_limits
 
 from slonn.policy.table import LatencyTable
-from slonn.workers.protocol import DEFAULT_PRECISION, low_precision_of
+from slonn.precision import DEFAULT_PRECISION, low_precision_of
 
 PROFILE_CSV = "latency_profile.csv"
 """The profile of the default precision's kernels; see :func:`profile_csv_name`."""

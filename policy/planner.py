@@ -22,6 +22,7 @@ from typing import Sequence
 
 from mypy_extensions import mypyc_attr
 
+from slonn.policy.names import Mode
 from slonn.policy.table import LatencyTable
 
 
@@ -43,9 +44,9 @@ class Pending:
         self.min_accuracy = min_accuracy
         self.priority = priority
         self.mode = mode
-        """"latency" or "accuracy"."""
+        """A :class:`~slonn.policy.names.Mode` ("latency" or "accuracy")."""
         self.on_late = on_late
-        """"reject" or "serve"."""
+        """A :class:`~slonn.policy.names.OnLate` ("reject" or "serve")."""
 
     def __repr__(self) -> str:
         return (f"Pending(seq={self.seq}, arrival_s={self.arrival_s}, deadline_s={self.deadline_s}, "
@@ -395,7 +396,7 @@ class SLOAwarePolicy(Policy):
             floors.append(floor)
             slacks.append((deadline - now_s) * 1e3)
             budgets.append((slacks[-1] - ctx.overhead_ms) / scale)
-        accuracy_mode = candidates[0].mode == "accuracy"
+        accuracy_mode = candidates[0].mode == Mode.ACCURACY
         best_n, best_i = 0, -1
         for i, acc in enumerate(accuracy):
             # The floor caps the batch: a later candidate with a higher floor would exclude this level.
@@ -422,7 +423,7 @@ class SLOAwarePolicy(Policy):
         accuracy = ctx.accuracy
         slack = (p.deadline_s - now_s) * 1e3
         budget = (slack - ctx.overhead_ms) / scale
-        accuracy_mode = p.mode == "accuracy"
+        accuracy_mode = p.mode == Mode.ACCURACY
         best_i, best_acc, best_ms = -1, 0.0, 0.0
         for i, acc in enumerate(accuracy):
             ms = rows[i][0]

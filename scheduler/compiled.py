@@ -37,10 +37,11 @@ COMPILED_MODULES = ("slonn.policy.table", "slonn.policy.planner", "slonn.policy.
 """What setup.py compiles: the per-request and per-batch path of the scheduler, and the simulator's event loop
 with the records it fills."""
 
-TYPED_DEPENDENCIES = ("slonn.scheduler.config", "slonn.scheduler.errors", "slonn.scheduler.trace")
-"""Interpreted modules whose values flow into compiled attributes and arguments (class settings, the
-exceptions raised and caught, the arrivals): mypyc builds their declared types in and checks them at run time,
-so a change there also makes the build stale."""
+TYPED_DEPENDENCIES = ("slonn.scheduler.config", "slonn.scheduler.errors", "slonn.scheduler.trace",
+                      "slonn.policy.names")
+"""Interpreted modules whose values flow into compiled attributes and arguments (class settings and their
+modes, the exceptions raised and caught, the arrivals): mypyc builds their declared types in and checks them
+at run time, so a change there also makes the build stale."""
 
 SHARED_LIB = "slonn.scheduler.hotpath__mypyc"
 """The extension that holds all the compiled code (setup.py's mypyc group); the others are shims into it."""

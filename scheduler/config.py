@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from slonn.workers.protocol import DEFAULT_PRECISION, low_precision_of
-
-ON_LATE = ("reject", "serve")
-MODES = ("latency", "accuracy")
+from slonn.policy.names import Mode, OnLate, PolicyName
+from slonn.precision import DEFAULT_PRECISION, low_precision_of
 
 
 @dataclass(frozen=True)
@@ -28,9 +26,10 @@ class SLOClassConfig:
     """Tie-break between equal deadlines: smaller runs first (>= 0)."""
     max_queue: int = 1024
     """Queued requests beyond this are rejected RESOURCE_EXHAUSTED at once (> 0)."""
-    on_late: str = "reject"
-    """"reject": answer DEADLINE_EXCEEDED as soon as the deadline is out of reach; "serve": answer late, flagged."""
-    mode: str = "latency"
+    on_late: OnLate = OnLate.REJECT
+    """"reject": answer DEADLINE_EXCEEDED as soon as the deadline is out of reach; "serve": answer late, flagged
+    (given as either string, stored as the member)."""
+    mode: Mode = Mode.LATENCY
     """"latency": meet the deadline at the highest accuracy; "accuracy": meet the floor at the lowest latency."""
 
     def __post_init__(self) -> None:
@@ -46,10 +45,8 @@ class SLOClassConfig:
             raise ValueError(f"{where}: priority={self.priority} must be >= 0")
         if self.max_queue <= 0:
             raise ValueError(f"{where}: max_queue={self.max_queue} must be > 0")
-        if self.on_late not in ON_LATE:
-            raise ValueError(f"{where}: on_late={self.on_late!r} must be one of {ON_LATE}")
-        if self.mode not in MODES:
-            raise ValueError(f"{where}: mode={self.mode!r} must be one of {MODES}")
+        _store_member(self, "on_late", OnLate, where)
+        _store_member(self, "mode", Mode, where)
         _store_floats(self)
 
 
@@ -67,6 +64,18 @@ def _check_types(cfg, where: str) -> None:
         want = {"str": str, "float": _NUMBER, "int": int}.get(_type_name(f))
         if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
             raise ValueError(f"{where}: {name}={value!r} must be of type {_type_name(f)}")
+
+
+def _store_member(cfg, name: str, enum, where: str) -> None:
+    """A string field with a fixed set of values is stored as the enum member it names (the same string to
+    every comparison); anything else is a ValueError that lists the values."""
+    value = getattr(cfg, name)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {name}={value!r} must be of type str")
+    values = tuple(m.value for m in enum)
+    if value not in values:
+        raise ValueError(f"{where}: {name}={value!r} must be one of {values}")
+    object.__setattr__(cfg, name, enum(value))
 
 
 def _store_floats(cfg) -> None:
@@ -142,7 +151,7 @@ class ServerConfig:
     own latency profile (``slonn profile --precision``)."""
     max_batch: int = 64
     """Largest batch the planner forms (1..1024)."""
-    policy: str = "slonn"
+    policy: str = PolicyName.SLONN.value
     """Scheduling policy: slonn (SLO-aware; slonn:recent_tau_ms=60 with the recent-slowdown factor), triton,
     fixed:<level>, aimd."""
     max_inflight: int = 8192

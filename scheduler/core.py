@@ -12,6 +12,7 @@ import itertools
 from dataclasses import replace
 from typing import Any, Mapping
 
+from slonn.policy.names import OnLate
 from slonn.policy.planner import Pending, Plan, PlanContext, Policy, Wait, backlog_ms
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
@@ -92,7 +93,7 @@ class Scheduler:
                 f"level accuracy {self._best_accuracy[model]:.4f}")
         class_ms, class_on_late = cls.latency_ms, cls.on_late
         latency_ms = class_ms if not budget_ms else min(class_ms, budget_ms)
-        on_late = "reject" if hard and budget_ms and budget_ms <= class_ms else class_on_late
+        on_late = OnLate.REJECT if hard and budget_ms and budget_ms <= class_ms else class_on_late
         if on_late != class_on_late:
             self._mixed_late = True  # from now on, schedule() checks such requests behind late heads
         pending = Pending(next(self._seq), arrival_s, arrival_s + latency_ms * 1e-3, cls.min_accuracy,
@@ -105,7 +106,7 @@ class Scheduler:
         if queue.full():
             raise QueueFull(f"slo_class {req.slo_class!r} queue for model {req.model!r} is full "
                             f"(max_queue={queue.max_len})")
-        if req.pending.on_late == "reject":
+        if req.pending.on_late == OnLate.REJECT:
             # Requests of classes with deadlines no later than this one's are (about) ahead of it in EDF.
             ahead = 0
             for q in self._ahead[req.model][req.slo_class]:
@@ -162,7 +163,7 @@ class Scheduler:
             ctx = contexts[model]
             for q in queues.values():
                 head = q.peek()
-                if head is None or head.pending.on_late != "reject":
+                if head is None or head.pending.on_late != OnLate.REJECT:
                     continue
                 t = self.policy.hopeless_at(head.pending, ctx)
                 if t is not None and (soonest is None or t < soonest):
@@ -241,7 +242,7 @@ class Scheduler:
         all at once after every check, so that a check that raises leaves each request in one list."""
         keep, dropped = [], []
         for r in candidates:
-            if r.pending.on_late == "reject" and self.classes[r.slo_class].on_late != "reject" \
+            if r.pending.on_late == OnLate.REJECT and self.classes[r.slo_class].on_late != OnLate.REJECT \
                     and self.policy.is_hopeless(r.pending, now_s, ctx):
                 dropped.append(r)
             else:
@@ -281,7 +282,7 @@ class Scheduler:
             while True:
                 head = q.peek()
                 # Only heads: behind an in-time head every request has a later deadline.
-                if head is None or head.pending.on_late != "reject" or not self.policy.is_hopeless(
+                if head is None or head.pending.on_late != OnLate.REJECT or not self.policy.is_hopeless(
                         head.pending, now_s, ctx):
                     break
                 expired.append(q.pop())

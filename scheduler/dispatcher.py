@@ -148,7 +148,7 @@ class Dispatcher:
             req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future, hard)
             self.scheduler.add_request(req, now, self.contexts()[model])
         except RequestError as exc:
-            self.metrics.answers.labels(model, slo_class, exc.code.name).inc()
+            self.metrics.answers.labels(model, slo_class, exc.kind.value).inc()
             if isinstance(exc, DeadlineUnreachable) and not self._refused_since_batch:
                 self._refused_since_batch = True
                 self._last_batch_s = max(self._last_batch_s, now)  # staleness counts from the first refusal
@@ -342,5 +342,5 @@ class Dispatcher:
 
     def _fail(self, req: QueuedRequest, error: RequestError) -> None:
         if not req.handle.done():
-            self.metrics.answers.labels(req.model, req.slo_class, error.code.name).inc()
+            self.metrics.answers.labels(req.model, req.slo_class, error.kind.value).inc()
             req.handle.set_exception(error)

@@ -1,40 +1,54 @@
-"""Request errors with their gRPC status: raised anywhere, mapped to a status in one place."""
+"""Request errors, transport-agnostic: each carries an :class:`ErrorKind`, and each front end maps kinds to
+its own status codes in one table (the gRPC servicer: ``scheduler.server.GRPC_STATUS``)."""
 
 from __future__ import annotations
 
-import grpc
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    """Why a request failed. Spelled as the canonical status names gRPC shares with Google's API errors: the
+    records of simulated and of live runs (``RequestRecord.status``) and the metrics' labels carry them."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    INTERNAL = "INTERNAL"
 
 
 class RequestError(Exception):
-    """A request that ends with a gRPC error status and a message naming the cause."""
+    """A request that ends with an error of ``kind`` and a message naming the cause."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    kind: ErrorKind = ErrorKind.INTERNAL
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, kind: ErrorKind | None = None) -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
+        if kind is not None:
+            self.kind = kind
 
 
 class InvalidArgument(RequestError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 class NotFound(RequestError):
-    code = grpc.StatusCode.NOT_FOUND
+    kind = ErrorKind.NOT_FOUND
 
 
 class QueueFull(RequestError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
 class DeadlineUnreachable(RequestError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = ErrorKind.DEADLINE_EXCEEDED
 
 
 class Unavailable(RequestError):
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
 
 
 class FailedPrecondition(RequestError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION

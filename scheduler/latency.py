@@ -14,9 +14,10 @@ import numpy as np
 from slonn.policy.latency_model import LatencySample, foreign_kernels, profile_csv_name, profile_niceness, read_rows_csv
 from slonn.policy.learner import OnlineLearner
 from slonn.policy.table import LatencyTable
+from slonn.precision import DEFAULT_PRECISION
 from slonn.workers.artifact import ModelManifest
 from slonn.workers.pool import WorkerDied, WorkerPool
-from slonn.workers.protocol import DEFAULT_PRECISION, BatchTask
+from slonn.workers.protocol import BatchTask
 
 log = logging.getLogger(__name__)
 

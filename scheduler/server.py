@@ -11,11 +11,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from slonn.policy.baselines import make_baseline, parse_policy_params
 from slonn.policy.contention import ContentionMonitor
+from slonn.policy.factory import make_policy
 from slonn.policy.latency_model import LatencySample
 from slonn.policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
-from slonn.policy.planner import RecentSlowdown, SLOAwarePolicy
 from slonn.protos import slonn_pb2 as pb
 from slonn.protos import slonn_pb2_grpc as pb_grpc
 from slonn.protos.tensors import TensorError, from_tensor, to_tensor
@@ -23,7 +22,7 @@ from slonn.scheduler.clock import MonotonicClock
 from slonn.scheduler.config import ServerConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
-from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
+from slonn.scheduler.errors import DeadlineUnreachable, ErrorKind, InvalidArgument, RequestError
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
 from slonn.workers.artifact import ModelManifest, load_manifest
@@ -35,10 +34,20 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 # Refit once a second: a refit holds the GIL for tens of ms, and the event loop shares it.
 LEARNER = LearnerConfig(refit_interval_s=1.0)
+GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+"""The gRPC status each request error answers with: the one place errors meet the transport."""
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """Maps the protocol onto the Dispatcher; every error becomes a status in ``_answer``."""
+    """Maps the protocol onto the Dispatcher; every request error becomes a status through :data:`GRPC_STATUS`."""
 
     def __init__(self, dispatcher: Dispatcher, server: "SlonnServer") -> None:
         self.dispatcher = dispatcher
@@ -107,7 +116,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             return await self._answer(request, context.time_remaining())
         except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(GRPC_STATUS[exc.kind], str(exc))
 
     async def InferStream(self, request_iterator, context):
         """Answers in completion order; a failed request yields an error message and the stream goes on."""
@@ -122,7 +131,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 answer = pb.StreamResponse(response=await self._answer(request, None))
             except RequestError as exc:
                 answer = pb.StreamResponse(error=pb.RequestError(
-                    request_id=request_id, code=exc.code.name, message=str(exc)))
+                    request_id=request_id, code=GRPC_STATUS[exc.kind].name, message=str(exc)))
             await answers.put(answer)
 
         async def read() -> None:
@@ -157,22 +166,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 name=c.name, latency_ms=c.latency_ms, min_accuracy=c.min_accuracy, priority=c.priority,
                 max_queue=c.max_queue, on_late=c.on_late, mode=c.mode))
         return resp
-
-
-def make_policy(name: str):
-    """Policy by name: slonn (``slonn:recent_tau_ms=T`` plans with a recent-slowdown factor of time constant T;
-    the default 0 is off), or a baseline from policy/baselines.py."""
-    kind, _, rest = name.partition(":")
-    if kind == "slonn":
-        params = parse_policy_params(rest, name, {"recent_tau_ms"})
-        if "recent_tau_ms" not in params:
-            return SLOAwarePolicy()
-        try:
-            tau_s = float(params["recent_tau_ms"]) * 1e-3
-            return SLOAwarePolicy(RecentSlowdown(tau_s=tau_s))
-        except ValueError as exc:
-            raise ValueError(f"policy {name!r}: recent_tau_ms must be a number >= 0 ({exc})") from None
-    return make_baseline(name)
 
 
 @dataclass

@@ -25,16 +25,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from slonn.policy.factory import make_policy
 from slonn.policy.latency_model import profile_csv_name
 from slonn.policy.planner import PlanContext, Policy
 from slonn.policy.table import LatencyTable
+from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.scheduler.clock import FakeClock
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.errors import DeadlineUnreachable, RequestError
 from slonn.scheduler.report import RequestRecord
 from slonn.scheduler.trace import Arrivals
-from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # same status the live replay records (slonn.scheduler.replay)
 
@@ -300,7 +301,7 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
                             raise DeadlineUnreachable(f"{-left_ms:.1f} ms past the deadline at admission")
                         add_request(req, now, contexts_at(now)[model])
                     except RequestError as exc:  # refused at admission, as the live servicer answers it
-                        status[k], answer_s[k] = exc.code.name, now
+                        status[k], answer_s[k] = exc.kind.value, now
                     else:
                         reqs[k] = req
                         inflight += 1
@@ -476,8 +477,6 @@ def sim_config(args) -> SimConfig:
 
 
 def run_policy(setup: SimSetup, arrivals: Arrivals, policy_name: str, cfg: SimConfig, seed: int = 0) -> SimResult:
-    from slonn.scheduler.server import make_policy
-
     return simulate(arrivals, setup.classes, make_policy(policy_name), setup.table, setup.accuracy,
                     setup.draw(seed), cfg, setup.contention, setup.correct, setup.model_name, seed)
 

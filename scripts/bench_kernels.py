@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slonn.precision import DEFAULT_PRECISION, PRECISIONS, low_precision_of
 from slonn.workers.artifact import load_artifact
 from slonn.workers.device import DeviceTimer, pick_device
 from slonn.workers.digits import load_split
-from slonn.workers.kernels import LOW_PRECISION_DTYPES, SparseMLP, measure_kernel_table
-from slonn.workers.kernels_chooser import split_choice
-from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS, low_precision_of
+from slonn.workers.kernels import LOW_PRECISION_DTYPES, SparseMLP
+from slonn.workers.kernels_chooser import measure_kernel_table, split_choice
 
 NOISE_STD = 0.5
 """Std (pixel units, pixels are 0..16) of the noise on the held-out copies that extend the input pool."""

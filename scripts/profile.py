@@ -34,11 +34,11 @@ from slonn.policy.contention import ContentionMonitor, time_call
 from slonn.policy.latency_model import LatencyModel, LatencyModelConfig, LatencySample, MODEL_JSON, PROFILE_CSV, \
     write_rows_csv
 from slonn.policy.latency_model import profile_csv_name
+from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.workers.corunner import BurnSpec, make_burner
 from slonn.scripts.serve import spin_ms
 from slonn.workers.device import gpu_uuid
 from slonn.workers.placement import set_niceness
-from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from slonn.policy.names import PolicyName
+from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.scheduler import aio
 from slonn.scheduler.compiled import state as compiled_state
 from slonn.scheduler.config import ServerConfig, load_classes
 from slonn.workers.placement import ask_niceness, parse_cpus, set_cpus
-from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
 T = TypeVar("T")
@@ -60,53 +61,84 @@ def placement_problem(cpus: tuple[int, ...] | None, worker_cpus: tuple[int, ...]
     return out.get("problem")
 
 
+class _AdvancedHelp(argparse.Action):
+    """``--help-advanced``: the help with the advanced flags, which ``--help`` leaves out."""
+
+    def __init__(self, option_strings, dest, hidden: list, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.hidden = hidden
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for action, text in self.hidden:
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=Path, action="append", default=None,
+    """The server's flags: what an operator sets, shown by ``--help``; and the advanced ones (placement, tuning of
+    the latency learner and of gRPC, research knobs), which parse the same but only ``--help-advanced`` lists."""
+    p.add_argument("--model-dir", type=Path, action="append", default=None, metavar="DIR",
                    help=f"model artifact directory (repeatable; default {DEFAULT_MODEL_DIR})")
-    p.add_argument("--classes", type=Path, default=None, help="SLO classes TOML (default: the packaged one)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--classes", type=Path, default=None, metavar="TOML",
+                   help="SLO classes TOML (default: the packaged one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed on stdout)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--worker-spin-ms", type=spin_ms, default=0.0,
-                   help="after each batch a worker polls this long for the next before blocking: on a VM it "
-                        "keeps the host from pausing the worker's vCPU, for a busy core while traffic flows")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per worker")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                    help="worker weight precision: bf16/fp16 add half-precision kernels (picked where measured "
                         "faster), fp32 serves exact kernels only")
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--policy", default="slonn", help="slonn[:recent_tau_ms=T] | triton | fixed:<level> | aimd")
-    p.add_argument("--max-inflight", type=int, default=8192)
-    p.add_argument("--max-pending", type=int, default=0,
-                   help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); "
-                        "0 = gRPC's default (1000)")
-    p.add_argument("--overhead-ms", type=float, default=1.0, help="dispatch + IPC time added to predictions")
-    p.add_argument("--refit-overrun-share", type=float, default=ServerConfig.refit_overrun_share, metavar="X",
-                   help="refit the latency table early once this share of recent batches ran over their safe "
-                        "prediction (0 < X <= 1; 1 = only when their mean drifts, or every 10 s)")
-    p.add_argument("--refit-contention-shift", type=float, default=ServerConfig.refit_contention_shift, metavar="X",
-                   help="refit the latency table early once the batches' contention, averaged over 2 s, moved "
-                        "by X (others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
-    p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
-    p.add_argument("--in-process", action="store_true", help="run the model in the server process")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
-    p.add_argument("--stats-interval-s", type=float, default=10.0, help="period of the stats log line (0 = off)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch the planner forms")
+    p.add_argument("--policy", default=PolicyName.SLONN.value,
+                   help="slonn[:recent_tau_ms=T] | triton | fixed:<level> | aimd")
+    p.add_argument("--max-inflight", type=int, default=8192, metavar="N",
+                   help="admitted, unanswered requests beyond which calls get RESOURCE_EXHAUSTED")
+    p.add_argument("--grace-s", type=float, default=10.0, metavar="S", help="drain time on SIGTERM")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="Prometheus metrics on this port (0 = off)")
+    p.add_argument("--stats-interval-s", type=float, default=10.0, metavar="S",
+                   help="period of the stats log line (0 = off)")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
                    help="the server's event loop (uvloop: less CPU per call; optional dependency)")
-    p.add_argument("--nice", type=int, default=0,
-                   help="add this to the server's niceness before the workers start (they inherit it unless "
-                        "--worker-nice is given); negative "
-                        "raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
-    p.add_argument("--worker-nice", type=int, default=None, metavar="N",
-                   help="the workers' own niceness (absolute, -20..19; default: the server's, which they "
-                        "inherit). Profile at the same one (slonn profile --worker-nice)")
-    p.add_argument("--cpus", type=cpus_arg, default=None, metavar="LIST",
-                   help="CPUs the server process (its front end) may run on, e.g. 0 or 0-3 (default: any)")
-    p.add_argument("--worker-cpus", type=cpus_arg, default=None, metavar="LIST",
-                   help="CPUs the worker processes may run on (default: the server's). With --cpus on other "
-                        "CPUs, a co-runner on the workers' CPUs slows the model and not the front end, as a "
-                        "neighbour on the same GPU does (slonn adapt)")
+    hidden: list[tuple[argparse.Action, str]] = []
+    p.add_argument("--help-advanced", action=_AdvancedHelp, hidden=hidden,
+                   help="show this help with the advanced flags (placement, tuning, research) and exit")
+    _add_advanced_args(p.add_argument_group("advanced (listed by --help-advanced only)"), hidden)
+
+
+def _add_advanced_args(g: argparse._ArgumentGroup, hidden: list) -> None:
+    def add(*flags: str, help: str, **kwargs) -> None:
+        hidden.append((g.add_argument(*flags, help=argparse.SUPPRESS, **kwargs), help))
+
+    add("--nice", type=int, default=0, metavar="N",
+        help="add this to the server's niceness before the workers start (they inherit it unless --worker-nice is "
+             "given); negative raises priority, which needs CAP_SYS_NICE (else a warning and no change)")
+    add("--worker-nice", type=int, default=None, metavar="N",
+        help="the workers' own niceness (absolute, -20..19; default: the server's, which they inherit). Profile "
+             "at the same one (slonn profile --worker-nice)")
+    add("--cpus", type=cpus_arg, default=None, metavar="LIST",
+        help="CPUs the server process (its front end) may run on, e.g. 0 or 0-3 (default: any)")
+    add("--worker-cpus", type=cpus_arg, default=None, metavar="LIST",
+        help="CPUs the worker processes may run on (default: the server's). With --cpus on other CPUs, a "
+             "co-runner on the workers' CPUs slows the model and not the front end, as a neighbour on the same "
+             "GPU does (slonn adapt)")
+    add("--in-process", action="store_true", help="run the model in the server process (debugging)")
+    add("--max-pending", type=int, default=0, metavar="N",
+        help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); 0 = gRPC's "
+             "default (1000)")
+    add("--overhead-ms", type=float, default=1.0, metavar="MS",
+        help="dispatch + IPC time added to predictions (floor of the learned per-batch overhead)")
+    add("--refit-overrun-share", type=float, default=ServerConfig.refit_overrun_share, metavar="X",
+        help="refit the latency table early once this share of recent batches ran over their safe prediction "
+             "(0 < X <= 1; 1 = only when their mean drifts, or every 10 s)")
+    add("--refit-contention-shift", type=float, default=ServerConfig.refit_contention_shift, metavar="X",
+        help="refit the latency table early once the batches' contention, averaged over 2 s, moved by X "
+             "(others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
+    add("--worker-spin-ms", type=spin_ms, default=0.0, metavar="MS",
+        help="after each batch a worker polls this long for the next before blocking: on a VM it keeps the "
+             "host from pausing the worker's vCPU, for a busy core while traffic flows")
 
 
 def call_at_niceness(fn: Callable[[], T], value: int | None) -> tuple[T, int]:

@@ -48,7 +48,7 @@ Both pick the same set, so kernels agree with the reference unless two
 pre-activations at the k-th place are equal up to summation-order noise.
 
 The measured choice of kernel per (batch size, level) lives in
-:mod:`workers.kernels_chooser` and is re-exported here.
+:mod:`workers.kernels_chooser`.
 """
 
 from __future__ import annotations
@@ -331,6 +331,4 @@ def _union_gemm(layer: SparseLayer, v: torch.Tensor, idx: torch.Tensor) -> torch
     return torch.addmm(layer.bias, h.index_select(1, union), layer.wt.index_select(0, union))
 
 
-from slonn.workers.kernels_chooser import KernelChooser, measure_kernel_table  # noqa: E402  (re-export)
-
-__all__ = ["EXACT_KERNELS", "KernelChooser", "SparseLayer", "SparseMLP", "measure_kernel_table", "select_topk"]
+__all__ = ["EXACT_KERNELS", "SparseLayer", "SparseMLP", "select_topk"]

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slonn.precision import DEFAULT_PRECISION
 from slonn.workers.device import gpu_uuid
 from slonn.workers.heap import freeze_startup_heap
 from slonn.workers.placement import ask_niceness, set_cpus
-from slonn.workers.protocol import DEFAULT_PRECISION, BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
+from slonn.workers.protocol import BatchResult, BatchTask, Shutdown, WorkerFailure, WorkerReady
 from slonn.workers.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class WorkerSpec:
     calibrate: bool = True
     """Measure the kernel table at start-up (else the chooser's defaults)."""
     precision: str = DEFAULT_PRECISION
-    """Weight precision (workers.protocol.PRECISIONS): "bf16"/"fp16" add the half kernels, "fp32" serves exact
+    """Weight precision (slonn.precision.PRECISIONS): "bf16"/"fp16" add the half kernels, "fp32" serves exact
     kernels only."""
     kernel_tables: dict = field(default_factory=dict)
     """model name -> a measured KernelChooser.to_json(); such models skip calibration (worker restarts)."""

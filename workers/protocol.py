@@ -9,19 +9,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
-"""Weight precisions a worker can serve in: with "bf16"/"fp16" it also builds half copies of the weights
-and the half kernels (the chooser still picks per (batch size, level) by measurement); "fp32" only the
-exact kernels."""
-DEFAULT_PRECISION = "bf16"
-
-
-def low_precision_of(precision: str) -> str | None:
-    """The half copy a precision needs (None for fp32); raises ValueError naming ``precision``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
-    return None if precision == "fp32" else precision
-
 
 @dataclass(frozen=True)
 class BatchTask:

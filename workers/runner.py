@@ -1,7 +1,7 @@
 """Run batches of one model at a level on one device.
 
 ``ModelRunner.run`` is what a worker process calls per batch. It picks the
-kernel for (batch size, level) from a :class:`~workers.kernels.KernelChooser`
+kernel for (batch size, level) from a :class:`~workers.kernels_chooser.KernelChooser`
 and times the call device-synchronised.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slonn.precision import DEFAULT_PRECISION, low_precision_of
 from slonn.workers.artifact import ModelManifest, load_artifact
 from slonn.workers.device import DeviceTimer, pick_device
-from slonn.workers.kernels_chooser import split_choice
+from slonn.workers.kernels_chooser import KernelChooser, measure_kernel_table, split_choice
 from slonn.workers.model import SLOAwareMLP
-from slonn.workers.protocol import DEFAULT_PRECISION, low_precision_of
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ModelRunner:
 
     def __init__(self, model: SLOAwareMLP, manifest: ModelManifest, device: torch.device,
                  precision: str = DEFAULT_PRECISION) -> None:
-        from slonn.workers.kernels import KernelChooser, SparseMLP
+        from slonn.workers.kernels import SparseMLP
 
         self.manifest = manifest
         self.device = device
@@ -57,8 +57,6 @@ class ModelRunner:
 
     def calibrate(self, batch_sizes: tuple[int, ...] | None = None, repeats: int = 5) -> dict:
         """Measure every kernel on this machine and make the chooser pick the fastest; returns the table."""
-        from slonn.workers.kernels import measure_kernel_table
-
         self.chooser = measure_kernel_table(self.sparse, self.manifest.levels, batch_sizes=batch_sizes,
                                             repeats=repeats, accuracy=self.manifest.accuracy)
         return self.chooser.to_json()
@@ -66,8 +64,6 @@ class ModelRunner:
     def use_kernel_table(self, table: dict) -> None:
         """Use a table measured earlier on this machine (e.g. by the worker this one replaces); if it names a
         kernel this worker cannot run (the native library did not load here), measure a table instead."""
-        from slonn.workers.kernels import KernelChooser
-
         chooser = KernelChooser.from_json(table)
         missing = {split_choice(k, 1.0)[0] for row in chooser.table.values() for k in row.values()}
         missing -= set(self.sparse.kernels)

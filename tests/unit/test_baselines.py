@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from slonn.policy.baselines import AIMDPolicy, DynamicBatchingPolicy, make_baseline
+from slonn.policy.factory import make_policy
+from slonn.policy.names import PolicyName
 from slonn.policy.planner import Pending, Plan, PlanContext, Wait
 from slonn.policy.table import LatencyTable
-from slonn.scheduler.server import make_policy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
 
@@ -125,9 +126,15 @@ def test_aimd_cap_stops_at_max_batch_and_batch_is_bounded_by_the_queue():
 
 @pytest.mark.parametrize("name, cls", [("triton", DynamicBatchingPolicy), ("fixed:0.5", DynamicBatchingPolicy),
                                        ("aimd", AIMDPolicy)])
-def test_server_make_policy_builds_baselines(name, cls):
+def test_make_policy_builds_baselines(name, cls):
     policy = make_policy(name)
     assert isinstance(policy, cls) and policy.name == name
+
+
+@pytest.mark.parametrize("kind", list(PolicyName))
+def test_every_policy_name_builds_its_policy(kind):
+    spec = f"{kind}:0.5" if kind == PolicyName.FIXED else str(kind)
+    assert make_policy(spec).name.partition(":")[0] == kind
 
 
 @pytest.mark.parametrize("bad", ["tritonx", "triton:max_delay=3", "triton:max_delay_ms", "fixed:", "fixed:abc",

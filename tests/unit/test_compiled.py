@@ -117,7 +117,7 @@ def test_the_compiled_simulator_answers_exactly_as_the_sources_do():
 import json
 import numpy as np
 from slonn.scheduler.config import load_classes
-from slonn.scheduler.server import make_policy
+from slonn.policy.factory import make_policy
 from slonn.policy.table import LatencyTable
 from slonn.scheduler.simulator import ContentionProfile, LatencyDraw, SimConfig, simulate
 from slonn.scheduler.trace import poisson_arrivals

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from slonn.policy.names import Mode, OnLate
 from slonn.scheduler.config import ServerConfig, SLOClassConfig, load_classes
 
 GOOD = """
@@ -57,6 +58,12 @@ def test_defaults_fill_optional_fields(tmp_path):
     classes = load_classes(write(tmp_path, one_class()))
     c = classes["c"]
     assert (c.min_accuracy, c.priority, c.max_queue, c.on_late, c.mode) == (0.0, 1, 1024, "reject", "latency")
+
+
+def test_mode_and_on_late_strings_are_stored_as_the_members_they_name():
+    c = SLOClassConfig("c", latency_ms=5, on_late="serve", mode="accuracy")
+    assert c.on_late is OnLate.SERVE and c.mode is Mode.ACCURACY
+    assert (c.on_late, c.mode) == ("serve", "accuracy") and f"{c.mode}" == "accuracy"
 
 
 def test_packaged_default_classes_load():

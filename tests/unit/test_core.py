@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-import grpc
 import numpy as np
 import pytest
 
@@ -15,7 +14,7 @@ from slonn.policy.table import LatencyTable
 from slonn.scheduler.clock import FakeClock
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Scheduler
-from slonn.scheduler.errors import DeadlineUnreachable, FailedPrecondition, NotFound, QueueFull
+from slonn.scheduler.errors import DeadlineUnreachable, ErrorKind, FailedPrecondition, NotFound, QueueFull
 from tests.fakes import WrappedPolicy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
@@ -81,10 +80,10 @@ def test_unknown_model_and_class_are_not_found():
     sched, _, clock = make()
     with pytest.raises(NotFound, match="model 'nope'") as info:
         sched.make_request("nope", "interactive", clock.now())
-    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert info.value.kind == ErrorKind.NOT_FOUND
     with pytest.raises(NotFound, match="slo_class 'nope'") as info:
         sched.make_request("m", "nope", clock.now())
-    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert info.value.kind == ErrorKind.NOT_FOUND
     assert "interactive" in str(info.value)  # lists the configured classes
 
 
@@ -92,7 +91,7 @@ def test_class_floor_above_every_level_is_failed_precondition():
     sched, _, clock = make()
     with pytest.raises(FailedPrecondition, match="min_accuracy=0.999") as info:
         sched.make_request("m", "too-precise", clock.now())
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.kind == ErrorKind.FAILED_PRECONDITION
 
 
 def test_queue_full_at_max_queue():
@@ -100,7 +99,7 @@ def test_queue_full_at_max_queue():
     reqs = [submit(sched, ctxs, clock, "interactive") for _ in range(4)]
     with pytest.raises(QueueFull, match="max_queue=4") as info:
         submit(sched, ctxs, clock, "interactive")
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.kind == ErrorKind.RESOURCE_EXHAUSTED
     assert sched.pending() == 4
     submit(sched, ctxs, clock, "standard")  # other classes have their own queues
     sched.cancel(reqs[0])
@@ -113,7 +112,7 @@ def test_hopeless_request_rejected_at_admission_and_not_queued():
     # Fastest level (0.1) runs one request in 0.1 ms: a 0.05 ms budget cannot be met.
     with pytest.raises(DeadlineUnreachable) as info:
         submit(sched, ctxs, clock, "interactive", budget_ms=0.05)
-    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.kind == ErrorKind.DEADLINE_EXCEEDED
     assert sched.pending() == 0
     submit(sched, ctxs, clock, "interactive", budget_ms=0.2)
     assert sched.pending() == 1

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import random
 
-import grpc
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from slonn.scheduler.clock import FakeClock, MonotonicClock
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Scheduler
 from slonn.scheduler.dispatcher import Dispatcher
-from slonn.scheduler.errors import DeadlineUnreachable, RequestError, Unavailable
+from slonn.scheduler.errors import DeadlineUnreachable, ErrorKind, RequestError, Unavailable
 from slonn.scheduler.latency import StaticLatency
 from slonn.workers.pool import TaskFailed, WorkerDied
 from tests.fakes import FakeWorkerPool
@@ -115,11 +114,11 @@ async def test_cancelling_a_request_already_in_a_batch_keeps_the_counts_right():
     assert (await later).output[0] == 2
 
 
-@pytest.mark.parametrize(("failures", "code"), [
-    ([TaskFailed("RuntimeError: boom")], grpc.StatusCode.INTERNAL),
-    ([WorkerDied("killed"), WorkerDied("killed again")], grpc.StatusCode.UNAVAILABLE),
+@pytest.mark.parametrize(("failures", "kind"), [
+    ([TaskFailed("RuntimeError: boom")], ErrorKind.INTERNAL),
+    ([WorkerDied("killed"), WorkerDied("killed again")], ErrorKind.UNAVAILABLE),
 ])
-async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(failures, code):
+async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(failures, kind):
     pool = FakeWorkerPool(workers=1)
     d = make(pool)
     first = asyncio.create_task(d.infer("m", "slow", x(0)))
@@ -134,7 +133,7 @@ async def test_a_failed_batch_fails_every_request_in_it_with_the_right_status(fa
     for task in batch:
         with pytest.raises(RequestError) as info:
             await task
-        assert info.value.code == code
+        assert info.value.kind == kind
     assert d.inflight == 0 and len(pool.submitted) == len(failures) + 1
 
 
@@ -232,7 +231,7 @@ async def test_in_flight_cap_rejects_resource_exhausted():
     await until(lambda: d.inflight == 2, "two in flight")
     with pytest.raises(RequestError) as info:
         await d.infer("m", "slow", x(2))
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.kind == ErrorKind.RESOURCE_EXHAUSTED
     await until(lambda: len(pool.submitted) == 1, "one batch for both")
     pool.finish(0)
     assert [r.output[0] for r in await asyncio.gather(a, b)] == [0, 1]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slonn.workers import native
-from slonn.workers.kernels import EXACT_KERNELS, NATIVE_KERNEL, KernelChooser, SparseMLP, measure_kernel_table, select_topk
-from slonn.workers.kernels_chooser import SPARSE_MARGIN, is_dense, promote, split_choice
+from slonn.workers.kernels import EXACT_KERNELS, NATIVE_KERNEL, SparseMLP, select_topk
+from slonn.workers.kernels_chooser import SPARSE_MARGIN, KernelChooser, is_dense, measure_kernel_table, promote, split_choice
 from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 LEVELS = (1.0, 0.5, 0.25, 0.1, 0.05)

@@ -12,7 +12,7 @@ from slonn.policy.table import LatencyTable
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Scheduler
 from slonn.scheduler.report import summarize
-from slonn.scheduler.server import make_policy
+from slonn.policy.factory import make_policy
 from slonn.scheduler.simulator import (
     ContentionProfile,
     LatencyDraw,
