@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from typing import Callable, TypeVar
 
 from slonn.scheduler import aio
 from slonn.scheduler.compiled import state as compiled_state
-from slonn.scheduler.config import ServerConfig, load_classes
+from slonn.scheduler.config import POOLS, ServerConfig, load_classes
 from slonn.workers.placement import ask_niceness, parse_cpus, set_cpus
 from slonn.workers.protocol import DEFAULT_PRECISION, PRECISIONS
 
@@ -90,6 +91,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "by X (others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
+    p.add_argument("--pool", choices=POOLS, default="process",
+                   help="where the workers run: process (on this machine) or ray (actors on a Ray cluster; "
+                        "pip install 'slonn[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--pool ray: the cluster to join (auto = the one running on this node, or host:port); "
+                        "default: start a local Ray")
+    p.add_argument("--ray-num-cpus", type=float, default=1.0, help="--pool ray: CPUs each worker reserves")
+    p.add_argument("--ray-num-gpus", type=float, default=0.0, help="--pool ray: GPUs each worker reserves")
+    p.add_argument("--ray-strategy", default="SPREAD", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="--pool ray: placement-group strategy (SPREAD: workers on as many nodes as it can)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
     p.add_argument("--stats-interval-s", type=float, default=10.0, help="period of the stats log line (0 = off)")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
@@ -158,7 +169,9 @@ def config_from_args(args) -> ServerConfig:
         precision=args.precision,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
         max_pending=args.max_pending,
-        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,
+        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process, pool=args.pool,
+        ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
+        ray_strategy=args.ray_strategy,
         refit_overrun_share=args.refit_overrun_share, refit_contention_shift=args.refit_contention_shift,
         metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
 
@@ -190,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"slonn serve: {exc}", file=sys.stderr)
+        return 2
+    if cfg.pool == "ray" and importlib.util.find_spec("ray") is None:
+        print("slonn serve: --pool ray needs Ray, an optional extra: pip install 'slonn[ray]' (or -e '.[ray]')",
+              file=sys.stderr)
         return 2
     problem = placement_problem(args.cpus, args.worker_cpus)
     if problem:
