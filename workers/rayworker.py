@@ -104,6 +104,8 @@ class RayWorker:
             # Niceness is per thread on Linux, and a threaded actor's calls run on threads Ray started
             # before __init__ set it.
             set_niceness(self.niceness)
+        if not task.inputs.flags.writeable:  # Ray hands arrays over read-only; torch.from_numpy warns on those
+            task = replace(task, inputs=task.inputs.copy())
         out = execute(self.runners, task, self.worker_id)
         if isinstance(out, BatchResult):
             out = replace(out, node=self.node, contention=self.monitor.value)

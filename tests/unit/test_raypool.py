@@ -8,22 +8,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
 from slonn.scripts import serve
-from slonn.workers.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_artifact
+from slonn.workers.artifact import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, load_artifact, save_artifact
+from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 from slonn.workers.process import WorkerSpec
 from slonn.workers.raypool import RayOptions, RayPool, _Actor, import_ray
 from slonn.workers.rayworker import pack_artifacts, unpack_artifacts
 
 
-def test_packed_artifacts_load_the_same_model_elsewhere(tiny_model_dir, tmp_path):
-    dirs = unpack_artifacts(pack_artifacts((tiny_model_dir,)), tmp_path)
-    assert len(dirs) == 1 and dirs[0] != tiny_model_dir
-    for name in (MANIFEST_FILE, WEIGHTS_FILE):
-        assert (dirs[0] / name).read_bytes() == (tiny_model_dir / name).read_bytes()
-    model, manifest = load_artifact(dirs[0])
-    original, original_manifest = load_artifact(tiny_model_dir)
+def test_packed_artifacts_load_the_same_models_elsewhere(tmp_path):
+    sources = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        arch = MLPArchitecture(in_features=8, hidden=(16,), out_features=3)
+        manifest = ModelManifest(name=f"m{seed}", arch=arch, levels=(1.0, 0.5), accuracy={1.0: 0.9, 0.5: 0.8})
+        sources.append(save_artifact(SLOAwareMLP(arch), manifest, tmp_path / "src" / f"m{seed}"))
+    dirs = unpack_artifacts(pack_artifacts(tuple(sources)), tmp_path / "node")
+    assert len(dirs) == 2
+    for source, directory in zip(sources, dirs):
+        for name in (MANIFEST_FILE, WEIGHTS_FILE):
+            assert (directory / name).read_bytes() == (source / name).read_bytes()
+    model, manifest = load_artifact(dirs[1])
+    original, original_manifest = load_artifact(sources[1])
     assert manifest == original_manifest
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
@@ -58,10 +67,10 @@ def test_without_ray_the_pool_says_which_extra_to_install(monkeypatch):
         import_ray()
 
 
-def test_serve_with_the_ray_pool_and_no_ray_is_a_clear_error(monkeypatch, capsys, tiny_model_dir):
+def test_serve_with_the_ray_pool_and_no_ray_is_a_clear_error(monkeypatch, capsys, tmp_path):
     real = serve.importlib.util.find_spec
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    assert serve.main(["--pool", "ray", "--model-dir", str(tiny_model_dir)]) == 2
+    assert serve.main(["--pool", "ray", "--model-dir", str(tmp_path)]) == 2
     assert "--pool ray needs Ray" in capsys.readouterr().err
 
 
