@@ -96,8 +96,25 @@ def learned_overhead_ms(log_path: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def servable_classes(model_dir: Path, path: Path) -> Path:
+    """The packaged SLO classes with each accuracy floor capped at the model's best level, written to
+    ``path``: a small model then has every class served rather than refused FAILED_PRECONDITION."""
+    from slonn.scheduler.config import load_classes
+    from slonn.workers.artifact import load_manifest
+
+    best = max(load_manifest(model_dir).accuracy.values())
+    tables = []
+    for c in load_classes().values():
+        tables.append(f'[[class]]\nname = "{c.name}"\nlatency_ms = {c.latency_ms}\n'
+                      f'min_accuracy = {min(c.min_accuracy, round(best - 5e-4, 3))}\npriority = {c.priority}\n'
+                      f'max_queue = {c.max_queue}\non_late = "{c.on_late}"\nmode = "{c.mode}"\n')
+    path.write_text("\n".join(tables))
+    return path
+
+
 def serve_args(model_dir: Path, pool: str, address: str = "") -> list[str]:
-    args = ["--model-dir", str(model_dir), "--workers", "2", "--stats-interval-s", "1"]
+    classes = servable_classes(model_dir, Path(os.environ.get("TMPDIR", "/tmp")) / f"slonn-bench-classes-{os.getpid()}.toml")
+    args = ["--model-dir", str(model_dir), "--workers", "2", "--stats-interval-s", "1", "--classes", str(classes)]
     if pool == "ray":
         args += ["--pool", "ray", "--ray-address", address, "--ray-strategy", "STRICT_SPREAD"]
     return args

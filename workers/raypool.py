@@ -33,6 +33,8 @@ RAY_MISSING = "the ray worker pool needs Ray, an optional extra: pip install 'sl
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 """Placement-group strategies: PACK fills nodes in turn, SPREAD puts workers on as many nodes as it can;
 STRICT_ refuses to place otherwise."""
+REFRESH_S = 0.5
+"""How often idle workers report their node's contention (busy ones report it with each result)."""
 CALL_WINDOW = 1024
 """Recent batches whose Ray call overhead (submit to result, minus the model's time) is kept."""
 
@@ -125,6 +127,7 @@ class RayPool(WorkerPool):
         self._own_ray = False
         self._empty_since: float | None = None
         self._empty_timer: asyncio.TimerHandle | None = None
+        self._refresher: asyncio.Task | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -154,6 +157,7 @@ class RayPool(WorkerPool):
             workers = [self._spawn() for _ in range(self.n_workers)]
             await asyncio.wait_for(asyncio.gather(*(w.ready for w in workers)), self.start_timeout_s)
             await self._time_calls(workers)
+            self._refresher = asyncio.ensure_future(self._refresh_contention())
         except BaseException:
             await self.close()
             raise
@@ -218,6 +222,18 @@ class RayPool(WorkerPool):
         self._idle.append(w)
         self._notify_idle()
 
+    async def _refresh_contention(self) -> None:
+        """Ask idle workers for their node's contention now and then: a worker left idle (because its node
+        read as busy) would otherwise keep its last batch's reading for good."""
+        ray = import_ray()
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            for w in list(self._idle):
+                try:
+                    w.contention = await asyncio.wait_for(w.handle.ping.remote(), REFRESH_S)
+                except (ray.exceptions.RayError, asyncio.TimeoutError):
+                    pass  # a dead worker is the sentinel's to report
+
     def _notify_idle(self) -> None:
         if self.on_idle is not None:
             self.on_idle()
@@ -267,7 +283,8 @@ class RayPool(WorkerPool):
                     self._notify_idle()
                 elif self._empty_since is not None:
                     self._check_empty()
-            self._empty_timer = self._loop.call_later(self.options.place_timeout_s, fire)
+            left_s = self._empty_since + self.options.place_timeout_s - self._loop.time()
+            self._empty_timer = self._loop.call_later(max(left_s, 0.0), fire)
         if self._gave_up:
             self._notify_idle()
 
@@ -370,6 +387,8 @@ class RayPool(WorkerPool):
         self._closing = True
         if self._empty_timer is not None:
             self._empty_timer.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         ray = import_ray()
         for w in list(self._workers.values()):
             if w.watch is not None:

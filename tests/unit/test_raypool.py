@@ -87,3 +87,21 @@ def test_the_next_batch_goes_to_the_least_contended_idle_worker_and_plans_with_i
         assert pool.contention() == 2.0  # nobody idle: the worst live node, for expiry decisions
 
     asyncio.run(body())
+
+
+def test_a_pool_without_workers_for_the_place_timeout_reads_as_broken_until_one_is_ready():
+    async def body() -> None:
+        pool = RayPool(WorkerSpec((Path("m"),)), workers=1, options=RayOptions(place_timeout_s=0.05))
+        pool._loop = asyncio.get_running_loop()
+        woken = []
+        pool.on_idle = lambda: woken.append(True)
+        pending = _Actor(0, None, pool._loop)  # a replacement still waiting for room
+        pool._workers = {0: pending}
+        pool._check_empty()
+        assert not pool.broken()  # not yet: the replacement may come up
+        await asyncio.sleep(0.2)
+        assert pool.broken() and woken  # the dispatcher was woken to answer UNAVAILABLE
+        pending.ready.set_result(None)  # it came up after all
+        assert not pool.broken()
+
+    asyncio.run(body())
