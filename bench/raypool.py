@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -106,7 +107,7 @@ def servable_classes(model_dir: Path, path: Path) -> Path:
     tables = []
     for c in load_classes().values():
         tables.append(f'[[class]]\nname = "{c.name}"\nlatency_ms = {c.latency_ms}\n'
-                      f'min_accuracy = {min(c.min_accuracy, round(best - 5e-4, 3))}\npriority = {c.priority}\n'
+                      f'min_accuracy = {min(c.min_accuracy, math.floor(best * 1000) / 1000)}\npriority = {c.priority}\n'
                       f'max_queue = {c.max_queue}\non_late = "{c.on_late}"\nmode = "{c.mode}"\n')
     path.write_text("\n".join(tables))
     return path
