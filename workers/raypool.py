@@ -76,8 +76,7 @@ class RayOptions:
 
 
 class _Actor:
-    __slots__ = ("worker_id", "handle", "node", "pid", "contention", "ready", "alive", "busy", "batches",
-                 "watch")
+    __slots__ = ("worker_id", "handle", "node", "pid", "contention", "ready", "alive", "batches", "watch")
 
     def __init__(self, worker_id: int, handle: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.worker_id = worker_id
@@ -88,7 +87,6 @@ class _Actor:
         """Its node's contention, as reported with its latest result."""
         self.ready: asyncio.Future = loop.create_future()
         self.alive = True
-        self.busy = False
         self.batches = 0
         self.watch: asyncio.Task | None = None
 
@@ -316,7 +314,6 @@ class RayPool(WorkerPool):
             raise RuntimeError("submit() with no idle worker")
         w = self._next()
         self._idle.remove(w)
-        w.busy = True
         t0 = time.perf_counter()
         try:
             ref = w.handle.run.remote(task)
@@ -356,7 +353,6 @@ class RayPool(WorkerPool):
         return msg
 
     def _release(self, w: _Actor) -> None:
-        w.busy = False
         if w.alive:
             self._idle.append(w)
 
