@@ -11,6 +11,9 @@ from pathlib import Path
 from slonn.policy.names import Mode, OnLate, PolicyName
 from slonn.precision import DEFAULT_PRECISION, low_precision_of
 
+POOLS = ("process", "ray")
+"""Where the workers run: processes on this machine, or Ray actors across a cluster (``pip install slonn[ray]``)."""
+
 
 @dataclass(frozen=True)
 class SLOClassConfig:
@@ -169,6 +172,16 @@ class ServerConfig:
     """On shutdown: how long queued and running work may drain (>= 0)."""
     in_process: bool = False
     """Run the model in the server process (debugging, tests) instead of worker processes."""
+    pool: str = "process"
+    """Where the workers run (POOLS): "process" (spawned on this machine) or "ray" (actors on a Ray cluster)."""
+    ray_address: str | None = None
+    """pool "ray": the cluster to join ("auto", or "host:port"); None starts a local Ray."""
+    ray_num_cpus: float = 1.0
+    """pool "ray": CPUs each worker reserves (> 0)."""
+    ray_num_gpus: float = 0.0
+    """pool "ray": GPUs each worker reserves (>= 0)."""
+    ray_strategy: str = "SPREAD"
+    """pool "ray": placement-group strategy, PACK / SPREAD / STRICT_PACK / STRICT_SPREAD."""
     metrics_port: int = 0
     """Serve Prometheus metrics on host:metrics_port/metrics (0 = off)."""
     stats_interval_s: float = 10.0
@@ -198,6 +211,16 @@ class ServerConfig:
             raise ValueError("worker_nice applies to worker processes; in_process=True has none")
         if self.worker_nice is not None and (type(self.worker_nice) is not int or not -20 <= self.worker_nice <= 19):
             raise ValueError(f"worker_nice={self.worker_nice!r} must be a whole number in -20..19")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r} must be one of {list(POOLS)}")
+        if self.pool == "ray":
+            if self.in_process:
+                raise ValueError("pool='ray' runs workers as Ray actors; in_process=True has none")
+            for name in ("worker_cpus", "worker_spin_ms"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} applies to worker processes on this machine, not to pool='ray'")
+            if not self.ray_num_cpus > 0 or not self.ray_num_gpus >= 0:
+                raise ValueError(f"ray_num_cpus={self.ray_num_cpus} must be > 0, ray_num_gpus={self.ray_num_gpus} >= 0")
         if self.worker_cpus is not None:
             if self.in_process:
                 raise ValueError("worker_cpus applies to worker processes; in_process=True has none")

@@ -168,6 +168,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return resp
 
 
+def ray_monitor() -> ContentionMonitor:
+    """The contention sampler each Ray actor runs on its own node (sampled faster than the frontend's: an
+    idle actor is asked for it every half second)."""
+    return ContentionMonitor(interval_s=0.1, window=5, probe=False)
+
+
+def make_pool(cfg: ServerConfig, spec: WorkerSpec, monitor: ContentionMonitor) -> WorkerPool:
+    """The worker pool ``cfg`` asks for (RuntimeError naming the extra when pool "ray" lacks Ray)."""
+    if cfg.in_process:
+        return InProcessPool(spec, cfg.workers)
+    if cfg.pool == "ray":
+        from slonn.workers.raypool import RayOptions, RayPool, import_ray
+
+        import_ray()
+        return RayPool(spec, cfg.workers, RayOptions(address=cfg.ray_address, num_cpus=cfg.ray_num_cpus,
+                                                     num_gpus=cfg.ray_num_gpus, strategy=cfg.ray_strategy),
+                       monitor_factory=ray_monitor)
+    return ProcessPool(spec, cfg.workers, on_spawn=monitor.add_own_pid)
+
+
 @dataclass
 class SlonnServer:
     """Pool + dispatcher + grpc.aio server, started and stopped together."""
@@ -183,12 +203,12 @@ class SlonnServer:
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
         self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples
-        if cfg.in_process:
-            self.pool: WorkerPool = InProcessPool(spec, cfg.workers)
-        else:
-            self.pool = ProcessPool(spec, cfg.workers, on_spawn=self.monitor.add_own_pid)
+        self.pool = make_pool(cfg, spec, self.monitor)
         await self.pool.start()
-        if self.pool.gpu_uuid:  # workers on a GPU: a neighbour on that GPU is contention too
+        # Ray workers measure their own nodes' contention and report it with each result; the planner
+        # then reads the node the next batch goes to (RayPool.contention). Otherwise: this machine's.
+        self.contention = getattr(self.pool, "contention", lambda: self.monitor.value)
+        if self.pool.gpu_uuid and cfg.pool != "ray":  # workers on a GPU: a neighbour on it is contention too
             self.monitor.watch_gpu(self.pool.gpu_uuid)
         self.monitor.start()
         self.manifests = dict(self.pool.manifests)
@@ -206,8 +226,10 @@ class SlonnServer:
         accuracy = {n: tuple(m.accuracy[lv] for lv in m.levels) for n, m in self.manifests.items()}
         scheduler = Scheduler(accuracy, cfg.classes, make_policy(cfg.policy))
         self.metrics = ServerMetrics()
+        # A Ray call costs a round trip before any batch has taught the dispatcher its overhead.
+        overhead_ms = max(cfg.overhead_ms, getattr(self.pool, "overhead_floor_ms", lambda: 0.0)())
         self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), self.latency, accuracy, cfg.max_batch,
-                                     cfg.overhead_ms, cfg.max_inflight, contention=lambda: self.monitor.value,
+                                     overhead_ms, cfg.max_inflight, contention=self.contention,
                                      workers=cfg.workers, on_batch=self._log_batch, metrics=self.metrics)
         self.dispatcher.start()
         if cfg.metrics_port:
@@ -249,7 +271,7 @@ class SlonnServer:
         if rows:
             log.info("%s: latency model from %d profile rows in %s", manifest.name, len(rows), directory)
             return rows
-        rows = await warmup_profile(self.pool, manifest, self.cfg.max_batch, contention=lambda: self.monitor.value)
+        rows = await warmup_profile(self.pool, manifest, self.cfg.max_batch, contention=self.contention)
         log.info("%s: no saved profile; latency model from a %d-batch warm-up sweep", manifest.name, len(rows))
         return rows
 

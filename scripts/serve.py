@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from slonn.policy.names import PolicyName
 from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.scheduler import aio
 from slonn.scheduler.compiled import state as compiled_state
-from slonn.scheduler.config import ServerConfig, load_classes
+from slonn.scheduler.config import POOLS, ServerConfig, load_classes
 from slonn.workers.placement import ask_niceness, parse_cpus, set_cpus
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
@@ -88,13 +89,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per worker")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
-                   help="worker weight precision: bf16/fp16 add half-precision kernels (picked where measured "
-                        "faster), fp32 serves exact kernels only")
+                   help="worker weights; fp32 serves exact kernels only")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch the planner forms")
     p.add_argument("--policy", default=PolicyName.SLONN.value,
                    help="slonn[:recent_tau_ms=T] | triton | fixed:<level> | aimd")
     p.add_argument("--max-inflight", type=int, default=8192, metavar="N",
                    help="admitted, unanswered requests beyond which calls get RESOURCE_EXHAUSTED")
+    p.add_argument("--pool", choices=POOLS, default="process",
+                   help="worker processes here, or Ray actors (pip install 'slonn[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--pool ray: auto (the cluster on this node) or host:port; default: start a local Ray")
     p.add_argument("--grace-s", type=float, default=10.0, metavar="S", help="drain time on SIGTERM")
     p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                    help="Prometheus metrics on this port (0 = off)")
@@ -136,6 +140,10 @@ def _add_advanced_args(g: argparse._ArgumentGroup, hidden: list) -> None:
     add("--refit-contention-shift", type=float, default=ServerConfig.refit_contention_shift, metavar="X",
         help="refit the latency table early once the batches' contention, averaged over 2 s, moved by X "
              "(others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
+    add("--ray-num-cpus", type=float, default=1.0, metavar="N", help="--pool ray: CPUs each worker reserves")
+    add("--ray-num-gpus", type=float, default=0.0, metavar="N", help="--pool ray: GPUs each worker reserves")
+    add("--ray-strategy", default="SPREAD", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        help="--pool ray: placement-group strategy (SPREAD: workers on as many nodes as it can)")
     add("--worker-spin-ms", type=spin_ms, default=0.0, metavar="MS",
         help="after each batch a worker polls this long for the next before blocking: on a VM it keeps the "
              "host from pausing the worker's vCPU, for a busy core while traffic flows")
@@ -190,7 +198,9 @@ def config_from_args(args) -> ServerConfig:
         precision=args.precision,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
         max_pending=args.max_pending,
-        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,
+        overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process, pool=args.pool,
+        ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
+        ray_strategy=args.ray_strategy,
         refit_overrun_share=args.refit_overrun_share, refit_contention_shift=args.refit_contention_shift,
         metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
 
@@ -222,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"slonn serve: {exc}", file=sys.stderr)
+        return 2
+    if cfg.pool == "ray" and importlib.util.find_spec("ray") is None:
+        print("slonn serve: --pool ray needs Ray, an optional extra: pip install 'slonn[ray]' (or -e '.[ray]')",
+              file=sys.stderr)
         return 2
     problem = placement_problem(args.cpus, args.worker_cpus)
     if problem:

@@ -29,6 +29,10 @@ class BatchResult:
     outputs: np.ndarray
     exec_ms: float
     kernel: str
+    node: str = ""
+    """The worker's node (a Ray node id; "" for a process on this machine)."""
+    contention: float | None = None
+    """The worker's node's contention at the batch's end, measured there (None: the frontend measures it)."""
 
 
 @dataclass(frozen=True)
