@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=1500, help="per phase")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--log", type=Path, default=Path("runs/bench-frontend-server.log"))
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
                    help="event loop of the server and of this client")
     p.add_argument("serve_args", nargs="*", help="extra `slonn serve` arguments (after --)")
     args = p.parse_args(argv)

@@ -248,9 +248,9 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
                    help="the load generator's event loop, and in `slonn compare` the live servers' too "
-                        "(uvloop: less CPU per call; optional dependency)")
+                        "(uvloop, the default where installed: less CPU per call)")
     p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
                    help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
                         "sees the true time left) or generous (every late answer is still received)")

@@ -92,8 +92,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
     p.add_argument("--stats-interval-s", type=float, default=10.0, help="period of the stats log line (0 = off)")
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
-                   help="the server's event loop (uvloop: less CPU per call; optional dependency)")
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
+                   help="the server's event loop (uvloop, the default where installed: less CPU per call)")
     p.add_argument("--nice", type=int, default=0,
                    help="add this to the server's niceness before the workers start (they inherit it unless "
                         "--worker-nice is given); negative "
