@@ -23,24 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all threads), 0.0 if it is gone."""
-    from slonn.workers.corunner import cpu_seconds
-
-    cpu = cpu_seconds(pid)
-    return 0.0 if cpu is None else cpu
-
-
-def distinct_inputs(n: int, seed: int = 0) -> np.ndarray:
-    from slonn.workers.digits import load_split
-
-    x = load_split(seed=seed).x_test
-    rng = np.random.default_rng(seed)
-    rows = x[np.arange(n) % len(x)]
-    return (rows + rng.normal(0.0, 0.01, rows.shape)).astype(np.float32)
+from slonn.scheduler.serverproc import process_cpu_s
+from slonn.scheduler.sweep import distinct_inputs
 
 
 async def measure(target: str, server_pid: int, model: str, slo_class: str, n: int, concurrency: int) -> dict:
