@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout's root, served from there")
+    p.add_argument("--baseline-event-loop", choices=aio.EVENT_LOOPS, default=None,
+                   help="the baseline server's event loop (default: --event-loop)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run")
     p.add_argument("--native", action="store_true",
                    help="py-spy --native (grpc's Cython and C, uvloop's C show; pauses the server per sample, "
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"empty": lambda: EmptyServer(args.event_loop, tmp / "empty.log"),
                 "slonn": lambda: ServerProcess(serve, tmp / "slonn.log")}
     if args.baseline:
-        variants["baseline"] = lambda: ServerProcess(serve, tmp / "baseline.log", cwd=args.baseline.resolve())
+        loop = ["--event-loop", args.baseline_event_loop or args.event_loop]
+        variants["baseline"] = lambda: ServerProcess([*serve, *loop], tmp / "baseline.log", cwd=args.baseline.resolve())
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for k in range(args.repeat):
         for name, make in variants.items():
@@ -309,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(measure(server, model, args, seed=k))
             print(f"round {k + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
     out: dict = {"rate_per_s": args.rate, "duration_s": args.duration_s, "event_loop": args.event_loop,
+                 "baseline": str(args.baseline) if args.baseline else None,
+                 "baseline_event_loop": args.baseline_event_loop or args.event_loop,
                  "cpus": os.cpu_count(), "model": model, "serve_args": args.serve_args,
                  "server_cpu_ms_per_call": {n: spread([r["server_cpu_ms"] for r in rs]) for n, rs in runs.items()},
                  "worker_cpu_ms_per_call": {n: spread([r["worker_cpu_ms"] for r in rs]) for n, rs in runs.items()},
