@@ -262,7 +262,9 @@ def measure(server: ServerProcess, model: str, args, seed: int, profile_to: Path
     return out
 
 
-def spread(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict | None:
+    if not values:
+        return None
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "runs": [round(v, 4) for v in values]}
 
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=600.0, help="open-loop unary calls/s")
     p.add_argument("--duration-s", type=float, default=10.0)
     p.add_argument("--warmup-s", type=float, default=2.0)
-    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds (0: the profile only)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout's root, served from there")
     p.add_argument("--baseline-event-loop", choices=aio.EVENT_LOOPS, default=None,
                    help="the baseline server's event loop (default: --event-loop)")
