@@ -45,7 +45,7 @@ COMPONENTS = (("scheduler/server.py", "servicer"), ("scheduler/dispatcher.py", "
               ("scheduler/latency.py", "latency model"), ("policy/contention.py", "contention monitor"),
               ("policy/learner.py", "latency model"), ("policy/latency_model.py", "latency model"),
               ("policy/", "scheduler"), ("workers/", "worker IPC"), ("protos/", "servicer"))
-LIBRARIES = (("prometheus_client", "metrics"), ("/logging/", "logging"), ("google/protobuf", "protobuf (slonn's)"),
+LIBRARIES = (("prometheus_client", "metrics"), ("(logging/", "logging"), ("google/protobuf", "protobuf (slonn's)"),
              ("numpy", "numpy (slonn's)"))
 SLONN_DIRS = ("slonn/scheduler/", "slonn/policy/", "slonn/protos/", "slonn/workers/")
 GRPC_MARKS = ("grpc", "cygrpc", "absl", "tsi_", "gpr_")
