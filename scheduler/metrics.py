@@ -27,7 +27,7 @@ class CachedLabels:
     combinations. Everything but ``labels`` is the metric's own.
     """
 
-    __slots__ = ("metric", "_children")
+    __slots__ = ("_children", "metric")
 
     def __init__(self, metric) -> None:
         self.metric = metric
