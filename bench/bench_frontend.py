@@ -23,24 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all threads), 0.0 if it is gone."""
-    from slonn.workers.corunner import cpu_seconds
-
-    cpu = cpu_seconds(pid)
-    return 0.0 if cpu is None else cpu
-
-
-def distinct_inputs(n: int, seed: int = 0) -> np.ndarray:
-    from slonn.workers.digits import load_split
-
-    x = load_split(seed=seed).x_test
-    rng = np.random.default_rng(seed)
-    rows = x[np.arange(n) % len(x)]
-    return (rows + rng.normal(0.0, 0.01, rows.shape)).astype(np.float32)
+from slonn.scheduler.serverproc import process_cpu_s
+from slonn.scheduler.sweep import distinct_inputs
 
 
 async def measure(target: str, server_pid: int, model: str, slo_class: str, n: int, concurrency: int) -> dict:
@@ -95,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=1500, help="per phase")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--log", type=Path, default=Path("runs/bench-frontend-server.log"))
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
                    help="event loop of the server and of this client")
     p.add_argument("serve_args", nargs="*", help="extra `slonn serve` arguments (after --)")
     args = p.parse_args(argv)

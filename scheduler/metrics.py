@@ -14,6 +14,35 @@ log = logging.getLogger(__name__)
 _MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
+LABELLED = ("answers", "late", "batches", "batch_size", "exec_ms", "under_predicted", "queue_ms", "worker_deaths",
+            "retried")
+"""The labelled metrics of :class:`ServerMetrics`, each wrapped in :class:`CachedLabels`."""
+
+
+class CachedLabels:
+    """A labelled metric whose child per label values is looked up once.
+
+    prometheus_client's ``labels()`` validates the values and takes a lock on every call; the dispatcher
+    calls it a few times per request and per batch, with a handful of distinct (model, class, outcome)
+    combinations. Everything but ``labels`` is the metric's own.
+    """
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric) -> None:
+        self.metric = metric
+        self._children: dict[tuple, object] = {}
+
+    def labels(self, *values):
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+    def __getattr__(self, name: str):
+        return getattr(self.metric, name)
+
+
 class ServerMetrics:
     """Counters for every answer and batch, on a registry of its own (several servers per process in tests)."""
 
@@ -41,6 +70,8 @@ class ServerMetrics:
                                      "Batches whose worker died while running them", ["model"], registry=r)
         self.retried = Counter("slonn_requests_requeued", "Requests queued again after their worker died",
                                ["model", "slo_class"], registry=r)
+        for name in LABELLED:
+            setattr(self, name, CachedLabels(getattr(self, name)))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -38,7 +38,8 @@ def _progress(done: int, total: int, started: float, stream) -> None:
 async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict[str, float],
                  split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
                  transport: str = "unary", client_deadline: bool = False,
-                 start_at: float | None = None, on_start=None) -> list[RequestRecord]:
+                 start_at: float | None = None, on_start=None,
+                 inputs: tuple[np.ndarray, np.ndarray] | None = None) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
@@ -56,11 +57,16 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
 
     ``on_start``: called with the ``time.monotonic()`` of the first arrival's clock, once it starts (a caller
     that samples the machine meanwhile lines its samples up with the records' ``send_s``).
+
+    ``inputs``: (x, labels) sent instead of the held-out digits; request i sends row ``i % len(x)``.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
-    split = load_split(seed=split_seed)
-    x, y = split.x_test, split.y_test
+    if inputs is None:
+        split = load_split(seed=split_seed)
+        x, y = split.x_test, split.y_test
+    else:
+        x, y = inputs
     records = [RequestRecord(i, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
     async with AsyncSlonnClient(target) as client:
@@ -248,9 +254,9 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
                    help="the load generator's event loop, and in `slonn compare` the live servers' too "
-                        "(uvloop: less CPU per call; optional dependency)")
+                        "(uvloop, the default where installed: less CPU per call)")
     p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
                    help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
                         "sees the true time left) or generous (every late answer is still received)")

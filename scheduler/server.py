@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             except RequestError as exc:
                 answer = pb.StreamResponse(error=pb.RequestError(
                     request_id=request_id, code=GRPC_STATUS[exc.kind].name, message=str(exc)))
-            await answers.put(answer)
+            answers.put_nowait(answer)  # unbounded: no coroutine per answer
 
         async def read() -> None:
             async for request in request_iterator:
@@ -141,7 +141,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 task.add_done_callback(tasks.discard)
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
-            await answers.put(None)
+            answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -230,7 +230,9 @@ class SlonnServer:
         overhead_ms = max(cfg.overhead_ms, getattr(self.pool, "overhead_floor_ms", lambda: 0.0)())
         self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), self.latency, accuracy, cfg.max_batch,
                                      overhead_ms, cfg.max_inflight, contention=self.contention,
-                                     workers=cfg.workers, on_batch=self._log_batch, metrics=self.metrics)
+                                     workers=cfg.workers, metrics=self.metrics,
+                                     # a call per batch only when its line is logged
+                                     on_batch=self._log_batch if log.isEnabledFor(logging.DEBUG) else None)
         self.dispatcher.start()
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_port, cfg.host)

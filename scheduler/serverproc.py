@@ -1,5 +1,5 @@
 """Start `slonn serve` as a child process on a free loopback port; stop it with SIGTERM. Plus the /proc
-reader that finds the processes it started."""
+readers that find the processes it started and the CPU they use."""
 
 from __future__ import annotations
 
@@ -8,16 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 class ServerProcess:
     """``with ServerProcess([...serve args]) as srv: srv.target`` -> "127.0.0.1:PORT"."""
 
-    def __init__(self, serve_args: list[str], log_path: Path, start_timeout_s: float = 600.0) -> None:
+    def __init__(self, serve_args: list[str], log_path: Path, start_timeout_s: float = 600.0,
+                 cwd: Path | None = None) -> None:
         self.serve_args = serve_args
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
+        self.cwd = cwd
+        """Working directory of the server: a checkout there is the slonn it imports (cwd comes first on
+        ``sys.path`` with ``python -m``), so two versions can be measured side by side."""
         self.target = ""
         self.returncode: int | None = None
 
@@ -26,7 +32,7 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "slonn.scripts.cli", "serve", "--host", "127.0.0.1", "--port", "0", *self.serve_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=self.cwd)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
@@ -70,3 +76,50 @@ def child_pids(pid: int, all_threads: bool = False) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all threads), 0.0 if it is gone."""
+    from slonn.workers.corunner import cpu_seconds
+
+    cpu = cpu_seconds(pid)
+    return 0.0 if cpu is None else cpu
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds a process and its children used between two :meth:`CpuMeter.read` calls."""
+
+    server_s: float
+    children_s: float
+    """Workers and the learner's fit process: children started by any of the server's threads."""
+
+    def per_request_ms(self, n: int) -> dict[str, float | None]:
+        if n <= 0:
+            return {"server_cpu_ms": None, "worker_cpu_ms": None}
+        return {"server_cpu_ms": round(self.server_s / n * 1e3, 4),
+                "worker_cpu_ms": round(self.children_s / n * 1e3, 4)}
+
+
+class CpuMeter:
+    """CPU used by a server process and its children over a window (Linux /proc).
+
+    ``read()`` takes a snapshot; ``since(snapshot)`` is the use from then to now. A child started inside the
+    window counts from zero; one that exited inside it loses what it used since the snapshot (/proc no longer
+    has it), which only undercounts a worker that died mid-window.
+    """
+
+    def __init__(self, pid: int, cpu_of: Callable[[int], float] = process_cpu_s,
+                 children_of: Callable[[int], list[int]] = lambda pid: child_pids(pid, all_threads=True)) -> None:
+        self.pid = pid
+        self._cpu_of = cpu_of
+        self._children_of = children_of
+
+    def read(self) -> dict[int, float]:
+        """{pid: CPU seconds so far} for the server and each of its children."""
+        return {pid: self._cpu_of(pid) for pid in (self.pid, *self._children_of(self.pid))}
+
+    def since(self, before: dict[int, float]) -> CpuUse:
+        now = self.read()
+        children = sum(max(cpu - before.get(pid, 0.0), 0.0) for pid, cpu in now.items() if pid != self.pid)
+        return CpuUse(max(now[self.pid] - before.get(self.pid, 0.0), 0.0), children)

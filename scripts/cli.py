@@ -19,6 +19,7 @@ COMMANDS = {
     "simulate": ("slonn.scripts.simulate", "discrete-event replay through the real scheduler on a virtual clock"),
     "compare": ("slonn.scripts.compare", "every policy on the same trace and load: one table"),
     "reliability": ("slonn.scripts.reliability", "overload, worker kills, bad input, shutdown: every request answered"),
+    "sweep": ("slonn.scripts.sweep", "open-loop Poisson load at rising rates until the server saturates: one table"),
 }
 
 

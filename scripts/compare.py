@@ -38,8 +38,7 @@ def live_serve_args(args: argparse.Namespace, policy: str) -> list[str]:
         out.append("--in-process")
     if args.serve_nice:
         out += ["--nice", str(args.serve_nice)]
-    if args.event_loop != "asyncio":
-        out += ["--event-loop", args.event_loop]
+    out += ["--event-loop", args.event_loop]  # always: the server's default may differ from this run's choice
     if args.worker_spin_ms:
         out += ["--worker-spin-ms", str(args.worker_spin_ms)]
     return out

@@ -104,8 +104,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="Prometheus metrics on this port (0 = off)")
     p.add_argument("--stats-interval-s", type=float, default=10.0, metavar="S",
                    help="period of the stats log line (0 = off)")
-    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
-                   help="the server's event loop (uvloop: less CPU per call; optional dependency)")
+    p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
+                   help="uvloop (the default where installed: less CPU per call) or asyncio")
     hidden: list[tuple[argparse.Action, str]] = []
     p.add_argument("--help-advanced", action=_AdvancedHelp, hidden=hidden,
                    help="show this help with the advanced flags (placement, tuning, research) and exit")

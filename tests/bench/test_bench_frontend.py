@@ -1,4 +1,4 @@
-"""bench_frontend's /proc readers and inputs (the benchmark itself runs a live server: scripts only)."""
+"""The /proc readers and inputs bench_frontend and `slonn sweep` use (the benchmarks run a live server)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from bench.bench_frontend import distinct_inputs, process_cpu_s
-from slonn.scheduler.serverproc import child_pids
+from slonn.scheduler.serverproc import child_pids, process_cpu_s
+from slonn.scheduler.sweep import distinct_inputs
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
 

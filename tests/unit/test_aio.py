@@ -44,3 +44,9 @@ def test_missing_uvloop_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_uvloop)
     with pytest.raises(SystemExit, match=r"pip install uvloop"):
         aio.run(_loop_name(), "uvloop")
+
+
+def test_default_loop_is_uvloop_where_installed():
+    installed = importlib.util.find_spec("uvloop") is not None
+    assert aio.DEFAULT_EVENT_LOOP == ("uvloop" if installed else "asyncio")
+    assert aio.run(_loop_name()).startswith(aio.DEFAULT_EVENT_LOOP)
