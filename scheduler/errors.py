@@ -9,6 +9,8 @@ class RequestError(Exception):
     """A request that ends with a gRPC error status and a message naming the cause."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    counted: bool = False
+    """Already counted in the metrics' answers (by the dispatcher): the frontends count the others."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
