@@ -118,6 +118,11 @@ class Dispatcher:
             self._loop_task.cancel()
         return len(left)
 
+    @property
+    def accepting(self) -> bool:
+        """Admitting requests (False once drain() has begun)."""
+        return self._accepting
+
     # -- admission ----------------------------------------------------------
 
     def contexts(self) -> dict[str, PlanContext]:

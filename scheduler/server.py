@@ -17,6 +17,7 @@ from slonn.policy.latency_model import LatencySample
 from slonn.policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
 from slonn.policy.planner import RecentSlowdown, SLOAwarePolicy
 from slonn.protos import slonn_pb2 as pb
+from slonn.protos import grpc_service_pb2_grpc as oip_pb_grpc
 from slonn.protos import slonn_pb2_grpc as pb_grpc
 from slonn.protos.tensors import TensorError, from_tensor, to_tensor
 from slonn.scheduler.clock import MonotonicClock
@@ -26,6 +27,9 @@ from slonn.scheduler.dispatcher import Completion, Dispatcher
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
+from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
+from slonn.scheduler.oip_grpc import OipServicer
+from slonn.scheduler.oip_http import OipHttp
 from slonn.workers.artifact import ModelManifest, load_manifest
 from slonn.workers.heap import freeze_startup_heap
 from slonn.workers.pool import InProcessPool, ProcessPool, WorkerPool
@@ -217,6 +221,7 @@ class SlonnServer:
                                      cfg.overhead_ms, cfg.max_inflight, contention=lambda: self.monitor.value,
                                      workers=cfg.workers, on_batch=self._log_batch, metrics=self.metrics)
         self.dispatcher.start()
+        self.metrics.watch_queues(scheduler.queue_lengths)
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_port, cfg.host)
         self._stats_task = asyncio.create_task(self._log_stats()) if cfg.stats_interval_s else None
@@ -232,21 +237,38 @@ class SlonnServer:
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)
         self.servicer = InferenceServicer(self.dispatcher, self)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
+        # The Open Inference Protocol on the same port and the same dispatcher.
+        self.oip = OipServicer(self)
+        oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.oip, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
+            (SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.grpc)
         self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         await self.grpc.start()
+        self.http: OipHttp | None = None
+        if cfg.http_port is not None:
+            self.http = OipHttp(self)
+            self.http_port = await self.http.start(cfg.host, cfg.http_port)
+            log.info("Open Inference Protocol over HTTP on %s:%d", cfg.host, self.http_port)
         freeze_startup_heap()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s)", sorted(self.manifests), cfg.host,
                  self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision)
         return self.port
+
+    @property
+    def default_class(self) -> str:
+        """The SLO class of an Open Inference Protocol request that names none."""
+        return self.cfg.default_class or next(iter(self.cfg.classes))
+
+    def ready(self) -> bool:
+        """Admitting requests, with a worker running or able to start."""
+        return self.dispatcher.accepting and not self.pool.broken()
 
     async def _base_rows(self, manifest: ModelManifest) -> list[LatencySample]:
         """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
@@ -278,7 +300,7 @@ class SlonnServer:
 
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._stats_task:
             self._stats_task.cancel()
@@ -292,6 +314,9 @@ class SlonnServer:
             seen = self.servicer.calls
             await asyncio.sleep(0.1)
         await self.grpc.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
+        self.metrics.close()
         await self.pool.close()
         await asyncio.to_thread(self.latency.stop)  # joins the learner threads: off the loop
         self.monitor.stop()

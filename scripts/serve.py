@@ -91,6 +91,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-s", type=float, default=10.0, help="drain time on SIGTERM")
     p.add_argument("--in-process", action="store_true", help="run the model in the server process")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics on this port (0 = off)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="the Open Inference Protocol over HTTP/REST on this port (0 picks a free port, printed on "
+                        "stdout; default: off). It is served over gRPC on --port in any case")
+    p.add_argument("--default-class", default="", metavar="NAME",
+                   help="SLO class of Open Inference Protocol requests without a slo_class parameter "
+                        "(default: the first class in --classes)")
     p.add_argument("--stats-interval-s", type=float, default=10.0, help="period of the stats log line (0 = off)")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default="asyncio",
                    help="the server's event loop (uvloop: less CPU per call; optional dependency)")
@@ -160,7 +166,8 @@ def config_from_args(args) -> ServerConfig:
         max_pending=args.max_pending,
         overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process,
         refit_overrun_share=args.refit_overrun_share, refit_contention_shift=args.refit_contention_shift,
-        metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
+        metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s, http_port=args.http_port,
+        default_class=args.default_class)
 
 
 async def run_server(cfg: ServerConfig) -> int:
@@ -169,6 +176,8 @@ async def run_server(cfg: ServerConfig) -> int:
     server = SlonnServer(cfg)
     port = await server.start()
     print(f"slonn listening on {cfg.host}:{port}", flush=True)
+    if server.http is not None:
+        print(f"slonn HTTP listening on {cfg.host}:{server.http_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     logging.info("event loop: %s.%s; niceness %d; scheduler %s", type(loop).__module__, type(loop).__name__,

@@ -1,0 +1,224 @@
+"""The Open Inference Protocol, driven by real clients: tritonclient.grpc and tritonclient.http (asyncio).
+
+One module-scoped server speaks slonn.v1 and OIP over gRPC on one port, OIP over HTTP on another, and its
+metrics on a third. Tests assert answers, status codes and counters, never timings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+tritonclient = pytest.importorskip("tritonclient")
+import tritonclient.grpc.aio as tgrpc  # noqa: E402
+import tritonclient.http.aio as thttp  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from slonn.protos import grpc_service_pb2 as oip_pb  # noqa: E402
+from slonn.protos import grpc_service_pb2_grpc as oip_grpc  # noqa: E402
+from slonn.scheduler.config import ServerConfig, SLOClassConfig  # noqa: E402
+from slonn.scheduler.server import SlonnServer  # noqa: E402
+from slonn.workers.artifact import load_artifact  # noqa: E402
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MODEL = "tiny"
+FEATURES = 64
+MAX_BATCH = 16
+CLASSES = {c.name: c for c in (
+    SLOClassConfig("interactive", latency_ms=5000, min_accuracy=0.0, priority=0, max_queue=1024, on_late="reject"),
+    SLOClassConfig("relaxed", latency_ms=10000, min_accuracy=0.0, priority=1, max_queue=1024, on_late="serve"),
+    SLOClassConfig("perfect", latency_ms=5000, min_accuracy=0.9999),
+)}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(tiny_model_dir):
+    cfg = ServerConfig(model_dirs=(tiny_model_dir,), classes=CLASSES, host="127.0.0.1", port=0, http_port=0,
+                       workers=1, max_batch=MAX_BATCH, grace_s=5.0)
+    srv = SlonnServer(cfg)
+    try:
+        await srv.start()
+    except BaseException:
+        if hasattr(srv, "pool"):
+            await srv.pool.close()
+        raise
+    srv.test_metrics_port = srv.metrics.serve(0, "127.0.0.1")
+    yield srv
+    await srv.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def gclient(server):
+    c = tgrpc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    yield c
+    await c.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def hclient(server):
+    c = thttp.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+    yield c
+    await c.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Held-out digits the tiny model classifies with a wide margin at every level, and their classes."""
+    from slonn.workers.digits import load_split
+
+    model, manifest = load_artifact(tiny_model_dir)
+    x = load_split().x_test
+    with torch.inference_mode():
+        logits = [model(torch.from_numpy(x), level) for level in manifest.levels]
+    margins = [(torch.topk(lg, 2, dim=-1).values[:, 0] - torch.topk(lg, 2, dim=-1).values[:, 1]).numpy()
+               for lg in logits]
+    keep = np.min(margins, axis=0) > 1.0
+    return x[keep][:64], logits[0].numpy().argmax(axis=1)[keep][:64], manifest
+
+
+def grpc_input(x: np.ndarray, datatype: str = "FP32") -> tgrpc.InferInput:
+    t = tgrpc.InferInput("input", list(x.shape), datatype)
+    t.set_data_from_numpy(x)
+    return t
+
+
+def http_input(x: np.ndarray, datatype: str = "FP32", binary: bool = True) -> thttp.InferInput:
+    t = thttp.InferInput("input", list(x.shape), datatype)
+    t.set_data_from_numpy(x, binary_data=binary)
+    return t
+
+
+async def grpc_status(coro) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        await coro
+    return info.value
+
+
+# -- gRPC: health and metadata -----------------------------------------------------------------
+
+
+async def test_grpc_health_and_metadata(gclient, server):
+    assert await gclient.is_server_live()
+    assert await gclient.is_server_ready()
+    assert await gclient.is_model_ready(MODEL)
+    meta = await gclient.get_server_metadata()
+    assert meta.name == "slonn" and "binary_tensor_data" in meta.extensions
+    model = await gclient.get_model_metadata(MODEL)
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("input", "FP32", [-1, FEATURES])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.outputs] == [("output", "FP32", [-1, 10])]
+    config = (await gclient.get_model_config(MODEL)).config
+    assert config.max_batch_size == MAX_BATCH and list(config.input[0].dims) == [FEATURES]
+
+
+@pytest.mark.parametrize("call", ["is_model_ready", "get_model_metadata", "get_model_config"])
+async def test_grpc_unknown_model_is_not_found(gclient, call):
+    err = await grpc_status(getattr(gclient, call)("no-such-model"))
+    assert err.status() == "StatusCode.NOT_FOUND" and "no-such-model" in err.message()
+
+
+# -- gRPC: infer ----------------------------------------------------------------------------------
+
+
+async def test_grpc_single_sample_matches_local_model(gclient, reference):
+    x, want, manifest = reference
+    result = await gclient.infer(MODEL, [grpc_input(x[:1])], request_id="one")
+    out = result.as_numpy("output")
+    assert out.shape == (1, 10) and out.argmax() == want[0]
+    resp = result.get_response()
+    assert resp.id == "one" and resp.model_name == MODEL
+    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in resp.parameters.items()}
+    assert params["level"] in manifest.levels
+    assert params["expected_accuracy"] == manifest.accuracy[params["level"]]
+    assert 1 <= params["batch_size"] <= MAX_BATCH and params["exec_ms"] > 0 and params["late"] is False
+
+
+async def test_grpc_batch_answers_in_input_order(gclient, reference):
+    x, want, _ = reference
+    result = await gclient.infer(MODEL, [grpc_input(x[:MAX_BATCH])], parameters={"slo_class": "relaxed"})
+    out = result.as_numpy("output")
+    assert out.shape == (MAX_BATCH, 10)
+    np.testing.assert_array_equal(out.argmax(axis=1), want[:MAX_BATCH])
+
+
+@pytest.mark.parametrize("datatype,cast", [("FP16", np.float16), ("FP64", np.float64), ("INT32", np.int32),
+                                            ("UINT8", np.uint8), ("BF16", "bfloat16")])
+async def test_grpc_datatypes_convert_to_fp32(gclient, reference, datatype, cast):
+    x, want, _ = reference
+    if cast == "bfloat16":
+        cast = pytest.importorskip("ml_dtypes").bfloat16  # tritonclient's own BF16 type
+    # The digits' pixels are whole numbers 0..16: exact in every one of these types.
+    result = await gclient.infer(MODEL, [grpc_input(x[:4].astype(cast), datatype)])
+    np.testing.assert_array_equal(result.as_numpy("output").argmax(axis=1), want[:4])
+
+
+async def test_grpc_typed_contents_are_read(server, reference):
+    x, want, _ = reference
+    request = oip_pb.ModelInferRequest(model_name=MODEL, id="typed")
+    t = request.inputs.add(name="input", datatype="FP32", shape=[2, FEATURES])
+    t.contents.fp32_contents.extend(x[:2].reshape(-1).tolist())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        resp = await oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    out = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(list(resp.outputs[0].shape))
+    np.testing.assert_array_equal(out.argmax(axis=1), want[:2])
+
+
+def _bad(x):
+    """Requests each failing one check, with the status and the words its message must hold."""
+    return {
+        "shape": ([grpc_input(x[:1, :63])], {}, "INVALID_ARGUMENT", "inputs[0].shape"),
+        "too_many_samples": ([grpc_input(x[:MAX_BATCH + 1])], {}, "INVALID_ARGUMENT", "inputs[0].shape"),
+        "input_name": ([tgrpc.InferInput("pixels", [1, FEATURES], "FP32").set_data_from_numpy(x[:1])], {},
+                       "INVALID_ARGUMENT", "inputs[0].name"),
+        "bytes": ([grpc_input(np.array([[b"a"] * FEATURES], dtype=np.object_), "BYTES")], {}, "INVALID_ARGUMENT",
+                  "inputs[0].datatype"),
+        "inexact_int": ([grpc_input((x[:1] + 2**25).astype(np.int64), "INT64")], {}, "INVALID_ARGUMENT",
+                        "2^24"),
+        "nan": ([grpc_input(np.full((1, FEATURES), np.nan, np.float32))], {}, "INVALID_ARGUMENT", "NaN"),
+        "budget": ([grpc_input(x[:1])], {"latency_budget_ms": -1.0}, "INVALID_ARGUMENT", "latency_budget_ms"),
+        "class_type": ([grpc_input(x[:1])], {"slo_class": 3}, "INVALID_ARGUMENT", "parameters.slo_class"),
+        "class": ([grpc_input(x[:1])], {"slo_class": "gold"}, "NOT_FOUND", "gold"),
+        "floor": ([grpc_input(x[:1])], {"slo_class": "perfect"}, "FAILED_PRECONDITION", "min_accuracy"),
+        "unreachable": ([grpc_input(x[:1])], {"latency_budget_ms": 1e-6}, "DEADLINE_EXCEEDED", "cannot be met"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad(np.zeros((MAX_BATCH + 1, FEATURES), np.float32))))
+async def test_grpc_errors_have_slonn_status_codes(gclient, reference, case):
+    x, want, _ = reference
+    inputs, params, status, words = _bad(np.concatenate([x, x])[:MAX_BATCH + 1])[case]
+    err = await grpc_status(gclient.infer(MODEL, inputs, parameters=params or None))
+    assert err.status() == f"StatusCode.{status}" and words in err.message()
+    result = await gclient.infer(MODEL, [grpc_input(x[:1])])  # and the server goes on
+    assert result.as_numpy("output").argmax() == want[0]
+
+
+async def test_grpc_unknown_model_infer_is_not_found(gclient, reference):
+    err = await grpc_status(gclient.infer("no-such-model", [grpc_input(reference[0][:1])]))
+    assert err.status() == "StatusCode.NOT_FOUND"
+
+
+async def test_grpc_stream_answers_every_request(gclient, reference):
+    x, want, _ = reference
+
+    async def requests():
+        for i in range(4):
+            yield {"model_name": MODEL, "inputs": [grpc_input(x[i:i + 1])], "request_id": f"s{i}"}
+        yield {"model_name": MODEL, "inputs": [grpc_input(x[:1, :10])], "request_id": "bad"}
+
+    answers, errors = {}, []
+    async for result, error in gclient.stream_infer(requests()):
+        if error is not None:
+            errors.append(str(error))
+        else:
+            answers[result.get_response().id] = result.as_numpy("output").argmax()
+        if len(answers) + len(errors) == 5:
+            break
+    assert answers == {f"s{i}": want[i] for i in range(4)}
+    assert len(errors) == 1 and "inputs[0].shape" in errors[0]
