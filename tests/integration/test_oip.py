@@ -222,3 +222,121 @@ async def test_grpc_stream_answers_every_request(gclient, reference):
             break
     assert answers == {f"s{i}": want[i] for i in range(4)}
     assert len(errors) == 1 and "inputs[0].shape" in errors[0]
+
+
+# -- HTTP/REST ----------------------------------------------------------------------------------
+
+
+async def test_http_health_and_metadata(hclient):
+    assert await hclient.is_server_live()
+    assert await hclient.is_server_ready()
+    assert await hclient.is_model_ready(MODEL)
+    assert not await hclient.is_model_ready("no-such-model")
+    assert (await hclient.get_server_metadata())["name"] == "slonn"
+    meta = await hclient.get_model_metadata(MODEL)
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, FEATURES]}]
+    assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+    assert (await hclient.get_model_config(MODEL))["max_batch_size"] == MAX_BATCH
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+async def test_http_batch_answers_in_input_order(hclient, reference, binary):
+    x, want, manifest = reference
+    out = thttp.InferRequestedOutput("output", binary_data=binary)
+    result = await hclient.infer(MODEL, [http_input(x[:8], binary=binary)], outputs=[out], request_id="h1",
+                                 parameters={"slo_class": "relaxed", "latency_budget_ms": 4000})
+    np.testing.assert_array_equal(result.as_numpy("output").argmax(axis=1), want[:8])
+    resp = result.get_response()
+    assert resp["id"] == "h1" and resp["parameters"]["level"] in manifest.levels
+    assert resp["parameters"]["late"] is False
+
+
+async def test_http_client_errors_have_status_and_message(hclient, reference):
+    x = reference[0]
+    cases = [(hclient.infer("no-such-model", [http_input(x[:1])]), "404", "no-such-model"),
+             (hclient.infer(MODEL, [http_input(x[:1, :5])]), "400", "inputs[0].shape"),
+             (hclient.infer(MODEL, [http_input(x[:1])], parameters={"slo_class": "gold"}), "404", "gold"),
+             (hclient.infer(MODEL, [http_input(x[:1])], parameters={"slo_class": "perfect"}), "400", "min_accuracy")]
+    for call, status, words in cases:
+        with pytest.raises(InferenceServerException) as info:
+            await call
+        assert info.value.status() == status and words in info.value.message()
+
+
+async def _post(server, path: str, data: bytes, headers=None, method: str = "POST"):
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, f"http://127.0.0.1:{server.http_port}{path}", data=data,
+                                   headers=headers) as r:
+            return r.status, await r.read()
+
+
+@pytest.mark.parametrize("body,status,words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "request body"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}).encode(),
+     400, "inputs[0].shape"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [1]}]}).encode(),
+     400, "inputs[0].data"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32",
+                             "data": [[1, 2], [3]]}]}).encode(), 400, "inputs[0].data"),
+    (json.dumps({"inputs": [{"name": "input", "shape": "1x64", "datatype": "FP32", "data": []}]}).encode(),
+     400, "inputs[0].shape"),
+    (json.dumps({"inputs": []}).encode(), 400, "inputs"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [0] * FEATURES}],
+                 "parameters": {"latency_budget_ms": "soon"}}).encode(), 400, "latency_budget_ms"),
+])
+async def test_http_bad_requests_are_4xx_with_the_oip_error_body(server, body, status, words):
+    got, data = await _post(server, f"/v2/models/{MODEL}/infer", body)
+    assert got == status
+    assert words in json.loads(data)["error"]
+
+
+async def test_http_unknown_paths_and_models_are_404_and_bad_binary_header_400(server):
+    for path, method in (("/v2/models/nope/infer", "POST"), ("/v2/nowhere", "GET"), ("/v2/models/nope", "GET")):
+        status, data = await _post(server, path, b"{}", method=method)
+        assert status == 404 and "error" in json.loads(data)
+    status, data = await _post(server, f"/v2/models/{MODEL}/infer", b"{}", {"Inference-Header-Content-Length": "99"})
+    assert status == 400 and "Inference-Header-Content-Length" in json.loads(data)["error"]
+    status, _ = await _post(server, f"/v2/models/{MODEL}/infer", b"", method="GET")
+    assert status == 405
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+async def _metrics(server, path="/metrics"):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{server.test_metrics_port}{path}") as r:
+            return r.status, await r.text()
+
+
+async def test_metrics_count_every_outcome_and_404_elsewhere(server, gclient, reference):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await grpc_status(gclient.infer(MODEL, [grpc_input(reference[0][:1, :3])]))
+    await grpc_status(gclient.infer("no-such-model", [grpc_input(reference[0][:1])]))
+    await gclient.infer(MODEL, [grpc_input(reference[0][:4])], parameters={"slo_class": "relaxed"})
+    status, text = await _metrics(server)
+    assert status == 200
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    results = {(s.labels["model"], s.labels["slo_class"], s.labels["result"]): s.value
+               for s in samples if s.name == "slonn_answers_total"}
+    assert results[(MODEL, "interactive", "INVALID_ARGUMENT")] >= 1
+    assert results[("_unknown", "_unknown", "NOT_FOUND")] >= 1
+    assert results[(MODEL, "relaxed", "in_slo")] >= 4
+    assert any(s.name == "slonn_queue_depth" and s.labels == {"model": MODEL, "slo_class": "relaxed"}
+               for s in samples)
+    assert any(s.name == "slonn_request_latency_ms_count" and s.labels["slo_class"] == "relaxed" and s.value >= 4
+               for s in samples)
+    assert (await _metrics(server, "/"))[0] == 404
+    assert (await _metrics(server, "/metricsx"))[0] == 404
+
+
+async def test_dashboard_queries_only_metrics_the_server_exports(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.unit.test_dashboard import DASHBOARD, queried_metrics, series_names
+
+    status, text = await _metrics(server)
+    missing = queried_metrics(DASHBOARD) - series_names(text_string_to_metric_families(text))
+    assert status == 200 and not missing, f"the dashboard queries metrics /metrics lacks: {sorted(missing)}"
