@@ -185,9 +185,10 @@ class Dispatcher:
         try:
             return list(await asyncio.gather(*futures))
         except BaseException as exc:
+            # A failed sample, or the caller left (gather has then cancelled every handle already).
             for req in reqs:
+                self.scheduler.cancel(req)  # a no-op for those in a batch or answered
                 if not req.handle.done():
-                    self.scheduler.cancel(req)
                     req.handle.cancel()
                     if isinstance(exc, RequestError):
                         self._count(req.model, req.slo_class, exc, 1)
