@@ -255,11 +255,15 @@ class SlonnServer:
             self.http_port = await self.http.start(cfg.host, cfg.http_port)
             log.info("Open Inference Protocol over HTTP on %s:%d", cfg.host, self.http_port)
         freeze_startup_heap()
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+        for service in self._health_names():
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s)", sorted(self.manifests), cfg.host,
                  self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision)
         return self.port
+
+    def _health_names(self) -> tuple[str, ...]:
+        """What gRPC health answers for: the server (""), both protocols' services and each model by name."""
+        return ("", SERVICE_NAME, OIP_SERVICE_NAME, *sorted(self.manifests))
 
     @property
     def default_class(self) -> str:
@@ -300,7 +304,7 @@ class SlonnServer:
 
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+        for service in self._health_names():
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._stats_task:
             self._stats_task.cancel()

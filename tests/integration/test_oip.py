@@ -117,6 +117,19 @@ async def test_grpc_health_and_metadata(gclient, server):
     assert config.max_batch_size == MAX_BATCH and list(config.input[0].dims) == [FEATURES]
 
 
+async def test_grpc_health_answers_for_the_oip_service_and_each_model(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("inference.GRPCInferenceService", MODEL):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize("call", ["is_model_ready", "get_model_metadata", "get_model_config"])
 async def test_grpc_unknown_model_is_not_found(gclient, call):
     err = await grpc_status(getattr(gclient, call)("no-such-model"))
