@@ -63,6 +63,8 @@ def model_metadata(manifest: ModelManifest) -> dict:
 
 def find_model(manifests: dict[str, ModelManifest], name: str, version: str = "") -> ModelManifest:
     """The served model ``name`` (at ``version``, if given), else NOT_FOUND naming the served ones."""
+    if not name:
+        raise InvalidArgument(f"model name: must be set; served models: {sorted(manifests)}")
     manifest = manifests.get(name)
     if manifest is None:
         raise NotFound(f"model {name!r} is not served; served models: {sorted(manifests)}")

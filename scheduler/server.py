@@ -27,6 +27,7 @@ from slonn.scheduler.dispatcher import Completion, Dispatcher
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
+from slonn.scheduler.oip import count_error
 from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from slonn.scheduler.oip_grpc import OipServicer
 from slonn.scheduler.oip_http import OipHttp
@@ -106,11 +107,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel,
             server_ms=server_ms)
 
+    def _count(self, request: pb.InferRequest, exc: RequestError) -> None:
+        """Count an error raised before the dispatcher saw the request (a bad tensor, an unknown model)."""
+        srv = self.server
+        count_error(srv.metrics, srv.manifests, srv.cfg.classes, request.model, request.slo_class, exc)
+
     async def Infer(self, request, context):
         self.calls += 1
         try:
             return await self._answer(request, context.time_remaining())
         except RequestError as exc:
+            self._count(request, exc)
             await context.abort(exc.code, str(exc))
 
     async def InferStream(self, request_iterator, context):
@@ -125,6 +132,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 answer = pb.StreamResponse(response=await self._answer(request, None))
             except RequestError as exc:
+                self._count(request, exc)
                 answer = pb.StreamResponse(error=pb.RequestError(
                     request_id=request_id, code=exc.code.name, message=str(exc)))
             await answers.put(answer)

@@ -353,3 +353,23 @@ async def test_dashboard_queries_only_metrics_the_server_exports(server):
     status, text = await _metrics(server)
     missing = queried_metrics(DASHBOARD) - series_names(text_string_to_metric_families(text))
     assert status == 200 and not missing, f"the dashboard queries metrics /metrics lacks: {sorted(missing)}"
+
+
+async def test_slonn_v1_errors_before_the_dispatcher_are_counted_too(server):
+    from slonn.protos import slonn_pb2, slonn_pb2_grpc
+    from slonn.protos.tensors import to_tensor
+
+    def count(model, slo_class, result):
+        return server.metrics.registry.get_sample_value(
+            "slonn_answers_total", {"model": model, "slo_class": slo_class, "result": result}) or 0.0
+
+    before = count(MODEL, "relaxed", "INVALID_ARGUMENT"), count("_unknown", "relaxed", "NOT_FOUND")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = slonn_pb2_grpc.InferenceStub(channel)
+        for model, features in ((MODEL, 3), ("no-such-model", FEATURES)):
+            request = slonn_pb2.InferRequest(model=model, slo_class="relaxed",
+                                             input=to_tensor(np.zeros(features, np.float32)))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Infer(request, timeout=30)
+    assert (count(MODEL, "relaxed", "INVALID_ARGUMENT"), count("_unknown", "relaxed", "NOT_FOUND")) == \
+        (before[0] + 1, before[1] + 1)
