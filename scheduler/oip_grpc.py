@@ -126,6 +126,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def ModelInfer(self, request, context):
+        self.server.servicer.calls += 1  # shutdown's lame-duck period watches these arrive too
         try:
             return await self._infer(request, context.time_remaining())
         except RequestError as exc:
@@ -134,6 +135,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         """Answers in completion order, each with its request's id; a failed request answers
         ``error_message`` and the stream goes on."""
+        self.server.servicer.calls += 1
         answers: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 

@@ -194,7 +194,10 @@ def _samples(body: dict, binary: bytes, manifest, max_samples: int) -> np.ndarra
         raw = binary
     elif "data" not in t:
         raise InvalidArgument("inputs[0].data: missing (or give parameters.binary_data_size)")
-    for i, o in enumerate(body.get("outputs") or []):
+    outputs = body.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InvalidArgument(f"outputs: expected a list of requested outputs, got {type(outputs).__name__}")
+    for i, o in enumerate(outputs):
         if _object(o, f"outputs[{i}]").get("name") != oip.OUTPUT:
             raise InvalidArgument(f"outputs[{i}].name: got {o.get('name')!r}, expected {oip.OUTPUT!r}")
     return oip.decode_samples(manifest, "inputs[0]", datatype, shape, raw, t.get("data"), max_samples)

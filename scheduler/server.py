@@ -16,8 +16,8 @@ from slonn.policy.contention import ContentionMonitor
 from slonn.policy.latency_model import LatencySample
 from slonn.policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
 from slonn.policy.planner import RecentSlowdown, SLOAwarePolicy
-from slonn.protos import slonn_pb2 as pb
 from slonn.protos import grpc_service_pb2_grpc as oip_pb_grpc
+from slonn.protos import slonn_pb2 as pb
 from slonn.protos import slonn_pb2_grpc as pb_grpc
 from slonn.protos.tensors import TensorError, from_tensor, to_tensor
 from slonn.scheduler.clock import MonotonicClock

@@ -296,6 +296,10 @@ async def _post(server, path: str, data: bytes, headers=None, method: str = "POS
      400, "inputs[0].shape"),
     (json.dumps({"inputs": []}).encode(), 400, "inputs"),
     (json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [0] * FEATURES}],
+                 "outputs": 7}).encode(), 400, "outputs"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "BOOL",
+                             "data": [True] * FEATURES}]}).encode(), 400, "inputs[0].datatype"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [0] * FEATURES}],
                  "parameters": {"latency_budget_ms": "soon"}}).encode(), 400, "latency_budget_ms"),
 ])
 async def test_http_bad_requests_are_4xx_with_the_oip_error_body(server, body, status, words):
