@@ -377,3 +377,32 @@ async def test_slonn_v1_errors_before_the_dispatcher_are_counted_too(server):
                 await stub.Infer(request, timeout=30)
     assert (count(MODEL, "relaxed", "INVALID_ARGUMENT"), count("_unknown", "relaxed", "NOT_FOUND")) == \
         (before[0] + 1, before[1] + 1)
+
+
+async def test_blocking_clients_work_too(server, reference):
+    """tritonclient's blocking clients (grpc, and http over geventhttpclient), run off the server's loop."""
+    import asyncio
+
+    import tritonclient.grpc as grpc_sync
+    import tritonclient.http as http_sync
+
+    x, want, _ = reference
+
+    def both():
+        g = grpc_sync.InferenceServerClient(f"127.0.0.1:{server.port}")
+        h = http_sync.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            gi = grpc_sync.InferInput("input", [3, FEATURES], "FP32")
+            gi.set_data_from_numpy(x[:3])
+            hi = http_sync.InferInput("input", [3, FEATURES], "FP32")
+            hi.set_data_from_numpy(x[:3])
+            return (g.is_server_ready(), h.is_server_ready(), g.infer(MODEL, [gi]).as_numpy("output"),
+                    h.infer(MODEL, [hi]).as_numpy("output"))
+        finally:
+            g.close()
+            h.close()
+
+    g_ready, h_ready, g_out, h_out = await asyncio.to_thread(both)
+    assert g_ready and h_ready
+    np.testing.assert_array_equal(g_out.argmax(axis=1), want[:3])
+    np.testing.assert_array_equal(h_out.argmax(axis=1), want[:3])
