@@ -165,9 +165,10 @@ class Dispatcher:
         """
         n = len(samples)
         if n and self.inflight + n > self.max_inflight:
-            self._count(model, slo_class, QueueFull(""), n)
-            raise QueueFull(f"server has {self.inflight} requests in flight and this one carries {n} samples "
-                            f"(max_inflight={self.max_inflight})")
+            full = QueueFull(f"server has {self.inflight} requests in flight and this one carries {n} samples "
+                             f"(max_inflight={self.max_inflight})")
+            self._count(model, slo_class, full, n)
+            raise full
         now = self.clock.now()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in range(n)]

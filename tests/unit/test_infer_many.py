@@ -52,8 +52,9 @@ async def test_one_failure_answers_the_whole_request_and_frees_the_queue():
 async def test_admission_failure_takes_back_the_admitted_siblings():
     pool = FakeWorkerPool(workers=1)
     d = make(pool, max_inflight=8)
-    with pytest.raises(QueueFull, match="carries 9 samples"):
+    with pytest.raises(QueueFull, match="carries 9 samples") as info:
         await d.infer_many("m", "slow", rows(9))
+    assert info.value.counted  # a frontend does not count it again
     assert d.scheduler.pending() == 0 and d.inflight == 0
     assert answers(d, "RESOURCE_EXHAUSTED") == 9
 
