@@ -62,7 +62,7 @@ class InferResponse(_message.Message):
     late: bool
     kernel: str
     server_ms: float
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: _Optional[bool] = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: bool = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("response", "error")

@@ -184,6 +184,10 @@ class ServerConfig:
     """pool "ray": placement-group strategy, PACK / SPREAD / STRICT_PACK / STRICT_SPREAD."""
     metrics_port: int = 0
     """Serve Prometheus metrics on host:metrics_port/metrics (0 = off)."""
+    http_port: int | None = None
+    """Serve the Open Inference Protocol over HTTP/REST on host:http_port (0 = a free port; None = off)."""
+    default_class: str = ""
+    """The SLO class of Open Inference Protocol requests that name none (empty: the first class configured)."""
     stats_interval_s: float = 10.0
     """Period of the one-line stats summary in the log (0 = off)."""
     refit_overrun_share: float = 0.2
@@ -242,3 +246,7 @@ class ServerConfig:
             raise ValueError(f"metrics_port={self.metrics_port}, stats_interval_s={self.stats_interval_s} must be >= 0")
         if not self.classes:
             raise ValueError("no SLO classes configured")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port={self.http_port} must be in 0..65535 (0 = a free port)")
+        if self.default_class and self.default_class not in self.classes:
+            raise ValueError(f"default_class={self.default_class!r} is not configured; classes: {sorted(self.classes)}")

@@ -26,7 +26,7 @@ from slonn.scheduler.errors import (
     Unavailable,
 )
 from slonn.scheduler.latency import LatencySource
-from slonn.scheduler.metrics import ServerMetrics
+from slonn.scheduler.metrics import UNKNOWN, ServerMetrics
 from slonn.scheduler.queues import QueuedRequest
 from slonn.workers.pool import TaskFailed, WorkerDied, WorkerPool
 from slonn.workers.protocol import BatchTask
@@ -118,6 +118,11 @@ class Dispatcher:
             self._loop_task.cancel()
         return len(left)
 
+    @property
+    def accepting(self) -> bool:
+        """Admitting requests (False once drain() has begun)."""
+        return self._accepting
+
     # -- admission ----------------------------------------------------------
 
     def contexts(self) -> dict[str, PlanContext]:
@@ -136,23 +141,9 @@ class Dispatcher:
 
         ``hard``: ``budget_ms`` is the caller's own deadline (see :meth:`Scheduler.make_request`).
         """
-        if not self._accepting:
-            raise Unavailable("server is shutting down; not admitting requests")
-        if self.pool.broken():
-            raise Unavailable("no worker is running and none could be started; see the server log")
-        if self.inflight >= self.max_inflight:
-            raise QueueFull(f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})")
         now = self.clock.now()
         future = asyncio.get_running_loop().create_future()
-        try:
-            req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future, hard)
-            self.scheduler.add_request(req, now, self.contexts()[model])
-        except RequestError as exc:
-            self.metrics.answers.labels(model, slo_class, exc.kind.value).inc()
-            if isinstance(exc, DeadlineUnreachable) and not self._refused_since_batch:
-                self._refused_since_batch = True
-                self._last_batch_s = max(self._last_batch_s, now)  # staleness counts from the first refusal
-            raise
+        req = self._admit(model, slo_class, inputs, budget_ms, hard, now, future)
         self.inflight += 1
         self._wakeup.set()
         try:
@@ -163,6 +154,82 @@ class Dispatcher:
             raise
         finally:
             self.inflight -= 1
+
+    async def infer_many(self, model: str, slo_class: str, samples: np.ndarray, budget_ms: float | None = None,
+                         hard: bool = False) -> list[Completion]:
+        """Admit the N rows of ``samples`` ([N, features]) as N requests with one arrival time and one
+        deadline; one awaitable for the N answers, in input order.
+
+        The N answer as one: when any sample fails (at admission or later), the others leave the queues
+        (those already in a batch still run, their answers unread) and that failure is raised.
+        """
+        n = len(samples)
+        if n and self.inflight + n > self.max_inflight:
+            full = QueueFull(f"server has {self.inflight} requests in flight and this one carries {n} samples "
+                             f"(max_inflight={self.max_inflight})")
+            self._count(model, slo_class, full, n)
+            raise full
+        now = self.clock.now()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(n)]
+        reqs: list[QueuedRequest] = []
+        try:
+            for row, future in zip(samples, futures):
+                reqs.append(self._admit(model, slo_class, row, budget_ms, hard, now, future))
+        except RequestError as exc:
+            for req in reqs:  # admitted siblings: out of the queues, answered with the batch's error
+                self.scheduler.cancel(req)
+            self._count(model, slo_class, exc, len(reqs))
+            raise
+        self.inflight += n
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException as exc:
+            # A failed sample, or the caller left (gather has then cancelled every handle already).
+            for req in reqs:
+                self.scheduler.cancel(req)  # a no-op for those in a batch or answered
+                if not req.handle.done():
+                    req.handle.cancel()
+                    if isinstance(exc, RequestError):
+                        self._count(req.model, req.slo_class, exc, 1)
+            raise
+        finally:
+            self.inflight -= n
+
+    def _admit(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None, hard: bool,
+               now: float, future: asyncio.Future) -> QueuedRequest:
+        """Queue one request answered through ``future``, or raise (counted in the metrics)."""
+        if not self._accepting:
+            raise self._counted(model, slo_class, Unavailable("server is shutting down; not admitting requests"))
+        if self.pool.broken():
+            raise self._counted(model, slo_class, Unavailable(
+                "no worker is running and none could be started; see the server log"))
+        if self.inflight >= self.max_inflight:
+            raise self._counted(model, slo_class, QueueFull(
+                f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})"))
+        try:
+            req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future, hard)
+            self.scheduler.add_request(req, now, self.contexts()[model])
+        except RequestError as exc:
+            self._count(model, slo_class, exc, 1)
+            if isinstance(exc, DeadlineUnreachable) and not self._refused_since_batch:
+                self._refused_since_batch = True
+                self._last_batch_s = max(self._last_batch_s, now)  # staleness counts from the first refusal
+            raise
+        return req
+
+    def _counted(self, model: str, slo_class: str, exc: RequestError) -> RequestError:
+        self._count(model, slo_class, exc, 1)
+        return exc
+
+    def _count(self, model: str, slo_class: str, exc: RequestError, n: int) -> None:
+        """Count ``n`` requests answered with ``exc``; the frontends count only errors not counted here."""
+        exc.counted = True
+        # Names a client made up are not label values: one series each would grow without bound.
+        model = model if model in self.accuracy else UNKNOWN
+        slo_class = slo_class if slo_class in self.scheduler.classes else UNKNOWN
+        self.metrics.reject(model, slo_class, exc.kind.value, n)
 
     # -- the loop -----------------------------------------------------------
 
@@ -330,9 +397,7 @@ class Dispatcher:
             if req.handle.done():
                 continue  # the caller already left
             late = now > req.pending.deadline_s
-            self.metrics.answers.labels(req.model, req.slo_class, "OK").inc()
-            if late:
-                self.metrics.late.labels(req.model, req.slo_class).inc()
+            self.metrics.served(req.model, req.slo_class, late, (now - req.pending.arrival_s) * 1e3, plan.level)
             queue_ms.labels(req.slo_class).observe((batch.planned_at_s - req.pending.arrival_s) * 1e3)
             req.handle.set_result(Completion(
                 output=out, level=plan.level, expected_accuracy=accuracy,
@@ -342,5 +407,5 @@ class Dispatcher:
 
     def _fail(self, req: QueuedRequest, error: RequestError) -> None:
         if not req.handle.done():
-            self.metrics.answers.labels(req.model, req.slo_class, error.kind.value).inc()
+            self._count(req.model, req.slo_class, error, 1)
             req.handle.set_exception(error)

@@ -23,6 +23,8 @@ class RequestError(Exception):
     """A request that ends with an error of ``kind`` and a message naming the cause."""
 
     kind: ErrorKind = ErrorKind.INTERNAL
+    counted: bool = False
+    """Already counted in the metrics' answers (by the dispatcher): the frontends count the others."""
 
     def __init__(self, message: str, kind: ErrorKind | None = None) -> None:
         super().__init__(message)

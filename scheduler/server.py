@@ -15,6 +15,7 @@ from slonn.policy.contention import ContentionMonitor
 from slonn.policy.factory import make_policy
 from slonn.policy.latency_model import LatencySample
 from slonn.policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLearner
+from slonn.protos import grpc_service_pb2_grpc as oip_pb_grpc
 from slonn.protos import slonn_pb2 as pb
 from slonn.protos import slonn_pb2_grpc as pb_grpc
 from slonn.protos.tensors import TensorError, from_tensor, to_tensor
@@ -22,9 +23,14 @@ from slonn.scheduler.clock import MonotonicClock
 from slonn.scheduler.config import ServerConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
-from slonn.scheduler.errors import DeadlineUnreachable, ErrorKind, InvalidArgument, RequestError
+from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
+from slonn.scheduler.grpc_status import grpc_status
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
+from slonn.scheduler.oip import count_error
+from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
+from slonn.scheduler.oip_grpc import OipServicer
+from slonn.scheduler.oip_http import OipHttp
 from slonn.workers.artifact import ModelManifest, load_manifest
 from slonn.workers.heap import freeze_startup_heap
 from slonn.workers.pool import InProcessPool, ProcessPool, WorkerPool
@@ -34,20 +40,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 # Refit once a second: a refit holds the GIL for tens of ms, and the event loop shares it.
 LEARNER = LearnerConfig(refit_interval_s=1.0)
-GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
-}
-"""The gRPC status each request error answers with: the one place errors meet the transport."""
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """Maps the protocol onto the Dispatcher; every request error becomes a status through :data:`GRPC_STATUS`."""
+    """Maps the protocol onto the Dispatcher; every request error becomes a status through ``grpc_status``."""
 
     def __init__(self, dispatcher: Dispatcher, server: "SlonnServer") -> None:
         self.dispatcher = dispatcher
@@ -111,12 +107,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel,
             server_ms=server_ms)
 
+    def _count(self, request: pb.InferRequest, exc: RequestError) -> None:
+        """Count an error raised before the dispatcher saw the request (a bad tensor, an unknown model)."""
+        srv = self.server
+        count_error(srv.metrics, srv.manifests, srv.cfg.classes, request.model, request.slo_class, exc)
+
     async def Infer(self, request, context):
         self.calls += 1
         try:
             return await self._answer(request, context.time_remaining())
         except RequestError as exc:
-            await context.abort(GRPC_STATUS[exc.kind], str(exc))
+            self._count(request, exc)
+            await context.abort(grpc_status(exc), str(exc))
 
     async def InferStream(self, request_iterator, context):
         """Answers in completion order; a failed request yields an error message and the stream goes on."""
@@ -130,8 +132,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 answer = pb.StreamResponse(response=await self._answer(request, None))
             except RequestError as exc:
+                self._count(request, exc)
                 answer = pb.StreamResponse(error=pb.RequestError(
-                    request_id=request_id, code=GRPC_STATUS[exc.kind].name, message=str(exc)))
+                    request_id=request_id, code=grpc_status(exc).name, message=str(exc)))
             answers.put_nowait(answer)  # unbounded: no coroutine per answer
 
         async def read() -> None:
@@ -234,6 +237,7 @@ class SlonnServer:
                                      # a call per batch only when its line is logged
                                      on_batch=self._log_batch if log.isEnabledFor(logging.DEBUG) else None)
         self.dispatcher.start()
+        self.metrics.watch_queues(scheduler.queue_lengths)
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_port, cfg.host)
         self._stats_task = asyncio.create_task(self._log_stats()) if cfg.stats_interval_s else None
@@ -249,21 +253,42 @@ class SlonnServer:
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)
         self.servicer = InferenceServicer(self.dispatcher, self)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
+        # The Open Inference Protocol on the same port and the same dispatcher.
+        self.oip = OipServicer(self)
+        oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.oip, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
+            (SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.grpc)
         self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         await self.grpc.start()
+        self.http: OipHttp | None = None
+        if cfg.http_port is not None:
+            self.http = OipHttp(self)
+            self.http_port = await self.http.start(cfg.host, cfg.http_port)
+            log.info("Open Inference Protocol over HTTP on %s:%d", cfg.host, self.http_port)
         freeze_startup_heap()
-        for service in ("", SERVICE_NAME):
+        for service in self._health_names():
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s)", sorted(self.manifests), cfg.host,
                  self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision)
         return self.port
+
+    def _health_names(self) -> tuple[str, ...]:
+        """What gRPC health answers for: the server (""), both protocols' services and each model by name."""
+        return ("", SERVICE_NAME, OIP_SERVICE_NAME, *sorted(self.manifests))
+
+    @property
+    def default_class(self) -> str:
+        """The SLO class of an Open Inference Protocol request that names none."""
+        return self.cfg.default_class or next(iter(self.cfg.classes))
+
+    def ready(self) -> bool:
+        """Admitting requests, with a worker running or able to start."""
+        return self.dispatcher.accepting and not self.pool.broken()
 
     async def _base_rows(self, manifest: ModelManifest) -> list[LatencySample]:
         """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
@@ -295,7 +320,7 @@ class SlonnServer:
 
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
-        for service in ("", SERVICE_NAME):
+        for service in self._health_names():
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._stats_task:
             self._stats_task.cancel()
@@ -309,6 +334,9 @@ class SlonnServer:
             seen = self.servicer.calls
             await asyncio.sleep(0.1)
         await self.grpc.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
+        self.metrics.close()
         await self.pool.close()
         await asyncio.to_thread(self.latency.stop)  # joins the learner threads: off the loop
         self.monitor.stop()

@@ -99,6 +99,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes here, or Ray actors (pip install 'slonn[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="--pool ray: auto (the cluster on this node) or host:port; default: start a local Ray")
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="also serve OIP over HTTP here (0: pick one)")
     p.add_argument("--grace-s", type=float, default=10.0, metavar="S", help="drain time on SIGTERM")
     p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                    help="Prometheus metrics on this port (0 = off)")
@@ -140,6 +142,9 @@ def _add_advanced_args(g: argparse._ArgumentGroup, hidden: list) -> None:
     add("--refit-contention-shift", type=float, default=ServerConfig.refit_contention_shift, metavar="X",
         help="refit the latency table early once the batches' contention, averaged over 2 s, moved by X "
              "(others' runnable tasks per CPU) since a refit at least 3 s old (X > 0; inf = off)")
+    add("--default-class", default="", metavar="NAME",
+        help="SLO class of Open Inference Protocol requests without a slo_class parameter (default: the first "
+             "class in --classes)")
     add("--ray-num-cpus", type=float, default=1.0, metavar="N", help="--pool ray: CPUs each worker reserves")
     add("--ray-num-gpus", type=float, default=0.0, metavar="N", help="--pool ray: GPUs each worker reserves")
     add("--ray-strategy", default="SPREAD", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -202,7 +207,8 @@ def config_from_args(args) -> ServerConfig:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
         ray_strategy=args.ray_strategy,
         refit_overrun_share=args.refit_overrun_share, refit_contention_shift=args.refit_contention_shift,
-        metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s)
+        metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s, http_port=args.http_port,
+        default_class=args.default_class)
 
 
 async def run_server(cfg: ServerConfig) -> int:
@@ -211,6 +217,8 @@ async def run_server(cfg: ServerConfig) -> int:
     server = SlonnServer(cfg)
     port = await server.start()
     print(f"slonn listening on {cfg.host}:{port}", flush=True)
+    if server.http is not None:
+        print(f"slonn HTTP listening on {cfg.host}:{server.http_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     logging.info("event loop: %s.%s; niceness %d; scheduler %s", type(loop).__module__, type(loop).__name__,

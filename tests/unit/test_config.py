@@ -148,3 +148,21 @@ def test_server_config_validation_names_the_field(kwargs, field):
     base = {"model_dirs": (Path("m"),), "classes": {"c": SLOClassConfig("c", 20)}}
     with pytest.raises(ValueError, match=field):
         ServerConfig(**{**base, **kwargs})
+
+
+def test_oip_flags_reach_the_config_and_are_checked(tmp_path):
+    import argparse
+
+    from slonn.scheduler.config import ServerConfig, load_classes
+    from slonn.scripts.serve import add_server_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_server_args(p)
+    cfg = config_from_args(p.parse_args(["--http-port", "0", "--default-class", "batch"]))
+    assert (cfg.http_port, cfg.default_class) == (0, "batch")
+    assert config_from_args(p.parse_args([])).http_port is None  # HTTP is off unless asked for
+    classes = load_classes()
+    with pytest.raises(ValueError, match="default_class='gold'"):
+        ServerConfig(model_dirs=(tmp_path,), classes=classes, default_class="gold")
+    with pytest.raises(ValueError, match="http_port=70000"):
+        ServerConfig(model_dirs=(tmp_path,), classes=classes, http_port=70000)

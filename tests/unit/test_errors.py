@@ -7,7 +7,7 @@ import pytest
 
 from slonn.scheduler.errors import (DeadlineUnreachable, ErrorKind, FailedPrecondition, InvalidArgument, NotFound,
                                     QueueFull, RequestError, Unavailable)
-from slonn.scheduler.server import GRPC_STATUS
+from slonn.scheduler.grpc_status import GRPC_STATUS
 
 
 def test_every_kind_has_the_grpc_status_of_its_name():
