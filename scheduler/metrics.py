@@ -39,6 +39,9 @@ class ServerMetrics:
         self.inflight = Gauge("slonn_inflight", "Admitted requests not yet answered", registry=r)
         self.worker_deaths = Counter("slonn_batches_lost_to_worker_death",
                                      "Batches whose worker died while running them", ["model"], registry=r)
+        self.out_of_range = Counter("slonn_out_of_range_inputs",
+                                    "Requests served with features far outside the model's training range",
+                                    ["model"], registry=r)
         self.retried = Counter("slonn_requests_requeued", "Requests queued again after their worker died",
                                ["model", "slo_class"], registry=r)
 

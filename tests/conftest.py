@@ -20,9 +20,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A small real artifact trained on the digits (2 x 128 hidden, a few seconds)."""
+    """A small real artifact: a plain MLP trained on the digits (2 x 128 hidden), imported (a few seconds)."""
     from slonn.workers.train import TrainConfig, train_to
 
     directory = tmp_path_factory.mktemp("models") / "tiny"
-    train_to(directory, TrainConfig(name="tiny", hidden=(128, 128), epochs=8, levels=(1.0, 0.5, 0.25, 0.1)))
+    train_to(directory, TrainConfig(name="tiny", hidden=(128, 128), epochs=30, finetune_epochs=15, lr=3e-3,
+                                        levels=(1.0, 0.5, 0.25, 0.1)))
     return directory
