@@ -113,8 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     np.savez(data, X=split.x_train, y=split.y_train, X_val=split.x_val, y_val=split.y_val)
     t0 = time.perf_counter()
     stack = stack_from_state_dict(read_state_file(weights), activation)
-    finetune = FinetuneConfig(epochs=ft_epochs, batch_size=256 if rows else 64, lr=3e-4 if rows else 1e-3,
-                              seed=args.seed) if ft_epochs else None
+    finetune = FinetuneConfig(epochs=ft_epochs, batch_size=256 if rows else 64, seed=args.seed) if ft_epochs else None
     manifest = import_to(out, stack, load_dataset(data), ImportConfig(
         name=f"figures-{args.case}", preprocessing=preprocessing, finetune=finetune, seed=args.seed))
     import_s = time.perf_counter() - t0
@@ -135,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
                   "plain_epochs": epochs, "finetune_epochs": ft_epochs},
         "command": f"slonn import {weights} --data {data} --activation {activation} --preprocessing "
                    f"{preprocessing} --finetune-epochs {ft_epochs} --out {out}",
+        "served": cal.get("served", "as_imported"),
         "seconds": {"plain_training": round(plain_s, 1), "import_total": round(import_s, 1),
                     "calibration": cal["calibrate_seconds"], "finetune": cal.get("finetune_seconds", 0.0)},
         "accuracy": [{"level": lv, "original": round(original, 4), "as_imported": round(as_is[lv], 4),

@@ -150,18 +150,41 @@ def test_calibration_alone_serves_the_levels_as_measured(tmp_path):
     assert np.array_equal(x_held, data.x_val) and np.array_equal(y_held, data.y_val)
 
 
-def test_finetuning_records_both_curves_and_serves_the_tuned_one():
+def test_finetuning_records_both_curves_and_serves_the_better():
     x, y = toy_data(n=400)
     data = make_dataset(x, y, seed=2)
     net = mlp((12, 48, 48, 3))
+    before = net[0].weight.detach().clone()
     model, manifest = import_sequential(net, data, ImportConfig(
         "toy", levels=(1.0, 0.25), preprocessing="standardize", finetune=FinetuneConfig(epochs=2, batch_size=32)))
     cal = manifest.calibration
     assert set(cal["as_imported"]) == set(cal["finetuned"]) == {"1.0", "0.25"}
-    assert manifest.accuracy == {float(k): pytest.approx(v, abs=1e-6) for k, v in cal["finetuned"].items()}
+    served = cal[cal["served"]]
+    assert sum(served.values()) == max(sum(cal["as_imported"].values()), sum(cal["finetuned"].values()))
+    assert manifest.accuracy == {float(k): pytest.approx(v, abs=1e-6) for k, v in served.items()}
+    assert manifest.accuracy == accuracy_per_level(model, data.x_val, data.y_val, manifest.levels)
     assert cal["finetune"]["epochs"] == 2
-    # The teacher is a copy: fine-tuning moved the served weights, not the user's network.
-    assert not torch.equal(model.hidden[0].weight, net[0].weight)
+    assert torch.equal(net[0].weight, before)  # the user's network is left as it was
+
+
+def test_finetuning_that_lowers_held_out_accuracy_is_not_served():
+    x, y = toy_data(n=400)
+    data = make_dataset(x, y, seed=2)
+    net = mlp((12, 48, 48, 3))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    xs, ys = torch.from_numpy((data.x_train - data.x_train.mean(0)) / data.x_train.std(0)), torch.from_numpy(data.y_train)
+    for _ in range(200):  # a network that fits the data well
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xs), ys).backward()
+        opt.step()
+    # A learning rate of 50 wrecks it: the import serves the weights as imported.
+    model, manifest = import_sequential(net.eval(), data, ImportConfig(
+        "toy", levels=(1.0, 0.25), preprocessing="standardize", finetune=FinetuneConfig(epochs=1, batch_size=32,
+                                                                                         lr=50.0)))
+    cal = manifest.calibration
+    assert cal["served"] == "as_imported" and cal["as_imported"]["1.0"] > 0.8
+    assert manifest.accuracy == {float(k): pytest.approx(v, abs=1e-6) for k, v in cal["as_imported"].items()}
+    assert torch.equal(model.hidden[0].weight, net[0].weight)
 
 
 def test_a_model_that_does_not_fit_the_data_is_refused_naming_the_layer():
