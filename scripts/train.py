@@ -24,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="plain training passes")
     p.add_argument("--finetune-epochs", type=int, default=TrainConfig.finetune_epochs,
                    help="SLO-aware fine-tuning passes at import (0: calibration only)")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="plain training learning rate")
+    p.add_argument("--finetune-lr", type=float, default=TrainConfig.finetune_lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     cfg = TrainConfig(name=args.name, hidden=tuple(int(w) for w in args.hidden.split(",")), levels=args.levels,
-                      epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
+                      epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+                      finetune_lr=args.finetune_lr, seed=args.seed,
                       threads=args.threads)
     manifest = train_to(args.out, cfg)
     print(json.dumps({"artifact": str(args.out), "train_seconds": manifest.train_seconds,

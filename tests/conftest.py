@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models") / "tiny"
     threads = torch.get_num_threads()
     try:  # one thread: small matmuls on a shared 2-core machine ran ~10x slower on two
-        train_to(directory, TrainConfig(name="tiny", hidden=(128, 128), epochs=30, finetune_epochs=15, lr=3e-3,
+        train_to(directory, TrainConfig(name="tiny", hidden=(128, 128), epochs=30, finetune_epochs=15, lr=3e-3, finetune_lr=1e-3,
                                         levels=(1.0, 0.5, 0.25, 0.1), threads=1))
     finally:
         torch.set_num_threads(threads)

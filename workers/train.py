@@ -47,7 +47,9 @@ class TrainConfig:
     batch_size: int = 64
     """Mini-batch size (> 0)."""
     lr: float = 1e-3
-    """Adam learning rate of the plain training and of the fine-tuning."""
+    """Adam learning rate of the plain training."""
+    finetune_lr: float = FinetuneConfig.lr
+    """Adam learning rate of the fine-tuning."""
     seed: int = 0
     """Seed for weights, level sampling and the data split."""
     threads: int = 0
@@ -109,7 +111,8 @@ def train(cfg: TrainConfig, split: DigitsSplit | None = None) -> tuple[SLOAwareM
     net = train_plain(plain_mlp(data.x_train.shape[1], tuple(cfg.hidden), data.classes),
                       (data.x_train - shift) / scale, data.y_train, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed)
     plain_s = time.perf_counter() - start
-    finetune = (FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    finetune = (FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr,
+                               seed=cfg.seed)
                 if cfg.finetune_epochs else None)
     model, manifest = import_sequential(net, data, ImportConfig(
         name=cfg.name, levels=cfg.levels, preprocessing=DIGITS_PREPROCESSING, finetune=finetune, seed=cfg.seed))
