@@ -151,10 +151,17 @@ WORKER_READY = re.compile(r"worker \d+ ready \(pid \d+, [^,]+, niceness (-?\d+),
 """The pool's log line for a worker that has started (``workers.pool``): the niceness and CPUs it runs at."""
 
 
+def _settings_toml(c: SLOClassConfig, skip: tuple[str, ...] = ()) -> str:
+    return "".join(f"{f.name} = {json.dumps(getattr(c, f.name))}\n" for f in dataclasses.fields(c)
+                   if f.name != "overrides" and f.name not in skip)
+
+
 def classes_toml(classes: dict[str, SLOClassConfig]) -> str:
-    """``classes`` as the ``[[class]]`` TOML that ``load_classes`` reads (JSON's strings and numbers are TOML's)."""
-    return "".join("[[class]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dataclasses.asdict(c).items())
-                   for c in classes.values())
+    """``classes`` as the ``[[class]]`` TOML that ``load_classes`` reads (JSON's strings and numbers are TOML's),
+    each class's per-model settings as its ``[class.model.NAME]`` tables."""
+    return "".join("[[class]]\n" + _settings_toml(c) + "".join(
+        f"[class.model.{json.dumps(model)}]\n" + _settings_toml(o, skip=("name",)) for model, o in c.overrides)
+        for c in classes.values())
 
 
 def with_deadline(classes: dict[str, SLOClassConfig], name: str, deadline_ms: float | None,

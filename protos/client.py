@@ -36,12 +36,14 @@ class InferResult:
     kernel: str
     server_ms: float
     """Time inside the server's handler (receive to response built)."""
+    out_of_range_features: int = 0
+    """Features of the input far outside the model's training range (served anyway, flagged)."""
 
     @classmethod
     def from_proto(cls, r: pb.InferResponse) -> "InferResult":
         out = np.frombuffer(r.output.data, dtype="<f4").reshape(tuple(r.output.shape))
         return cls(out, r.request_id, r.level, r.expected_accuracy, r.queue_ms, r.exec_ms, r.predicted_ms,
-                   r.batch_size, r.late, r.kernel, r.server_ms)
+                   r.batch_size, r.late, r.kernel, r.server_ms, r.out_of_range_features)
 
 
 def make_request(model: str, slo_class: str, x: np.ndarray, request_id: str = "",

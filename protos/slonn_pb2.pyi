@@ -39,7 +39,7 @@ class InferRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., slo_class: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., latency_budget_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("output", "request_id", "level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel", "server_ms")
+    __slots__ = ("output", "request_id", "level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel", "server_ms", "out_of_range_features")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class InferResponse(_message.Message):
     LATE_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_RANGE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     request_id: str
     level: float
@@ -62,7 +63,8 @@ class InferResponse(_message.Message):
     late: bool
     kernel: str
     server_ms: float
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: bool = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ...) -> None: ...
+    out_of_range_features: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: bool = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ..., out_of_range_features: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("response", "error")
@@ -90,22 +92,44 @@ class LevelInfo(_message.Message):
     accuracy: float
     def __init__(self, level: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
 
+class InputContract(_message.Message):
+    __slots__ = ("features", "feature_names", "dtype", "min", "max", "preprocessing")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    features: int
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    dtype: DataType
+    min: _containers.RepeatedScalarFieldContainer[float]
+    max: _containers.RepeatedScalarFieldContainer[float]
+    preprocessing: str
+    def __init__(self, features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., min: _Optional[_Iterable[float]] = ..., max: _Optional[_Iterable[float]] = ..., preprocessing: _Optional[str] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_shape", "output_shape", "levels", "hidden")
+    __slots__ = ("name", "input_shape", "output_shape", "levels", "hidden", "input", "labels", "activation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     output_shape: _containers.RepeatedScalarFieldContainer[int]
     levels: _containers.RepeatedCompositeFieldContainer[LevelInfo]
     hidden: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., hidden: _Optional[_Iterable[int]] = ...) -> None: ...
+    input: InputContract
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    activation: str
+    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., hidden: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class SLOClassInfo(_message.Message):
-    __slots__ = ("name", "latency_ms", "min_accuracy", "priority", "max_queue", "on_late", "mode")
+    __slots__ = ("name", "latency_ms", "min_accuracy", "priority", "max_queue", "on_late", "mode", "max_accuracy_drop")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +137,7 @@ class SLOClassInfo(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     ON_LATE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
     name: str
     latency_ms: float
     min_accuracy: float
@@ -120,7 +145,8 @@ class SLOClassInfo(_message.Message):
     max_queue: int
     on_late: str
     mode: str
-    def __init__(self, name: _Optional[str] = ..., latency_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., priority: _Optional[int] = ..., max_queue: _Optional[int] = ..., on_late: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    max_accuracy_drop: float
+    def __init__(self, name: _Optional[str] = ..., latency_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., priority: _Optional[int] = ..., max_queue: _Optional[int] = ..., on_late: _Optional[str] = ..., mode: _Optional[str] = ..., max_accuracy_drop: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

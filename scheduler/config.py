@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +34,21 @@ class SLOClassConfig:
     (given as either string, stored as the member)."""
     mode: Mode = Mode.LATENCY
     """"latency": meet the deadline at the highest accuracy; "accuracy": meet the floor at the lowest latency."""
+    max_accuracy_drop: float = 1.0
+    """Floor relative to each model's dense (level 1.0) accuracy: no level more than this below it, in [0, 1]
+    (1 = none). With ``min_accuracy`` as well, both floors hold."""
+    overrides: tuple[tuple[str, "SLOClassConfig"], ...] = ()
+    """Per model name, this class's settings for that model (the classes file's ``[class.model.NAME]``)."""
+
+    def for_model(self, model: str, dense_accuracy: float) -> "SLOClassConfig":
+        """The class as it applies to ``model``: its override if any, with ``min_accuracy`` raised to the
+        relative floor ``dense_accuracy - max_accuracy_drop``."""
+        base = self
+        for name, override in self.overrides:
+            if name == model:
+                base = override
+        floor = max(base.min_accuracy, dense_accuracy - base.max_accuracy_drop, 0.0)
+        return replace(base, min_accuracy=floor, max_accuracy_drop=1.0, overrides=())
 
     def __post_init__(self) -> None:
         where = f"class {self.name!r}"
@@ -50,6 +65,8 @@ class SLOClassConfig:
             raise ValueError(f"{where}: max_queue={self.max_queue} must be > 0")
         _store_member(self, "on_late", OnLate, where)
         _store_member(self, "mode", Mode, where)
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(f"{where}: max_accuracy_drop={self.max_accuracy_drop} must be in [0, 1]")
         _store_floats(self)
 
 
@@ -91,6 +108,23 @@ def _store_floats(cfg) -> None:
             object.__setattr__(cfg, name, float(value))
 
 
+def _with_overrides(cls: SLOClassConfig, per_model: dict, known: set[str], path: Path) -> SLOClassConfig:
+    """``cls`` with the ``[class.model.NAME]`` tables of the classes file: each NAME's settings of the class."""
+    overrides = []
+    for model, settings in per_model.items():
+        where = f"{path}: class {cls.name!r}, model {model!r}"
+        if not isinstance(settings, dict):
+            raise ValueError(f"{where}: expected a table [class.model.{model}] of settings")
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            overrides.append((model, replace(cls, **settings)))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return replace(cls, overrides=tuple(overrides)) if overrides else cls
+
+
 def default_classes_path() -> Path:
     return Path(str(resources.files("scheduler").joinpath("slo_classes.toml")))
 
@@ -103,13 +137,16 @@ def load_classes(path: Path | None = None) -> dict[str, SLOClassConfig]:
     entries = data.get("class")
     if not entries:
         raise ValueError(f"{path}: no [[class]] tables found")
-    known = set(SLOClassConfig.__dataclass_fields__)
+    known = set(SLOClassConfig.__dataclass_fields__) - {"overrides"}
     classes: dict[str, SLOClassConfig] = {}
     for entry in entries:
+        entry = dict(entry)
+        per_model = entry.pop("model", {})
         unknown = set(entry) - known
         if unknown:
-            raise ValueError(f"{path}: class {entry.get('name')!r} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        cls = SLOClassConfig(**entry)
+            raise ValueError(f"{path}: class {entry.get('name')!r} has unknown keys {sorted(unknown)}; known: "
+                             f"{sorted(known | {'model'})}")
+        cls = _with_overrides(SLOClassConfig(**entry), per_model, known - {"name"}, path)
         if cls.name in classes:
             raise ValueError(f"{path}: class {cls.name!r} is defined twice")
         classes[cls.name] = cls

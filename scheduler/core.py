@@ -54,17 +54,22 @@ class Scheduler:
 
     def __init__(self, models: Mapping[str, tuple[float, ...]], classes: Mapping[str, SLOClassConfig],
                  policy: Policy) -> None:
-        """``models`` maps a model name to its levels' accuracies (unused here but validated by callers)."""
+        """``models`` maps a model name to its levels' accuracies, the dense level (1.0) first."""
         self.classes = dict(classes)
         self.policy = policy
         self._seq = itertools.count()
+        self._model_classes: dict[str, dict[str, SLOClassConfig]] = {
+            m: {c.name: c.for_model(m, acc[0]) for c in classes.values()} for m, acc in models.items()}
+        """model -> class -> the class as it applies to that model (override, relative floor resolved)."""
         self._queues: dict[str, dict[str, RequestQueue]] = {
-            m: {c.name: RequestQueue(policy.order_key, c.max_queue) for c in classes.values()} for m in models
+            m: {c.name: RequestQueue(policy.order_key, c.max_queue) for c in mc.values()}
+            for m, mc in self._model_classes.items()
         }
         self._best_accuracy = {m: max(acc) for m, acc in models.items()}
         self._all_queues = [q for qs in self._queues.values() for q in qs.values()]
         self._queue_lists = {m: list(qs.values()) for m, qs in self._queues.items()}
-        self._ahead = {m: {c: [q for name, q in qs.items() if classes[name].latency_ms <= classes[c].latency_ms]
+        self._ahead = {m: {c: [q for name, q in qs.items()
+                               if self._model_classes[m][name].latency_ms <= self._model_classes[m][c].latency_ms]
                            for c in qs} for m, qs in self._queues.items()}
         """model -> class -> the queues whose requests are (about) ahead of that class's in EDF."""
         self._only_model = next(iter(self._queues)) if len(self._queues) == 1 else None
@@ -84,13 +89,13 @@ class Scheduler:
         """
         if model not in self._queues:
             raise NotFound(f"model {model!r} is not served; served models: {sorted(self._queues)}")
-        cls = self.classes.get(slo_class)
+        cls = self._model_classes[model].get(slo_class)
         if cls is None:
             raise NotFound(f"slo_class {slo_class!r} is not configured; classes: {sorted(self.classes)}")
         if cls.min_accuracy > self._best_accuracy[model]:
             raise FailedPrecondition(
-                f"slo_class {slo_class!r} min_accuracy={cls.min_accuracy} is above model {model!r}'s best "
-                f"level accuracy {self._best_accuracy[model]:.4f}")
+                f"slo_class {slo_class!r} min_accuracy={cls.min_accuracy:g} (for this model) is above model "
+                f"{model!r}'s best level accuracy {self._best_accuracy[model]:.4f}")
         class_ms, class_on_late = cls.latency_ms, cls.on_late
         latency_ms = class_ms if not budget_ms else min(class_ms, budget_ms)
         on_late = OnLate.REJECT if hard and budget_ms and budget_ms <= class_ms else class_on_late
@@ -242,7 +247,7 @@ class Scheduler:
         all at once after every check, so that a check that raises leaves each request in one list."""
         keep, dropped = [], []
         for r in candidates:
-            if r.pending.on_late == OnLate.REJECT and self.classes[r.slo_class].on_late != OnLate.REJECT \
+            if r.pending.on_late == OnLate.REJECT and self._model_classes[r.model][r.slo_class].on_late != OnLate.REJECT \
                     and self.policy.is_hopeless(r.pending, now_s, ctx):
                 dropped.append(r)
             else:

@@ -16,6 +16,7 @@ from slonn.policy.learner import OnlineLearner
 from slonn.policy.table import LatencyTable
 from slonn.precision import DEFAULT_PRECISION
 from slonn.workers.artifact import ModelManifest
+from slonn.workers.contract import RangeCheck
 from slonn.workers.pool import WorkerDied, WorkerPool
 from slonn.workers.protocol import BatchTask
 
@@ -134,13 +135,14 @@ async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: i
     sees now; live samples teach the model the rest.
     """
     rng = np.random.default_rng(seed)
+    sampler = RangeCheck(manifest.contract)  # inputs inside the model's training range
     rows: list[LatencySample] = []
     sizes = sorted({b for b in WARMUP_BATCH_SIZES if b <= max_batch} | {max_batch})
     task_id = -1
     for level in manifest.levels:
         for b in sizes:
             for _ in range(repeats):
-                x = rng.uniform(0, 16, size=(b, manifest.arch.in_features)).astype(np.float32)
+                x = sampler.sample(b, int(rng.integers(1 << 31)))
                 result = await _run_with_one_retry(pool, BatchTask(task_id, manifest.name, level, x))
                 task_id -= 1
                 rows.append(LatencySample(level, b, contention(), result.exec_ms, result.kernel))

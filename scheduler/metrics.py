@@ -70,8 +70,8 @@ class ServerMetrics:
                                     "(ms)", ["model", "slo_class"], registry=r, buckets=_MS_BUCKETS)
         self.levels = Counter("slonn_answers_by_level", "OK answers by the level their batch ran at",
                               ["model", "slo_class", "level"], registry=r)
-        self.out_of_range = Counter("slonn_inputs_out_of_range", "Samples with a feature outside the range the "
-                                    "model's input contract declares", ["model"], registry=r)
+        self.out_of_range = Counter("slonn_inputs_out_of_range", "Requests served with features far outside the "
+                                    "model's training range (its input contract)", ["model"], registry=r)
         self.batches = Counter("slonn_batches", "Batches run, by level", ["model", "level"], registry=r)
         self.batch_size = Histogram("slonn_batch_size", "Requests per batch", ["model"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -32,6 +32,7 @@ from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from slonn.scheduler.oip_grpc import OipServicer
 from slonn.scheduler.oip_http import OipHttp
 from slonn.workers.artifact import ModelManifest, load_manifest
+from slonn.workers.contract import RangeCheck
 from slonn.workers.heap import freeze_startup_heap
 from slonn.workers.pool import InProcessPool, ProcessPool, WorkerPool
 from slonn.workers.process import WorkerSpec
@@ -84,6 +85,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             x = from_tensor(request.input, "input", manifest.arch.in_features)
         except TensorError as exc:
             raise InvalidArgument(str(exc)) from None
+        far = self.server.range_checks[request.model].far_out(x)
+        if far:  # served all the same, but counted and flagged: a client's scaling is the usual cause
+            self.server.metrics.out_of_range.labels(request.model).inc()
         work = self.dispatcher.infer(request.model, request.slo_class, x, budget or None, hard)
         if time_remaining_s is None:
             done = await work
@@ -96,16 +100,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     done = await work
             except TimeoutError:
                 raise DeadlineUnreachable("not served before the call's gRPC deadline") from None
-        return self._response(request_id, request.input, done, (clock.now() - received_s) * 1e3)
+        return self._response(request_id, request.input, done, (clock.now() - received_s) * 1e3, far)
 
     @staticmethod
-    def _response(request_id: str, input_tensor: pb.Tensor, done: Completion, server_ms: float) -> pb.InferResponse:
+    def _response(request_id: str, input_tensor: pb.Tensor, done: Completion, server_ms: float,
+                  out_of_range: int = 0) -> pb.InferResponse:
         out = done.output if len(input_tensor.shape) == 1 else done.output[None, :]
         return pb.InferResponse(
             output=to_tensor(out), request_id=request_id, level=done.level,
             expected_accuracy=done.expected_accuracy, queue_ms=done.queue_ms, exec_ms=done.exec_ms,
             predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel,
-            server_ms=server_ms)
+            server_ms=server_ms, out_of_range_features=out_of_range)
 
     def _count(self, request: pb.InferRequest, exc: RequestError) -> None:
         """Count an error raised before the dispatcher saw the request (a bad tensor, an unknown model)."""
@@ -160,14 +165,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def ListModels(self, request, context):
         resp = pb.ListModelsResponse()
         for m in self.server.manifests.values():
-            resp.models.append(pb.ModelInfo(
-                name=m.name, input_shape=[m.arch.in_features], output_shape=[m.arch.out_features],
-                hidden=list(m.arch.hidden),
-                levels=[pb.LevelInfo(level=lv, accuracy=m.accuracy[lv]) for lv in m.levels]))
+            resp.models.append(model_info(m))
         for c in self.server.cfg.classes.values():
             resp.slo_classes.append(pb.SLOClassInfo(
                 name=c.name, latency_ms=c.latency_ms, min_accuracy=c.min_accuracy, priority=c.priority,
-                max_queue=c.max_queue, on_late=c.on_late, mode=c.mode))
+                max_queue=c.max_queue, on_late=c.on_late, mode=c.mode, max_accuracy_drop=c.max_accuracy_drop))
         return resp
 
 
@@ -189,6 +191,17 @@ def make_pool(cfg: ServerConfig, spec: WorkerSpec, monitor: ContentionMonitor) -
                                                      num_gpus=cfg.ray_num_gpus, strategy=cfg.ray_strategy),
                        monitor_factory=ray_monitor)
     return ProcessPool(spec, cfg.workers, on_spawn=monitor.add_own_pid)
+
+
+def model_info(m: ModelManifest) -> pb.ModelInfo:
+    """A model's shape, levels, input contract and label names as the protocol states them."""
+    c = m.contract
+    return pb.ModelInfo(
+        name=m.name, input_shape=[m.arch.in_features], output_shape=[m.arch.out_features],
+        hidden=list(m.arch.hidden), levels=[pb.LevelInfo(level=lv, accuracy=m.accuracy[lv]) for lv in m.levels],
+        input=pb.InputContract(features=c.features, feature_names=list(c.names), dtype=pb.FLOAT32, min=list(c.low),
+                               max=list(c.high), preprocessing=c.preprocessing),
+        labels=list(m.labels), activation=m.arch.activation)
 
 
 @dataclass
@@ -215,6 +228,7 @@ class SlonnServer:
             self.monitor.watch_gpu(self.pool.gpu_uuid)
         self.monitor.start()
         self.manifests = dict(self.pool.manifests)
+        self.range_checks = {name: RangeCheck(m.contract) for name, m in self.manifests.items()}
         self.latency = LearnedLatency({
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch,
                                 config=replace(LEARNER, exceed_trigger=cfg.refit_overrun_share,

@@ -8,11 +8,13 @@ worker's chooser picks (table measured at start-up exactly as the worker does,
 on synthetic inputs), and the speedup: the median over rounds of the paired
 ratio dense / chosen (``speedup_of_medians`` is the ratio of the two medians).
 Calls are interleaved (dense, kernel 1, kernel 2, ...) so drift hits all
-alike, and every call gets distinct held-out inputs; beyond the 540 held-out
-digits the pool continues with noisy copies of them (recorded in the JSON).
-Accuracy per level and precision is on the held-out digits. Each row also
+alike, and every call gets distinct held-out inputs (the artifact's held-out
+rows; the digits for a digits model); beyond them the pool continues with noisy
+copies (recorded in the JSON). Accuracy per level and precision is on the
+held-out rows. Each row also
 gives the batch's union fraction per hidden layer: the share of the layer's
-units that some sample of the batch keeps and ReLU leaves positive (mean over
+units that some sample of the batch keeps and ReLU leaves positive (non-zero for
+GELU/SiLU; mean over
 consecutive held-out batches), i.e. the share of the next layer's weight rows
 that any exact kernel must read once; it bounds what sparsity can save at that
 batch size against a dense GEMM in the same precision.
@@ -32,14 +34,14 @@ import numpy as np
 import torch
 
 from slonn.precision import DEFAULT_PRECISION, PRECISIONS, low_precision_of
-from slonn.workers.artifact import load_artifact
+from slonn.workers.artifact import load_artifact, load_heldout
 from slonn.workers.device import DeviceTimer, pick_device
-from slonn.workers.digits import load_split
 from slonn.workers.kernels import LOW_PRECISION_DTYPES, SparseMLP
 from slonn.workers.kernels_chooser import measure_kernel_table, split_choice
 
-NOISE_STD = 0.5
-"""Std (pixel units, pixels are 0..16) of the noise on the held-out copies that extend the input pool."""
+NOISE_FRACTION = 1 / 32
+"""Std of the noise on the held-out copies that extend the input pool, as a share of each feature's training
+range (0.5 for digits' 0..16 pixels); the copies are clipped to that range."""
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -59,24 +61,28 @@ def _parse(argv) -> argparse.Namespace:
 
 
 class InputPool:
-    """Distinct inputs per call: the held-out digits, then noisy copies of them."""
+    """Distinct inputs per call: the held-out rows, then noisy copies of them."""
 
-    def __init__(self, x_test: np.ndarray, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, x_test: np.ndarray, device: torch.device, seed: int = 0,
+                 low: np.ndarray | None = None, high: np.ndarray | None = None) -> None:
         self.base = torch.from_numpy(x_test).float()
+        self.low = torch.from_numpy(np.asarray(x_test.min(0) if low is None else low, np.float32))
+        self.high = torch.from_numpy(np.asarray(x_test.max(0) if high is None else high, np.float32))
+        self.noise_std = (self.high - self.low) * NOISE_FRACTION
         self.gen = torch.Generator().manual_seed(seed)
         self.device = device
         self.offset = 0
         self.max_used = 0
 
     def take(self, b: int) -> torch.Tensor:
-        """The next ``b`` inputs; round r >= 1 over the held-out set adds fresh noise (clipped to 0..16)."""
+        """The next ``b`` inputs; round r >= 1 over the held-out set adds fresh noise (clipped to the range)."""
         n = len(self.base)
         idx = torch.arange(self.offset, self.offset + b)
         x = self.base[idx % n].clone()
         noisy = idx >= n
         if noisy.any():
-            noise = torch.randn(int(noisy.sum()), x.shape[1], generator=self.gen) * NOISE_STD
-            x[noisy] = (x[noisy] + noise).clamp_(0, 16)
+            noise = torch.randn(int(noisy.sum()), x.shape[1], generator=self.gen) * self.noise_std
+            x[noisy] = torch.minimum(torch.maximum(x[noisy] + noise, self.low), self.high)
         self.offset += b
         self.max_used = max(self.max_used, self.offset)
         return x.to(self.device)
@@ -140,7 +146,8 @@ def _union_fractions(model, x: torch.Tensor, b: int, level: float) -> list[float
     sample of the batch keeps with a positive value (the weight rows the next layer must read)."""
     n = (len(x) // b) * b
     acts = model.hidden_activations(x[:n], level)
-    return [round(float((z > 0).reshape(-1, b, z.shape[-1]).any(1).float().mean()), 3) for z in acts]
+    relu = model.arch.activation == "relu"
+    return [round(float(((z > 0) if relu else (z != 0)).reshape(-1, b, z.shape[-1]).any(1).float().mean()), 3) for z in acts]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -149,17 +156,18 @@ def run(args: argparse.Namespace) -> dict:
     model, manifest = load_artifact(args.model_dir, device)
     low = low_precision_of(args.precision)
     sparse = SparseMLP.from_model(model, device, low_precision=low)
-    split = load_split(seed=manifest.seed or 0)
+    x_held, y_held = load_heldout(args.model_dir)
+    contract = manifest.contract
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     t0 = time.perf_counter()
     # exactly what the worker runs at start-up
     chooser = measure_kernel_table(sparse, manifest.levels, accuracy=manifest.accuracy)
     calibration_s = time.perf_counter() - t0
-    pool = InputPool(split.x_test, device)
+    pool = InputPool(x_held, device, low=np.array(contract.low), high=np.array(contract.high))
     rows = []
     with torch.inference_mode():
-        x_test = torch.from_numpy(split.x_test).to(device)
-        y_test = torch.from_numpy(split.y_test).to(device)
+        x_test = torch.from_numpy(x_held).to(device)
+        y_test = torch.from_numpy(y_held).to(device)
         accuracy = _accuracy(model, sparse, x_test, y_test, manifest.levels)
         dense_acc = float((model(x_test, 1.0).argmax(1) == y_test).float().mean())
         plain_low = None if low is None else _plain_model_in(model, low, device)
@@ -193,15 +201,16 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": torch.multiprocessing.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "threads": torch.get_num_threads(), "device": str(device)},
-        "model": {"dir": str(args.model_dir), "name": manifest.name, "hidden": list(manifest.arch.hidden),
+        "model": {"dir": str(args.model_dir), "name": manifest.name, "in_features": manifest.arch.in_features,
+                  "hidden": list(manifest.arch.hidden), "activation": manifest.arch.activation,
                   "levels": list(manifest.levels)},
         "precision": args.precision,
         "low_precision": low,
         "repeats": args.repeats,
-        "inputs": {"source": "held-out digits (x_test), distinct per call within a series",
-                   "held_out": int(len(split.x_test)), "max_inputs_per_series": pool.max_used,
-                   "noisy_copies_used": pool.max_used > len(split.x_test),
-                   "noise_std_pixels": NOISE_STD},
+        "inputs": {"source": "the artifact's held-out rows, distinct per call within a series",
+                   "held_out": int(len(x_held)), "max_inputs_per_series": pool.max_used,
+                   "noisy_copies_used": pool.max_used > len(x_held),
+                   "noise_std_share_of_range": NOISE_FRACTION},
         "calibration": {"seconds": round(calibration_s, 2), "table": chooser.to_json()},
         "dense_accuracy": dense_acc,
         "accuracy": accuracy,

@@ -10,7 +10,8 @@ import sys
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
     "serve": ("slonn.scripts.serve", "run the gRPC inference server"),
-    "train": ("slonn.scripts.train", "train an SLO-aware MLP on the digits and write an artifact"),
+    "train": ("slonn.scripts.train", "train a plain MLP on the digits, import it, write the demo artifact"),
+    "import": ("slonn.scripts.import_model", "make a trained PyTorch MLP SLO-aware with your data; write an artifact"),
     "infer": ("slonn.scripts.infer", "send one request to a server and print the answer"),
     "demo": ("slonn.scripts.demo", "train if needed, serve, replay a trace minute, print the SLO report"),
     "replay": ("slonn.scripts.replay", "open-loop trace replay against a live server"),

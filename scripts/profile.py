@@ -6,7 +6,7 @@ choice); this process plays the scheduler: it owns the
 :class:`~policy.contention.ContentionMonitor` (told only the worker's pid) and
 a co-runner at several intensities (``workers.corunner.make_burner``: CPU-burning
 processes, or GPU-burning ones when the worker runs on a GPU). Every call uses
-distinct inputs (held-out digits plus small noise). Each row records the
+distinct inputs (the artifact's held-out rows plus small noise). Each row records the
 contention the monitor reported when the batch was sent, so the model learns
 from the signal the scheduler will actually see.
 
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_INTENSITIES = ("0", "1x0.5", "1", "2", "3")
+NOISE_FRACTION = 1 / 64
+"""Std of the noise added to the held-out inputs, as a share of each feature's held-out range (0.25 for digits'
+0..16 pixels)."""
 DISTURBED_EXCESS = 0.1
 """Mean signal above ``intensity / n_cpus`` by more than this: someone else was loading the machine."""
 
@@ -54,7 +57,7 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
     request until told to stop, waiting for each as a server worker does (``wait_for_task``)."""
     import torch
 
-    from slonn.workers.digits import load_split
+    from slonn.workers.artifact import load_heldout
     from slonn.workers.process import wait_for_task
     from slonn.workers.runner import ModelRunner
 
@@ -63,7 +66,8 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
     torch.set_num_threads(threads)
     runner = ModelRunner.load(Path(model_dir), device, precision)
     kernel_table = runner.calibrate() if calibrate else {}
-    pool = load_split().x_test
+    pool = load_heldout(Path(model_dir))[0]
+    noise_std = (pool.max(0) - pool.min(0)) * NOISE_FRACTION
     rng = np.random.default_rng(seed)
     on_thread = threads == 1 and runner.device.type == "cpu"  # the call computes on this thread alone
     conn.send({"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0),
@@ -75,7 +79,7 @@ def _worker(conn, model_dir: str, device: str, threads: int, calibrate: bool, se
             break
         level, batch = msg
         idx = rng.integers(0, len(pool), batch)
-        x = pool[idx] + rng.normal(0.0, 0.25, (batch, pool.shape[1])).astype(np.float32)
+        x = pool[idx] + rng.normal(0.0, 1.0, (batch, pool.shape[1])).astype(np.float32) * noise_std
         out, times = time_call(runner.run, x.astype(np.float32), level)
         pause = round(times.host_pause_ms, 4) if on_thread else ""
         conn.send((out.exec_ms, out.kernel, pause))

@@ -38,6 +38,11 @@ of ``W.T`` are read.
 The half kernels are not bit-comparable with the reference; their accuracy is
 measured by ``scripts/bench_kernels.py``.
 
+GELU and SiLU models (imported) keep each input's units of largest activation
+magnitude, which may be negative: they run the exact kernels only ("dense",
+"gather", "union" over the activation's values; the fused and half kernels
+assume ReLU).
+
 Selection: every kernel keeps each row's k largest fp32 pre-activations
 (:func:`select_topk`). On the CPU from two rows that is numpy's
 ``argpartition`` (introselect), 3-3.5x faster than ``torch.topk`` there (16 x
@@ -61,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from slonn.workers import native
-from slonn.workers.model import SLOAwareMLP, kept_units
+from slonn.workers.model import SLOAwareMLP, activate, kept_units
 
 EXACT_KERNELS: tuple[str, ...] = ("dense", "gather", "union")
 """Kernels equal to the reference up to float summation order that every layout has."""
@@ -116,6 +121,8 @@ class SparseMLP:
     """in_features."""
     low_precision: str | None = "bf16"
     """Name of the half-precision weight copies ("bf16", "fp16") or None for fp32 only."""
+    activation: str = "relu"
+    """The model's hidden activation (``workers.model.ACTIVATIONS``)."""
     _native: dict[bool, "_NativePlan"] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Argument arrays of the native forward, per weight precision (True: bf16), built on first use."""
 
@@ -141,7 +148,7 @@ class SparseMLP:
                                           None if dtype is None else w_out_in.to(dtype),
                                           None if dtype is None else lin.bias.detach().to(device, dtype)))
         return cls(w.contiguous().to(device), b.to(device), layers, model.input_mean.detach().float().to(device),
-                   model.input_std.detach().float().to(device), low_precision)
+                   model.input_std.detach().float().to(device), low_precision, model.arch.activation)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the native plan behind (ctypes pointers into this object's tensors)."""
@@ -151,6 +158,8 @@ class SparseMLP:
     def kernels(self) -> tuple[str, ...]:
         """Kernels this layout can run: the exact ones, the half ones of its low precision, and the native
         fused forward where it builds (CPU only; its half variant for bf16 only)."""
+        if self.activation != "relu":
+            return EXACT_KERNELS
         lp = self.low_precision
         out = EXACT_KERNELS + (() if lp is None else (f"gather_{lp}", f"dense_{lp}"))
         if self.device.type == "cpu" and native.available():
@@ -171,6 +180,8 @@ class SparseMLP:
         """Logits (batch x out, float32) of ``x`` (raw inputs, batch x in) at level ``keep``."""
         if kernel not in self.kernels:
             raise ValueError(f"kernel={kernel!r} is not one of {self.kernels}")
+        if self.activation != "relu":
+            return self._forward_magnitude(x, keep, kernel)
         if kernel.startswith(NATIVE_KERNEL):
             return self._forward_native(x, keep, bf16=kernel != NATIVE_KERNEL)
         z = torch.addmm(self.first_b, x, self.first_w.t())
@@ -201,6 +212,26 @@ class SparseMLP:
         if rc != 0:
             raise RuntimeError(f"native sparse forward refused its arguments (rc={rc})")
         return out
+
+    def _forward_magnitude(self, x: torch.Tensor, keep: float, kernel: str) -> torch.Tensor:
+        """GELU/SiLU: each layer keeps the units of largest activation magnitude (fp32, exact kernels)."""
+        z = torch.addmm(self.first_b, x, self.first_w.t())
+        for layer in self.layers:
+            a = activate(z, self.activation)
+            if keep >= 1.0:
+                idx = torch.arange(a.shape[-1], device=a.device).expand_as(a)
+                v = a
+            else:
+                idx = select_topk(a.abs(), kept_units(keep, a.shape[-1]))[1]
+                v = a.gather(1, idx)
+            if kernel == "gather":
+                z = torch.add(layer.bias, F.embedding_bag(idx, layer.wt, None, mode="sum", per_sample_weights=v))
+            elif kernel == "union":
+                z = _union_gemm(layer, v, idx)
+            else:
+                h = a if keep >= 1.0 else torch.zeros_like(a).scatter_(1, idx, v)
+                z = F.linear(h, layer.w, layer.bias)
+        return z
 
     def _forward_dense(self, z: torch.Tensor, keep: float, low: bool = False) -> torch.Tensor:
         if low and keep >= 1.0:

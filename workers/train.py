@@ -1,15 +1,13 @@
-"""`slonn train`: train an SLO-aware MLP on the digits and write an artifact.
+"""`slonn train`: the demo model. A plain MLP trained on the digits with ordinary PyTorch, then imported.
 
-Every mini-batch runs at a level drawn at random from the model's levels, so
-all levels stay accurate; the artifact records each level's accuracy on the
-held-out split.
+The import (:mod:`workers.importer`) is the path any user's model takes: calibration of every level, then
+SLO-aware fine-tuning distilled from the dense network, so all levels stay accurate; the artifact records
+each level's accuracy on the held-out split.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,105 +17,114 @@ import torch
 from torch import nn
 
 from slonn.workers.artifact import ModelManifest, save_artifact
+from slonn.workers.contract import InputContract
+from slonn.workers.data import make_dataset
 from slonn.workers.digits import DigitsSplit, load_split
-from slonn.workers.model import (
-    DEFAULT_HIDDEN,
-    DEFAULT_LEVELS,
-    MLPArchitecture,
-    SLOAwareMLP,
-)
+from slonn.workers.finetune import FinetuneConfig
+from slonn.workers.importer import ImportConfig, import_sequential
+from slonn.workers.model import DEFAULT_HIDDEN, DEFAULT_LEVELS, SLOAwareMLP
 
 log = logging.getLogger(__name__)
+
+DIGITS_PREPROCESSING = "scale"
+"""Pixels 0..16 scaled to [0, 1] by the server (standardising would blow up the rarely lit border pixels)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train one model."""
+    """How to train the demo model."""
 
     name: str = "digits-mlp"
     """Artifact and model name."""
     hidden: tuple[int, ...] = DEFAULT_HIDDEN
     """Hidden layer widths."""
     levels: tuple[float, ...] = DEFAULT_LEVELS
-    """Keep fractions to train for (each in (0, 1]; 1.0 is added if missing)."""
+    """Keep fractions to serve (each in (0, 1]; 1.0 is added if missing)."""
     epochs: int = 30
-    """Passes over the training split (> 0)."""
+    """Passes of plain (dense) training over the training split (> 0)."""
+    finetune_epochs: int = 15
+    """Passes of SLO-aware fine-tuning at import (0 = calibration only)."""
     batch_size: int = 64
     """Mini-batch size (> 0)."""
     lr: float = 1e-3
-    """Adam learning rate."""
+    """Adam learning rate of the plain training."""
+    finetune_lr: float = FinetuneConfig.lr
+    """Adam learning rate of the fine-tuning."""
     seed: int = 0
     """Seed for weights, level sampling and the data split."""
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 0:
-            raise ValueError(f"epochs={self.epochs} and batch_size={self.batch_size} must be > 0")
+        if self.epochs <= 0 or self.batch_size <= 0 or self.finetune_epochs < 0:
+            raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size} must be > 0 and "
+                             f"finetune_epochs={self.finetune_epochs} >= 0")
         if not self.levels or any(not 0 < lv <= 1 for lv in self.levels):
             raise ValueError(f"levels={self.levels}: each level must be in (0, 1]")
 
 
-def evaluate(model: SLOAwareMLP, x: np.ndarray, y: np.ndarray, levels: tuple[float, ...]) -> dict[float, float]:
-    """Accuracy of ``model`` on (x, y) at each level."""
-    model.eval()
-    xt = torch.from_numpy(x)
-    with torch.inference_mode():
-        return {lv: float((model(xt, lv).argmax(-1).numpy() == y).mean()) for lv in levels}
+def plain_mlp(in_features: int, hidden: tuple[int, ...], out_features: int) -> nn.Sequential:
+    """Linear + ReLU per hidden layer, then a Linear head."""
+    widths = (in_features, *hidden)
+    mods: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        mods += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(widths[-1], out_features))
 
 
-def train(cfg: TrainConfig, split: DigitsSplit | None = None) -> tuple[SLOAwareMLP, ModelManifest]:
-    """Train a model per ``cfg``; returns it with a manifest holding held-out accuracy per level."""
-    split = split or load_split(seed=cfg.seed)
-    levels = tuple(sorted(set(cfg.levels) | {1.0}, reverse=True))
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    arch = MLPArchitecture(split.x_train.shape[1], tuple(cfg.hidden), int(split.y_train.max()) + 1)
-    model = SLOAwareMLP(arch)
-    x = torch.from_numpy(split.x_train)
-    y = torch.from_numpy(split.y_train)
-    model.input_mean.copy_(x.mean(0))
-    model.input_std.copy_(x.std(0).clamp_min(1.0))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+def train_plain(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int = 64,
+                lr: float = 1e-3, seed: int = 0) -> nn.Module:
+    """Ordinary supervised training (Adam, cosine schedule, cross-entropy); returns ``model`` in eval mode."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(len(xt), generator=gen)
         total = 0.0
-        for i in range(0, len(x), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            keep = rng.choice(levels)
-            loss = loss_fn(model(x[idx], keep), y[idx])
+        for i in range(0, len(xt), batch_size):
+            idx = order[i:i + batch_size]
+            loss = loss_fn(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
-        log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, total / len(x),
-                 time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    accuracy = evaluate(model, split.x_test, split.y_test, levels)
-    import sklearn
+        log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs, total / len(xt), time.perf_counter() - start)
+    return model.eval()
 
-    manifest = ModelManifest(
-        name=cfg.name, arch=arch, levels=levels, accuracy=accuracy, seed=cfg.seed,
-        dataset=split.describe(),
-        versions={"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-                  "python": platform.python_version()},
-        train_seconds=round(seconds, 2),
-    )
+
+def train(cfg: TrainConfig, split: DigitsSplit | None = None) -> tuple[SLOAwareMLP, ModelManifest]:
+    """Train a plain MLP on the digits per ``cfg`` and import it; returns the SLO-aware model and its manifest."""
+    split = split or load_split(seed=cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = make_dataset(split.x_train, split.y_train, split.x_test, split.y_test, source="sklearn.datasets.load_digits")
+    data.describe.update(split.describe())
+    # The plain network sees the inputs as the server will hand them over: scaled to [0, 1].
+    shift, scale = InputContract.from_data(data.x_train, DIGITS_PREPROCESSING).shift_scale(data.x_train)
+    start = time.perf_counter()
+    net = train_plain(plain_mlp(data.x_train.shape[1], tuple(cfg.hidden), data.classes),
+                      (data.x_train - shift) / scale, data.y_train, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed)
+    plain_s = time.perf_counter() - start
+    finetune = (FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.finetune_lr,
+                               seed=cfg.seed)
+                if cfg.finetune_epochs else None)
+    model, manifest = import_sequential(net, data, ImportConfig(
+        name=cfg.name, levels=cfg.levels, preprocessing=DIGITS_PREPROCESSING, finetune=finetune, seed=cfg.seed))
+    manifest.calibration["plain_train_seconds"] = round(plain_s, 2)
     return model, manifest
 
 
 def train_to(directory: Path, cfg: TrainConfig) -> ModelManifest:
     """Train and write the artifact to ``directory``."""
     model, manifest = train(cfg)
-    save_artifact(model, manifest, directory)
+    split = load_split(seed=cfg.seed)
+    save_artifact(model, manifest, directory, heldout=(split.x_test, split.y_test))
     log.info("wrote %s in %.1fs; held-out accuracy %s", directory, manifest.train_seconds,
              {k: round(v, 4) for k, v in manifest.accuracy.items()})
     return manifest

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from bench.adapt import level_series, prediction_series, shift_time, with_deadline
+from bench.adapt import classes_toml, level_series, prediction_series, shift_time, with_deadline
 from slonn.scheduler.config import load_classes
 from slonn.scheduler.report import RequestRecord
 
@@ -90,3 +90,12 @@ def test_a_deadline_override_changes_that_class_alone_and_round_trips_through_to
         n: c for n, c in packaged.items() if n != "interactive"}
     before = packaged["interactive"]
     assert dataclasses.replace(written["interactive"], latency_ms=before.latency_ms) == before
+
+
+def test_per_model_settings_round_trip_through_toml(tmp_path):
+    from slonn.scheduler.config import SLOClassConfig, load_classes
+
+    override = SLOClassConfig("c", latency_ms=40.0, min_accuracy=0.0, max_accuracy_drop=0.01)
+    classes = {"c": SLOClassConfig("c", latency_ms=20.0, min_accuracy=0.9, overrides=(("my.model", override),))}
+    (tmp_path / "c.toml").write_text(classes_toml(classes))
+    assert load_classes(tmp_path / "c.toml") == classes

@@ -27,3 +27,32 @@ def test_union_fraction_counts_positive_kept_units_of_any_sample_in_the_batch():
     assert all(u >= o for u, o in zip(eight, one))
     assert all(d >= u for d, u in zip(dense, eight))
     assert eleven == by_hand
+
+
+def test_bench_kernels_takes_an_imported_gelu_artifact(tmp_path):
+    """Any artifact: its own held-out rows are the inputs and the accuracy set; GELU runs the exact kernels."""
+    import numpy as np
+    from torch import nn
+
+    from slonn.scripts import bench_kernels
+    from slonn.workers.data import make_dataset
+    from slonn.workers.importer import ImportConfig, import_sequential
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 40), nn.GELU(), nn.Linear(40, 2))
+    import_sequential(net, make_dataset(x, y), ImportConfig("gelu-toy", levels=(1.0, 0.25), finetune=None),
+                      tmp_path / "a")
+    threads = torch.get_num_threads()
+    try:
+        result = bench_kernels.run(bench_kernels._parse(["--model-dir", str(tmp_path / "a"), "--batch-sizes", "1,4",
+                                                         "--repeats", "1"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["model"]["activation"] == "gelu" and result["inputs"]["held_out"] == 40
+    assert {(r["batch"], r["level"]) for r in result["rows"]} == {(1, 1.0), (1, 0.25), (4, 1.0), (4, 0.25)}
+    assert all({k.split("@")[0] for k in r["kernels_ms"]} <= {"dense", "gather", "union"} for r in result["rows"])
+    for row in result["accuracy"].values():  # every exact kernel answers as the reference
+        assert {k: v for k, v in row.items()} == {k: row["reference"] for k in row}

@@ -166,3 +166,27 @@ def test_oip_flags_reach_the_config_and_are_checked(tmp_path):
         ServerConfig(model_dirs=(tmp_path,), classes=classes, default_class="gold")
     with pytest.raises(ValueError, match="http_port=70000"):
         ServerConfig(model_dirs=(tmp_path,), classes=classes, http_port=70000)
+
+
+def test_relative_floor_and_per_model_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[class]]\nname = "fast"\nlatency_ms = 20\nmin_accuracy = 0.9\nmax_accuracy_drop = 0.01\n'
+                    '[class.model.tabular]\nmin_accuracy = 0.0\nlatency_ms = 50\n')
+    fast = load_classes(path)["fast"]
+    # Both floors hold: the absolute one and 0.01 below the model's dense accuracy.
+    assert fast.for_model("digits", 0.98).min_accuracy == pytest.approx(0.97)
+    assert fast.for_model("digits", 0.85).min_accuracy == pytest.approx(0.9)
+    tab = fast.for_model("tabular", 0.80)
+    assert (tab.min_accuracy, tab.latency_ms) == (pytest.approx(0.79), 50.0)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[class.model.m]\nlatency_ms = 0\n', r"class 'c', model 'm': class 'c': latency_ms=0 must be > 0"),
+    ('[class.model.m]\nspeed = 1\n', r"model 'm': unknown keys \['speed'\]"),
+    ('max_accuracy_drop = 2\n', r"max_accuracy_drop=2 must be in \[0, 1\]"),
+])
+def test_bad_overrides_name_the_class_and_model(tmp_path, text, match):
+    path = tmp_path / "c.toml"
+    path.write_text('[[class]]\nname = "c"\nlatency_ms = 20\n' + text)
+    with pytest.raises(ValueError, match=match):
+        load_classes(path)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from slonn.scheduler.latency import warmup_profile
+from slonn.workers.contract import InputContract
 from slonn.workers.pool import WorkerDied
 from tests.fakes import FakeWorkerPool
 
@@ -30,6 +31,7 @@ class DyingOncePool(FakeWorkerPool):
 class Manifest:
     name = "m"
     levels = (1.0, 0.1)
+    contract = InputContract(64, (0.0,) * 64, (16.0,) * 64)
 
     class arch:
         in_features = 64
