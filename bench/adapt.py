@@ -195,7 +195,7 @@ def cpu_list(cpus: tuple[int, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="slonn adapt", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.adapt", description=__doc__)
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
     p.add_argument("--slo-class", default="interactive")
     p.add_argument("--classes", type=Path, default=None,

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from slonn.scheduler import aio
     from slonn.scheduler.serverproc import ServerProcess
 
-    p = argparse.ArgumentParser(prog="slonn bench-frontend", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.bench_frontend", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
     p.add_argument("--model", default="digits-mlp")
     p.add_argument("--slo-class", default="standard")

@@ -276,7 +276,7 @@ def online_adaptation(rows, dicts, base_burn: str, live_burn: str, steps=(0, 10,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slonn eval-latency", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.eval_latency", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/digits-mlp"))
     p.add_argument("--profile", type=Path, default=None,
                    help=f"CSV (default <model-dir>/{PROFILE_CSV}, or the --precision one)")

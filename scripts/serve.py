@@ -129,7 +129,7 @@ def _add_advanced_args(g: argparse._ArgumentGroup, hidden: list) -> None:
     add("--worker-cpus", type=cpus_arg, default=None, metavar="LIST",
         help="CPUs the worker processes may run on (default: the server's). With --cpus on other CPUs, a "
              "co-runner on the workers' CPUs slows the model and not the front end, as a neighbour on the same "
-             "GPU does (slonn adapt)")
+             "GPU does (python -m bench.adapt --pin)")
     add("--in-process", action="store_true", help="run the model in the server process (debugging)")
     add("--max-pending", type=int, default=0, metavar="N",
         help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); 0 = gRPC's "
