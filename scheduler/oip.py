@@ -10,6 +10,8 @@ budget travel as request parameters ``slo_class`` and ``latency_budget_ms``.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -56,9 +58,19 @@ def tensor_metadata(manifest: ModelManifest) -> tuple[dict, dict]:
             {"name": OUTPUT, "datatype": "FP32", "shape": [-1, manifest.arch.out_features]})
 
 
+def model_parameters(manifest: ModelManifest) -> dict[str, str]:
+    """What slonn.v1's ListModels says beyond the tensors, as JSON strings: the input contract (features, names,
+    dtype, training range, preprocessing the server applies), the label names and each level's accuracy. HTTP
+    metadata carries them as ``parameters``; gRPC ModelConfig as its ``parameters`` map."""
+    return {"input_contract": json.dumps(manifest.contract.to_json()),
+            "labels": json.dumps(list(manifest.labels)),
+            "levels": json.dumps({f"{lv:g}": manifest.accuracy[lv] for lv in manifest.levels})}
+
+
 def model_metadata(manifest: ModelManifest) -> dict:
     inp, out = tensor_metadata(manifest)
-    return {"name": manifest.name, "versions": [VERSION], "platform": PLATFORM, "inputs": [inp], "outputs": [out]}
+    return {"name": manifest.name, "versions": [VERSION], "platform": PLATFORM, "inputs": [inp], "outputs": [out],
+            "parameters": model_parameters(manifest)}
 
 
 def find_model(manifests: dict[str, ModelManifest], name: str, version: str = "") -> ModelManifest:

@@ -103,7 +103,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=manifest.name, platform=oip.PLATFORM, max_batch_size=self.server.cfg.max_batch,
             input=[mc.ModelInput(name=oip.INPUT, data_type=mc.TYPE_FP32, dims=[manifest.arch.in_features])],
             output=[mc.ModelOutput(name=oip.OUTPUT, data_type=mc.TYPE_FP32, dims=[manifest.arch.out_features])],
-            dynamic_batching=mc.ModelDynamicBatching())
+            dynamic_batching=mc.ModelDynamicBatching(),
+            parameters={k: mc.ModelParameter(string_value=v) for k, v in oip.model_parameters(manifest).items()})
         return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):

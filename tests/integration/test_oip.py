@@ -117,6 +117,22 @@ async def test_grpc_health_and_metadata(gclient, server):
     assert config.max_batch_size == MAX_BATCH and list(config.input[0].dims) == [FEATURES]
 
 
+async def test_metadata_carries_the_input_contract_labels_and_levels_over_grpc_and_http(gclient, hclient,
+                                                                                        tiny_model_dir):
+    from slonn.workers.artifact import load_manifest
+
+    manifest = load_manifest(tiny_model_dir)
+    config = (await gclient.get_model_config(MODEL)).config
+    over_grpc = {k: json.loads(v.string_value) for k, v in config.parameters.items()}
+    over_http = {k: json.loads(v) for k, v in (await hclient.get_model_metadata(MODEL))["parameters"].items()}
+    assert over_grpc == over_http
+    contract = over_grpc["input_contract"]
+    assert contract["features"] == FEATURES and len(contract["min"]) == len(contract["max"]) == FEATURES
+    assert contract["preprocessing"] == manifest.contract.preprocessing
+    assert over_grpc["labels"] == list(manifest.labels)
+    assert over_grpc["levels"] == {f"{lv:g}": manifest.accuracy[lv] for lv in manifest.levels}
+
+
 async def test_grpc_health_answers_for_the_oip_service_and_each_model(server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
