@@ -11,10 +11,8 @@ import asyncio
 import numpy as np
 
 from slonn.scheduler.dispatcher import Completion, Dispatcher
+from slonn.scheduler.driver import ANSWER_MARGIN_MS, caller_budget
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument
-
-ANSWER_MARGIN_S = 0.005
-"""A call is answered this long before its own deadline: past it, the caller has stopped listening."""
 
 
 def check_budget(budget_ms: float, field: str = "latency_budget_ms") -> float:
@@ -32,21 +30,14 @@ async def admit_samples(dispatcher: Dispatcher, model: str, slo_class: str, samp
     own deadline (None: none), tightens it too and makes it hard (nobody reads an answer after it).
     Raises RequestError subclasses; all N answer with one error when any fails.
     """
-    budget_ms = check_budget(budget_ms)
-    hard = False
-    if time_remaining_s is not None:
-        if time_remaining_s <= ANSWER_MARGIN_S:
-            # Less left than the margin: queueing it would only make work nobody reads.
-            raise DeadlineUnreachable(f"the call's deadline leaves {time_remaining_s * 1e3:.1f} ms; not admitted")
-        call_ms = time_remaining_s * 1e3
-        hard = budget_ms == 0 or call_ms <= budget_ms
-        budget_ms = call_ms if hard else budget_ms
+    budget_ms, hard = caller_budget(check_budget(budget_ms),
+                                    None if time_remaining_s is None else time_remaining_s * 1e3)
     work = dispatcher.infer_many(model, slo_class, samples, budget_ms or None, hard)
     if time_remaining_s is None:
         return await work
     try:
         # Whatever the class says about late answers, the caller stops listening at its deadline.
-        async with asyncio.timeout(time_remaining_s - ANSWER_MARGIN_S):
+        async with asyncio.timeout(time_remaining_s - ANSWER_MARGIN_MS * 1e-3):
             return await work
     except TimeoutError:
         raise DeadlineUnreachable("not served before the call's deadline") from None

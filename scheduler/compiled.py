@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Mapping
 
 COMPILED_MODULES = ("slonn.policy.table", "slonn.policy.planner", "slonn.policy.baselines", "slonn.scheduler.clock",
-                    "slonn.scheduler.queues", "slonn.scheduler.core", "slonn.scheduler.report",
-                    "slonn.scheduler.simulator")
-"""What setup.py compiles: the per-request and per-batch path of the scheduler, and the simulator's event loop
-with the records it fills."""
+                    "slonn.scheduler.queues", "slonn.scheduler.core", "slonn.scheduler.driver",
+                    "slonn.scheduler.report", "slonn.scheduler.simloop", "slonn.scheduler.simulator")
+"""What setup.py compiles: the per-request and per-batch path of the scheduler and of the driver around it, and
+the simulator's event loop with the records it fills."""
 
 TYPED_DEPENDENCIES = ("slonn.scheduler.config", "slonn.scheduler.errors", "slonn.scheduler.trace",
                       "slonn.policy.names")

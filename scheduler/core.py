@@ -273,6 +273,11 @@ class Scheduler:
                 self._queues[r.model][r.slo_class].push(r)  # a caller who left is skipped by push
         return spent
 
+    def requeue(self, requests: list[QueuedRequest]) -> None:
+        """Put back requests that ``schedule`` or ``expire`` handed out and that were neither run nor answered
+        (a caller whose round of decisions failed part-way)."""
+        self._requeue(requests)
+
     def update_from_output(self, batch: Batch, exec_ms: float, finished_s: float) -> None:
         """Feedback after a batch ran (stateful policies adapt)."""
         met = all(finished_s <= r.pending.deadline_s for r in batch.requests)

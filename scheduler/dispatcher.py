@@ -1,13 +1,13 @@
-"""The asyncio side of scheduling: admit requests, run the Scheduler when a worker is free, answer futures.
+"""The asyncio side of scheduling: admit requests, run the driver's batches on the pool, answer futures.
 
 One event loop owns everything here. The decisions come from
-``scheduler.core.Scheduler`` (pure); this module only does I/O and time.
+``scheduler.driver.Driver`` (pure, shared with the simulator); this module
+only does I/O and time: futures, the pool, metrics, logging, the clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 from dataclasses import dataclass
@@ -19,12 +19,8 @@ from slonn.policy.latency_model import LatencySample
 from slonn.policy.planner import PlanContext
 from slonn.scheduler.clock import Clock
 from slonn.scheduler.core import Batch, Scheduler
-from slonn.scheduler.errors import (
-    DeadlineUnreachable,
-    QueueFull,
-    RequestError,
-    Unavailable,
-)
+from slonn.scheduler.driver import Driver
+from slonn.scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
 from slonn.scheduler.latency import LatencySource
 from slonn.scheduler.metrics import UNKNOWN, ServerMetrics
 from slonn.scheduler.queues import QueuedRequest
@@ -33,10 +29,6 @@ from slonn.workers.protocol import BatchTask
 
 log = logging.getLogger(__name__)
 
-OVERHEAD_WINDOW = 256
-"""Recent batches whose overhead (done - planned - exec) sets the planner's overhead allowance."""
-OVERHEAD_STALE_S = 1.0
-"""Without a finished batch for this long, a raised overhead allowance is halved (see _forget_stale_overhead)."""
 INTERNAL_ERROR = "internal scheduler error; see the server log"
 """What requests are answered (INTERNAL) when the scheduler itself raised."""
 
@@ -57,7 +49,7 @@ class Completion:
 
 
 class Dispatcher:
-    """Admits requests into the Scheduler and runs its batches on the pool."""
+    """Admits requests through the driver and runs its batches on the pool."""
 
     def __init__(self, scheduler: Scheduler, pool: WorkerPool, clock: Clock, latency: LatencySource,
                  accuracy: dict[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
@@ -69,36 +61,45 @@ class Dispatcher:
         self.clock = clock
         self.latency = latency
         self.accuracy = accuracy
-        self.max_batch = max_batch
-        self.min_overhead_ms = overhead_ms
-        """Floor of the per-batch overhead the planner adds to predicted exec time."""
-        self.overhead_ms = overhead_ms
-        """Current overhead: the 95th percentile of measured (batch done - planned - exec), at least the floor."""
-        self._overheads: collections.deque[float] = collections.deque(maxlen=OVERHEAD_WINDOW)
-        self._batches_done = 0
-        self._last_batch_s = clock.now()
-        self._refused_since_batch = False
-        """Admission refused a request as out of reach since the last finished batch."""
-        self.max_inflight = max_inflight
         self.contention = contention
+        self.driver = Driver(scheduler, latency.table, accuracy, max_batch, overhead_ms, workers, max_inflight,
+                             contention=lambda _now: contention(), start_s=clock.now())
+        """The decisions: admission, batches per idle worker, expiry, the overhead allowance."""
         self.on_batch = on_batch
         """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
-        self.workers = workers
         self.metrics = metrics or ServerMetrics()
-        self.inflight = 0
         self.running: set[asyncio.Future] = set()
+        self.wake_at_s: float | None = None
+        """When the loop looks again even if nothing happens (the driver's last word), or None."""
         self._accepting = True
-        self._drained = False
-        """drain() has answered everything queued: nothing will be dispatched any more."""
         self._wakeup = asyncio.Event()
-        pool.on_idle = self._wakeup.set  # a replacement worker came up: queued requests can run
+        pool.on_idle = self.wake  # a replacement worker came up: queued requests can run
         self._task_ids = itertools.count()
         self._loop_task: asyncio.Task | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Admitted requests not answered yet."""
+        return self.driver.inflight
+
+    @property
+    def max_inflight(self) -> int:
+        """Admitted, unanswered requests beyond this are refused RESOURCE_EXHAUSTED."""
+        return self.driver.max_inflight
+
+    @property
+    def overhead_ms(self) -> float:
+        """The overhead allowance the planner adds to every predicted exec time (learned; see Driver)."""
+        return self.driver.overhead_ms
 
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="slonn-dispatcher")
+
+    def wake(self) -> None:
+        """Decide again now (a worker came up; a test moved its fake clock)."""
+        self._wakeup.set()
 
     async def drain(self, grace_s: float) -> int:
         """Stop admitting, let queued and running work finish for up to ``grace_s``; answer the rest UNAVAILABLE.
@@ -110,10 +111,9 @@ class Dispatcher:
         while (self.scheduler.pending() or self.running) and self.clock.now() < deadline:
             self._wakeup.set()
             await asyncio.sleep(0.01)
-        left = self.scheduler.drain()
+        left = self.driver.stop()
         for req in left:
             self._fail(req, Unavailable("server is shutting down; request was not run"))
-        self._drained = True
         if self._loop_task:
             self._loop_task.cancel()
         return len(left)
@@ -126,14 +126,8 @@ class Dispatcher:
     # -- admission ----------------------------------------------------------
 
     def contexts(self) -> dict[str, PlanContext]:
-        self._forget_stale_overhead()
-        contention = self.contention()
-        out = {}
-        for model, acc in self.accuracy.items():
-            table = self.latency.table(model)
-            out[model] = PlanContext(table, table.bucket(contention), acc, self.max_batch, self.overhead_ms,
-                                     workers=self.workers)
-        return out
+        """What the policy plans with now, per model."""
+        return self.driver.contexts(self.clock.now())
 
     async def infer(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None = None,
                     hard: bool = False) -> Completion:
@@ -144,16 +138,14 @@ class Dispatcher:
         now = self.clock.now()
         future = asyncio.get_running_loop().create_future()
         req = self._admit(model, slo_class, inputs, budget_ms, hard, now, future)
-        self.inflight += 1
         self._wakeup.set()
         try:
             return await future
         except asyncio.CancelledError:
-            # The caller left: no work for callers who are gone.
-            self.scheduler.cancel(req)
+            self.driver.cancel(req)  # the caller left
             raise
         finally:
-            self.inflight -= 1
+            self.driver.release()
 
     async def infer_many(self, model: str, slo_class: str, samples: np.ndarray, budget_ms: float | None = None,
                          hard: bool = False) -> list[Completion]:
@@ -178,24 +170,24 @@ class Dispatcher:
                 reqs.append(self._admit(model, slo_class, row, budget_ms, hard, now, future))
         except RequestError as exc:
             for req in reqs:  # admitted siblings: out of the queues, answered with the batch's error
-                self.scheduler.cancel(req)
+                self.driver.cancel(req)
+            self.driver.release(len(reqs))
             self._count(model, slo_class, exc, len(reqs))
             raise
-        self.inflight += n
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*futures))
         except BaseException as exc:
             # A failed sample, or the caller left (gather has then cancelled every handle already).
             for req in reqs:
-                self.scheduler.cancel(req)  # a no-op for those in a batch or answered
+                self.driver.cancel(req)  # a no-op for those in a batch or answered
                 if not req.handle.done():
                     req.handle.cancel()
                     if isinstance(exc, RequestError):
                         self._count(req.model, req.slo_class, exc, 1)
             raise
         finally:
-            self.inflight -= n
+            self.driver.release(n)
 
     def _admit(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None, hard: bool,
                now: float, future: asyncio.Future) -> QueuedRequest:
@@ -205,19 +197,11 @@ class Dispatcher:
         if self.pool.broken():
             raise self._counted(model, slo_class, Unavailable(
                 "no worker is running and none could be started; see the server log"))
-        if self.inflight >= self.max_inflight:
-            raise self._counted(model, slo_class, QueueFull(
-                f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})"))
-        try:
-            req = self.scheduler.make_request(model, slo_class, now, inputs, budget_ms, future, hard)
-            self.scheduler.add_request(req, now, self.contexts()[model])
+        try:  # the in-flight cap, the queue's limit, the deadline: the driver's
+            return self.driver.admit(model, slo_class, now, inputs, future, budget_ms, hard)
         except RequestError as exc:
             self._count(model, slo_class, exc, 1)
-            if isinstance(exc, DeadlineUnreachable) and not self._refused_since_batch:
-                self._refused_since_batch = True
-                self._last_batch_s = max(self._last_batch_s, now)  # staleness counts from the first refusal
             raise
-        return req
 
     def _counted(self, model: str, slo_class: str, exc: RequestError) -> RequestError:
         self._count(model, slo_class, exc, 1)
@@ -236,13 +220,13 @@ class Dispatcher:
     async def _run(self) -> None:
         while True:
             try:
-                wake_at = self._dispatch()
+                self.wake_at_s = self._dispatch()
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad decision
                 log.exception("dispatch failed; failing the queued requests")
-                for req in self.scheduler.drain():
+                for req in self.driver.drain():
                     self._fail(req, RequestError(INTERNAL_ERROR))
-                wake_at = None
-            timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
+                self.wake_at_s = None
+            timeout = None if self.wake_at_s is None else max(0.0, self.wake_at_s - self.clock.now())
             try:
                 async with asyncio.timeout(timeout):  # not wait_for: no task per turn of the loop
                     await self._wakeup.wait()
@@ -251,33 +235,25 @@ class Dispatcher:
             self._wakeup.clear()
 
     def _dispatch(self) -> float | None:
-        """Plan a batch per idle worker; returns when to look again even if nothing happens."""
-        wake_at = None
-        while self.scheduler.pending():
-            now = self.clock.now()
-            contexts = self.contexts()
-            if self.pool.idle_count() == 0:
-                if self.pool.broken():
-                    for req in self.scheduler.drain():
-                        self._fail(req, Unavailable("no worker is running and none could be started"))
-                    break
-                # No worker: still answer early whoever can no longer make it.
-                self._expire(self.scheduler.expire(now, contexts), now)
-                # A worker coming back (or the pool breaking) wakes the loop through pool.on_idle.
-                wake_at = self.scheduler.next_expiry_s(contexts)
-                break
-            out = self.scheduler.schedule(now, contexts)
-            self._expire(out.expired, now)
-            if out.batch is None:
-                wake_at = out.wake_at_s
-                break
+        """Run the driver's batch per idle worker; returns when to look again even if nothing happens."""
+        idle = self.pool.idle_count()
+        if idle == 0 and self.pool.broken():
+            for req in self.driver.drain():
+                self._fail(req, Unavailable("no worker is running and none could be started"))
+            return None
+        # A worker coming back (or the pool breaking) wakes the loop through pool.on_idle.
+        now = self.clock.now()
+        out = self.driver.next_batches(idle, now)
+        self._expire(out.expired, now)
+        for i, batch in enumerate(out.batches):
             try:
-                self._launch(out.batch, self.contention())
+                self._launch(batch, self.contention())
             except Exception:  # out of the queues and not yet running: answer them here, then the loop drains
-                for req in out.batch.requests:
-                    self._fail(req, RequestError(INTERNAL_ERROR))
+                for unlaunched in out.batches[i:]:
+                    for req in unlaunched.requests:
+                        self._fail(req, RequestError(INTERNAL_ERROR))
                 raise
-        return wake_at
+        return out.wake_at_s
 
     def _expire(self, expired: list[QueuedRequest], now: float) -> None:
         for req in expired:
@@ -324,7 +300,7 @@ class Dispatcher:
                                              f"{len(batch.requests)} requests"))
             return
         self._complete(batch, result.outputs, result.exec_ms, result.kernel, now)
-        self._observe_overhead((now - batch.planned_at_s) * 1e3 - result.exec_ms)
+        self.driver.on_batch_done(batch, result.exec_ms, now)
         m = self.metrics
         level = f"{batch.plan.level:g}"
         m.batches.labels(batch.model, level).inc()
@@ -333,60 +309,27 @@ class Dispatcher:
         m.contention.set(contention)
         if result.exec_ms > batch.plan.predicted_ms:
             m.under_predicted.labels(batch.model).inc()
-        self.scheduler.update_from_output(batch, result.exec_ms, now)
         self.latency.observe(batch.model, LatencySample(batch.plan.level, len(batch.requests), contention,
                                                         result.exec_ms, result.kernel))
         if self.on_batch:
             self.on_batch(batch, result.exec_ms, contention)
 
     def _retry(self, batch: Batch, exc: WorkerDied) -> None:
-        """The batch's worker died: its requests are queued again, by deadline, for one more run.
-
-        Not retried blindly as a batch: by the time a worker is free the deadlines have moved, and the
-        scheduler decides again (a request that can no longer make it is answered DEADLINE_EXCEEDED at
-        once instead of waiting for a replacement worker). A second death answers UNAVAILABLE.
-        """
+        """The batch's worker died: the driver queues its requests again, by deadline, for one more run
+        (:meth:`Driver.on_worker_died`); a second death, or one during shutdown, answers UNAVAILABLE."""
         live = [r for r in batch.requests if not r.handle.done()]
-        if self._drained:  # shutting down (e.g. close() killed a worker that outran the grace period)
-            for req in live:
+        requeued, failed = self.driver.on_worker_died(live)
+        if self.driver.stopped:  # shutting down (e.g. close() killed a worker that outran the grace period)
+            for req in failed:
                 self._fail(req, Unavailable(f"server is shutting down; worker failed: {exc}"))
             return
-        spent = self.scheduler.retry(live)
-        requeued = [r for r in live if r.queued]  # retry() pushed them (a caller who left is not pushed)
         self.metrics.worker_deaths.labels(batch.model).inc()
         for req in requeued:
             self.metrics.retried.labels(req.model, req.slo_class).inc()
         log.warning("batch of %d (%s, level %g): %s; %d request(s) queued again, %d failed twice",
-                    len(batch.requests), batch.model, batch.plan.level, exc, len(requeued), len(spent))
-        for req in spent:
+                    len(batch.requests), batch.model, batch.plan.level, exc, len(requeued), len(failed))
+        for req in failed:
             self._fail(req, Unavailable(f"worker failed twice under this request: {exc}"))
-
-    def _forget_stale_overhead(self) -> None:
-        """Halve a raised overhead allowance for every OVERHEAD_STALE_S without a finished batch while
-        admission is refusing requests as out of reach.
-
-        The allowance is learned only from batches that ran. If a burst of contention raises it far
-        enough, admission turns every request away, no batch runs, and it would never come down again:
-        the server would refuse everything after the contention is gone, or serve nothing for a whole
-        co-runner window (`python -m bench.adapt`). Without evidence it decays, so a
-        few requests get through and measure the machine again.
-        """
-        if self.overhead_ms <= self.min_overhead_ms or not self._refused_since_batch:
-            return  # an idle server keeps what it learned: the next burst meets the same machine
-        now = self.clock.now()
-        if now - self._last_batch_s > OVERHEAD_STALE_S:
-            self.overhead_ms = max(self.min_overhead_ms, self.overhead_ms / 2)
-            self._overheads.clear()  # the next estimate comes from batches run from here on
-            self._last_batch_s = now
-
-    def _observe_overhead(self, ms: float) -> None:
-        """Learn what a batch costs beyond exec (IPC, event-loop delay): the planner must budget for it."""
-        self._overheads.append(ms)
-        self._batches_done += 1
-        self._last_batch_s = self.clock.now()
-        self._refused_since_batch = False
-        if self._batches_done % 16 == 0:
-            self.overhead_ms = max(self.min_overhead_ms, float(np.percentile(self._overheads, 95)))
 
     def _complete(self, batch: Batch, outputs: np.ndarray, exec_ms: float, kernel: str, now: float) -> None:
         plan = batch.plan

@@ -23,6 +23,7 @@ from slonn.scheduler.clock import MonotonicClock
 from slonn.scheduler.config import ServerConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
+from slonn.scheduler.driver import ANSWER_MARGIN_MS, caller_budget
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from slonn.scheduler.grpc_status import grpc_status
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
@@ -68,17 +69,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         budget = request.latency_budget_ms
         if not budget >= 0 or budget == float("inf"):
             raise InvalidArgument(f"latency_budget_ms: got {budget}, expected a finite value >= 0 (0 = class default)")
-        hard = False
-        if time_remaining_s is not None and time_remaining_s <= 0.005:
-            # We answer 5 ms before the caller's deadline: with less left, queueing it would only make
-            # work nobody reads (a request already in a batch cannot be taken back).
-            raise DeadlineUnreachable(f"the call's gRPC deadline leaves {time_remaining_s * 1e3:.1f} ms; "
-                                      "not admitted")
-        if time_remaining_s is not None:
-            # The call's gRPC deadline tightens the class deadline too (time spent reaching us included).
-            grpc_ms = max(time_remaining_s * 1e3, 0.0)
-            hard = budget == 0 or grpc_ms <= budget
-            budget = grpc_ms if hard else budget
+        budget, hard = caller_budget(budget, None if time_remaining_s is None else time_remaining_s * 1e3)
         if not request.HasField("input"):
             raise InvalidArgument(f"input: missing; expected a FLOAT32 tensor of shape [{manifest.arch.in_features}]")
         try:
@@ -96,7 +87,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # deadline: answer before it, so no call ends without a word from the server.
             # (asyncio.timeout, not wait_for: no extra task per request on the hot path.)
             try:
-                async with asyncio.timeout(max(time_remaining_s - 0.005, 0.0)):
+                async with asyncio.timeout(max(time_remaining_s - ANSWER_MARGIN_MS * 1e-3, 0.0)):
                     done = await work
             except TimeoutError:
                 raise DeadlineUnreachable("not served before the call's gRPC deadline") from None

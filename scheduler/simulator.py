@@ -1,43 +1,43 @@
 """`slonn simulate`: discrete-event replay of a trace through the real scheduler on a virtual clock.
 
-The simulator has no scheduling logic of its own. It does what the live
-``Dispatcher`` does — admit each arrival through ``Scheduler.add_request``,
-call ``Scheduler.schedule`` once per idle worker after every event, answer
-expired requests DEADLINE_EXCEEDED, finish a batch at ``now + latency`` and
-feed ``update_from_output`` — and what the replay client does (give up after
-its generous timeout, which cancels a still-queued request). Only the worker
-is replaced: a batch's exec time is drawn from the learned latency model at
-the true contention of that moment (mean x a residual ratio resampled from
-the profile), plus the dispatch/reply overhead. Correctness of an answer is
-the real model's prediction at that level on the same held-out digit the
-live replay would send (request i sends test digit i mod n).
+The simulator has no scheduling logic of its own. It drives the same
+``scheduler.driver.Driver`` as the live ``Dispatcher`` — admit each arrival,
+ask for a batch per idle worker after every event (arrival, finished batch,
+wake-up), answer the expired DEADLINE_EXCEEDED, feed each finished batch
+back, which also teaches the driver its overhead allowance — and does what
+the replay client does (give up after its generous timeout, which cancels a
+still-queued request). Only the worker is replaced: a batch's exec time is
+drawn from the learned latency model at the true contention of that moment
+(mean x a residual ratio resampled from the profile), plus the dispatch/reply
+overhead. Correctness of an answer is the real model's prediction at that
+level on the same held-out digit the live replay would send (request i sends
+test digit i mod n).
 """
-
 from __future__ import annotations
 
 import argparse
 import gc
 import time
 from dataclasses import dataclass
-from heapq import heappop, heappush
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from slonn.policy.factory import make_policy
 from slonn.policy.latency_model import profile_csv_name
-from slonn.policy.planner import PlanContext, Policy
+from slonn.policy.planner import Policy
 from slonn.policy.table import LatencyTable
 from slonn.precision import DEFAULT_PRECISION, PRECISIONS
-from slonn.scheduler.clock import FakeClock
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Batch, Scheduler
-from slonn.scheduler.errors import DeadlineUnreachable, RequestError
+from slonn.scheduler.driver import Driver
+from slonn.scheduler.simloop import CLIENT_TIMEOUT, SimLoop, admission_times
 from slonn.scheduler.report import RequestRecord
 from slonn.scheduler.trace import Arrivals
 
-CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # same status the live replay records (slonn.scheduler.replay)
+__all__ = ["CLIENT_TIMEOUT", "ContentionProfile", "LatencyDraw", "SimConfig", "SimResult", "admission_times",
+           "simulate"]
 
 
 # --------------------------------------------------------------------------- interference and latency
@@ -118,7 +118,8 @@ class SimConfig:
     max_batch: int = 64
     """Largest batch the planner forms (the server's --max-batch)."""
     overhead_ms: float = 1.0
-    """The planner's allowance added to every predicted exec time (the server's --overhead-ms)."""
+    """Floor of the planner's allowance added to every predicted exec time (the server's --overhead-ms); the
+    driver raises it to what batches take beyond their exec time (here ``dispatch_ms``), as the server does."""
     dispatch_ms: float = 1.0
     """Simulated dispatch + IPC + reply time of a batch, added to its exec time (>= 0)."""
     reply_ms_per_request: float = 0.05
@@ -173,11 +174,14 @@ class SimResult:
 def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: Policy, table: LatencyTable,
              accuracy: Sequence[float], draw: LatencyDraw, cfg: SimConfig = SimConfig(),
              contention: ContentionProfile = ContentionProfile(), correct: np.ndarray | None = None,
-             model: str = "model", seed: int = 0, scheduler: Scheduler | None = None) -> SimResult:
-    """Replay ``arrivals`` through a real :class:`Scheduler` with ``policy`` on a :class:`FakeClock`.
+             model: str = "model", seed: int = 0, scheduler: Scheduler | None = None,
+             on_launch: Callable[[Batch], None] | None = None) -> SimResult:
+    """Replay ``arrivals`` through the real :class:`Driver` and :class:`Scheduler` with ``policy`` on a
+    virtual clock.
 
     ``correct``: bool array (n_levels, n_inputs); request i is correct iff ``correct[level, i % n_inputs]``.
-    Without it, correctness is Bernoulli(accuracy of the level), seeded.
+    Without it, correctness is Bernoulli(accuracy of the level), seeded. ``on_launch``: called with each
+    batch as it starts (its ``planned_at_s`` is the virtual time).
     """
     # The event loop allocates a few small objects per request and frees them all; the cyclic collector
     # would walk every live record again and again for nothing (there are no cycles to find mid-run).
@@ -185,7 +189,7 @@ def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: 
     gc.disable()
     try:
         return _simulate(arrivals, classes, policy, table, accuracy, draw, cfg, contention, correct, model, seed,
-                         scheduler)
+                         scheduler, on_launch)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -193,176 +197,37 @@ def simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: 
 
 def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy: Policy, table: LatencyTable,
               accuracy: Sequence[float], draw: LatencyDraw, cfg: SimConfig, contention: ContentionProfile,
-              correct: np.ndarray | None, model: str, seed: int, scheduler: Scheduler | None) -> SimResult:
+              correct: np.ndarray | None, model: str, seed: int, scheduler: Scheduler | None,
+              on_launch: Callable[[Batch], None] | None) -> SimResult:
     t0, c0 = time.perf_counter(), time.process_time()
     accuracy = tuple(accuracy)
     sched = scheduler or Scheduler({model: accuracy}, classes, policy)
-    clock = FakeClock()
-    rng = np.random.default_rng(seed)
     n = len(arrivals)
-    # Typed lists: compiled, an element read is a native list access and an unboxed float (numpy's tolist()
-    # is untyped, and every read of its result would go through the generic item protocol).
-    offsets: list[float] = arrivals.offsets_s.tolist()
-    cls_names: list[str] = list(arrivals.classes)
-    deadline_ms = {c: classes[c].latency_ms for c in set(cls_names)}
     if correct is None:
-        u = rng.random(n)
-        correct = np.stack([u < a for a in accuracy])
-        correct_rows: list[list[bool]] = correct.tolist()
+        u = np.random.default_rng(seed).random(n)
+        correct_rows: list[list[bool]] = np.stack([u < a for a in accuracy]).tolist()
         n_inputs = n
     else:
         correct_rows = np.asarray(correct, bool).tolist()
         n_inputs = correct.shape[1]
-    # Client timeouts, in time order (one per request; most find the request long answered).
-    give_up_arr = np.asarray(offsets) + np.asarray([deadline_ms[c] for c in cls_names]) * 1e-3 * cfg.timeout_factor + 1.0
-    to_order: list[int] = np.argsort(give_up_arr, kind="stable").tolist()
-    give_up: list[float] = give_up_arr.tolist()
-    ingress = cfg.ingress_ms_per_request > 0
-    reach: list[float] = admission_times(offsets, cfg.ingress_ms_per_request * 1e-3) if ingress else offsets
-    """When each request reaches the scheduler (its send time unless the frontend is modelled)."""
-
-    # Per-request outcome, filled in place; RequestRecords are built once at the end.
-    status: list[str | None] = [None] * n
-    answer_s = [float("nan")] * n
-    out_level = [float("nan")] * n
-    out_li = [0] * n  # the index of out_level in the table (looked up once per batch, not per request)
-    out_late = [False] * n  # served late on purpose (the plan's flag, as the live server answers it)
-    out_batch = [0] * n
-    out_exec = [float("nan")] * n
-    out_pred = [float("nan")] * n
-    reqs: list = [None] * n  # index -> its QueuedRequest once admitted (the client cancels it on giving up)
-
-    contexts: dict[int, dict[str, PlanContext]] = {}  # bucket -> {model: PlanContext}; immutable, so cached
-    steady = contention.start_s >= contention.stop_s  # one contention level all along
-    steady_ctx = {model: PlanContext(table, table.bucket(contention.base), accuracy, cfg.max_batch,
-                                     cfg.overhead_ms, workers=cfg.workers)}
-
-    def contexts_at(now_s: float) -> dict[str, PlanContext]:
-        if steady:
-            return steady_ctx
-        bucket = table.bucket(contention.at(now_s - cfg.signal_lag_s))
-        got = contexts.get(bucket)
-        if got is None:
-            got = contexts[bucket] = {model: PlanContext(table, bucket, accuracy, cfg.max_batch, cfg.overhead_ms,
-                                                         workers=cfg.workers)}
-        return got
-
-    running: list[tuple[float, int, Batch, float, int]] = []  # (finish_s, tie, batch, exec_ms, level index)
-    free = cfg.workers
-    inflight = 0
-    wake_at = None
-    batches = 0
-    i = j = 0
-    inf = float("inf")
-    dispatch_s = cfg.dispatch_ms * 1e-3
-    reply_s = cfg.reply_ms_per_request * 1e-3
-    make_request, add_request, cancel = sched.make_request, sched.add_request, sched.cancel
-    max_inflight = cfg.max_inflight
-
-    while True:
-        t_fin = running[0][0] if running else inf
-        t_wake = wake_at if (wake_at is not None and free) else inf
-        t_next = t_fin if t_fin < t_wake else t_wake
-        t_arr = reach[i] if i < n else inf
-        now = t_arr if t_arr < t_next else t_next
-        if now == inf:
-            break
-        # Client give-ups due by now. Their only effect on the server is to cancel a queued request,
-        # which nothing reacts to until the next event: applying them just before it is exact.
-        while j < n and give_up[to_order[j]] <= now:
-            k = to_order[j]
-            j += 1
-            if status[k] is None:
-                status[k], answer_s[k] = CLIENT_TIMEOUT, give_up[k]
-                inflight -= 1
-                req = reqs[k]
-                if req is not None:
-                    cancel(req)  # as the live servicer does when its caller leaves (a no-op once in a batch)
-        clock.set(now)
-        if t_arr <= t_next:
-            # Arrivals while every worker is busy only queue up: admit them in one tight loop.
-            while True:
-                k = i
-                i += 1
-                if inflight >= max_inflight:
-                    status[k], answer_s[k] = "RESOURCE_EXHAUSTED", now
-                else:
-                    left_ms = None
-                    if ingress and now > offsets[k]:
-                        # The caller's deadline counts from its send (the live server reads it from the call's
-                        # gRPC deadline): the scheduler gets what is left, as a hard deadline.
-                        left_ms = deadline_ms[cls_names[k]] - (now - offsets[k]) * 1e3
-                    try:
-                        if left_ms is None:
-                            req = make_request(model, cls_names[k], now, None, None, k)
-                        elif left_ms > 0:
-                            req = make_request(model, cls_names[k], now, None, left_ms, k, True)
-                        else:
-                            raise DeadlineUnreachable(f"{-left_ms:.1f} ms past the deadline at admission")
-                        add_request(req, now, contexts_at(now)[model])
-                    except RequestError as exc:  # refused at admission, as the live servicer answers it
-                        status[k], answer_s[k] = exc.kind.value, now
-                    else:
-                        reqs[k] = req
-                        inflight += 1
-                if free or i >= n or reach[i] >= t_next or (j < n and give_up[to_order[j]] <= reach[i]):
-                    break
-                now = reach[i]
-                clock.set(now)
-        elif t_fin <= now:  # a batch finished: answer it, free the worker, feed back
-            _, _, batch, exec_ms, li = heappop(running)
-            free += 1
-            plan = batch.plan
-            size = len(batch.requests)
-            for pos, req in enumerate(batch.requests):
-                k = req.handle
-                if status[k] is None:
-                    status[k] = "OK"
-                    answer_s[k] = now + pos * reply_s
-                    out_level[k], out_batch[k], out_exec[k], out_pred[k] = plan.level, size, exec_ms, plan.predicted_ms
-                    out_li[k] = li
-                    out_late[k] = plan.late
-                    inflight -= 1
-            sched.update_from_output(batch, exec_ms, now)
-        if not free:
-            continue
-        # What Dispatcher._dispatch does: plan a batch per idle worker.
-        wake_at = None
-        while free and sched.pending():
-            out = sched.schedule(now, contexts_at(now))
-            for req in out.expired:
-                k = req.handle
-                if status[k] is None:
-                    status[k], answer_s[k] = "DEADLINE_EXCEEDED", now
-                    inflight -= 1
-            planned = out.batch
-            if planned is None:
-                wake_at = out.wake_at_s
-                break
-            li = table.level_index(planned.plan.level)
-            exec_ms = draw(contention.at(now), li, len(planned.requests))
-            batches += 1
-            free -= 1
-            heappush(running, (now + exec_ms * 1e-3 + dispatch_s, batches, planned, exec_ms, li))
-
+    lag_s = cfg.signal_lag_s
+    seen: float | Callable[[float], float] = contention.base  # one contention level all along
+    if contention.start_s < contention.stop_s:
+        seen = lambda now: contention.at(now - lag_s)  # noqa: E731 - the planner sees the signal late
+    driver = Driver(sched, {model: table}, {model: accuracy}, cfg.max_batch, cfg.overhead_ms, cfg.workers,
+                    cfg.max_inflight, contention=seen)
+    loop = SimLoop(driver, arrivals, {c: classes[c].latency_ms for c in set(arrivals.classes)}, table, draw, cfg,
+                   contention, model, on_launch)
+    loop.run()
     records = []
     for k in range(n):
-        st = status[k] or "UNANSWERED"
+        st = loop.status[k] or "UNANSWERED"
         ok = st == "OK"
-        cls_ms = deadline_ms[cls_names[k]]
         records.append(RequestRecord(
-            k, cls_names[k], cls_ms, offsets[k], answer_s[k], st, out_level[k], out_batch[k],
-            correct_rows[out_li[k]][k % n_inputs] if ok else None, out_late[k], out_exec[k], out_pred[k]))
-    return SimResult(records, batches, time.perf_counter() - t0, time.process_time() - c0, clock.now())
-
-
-def admission_times(send_s: Sequence[float], cost_s: float) -> list[float]:
-    """When each request clears a one-server FIFO of ``cost_s`` per request (``send_s`` nondecreasing)."""
-    out, t = [], float("-inf")
-    for s in send_s:
-        t = (s if s > t else t) + cost_s
-        out.append(t)
-    return out
+            k, loop.cls_names[k], loop.deadline_ms[loop.cls_names[k]], loop.offsets[k], loop.answer_s[k], st,
+            loop.out_level[k], loop.out_batch[k], correct_rows[loop.out_li[k]][k % n_inputs] if ok else None,
+            loop.out_late[k], loop.out_exec[k], loop.out_pred[k]))
+    return SimResult(records, loop.batches, time.perf_counter() - t0, time.process_time() - c0, loop.now_s)
 
 
 # --------------------------------------------------------------------------- building blocks from disk

@@ -280,7 +280,7 @@ async def test_a_raised_overhead_allowance_decays_without_batches_so_admission_r
     clock = FakeClock(100.0)
     pool = FakeWorkerPool(workers=1)
     d = make(pool, clock)
-    d.overhead_ms = 12.0
+    d.driver.overhead_ms = 12.0  # as if learned under contention
     clock.advance(1.5)
     d.contexts()
     assert d.overhead_ms == 12.0  # idle, refusing nobody: keeps what it learned

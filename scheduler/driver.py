@@ -1,0 +1,301 @@
+"""The scheduling loop around the pure ``Scheduler``, written once for the live dispatcher and the simulator.
+
+What turns "a worker is idle" into batches: admission (the in-flight cap, the caller's deadline), the
+planning contexts (latency table, contention bucket, the learned overhead allowance), one batch per idle
+worker, early answers for requests that can no longer make it and when to look again, feedback after a
+batch, and a second run after a worker died. Like vLLM's scheduler it is synchronous and clock-free:
+every method takes ``now``; nothing here awaits, reads a clock or does I/O. ``scheduler.dispatcher``
+(asyncio, the worker pool, futures, metrics) and ``scheduler.simulator`` (an event heap on a virtual
+clock) are two shells around the same :class:`Driver`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections.abc
+import math
+from typing import Any, Callable, Mapping
+
+from slonn.policy.planner import PlanContext
+from slonn.policy.table import LatencyTable
+from slonn.scheduler.core import Batch, Scheduler
+from slonn.scheduler.errors import DeadlineUnreachable, QueueFull
+from slonn.scheduler.queues import QueuedRequest
+
+OVERHEAD_WINDOW = 256
+"""Recent batches whose overhead (done - planned - exec) sets the planner's overhead allowance."""
+OVERHEAD_STALE_S = 1.0
+"""Without a finished batch for this long, a raised overhead allowance is halved (see _forget_stale_overhead)."""
+OVERHEAD_REFIT_EVERY = 16
+"""Batches between two estimates of the overhead allowance."""
+ANSWER_MARGIN_MS = 5.0
+"""The server answers this long before the caller's own deadline; with less left, a request is refused."""
+
+
+def caller_budget(budget_ms: float, time_left_ms: float | None,
+                  margin_ms: float = ANSWER_MARGIN_MS) -> tuple[float, bool]:
+    """The latency budget to admit a request with, and whether it is hard (see ``Scheduler.make_request``).
+
+    ``budget_ms``: the request's own budget (0 = the class's). ``time_left_ms``: what the caller's deadline
+    (its gRPC deadline) leaves, or None without one. The caller's deadline tightens the class deadline too
+    (time spent reaching the server included); with ``margin_ms`` or less left, queueing the request would
+    only make work nobody reads (a request already in a batch cannot be taken back): DeadlineUnreachable.
+    """
+    if time_left_ms is None:
+        return budget_ms, False
+    if time_left_ms <= margin_ms:
+        raise DeadlineUnreachable(f"the call's deadline leaves {time_left_ms:.1f} ms; not admitted")
+    left_ms = max(time_left_ms, 0.0)
+    hard = budget_ms == 0 or left_ms <= budget_ms
+    return (left_ms if hard else budget_ms), hard
+
+
+class DispatchOutput:
+    """What one :meth:`Driver.next_batches` call decided. Read it; do not modify it (with nothing queued,
+    every call returns the same empty one)."""
+
+    __slots__ = ("batches", "expired", "wake_at_s")
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        """One batch per idle worker at most, in the order planned: run each on a worker now."""
+        self.expired: list[QueuedRequest] = []
+        """Requests that can no longer make their deadline: answer them DEADLINE_EXCEEDED now."""
+        self.wake_at_s: float | None = None
+        """When to call ``next_batches`` again even if nothing happens (strictly after ``now``), or None."""
+
+
+class Driver:
+    """Admits requests, plans a batch per idle worker, learns the overhead allowance; pure and clock-free.
+
+    ``tables``: each model's latency table, fixed (a mapping), or ``tables(model)``, the latest one (it may
+    change between calls). ``contention``: the contention the planner sees, fixed, or ``contention(now)``.
+    """
+
+    def __init__(self, scheduler: Scheduler, tables: Mapping[str, LatencyTable] | Callable[[str], LatencyTable],
+                 accuracy: Mapping[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
+                 workers: int = 1, max_inflight: int = 8192,
+                 contention: float | Callable[[float], float] = 0.0, start_s: float = 0.0) -> None:
+        self.scheduler = scheduler
+        self._fixed_tables: dict[str, LatencyTable] = {}
+        self._tables: Callable[[str], LatencyTable] | None = None
+        if isinstance(tables, collections.abc.Mapping):
+            self._fixed_tables.update(tables)
+        else:
+            self._tables = tables
+        self._fixed_contention = 0.0
+        self._contention: Callable[[float], float] | None = None
+        if isinstance(contention, (int, float)):
+            self._fixed_contention = float(contention)
+        else:
+            self._contention = contention
+        self._steady = self._tables is None and self._contention is None
+        """Nothing but the overhead allowance changes the contexts (the simulator without a co-runner)."""
+        self._accuracy = dict(accuracy)
+        self.max_batch = max_batch
+        self.workers = workers
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        """Admitted requests not yet answered (see :meth:`release`)."""
+        self.stopped = False
+        """:meth:`stop` was called: nothing is queued again."""
+        self.min_overhead_ms = overhead_ms
+        """Floor of the per-batch overhead the planner adds to predicted exec time."""
+        self.overhead_ms = overhead_ms
+        """Current overhead: the 95th percentile of measured (batch done - planned - exec), at least the floor."""
+        self._overheads: list[float] = []
+        """The last OVERHEAD_WINDOW batches' overheads, a ring: ``_oldest`` is where the next one goes once
+        it is full."""
+        self._oldest = 0
+        self._ranked: list[float] = []
+        """The same overheads in ascending order, kept so (a bisect per batch) instead of sorted at each
+        estimate: the simulator estimates every OVERHEAD_REFIT_EVERY batches, and sorting was most of it."""
+        self._batches_done = 0
+        self._last_batch_s = start_s
+        self._refused_since_batch = False
+        """Admission refused a request as out of reach since the last finished batch."""
+        self._contexts: dict[str, PlanContext] = {}
+        self._contexts_s = -math.inf
+        """When ``_contexts`` was last brought up to date, and with which overhead allowance."""
+        self._contexts_overhead_ms = overhead_ms
+
+    # -- admission ----------------------------------------------------------
+
+    def admit(self, model: str, slo_class: str, now: float, inputs: Any = None, handle: Any = None,
+              budget_ms: float | None = None, hard: bool = False) -> QueuedRequest:
+        """Queue a request, or raise the RequestError it is answered with at once (never queued).
+
+        ``budget_ms``/``hard``: see :func:`caller_budget`. The caller answers an admitted request once
+        and then calls :meth:`release`.
+        """
+        if self.inflight >= self.max_inflight:
+            raise QueueFull(f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})")
+        sched = self.scheduler
+        req = sched.make_request(model, slo_class, now, inputs, budget_ms, handle, hard)
+        try:
+            sched.add_request(req, now, self.contexts(now)[model])
+        except DeadlineUnreachable:
+            if not self._refused_since_batch:
+                self._refused_since_batch = True
+                self._last_batch_s = max(self._last_batch_s, now)  # staleness counts from the first refusal
+            raise
+        self.inflight += 1
+        return req
+
+    def release(self, n: int = 1) -> None:
+        """``n`` admitted requests were answered, or their callers left."""
+        self.inflight -= n
+
+    def cancel(self, req: QueuedRequest) -> None:
+        """The caller left: no work for callers who are gone (a no-op once ``req`` is in a batch)."""
+        self.scheduler.cancel(req)
+
+    # -- planning -------------------------------------------------------------
+
+    def contexts(self, now: float) -> dict[str, PlanContext]:
+        """What the policy plans with at ``now``, per model (the same objects while nothing changed: the
+        policy remembers what it derived from the last one). Do not modify the dict."""
+        current = self._contexts
+        if now == self._contexts_s and self.overhead_ms == self._contexts_overhead_ms:
+            return current  # asked again at the same instant (admission, then dispatch): nothing moved
+        self._forget_stale_overhead(now)
+        if self._steady and current and self.overhead_ms == self._contexts_overhead_ms:
+            return current
+        contention = self._fixed_contention if self._contention is None else self._contention(now)
+        overhead = self._contexts_overhead_ms = self.overhead_ms
+        self._contexts_s = now
+        fresh: dict[str, PlanContext] | None = None
+        for model, acc in self._accuracy.items():
+            table = self._fixed_tables[model] if self._tables is None else self._tables(model)
+            bucket = table.bucket(contention)
+            ctx = current.get(model)
+            if ctx is None or ctx.table is not table or ctx.bucket != bucket or ctx.overhead_ms != overhead:
+                if fresh is None:
+                    fresh = dict(current)
+                fresh[model] = PlanContext(table, bucket, acc, self.max_batch, overhead, workers=self.workers)
+        if fresh is not None:
+            self._contexts = fresh
+            return fresh
+        return current
+
+    def next_batches(self, idle: int, now: float) -> DispatchOutput:
+        """Plan a batch per idle worker (``idle`` of them), answer early whoever can no longer make it, and
+        say when to look again. Call it after every event: an arrival, a finished batch, a wake-up.
+
+        With no idle worker it still expires: a request must not wait for a worker only to learn it is
+        late. A call that raises loses nobody: what it had taken out of the queues goes back.
+        """
+        sched = self.scheduler
+        if not sched.pending():
+            return _NOTHING  # after most finished batches at low load: no allocation
+        out = DispatchOutput()
+        try:
+            contexts = self.contexts(now)  # the same for every decision of this call: nothing else moves
+            while True:
+                if idle <= 0:
+                    out.expired.extend(sched.expire(now, contexts))
+                    out.wake_at_s = sched.next_expiry_s(contexts)
+                    break
+                step = sched.schedule(now, contexts)
+                if step.expired:
+                    out.expired.extend(step.expired)
+                batch = step.batch
+                if batch is None:
+                    out.wake_at_s = step.wake_at_s
+                    break
+                out.batches.append(batch)
+                idle -= 1
+                if not sched.pending():
+                    break
+        except BaseException:
+            for batch in out.batches:
+                sched.requeue(batch.requests)
+            sched.requeue(out.expired)
+            raise
+        wake = out.wake_at_s
+        if wake is not None and wake <= now:
+            # Look again just after now, not at now: a head turns hopeless only once now is past its time.
+            out.wake_at_s = math.nextafter(now, math.inf)
+        return out
+
+    # -- feedback ---------------------------------------------------------------
+
+    def on_batch_done(self, batch: Batch, exec_ms: float, now: float) -> None:
+        """``batch`` ran in ``exec_ms`` and its answers are back at ``now``: learn from it."""
+        self._observe_overhead((now - batch.planned_at_s) * 1e3 - exec_ms, now)
+        self.scheduler.update_from_output(batch, exec_ms, now)
+
+    def on_worker_died(self, requests: list[QueuedRequest]) -> tuple[list[QueuedRequest], list[QueuedRequest]]:
+        """The worker running a batch died; ``requests``: its requests whose callers still wait.
+
+        Returns (queued again, to answer UNAVAILABLE). Not retried blindly as a batch: by the time a worker
+        is free the deadlines have moved, and the scheduler decides again (a request that can no longer
+        make it is expired instead of waiting for a replacement worker). A second death fails the request,
+        and so does any death after :meth:`stop`.
+        """
+        if self.stopped:
+            return [], list(requests)
+        spent = self.scheduler.retry(requests)
+        return [r for r in requests if r.queued], spent  # retry() does not queue a caller who left
+
+    def drain(self) -> list[QueuedRequest]:
+        """Remove and return every queued request (the caller answers them)."""
+        return self.scheduler.drain()
+
+    def stop(self) -> list[QueuedRequest]:
+        """Shutting down: :meth:`drain`, and from now on a worker death queues nothing again."""
+        self.stopped = True
+        return self.drain()
+
+    # -- the overhead allowance ---------------------------------------------------
+
+    def _forget_stale_overhead(self, now: float) -> None:
+        """Halve a raised overhead allowance for every OVERHEAD_STALE_S without a finished batch while
+        admission is refusing requests as out of reach.
+
+        The allowance is learned only from batches that ran. If a burst of contention raises it far
+        enough, admission turns every request away, no batch runs, and it would never come down again:
+        the server would refuse everything after the contention is gone, or serve nothing for a whole
+        co-runner window (`python -m bench.adapt`). Without evidence it decays, so a
+        few requests get through and measure the machine again.
+        """
+        if self.overhead_ms <= self.min_overhead_ms or not self._refused_since_batch:
+            return  # an idle server keeps what it learned: the next burst meets the same machine
+        if now - self._last_batch_s > OVERHEAD_STALE_S:
+            self.overhead_ms = max(self.min_overhead_ms, self.overhead_ms / 2)
+            self._overheads.clear()  # the next estimate comes from batches run from here on
+            self._ranked.clear()
+            self._oldest = 0
+            self._last_batch_s = now
+
+    def _observe_overhead(self, ms: float, now: float) -> None:
+        """Learn what a batch costs beyond exec (IPC, event-loop delay): the planner must budget for it."""
+        ranked = self._ranked
+        if len(self._overheads) < OVERHEAD_WINDOW:
+            self._overheads.append(ms)
+        else:
+            del ranked[bisect.bisect_left(ranked, self._overheads[self._oldest])]
+            self._overheads[self._oldest] = ms
+            self._oldest = (self._oldest + 1) % OVERHEAD_WINDOW
+        bisect.insort(ranked, ms)
+        self._batches_done += 1
+        self._last_batch_s = now
+        self._refused_since_batch = False
+        if self._batches_done % OVERHEAD_REFIT_EVERY == 0:
+            self.overhead_ms = max(self.min_overhead_ms, percentile_95(ranked))
+
+
+_NOTHING = DispatchOutput()
+
+
+def percentile_95(ranked: list[float]) -> float:
+    """The 95th percentile of ``ranked`` (ascending, not empty) with linear interpolation, as
+    ``numpy.percentile(ranked, 95)`` computes it (not a numpy call: this runs every few batches on the
+    simulator's hot path, where numpy's call overhead dominated)."""
+    pos = (len(ranked) - 1) * 0.95
+    lo = int(pos)
+    hi = min(lo + 1, len(ranked) - 1)
+    t = pos - lo
+    a, b = ranked[lo], ranked[hi]
+    d = b - a
+    return b - d * (1 - t) if t >= 0.5 else a + d * t
