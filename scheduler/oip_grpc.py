@@ -6,7 +6,6 @@ ModelInfer and ModelStreamInfer. Errors carry the same gRPC status codes as slon
 
 from __future__ import annotations
 
-import asyncio
 import time
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from slonn.scheduler import oip
 from slonn.scheduler.admission import admit_samples
 from slonn.scheduler.errors import InvalidArgument, RequestError
 from slonn.scheduler.grpc_status import grpc_status
+from slonn.scheduler.streams import answer_in_completion_order
 
 if TYPE_CHECKING:
     from slonn.scheduler.server import SlonnServer
@@ -138,36 +138,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Answers in completion order, each with its request's id; a failed request answers
         ``error_message`` and the stream goes on."""
         self.server.servicer.calls += 1
-        answers: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
 
-        async def one(request: pb.ModelInferRequest) -> None:
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             except RequestError as exc:
-                answer = pb.ModelStreamInferResponse(
-                    error_message=str(exc), infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, id=request.id))
-            await answers.put(answer)
+                return pb.ModelStreamInferResponse(error_message=str(exc), infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, id=request.id))
 
-        async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await answers.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for answer in answer_in_completion_order(request_iterator, one):
+            yield answer
 
     async def _infer(self, request: pb.ModelInferRequest, time_remaining_s: float | None) -> pb.ModelInferResponse:
         started = time.perf_counter_ns()

@@ -26,6 +26,7 @@ from slonn.scheduler.dispatcher import Completion, Dispatcher
 from slonn.scheduler.driver import ANSWER_MARGIN_MS, caller_budget
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
 from slonn.scheduler.grpc_status import grpc_status
+from slonn.scheduler.streams import answer_in_completion_order
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
 from slonn.scheduler.oip import count_error
@@ -119,39 +120,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def InferStream(self, request_iterator, context):
         """Answers in completion order; a failed request yields an error message and the stream goes on."""
         self.calls += 1
-        answers: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
 
-        async def one(request: pb.InferRequest) -> None:
+        async def one(request: pb.InferRequest) -> pb.StreamResponse:
             request_id = request.request_id or f"slonn-{next(self._ids)}"
             request.request_id = request_id
             try:
-                answer = pb.StreamResponse(response=await self._answer(request, None))
+                return pb.StreamResponse(response=await self._answer(request, None))
             except RequestError as exc:
                 self._count(request, exc)
-                answer = pb.StreamResponse(error=pb.RequestError(
+                return pb.StreamResponse(error=pb.RequestError(
                     request_id=request_id, code=grpc_status(exc).name, message=str(exc)))
-            answers.put_nowait(answer)  # unbounded: no coroutine per answer
 
-        async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-            await reader  # surfaces a read error, if any
-        finally:
-            # The client left or the stream ended: its queued requests leave the queues.
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for answer in answer_in_completion_order(request_iterator, one):
+            yield answer
 
     async def ListModels(self, request, context):
         resp = pb.ListModelsResponse()
