@@ -118,14 +118,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(grpc_status(exc), str(exc))
 
     async def InferStream(self, request_iterator, context):
-        """Answers in completion order; a failed request yields an error message and the stream goes on."""
+        """Answers in completion order; a failed request yields an error message and the stream goes on. A
+        request_id must be unique among the stream's requests in flight: a duplicate is refused in-stream
+        (INVALID_ARGUMENT), since two answers with one id could not be told apart."""
         self.calls += 1
+        outstanding: set[str] = set()
 
         async def one(request: pb.InferRequest) -> pb.StreamResponse:
             request_id = request.request_id or f"slonn-{next(self._ids)}"
             request.request_id = request_id
             try:
-                return pb.StreamResponse(response=await self._answer(request, None))
+                if request_id in outstanding:
+                    raise InvalidArgument(f"request_id: {request_id!r} is already in flight on this stream; "
+                                          f"use a new id per request")
+                outstanding.add(request_id)
+                try:
+                    return pb.StreamResponse(response=await self._answer(request, None))
+                finally:
+                    outstanding.discard(request_id)
             except RequestError as exc:
                 self._count(request, exc)
                 return pb.StreamResponse(error=pb.RequestError(
