@@ -201,8 +201,10 @@ class ServerConfig:
     ``grpc.server.max_pending_requests``; its hard limit is set to twice this). Beyond it gRPC core
     sheds calls itself, answering CANCELLED within milliseconds, even while the Python loop is
     saturated. 0 = gRPC's own defaults (1000, hard 3000)."""
-    max_message_bytes: int = 1 << 20
-    """gRPC max receive/send message size (>= 4 KiB)."""
+    max_message_bytes: int = 0
+    """Largest message received or sent, over gRPC and HTTP (>= 4 KiB). 0 = sized from the models: gRPC's
+    default of 4 MiB, or more where a full batch of the widest model's inputs needs it
+    (``scheduler.server.message_limit``)."""
     overhead_ms: float = 1.0
     """Dispatch + IPC + reply time added to every predicted exec time (>= 0)."""
     grace_s: float = 10.0
@@ -275,8 +277,8 @@ class ServerConfig:
             raise ValueError(f"max_inflight={self.max_inflight} must be > 0")
         if self.max_pending < 0:
             raise ValueError(f"max_pending={self.max_pending} must be >= 0 (0 = gRPC's default)")
-        if self.max_message_bytes < 4096:
-            raise ValueError(f"max_message_bytes={self.max_message_bytes} must be >= 4096")
+        if self.max_message_bytes != 0 and self.max_message_bytes < 4096:
+            raise ValueError(f"max_message_bytes={self.max_message_bytes} must be >= 4096 (or 0: sized from the models)")
         if self.overhead_ms < 0 or self.grace_s < 0:
             raise ValueError(f"overhead_ms={self.overhead_ms}, grace_s={self.grace_s} must be >= 0")
         if self.metrics_port < 0 or self.stats_interval_s < 0:

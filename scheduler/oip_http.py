@@ -54,7 +54,7 @@ class OipHttp:
 
     def __init__(self, server: "SlonnServer") -> None:
         self.server = server
-        self.app = web.Application(middlewares=[_errors], client_max_size=server.cfg.max_message_bytes)
+        self.app = web.Application(middlewares=[_errors], client_max_size=server.max_message_bytes)
         get, post = web.get, web.post
         self.app.add_routes([
             get("/v2", self.server_metadata), get("/v2/health/live", self.live),

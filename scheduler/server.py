@@ -155,6 +155,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return resp
 
 
+BYTES_PER_VALUE = 32
+"""What one input value may take in a message: 4 in a raw tensor, up to ~25 as JSON text (HTTP)."""
+
+
+def message_limit(cfg: ServerConfig, manifests: dict[str, ModelManifest]) -> int:
+    """The largest message the server takes or sends: ``cfg.max_message_bytes``, or with 0 gRPC's default of
+    4 MiB raised to fit a full batch (``max_batch`` samples) of the widest model's inputs."""
+    if cfg.max_message_bytes:
+        return cfg.max_message_bytes
+    widest = max((m.arch.in_features for m in manifests.values()), default=0)
+    return max(4 << 20, BYTES_PER_VALUE * cfg.max_batch * widest)
+
+
 def ray_monitor() -> ContentionMonitor:
     """The contention sampler each Ray actor runs on its own node (sampled faster than the frontend's: an
     idle actor is asked for it every half second)."""
@@ -237,8 +250,9 @@ class SlonnServer:
         if cfg.metrics_port:
             self.metrics.serve(cfg.metrics_port, cfg.host)
         self._stats_task = asyncio.create_task(self._log_stats()) if cfg.stats_interval_s else None
-        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-                   ("grpc.max_send_message_length", cfg.max_message_bytes)]
+        self.max_message_bytes = message_limit(cfg, self.manifests)
+        options = [("grpc.max_receive_message_length", self.max_message_bytes),
+                   ("grpc.max_send_message_length", self.max_message_bytes)]
         if cfg.max_pending:
             # Shed in gRPC core, before the event loop: under overload the loop is the bottleneck, and
             # every call it takes up only to reject costs as much CPU as one it serves.

@@ -134,6 +134,9 @@ def _add_advanced_args(g: argparse._ArgumentGroup, hidden: list) -> None:
     add("--max-pending", type=int, default=0, metavar="N",
         help="calls waiting for the event loop beyond which gRPC core sheds them (CANCELLED); 0 = gRPC's "
              "default (1000)")
+    add("--max-message-bytes", type=int, default=0, metavar="N",
+        help="largest request or answer message, gRPC and HTTP (>= 4096; 0 = 4 MiB, or more where a full "
+             "batch of the widest model's inputs needs it)")
     add("--overhead-ms", type=float, default=1.0, metavar="MS",
         help="dispatch + IPC time added to predictions (floor of the learned per-batch overhead)")
     add("--refit-overrun-share", type=float, default=ServerConfig.refit_overrun_share, metavar="X",
@@ -202,7 +205,7 @@ def config_from_args(args) -> ServerConfig:
         worker_spin_ms=args.worker_spin_ms, worker_nice=args.worker_nice, worker_cpus=args.worker_cpus,
         precision=args.precision,
         max_batch=args.max_batch, policy=args.policy, max_inflight=args.max_inflight,
-        max_pending=args.max_pending,
+        max_pending=args.max_pending, max_message_bytes=args.max_message_bytes,
         overhead_ms=args.overhead_ms, grace_s=args.grace_s, in_process=args.in_process, pool=args.pool,
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
         ray_strategy=args.ray_strategy,

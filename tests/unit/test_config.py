@@ -190,3 +190,27 @@ def test_bad_overrides_name_the_class_and_model(tmp_path, text, match):
     path.write_text('[[class]]\nname = "c"\nlatency_ms = 20\n' + text)
     with pytest.raises(ValueError, match=match):
         load_classes(path)
+
+
+def test_the_message_limit_fits_a_full_batch_of_the_widest_model(tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    from slonn.scheduler.config import ServerConfig, load_classes
+    from slonn.scheduler.server import BYTES_PER_VALUE, message_limit
+    from slonn.scripts.serve import add_server_args, config_from_args
+
+    def manifests(*widths):
+        return {f"m{w}": SimpleNamespace(arch=SimpleNamespace(in_features=w)) for w in widths}
+
+    classes = load_classes()
+    auto = ServerConfig(model_dirs=(tmp_path,), classes=classes, max_batch=64)
+    assert message_limit(auto, manifests(64)) == 4 << 20  # gRPC's default where a batch fits in it
+    wide = ServerConfig(model_dirs=(tmp_path,), classes=classes, max_batch=1024)
+    assert message_limit(wide, manifests(64, 1024)) == BYTES_PER_VALUE * 1024 * 1024 > 4 << 20
+    fixed = ServerConfig(model_dirs=(tmp_path,), classes=classes, max_message_bytes=8192)
+    assert message_limit(fixed, manifests(1024)) == 8192
+    p = argparse.ArgumentParser()
+    add_server_args(p)
+    assert config_from_args(p.parse_args(["--max-message-bytes", "65536"])).max_message_bytes == 65536
+    assert config_from_args(p.parse_args([])).max_message_bytes == 0
