@@ -126,7 +126,7 @@ def _with_overrides(cls: SLOClassConfig, per_model: dict, known: set[str], path:
 
 
 def default_classes_path() -> Path:
-    return Path(str(resources.files("scheduler").joinpath("slo_classes.toml")))
+    return Path(str(resources.files("slonn.scheduler").joinpath("slo_classes.toml")))
 
 
 def load_classes(path: Path | None = None) -> dict[str, SLOClassConfig]:

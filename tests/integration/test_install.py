@@ -44,6 +44,9 @@ def _check_one_name(bin_dir: Path, cwd: Path) -> None:
         out = _run([py, "-c", f"import {name}"], cwd, ok=False)
         assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, f"`import {name}` worked: {out}"
     _run([py, "-c", "import slonn.scheduler.compiled, slonn.scripts.cli"], cwd)
+    # Package data through the package's own name (the packaged SLO classes), outside any checkout.
+    out = _run([py, "-c", "from slonn.scheduler.config import load_classes; print(sorted(load_classes()))"], cwd)
+    assert "interactive" in out.stdout
     help_out = _run([bin_dir / "slonn", "--help"], cwd)
     assert "serve" in help_out.stdout and "demo" in help_out.stdout
 
