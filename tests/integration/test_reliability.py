@@ -116,7 +116,7 @@ async def test_short_grpc_deadlines_on_a_late_serving_class_end_the_calls_and_le
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_message_over_the_size_limit_is_refused_and_the_server_stays_up(server, client):
     huge = pb.InferRequest(model=MODEL, slo_class="roomy",
-                           input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=b"\0" * (2 << 20)))
+                           input=pb.Tensor(shape=[64], dtype=pb.FLOAT32, data=b"\0" * (server.max_message_bytes + 1)))
     # A channel that itself allows any size, so that the server's limit is what refuses it.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
                                          options=[("grpc.max_send_message_length", -1)]) as channel:
