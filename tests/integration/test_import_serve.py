@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
-from slonn.scheduler.server import SlonnServer
 from slonn.scripts.cli import main as slonn
 from slonn.workers.artifact import load_artifact
 from slonn.workers.kernels import EXACT_KERNELS
 from slonn.workers.kernels_chooser import split_choice
+from tests.serving import started_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -77,13 +77,7 @@ def imported_dir(user_model):
 async def server(tiny_model_dir, imported_dir):
     cfg = ServerConfig(model_dirs=(tiny_model_dir, imported_dir), classes=CLASSES, host="127.0.0.1", port=0,
                        workers=1, max_batch=16, grace_s=5.0)
-    srv = SlonnServer(cfg)
-    try:
-        await srv.start()
-    except BaseException:
-        if hasattr(srv, "pool"):
-            await srv.pool.close()
-        raise
+    srv = await started_server(cfg)
     yield srv
     await srv.stop()
 

@@ -23,8 +23,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from slonn.protos import grpc_service_pb2 as oip_pb  # noqa: E402
 from slonn.protos import grpc_service_pb2_grpc as oip_grpc  # noqa: E402
 from slonn.scheduler.config import ServerConfig, SLOClassConfig  # noqa: E402
-from slonn.scheduler.server import SlonnServer  # noqa: E402
 from slonn.workers.artifact import load_artifact  # noqa: E402
+from tests.serving import started_server  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -42,13 +42,7 @@ CLASSES = {c.name: c for c in (
 async def server(tiny_model_dir):
     cfg = ServerConfig(model_dirs=(tiny_model_dir,), classes=CLASSES, host="127.0.0.1", port=0, http_port=0,
                        workers=1, max_batch=MAX_BATCH, grace_s=5.0)
-    srv = SlonnServer(cfg)
-    try:
-        await srv.start()
-    except BaseException:
-        if hasattr(srv, "pool"):
-            await srv.pool.close()
-        raise
+    srv = await started_server(cfg)
     srv.test_metrics_port = srv.metrics.serve(0, "127.0.0.1")
     yield srv
     await srv.stop()

@@ -10,8 +10,6 @@ import asyncio
 import math
 from collections import Counter
 
-import grpc
-import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -22,6 +20,7 @@ from slonn.scheduler.config import ServerConfig, SLOClassConfig  # noqa: E402
 from slonn.scheduler.server import SlonnServer, ray_monitor  # noqa: E402
 from slonn.workers.process import WorkerSpec  # noqa: E402
 from slonn.workers.raypool import RayOptions, RayPool  # noqa: E402
+from tests.serving import outcome, x  # noqa: E402
 
 MODEL = "tiny"
 CLASSES = {"roomy": SLOClassConfig("roomy", latency_ms=20_000, max_queue=4096, on_late="serve")}
@@ -29,18 +28,6 @@ NODE = {"num_cpus": 1, "object_store_memory": 80 << 20}
 """Each node: one CPU (one worker), a small object store (the machine is shared)."""
 BOUND_S = 120.0
 """No step of a test may take longer than this (a hang fails the test instead of stalling the run)."""
-
-
-def x(i: int) -> np.ndarray:
-    return np.random.default_rng(i).uniform(0, 16, 64).astype(np.float32)
-
-
-async def outcome(coro) -> str:
-    try:
-        await coro
-    except grpc.aio.AioRpcError as exc:
-        return exc.code().name
-    return "OK"
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from slonn.protos.client import AsyncSlonnClient, make_request
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
 from slonn.scheduler.server import SlonnServer
 from slonn.scheduler.serverproc import ServerProcess
+from tests.serving import outcome, x
 
 MODEL = "tiny"
 CLASSES = {c.name: c for c in (
@@ -33,18 +34,6 @@ CLASSES = {c.name: c for c in (
     SLOClassConfig("small", latency_ms=20_000, max_queue=4),
 )}
 TERMINAL = {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
-
-
-def x(i: int) -> np.ndarray:
-    return np.random.default_rng(i).uniform(0, 16, 64).astype(np.float32)
-
-
-async def outcome(coro) -> str:
-    try:
-        await coro
-    except grpc.aio.AioRpcError as exc:
-        return exc.code().name
-    return "OK"
 
 
 async def settled(server: SlonnServer) -> None:

@@ -21,10 +21,10 @@ from slonn.protos import slonn_pb2 as pb
 from slonn.protos.client import InferResult, make_request
 from slonn.protos.tensors import to_tensor
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
-from slonn.scheduler.server import SlonnServer
 from slonn.workers.artifact import load_artifact
 from slonn.workers.kernels import EXACT_KERNELS
 from slonn.workers.kernels_chooser import split_choice
+from tests.serving import started_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -45,13 +45,7 @@ CLASSES = {c.name: c for c in (
 async def server(tiny_model_dir):
     cfg = ServerConfig(model_dirs=(tiny_model_dir,), classes=CLASSES, host="127.0.0.1", port=0, workers=1,
                        max_batch=MAX_BATCH, grace_s=5.0)
-    srv = SlonnServer(cfg)
-    try:
-        await srv.start()
-    except BaseException:
-        if hasattr(srv, "pool"):
-            await srv.pool.close()
-        raise
+    srv = await started_server(cfg)
     yield srv
     await srv.stop()
 
