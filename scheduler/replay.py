@@ -28,6 +28,15 @@ CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
 """Status of a request the server never answered before the client's generous deadline."""
 
 
+async def check_feature_count(client: AsyncSlonnClient, model: str, features: int) -> None:
+    """Refuse to send rows of the wrong width before the first arrival (every request would fail), naming
+    both counts; a model the server does not list is left to the server's own NOT_FOUND."""
+    for info in (await client.list_models()).models:
+        if info.name == model and info.input_shape and int(info.input_shape[-1]) != features:
+            raise ValueError(f"model {model!r} takes {int(info.input_shape[-1])} features; the inputs have "
+                             f"{features} (send the model's own rows with --inputs MODEL_DIR or a data file)")
+
+
 def _progress(done: int, total: int, started: float, stream) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
@@ -58,7 +67,9 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     ``on_start``: called with the ``time.monotonic()`` of the first arrival's clock, once it starts (a caller
     that samples the machine meanwhile lines its samples up with the records' ``send_s``).
 
-    ``inputs``: (x, labels) sent instead of the held-out digits; request i sends row ``i % len(x)``.
+    ``inputs``: (x, labels) to send, request i sending row ``i % len(x)`` (for any model: an artifact's
+    held-out rows, :func:`slonn.workers.artifact.load_labelled_rows`); without them, the held-out digits of
+    split ``split_seed`` (the packaged digits model's).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
@@ -71,6 +82,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
     async with AsyncSlonnClient(target) as client:
         await client.wait_ready()
+        await check_feature_count(client, model, x.shape[1])
         freeze_startup_heap()
         if start_at is not None:
             if time.time() > start_at:
@@ -260,6 +272,25 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-deadline", choices=("class", "generous"), default="class",
                    help="unary calls' gRPC deadline: the class deadline (a latency-sensitive client; the server "
                         "sees the true time left) or generous (every late answer is still received)")
+
+
+def add_inputs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inputs", type=Path, default=None,
+                   help="what to send: a model artifact directory (its held-out rows) or a data file (.npz, .csv, "
+                        ".parquet; its held-out rows); default: the held-out digits (the demo model)")
+    p.add_argument("--label", default="label", help="the label column of a .csv/.parquet --inputs file")
+
+
+def inputs_from_args(p: argparse.ArgumentParser, args) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (rows, labels) ``--inputs`` names, or None (the held-out digits); a bad file exits naming it."""
+    if args.inputs is None:
+        return None
+    from slonn.workers.artifact import load_labelled_rows
+
+    try:
+        return load_labelled_rows(args.inputs, args.label)
+    except (OSError, ValueError, KeyError) as exc:
+        p.error(f"--inputs {args.inputs}: {exc}")
 
 
 def client_kwargs(args) -> dict:

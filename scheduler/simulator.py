@@ -233,22 +233,23 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
 # --------------------------------------------------------------------------- building blocks from disk
 
 
-def held_out_correct(model_dir: Path, split_seed: int = 0) -> np.ndarray:
-    """(n_levels, n_test) bool: the real model's answer at each level on each held-out digit is right.
+def held_out_correct(model_dir: Path) -> np.ndarray:
+    """(n_levels, n_test) bool: the real model's answer at each level on each of the artifact's held-out rows
+    is right (levels from the highest down).
 
-    The same inputs, in the same order, as the live replay sends (request i -> test digit i mod n).
+    The same inputs, in the same order, as the live replay sends (request i -> held-out row i mod n; the
+    packaged digits model's held-out rows are the digits split the replay sends by default).
     """
     import torch
 
-    from slonn.workers.artifact import load_artifact
-    from slonn.workers.digits import load_split
+    from slonn.workers.artifact import load_artifact, load_heldout
 
     net, manifest = load_artifact(model_dir, "cpu")
-    split = load_split(seed=split_seed)
-    x = torch.from_numpy(split.x_test)
+    x_np, y = load_heldout(model_dir)
+    x = torch.from_numpy(x_np)
     with torch.inference_mode():
         preds = [net(x, lv).argmax(dim=1).numpy() for lv in sorted(manifest.levels, reverse=True)]
-    return np.stack([p == split.y_test for p in preds])
+    return np.stack([p == y for p in preds])
 
 
 def load_latency_model(profile: Path):
@@ -320,7 +321,7 @@ def build_setup(args) -> SimSetup:
         value = corunner_contention(profile) or 0.5
     contention = ContentionProfile(args.quiet_contention, value, args.corunner_start_s, args.corunner_stop_s) \
         if args.corunner_start_s is not None else ContentionProfile(args.quiet_contention)
-    correct = held_out_correct(args.model_dir, manifest.seed) if args.accuracy == "predictions" else None
+    correct = held_out_correct(args.model_dir) if args.accuracy == "predictions" else None
     table = planner_table(model, levels, args.max_batch, args.planner_table)
     return SimSetup(load_classes(args.classes), levels, accuracy, table,
                     (model, levels, args.max_batch, contention.states), contention, correct, manifest.name)

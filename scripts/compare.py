@@ -70,9 +70,10 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
     from slonn.scheduler.replay import client_kwargs, replay, replay_with_corunner
     from slonn.scripts.serve import call_at_niceness
     from slonn.scheduler.serverproc import ServerProcess
-    from slonn.workers.artifact import load_manifest
+    from slonn.workers.artifact import load_heldout, load_manifest
 
     manifest = load_manifest(args.model_dir)
+    inputs = load_heldout(args.model_dir)  # the rows the simulator's accuracy draw scores
     runs = {}
     args.live_loadavg = {}
     args.corunner_usage = {}
@@ -83,7 +84,7 @@ def run_live(args, arrivals: Arrivals, window, deadlines_ms: dict[str, float]) -
         load_before, cpu_before = _loadavg(), _cpu_times()
         with ServerProcess(serve_args, args.out / f"server-{slug(name)}.log") as server:
             origin: dict = {}
-            kwargs = dict(split_seed=manifest.seed, progress=False, **client_kwargs(args),
+            kwargs = dict(inputs=inputs, progress=False, **client_kwargs(args),
                           on_start=lambda t: origin.setdefault("t0", t))  # the records' t = 0
             if window is None:
                 coro = replay(server.target, manifest.name, arrivals, deadlines_ms, **kwargs)

@@ -18,7 +18,7 @@ from slonn.scheduler.replay import add_arrival_args, add_client_args, arrivals_f
 from slonn.scheduler.report import format_table, summarize, write_csv
 from slonn.scheduler.serverproc import ServerProcess
 from slonn.workers.train import TrainConfig, train_to
-from slonn.workers.artifact import is_artifact, load_manifest
+from slonn.workers.artifact import is_artifact, load_heldout, load_manifest
 
 
 def ensure_model(model_dir: Path) -> None:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(trace seconds {arrivals.window_s[0]:g}-{arrivals.window_s[1]:g}, x{arrivals.speedup:g} "
               f"-> {arrivals.duration_s:.1f} s, {args.transport} gRPC)", flush=True)
         records = aio.run(replay(server.target, manifest.name, arrivals,
-                                 {n: c.latency_ms for n, c in classes.items()}, split_seed=manifest.seed,
+                                 {n: c.latency_ms for n, c in classes.items()}, inputs=load_heldout(args.model_dir),
                                  **client_kwargs(args)), args.event_loop)
     summary = summarize(records, arrivals.duration_s)
     write_csv(records, args.out / "requests.csv")

@@ -1,4 +1,5 @@
-"""`slonn infer`: send one held-out digit (or given features) and print the answer."""
+"""`slonn infer`: send one held-out row (a digit by default, or a row of --inputs, or given features) and print
+the answer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import grpc
 import numpy as np
 
 from slonn.protos.client import SlonnClient
+from slonn.scheduler.replay import add_inputs_args, inputs_from_args
 from slonn.workers.digits import load_split
 
 
@@ -18,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="localhost:50051")
     p.add_argument("--model", default="digits-mlp")
     p.add_argument("--slo-class", default="interactive")
-    p.add_argument("--index", type=int, default=0, help="which held-out digit to send")
-    p.add_argument("--features", default=None, help="64 comma-separated pixel values instead of a held-out digit")
+    p.add_argument("--index", type=int, default=0, help="which held-out row to send")
+    add_inputs_args(p)
+    p.add_argument("--features", default=None, help="comma-separated feature values instead of a held-out row")
     p.add_argument("--budget-ms", type=float, default=0.0, help="tighter latency budget (0 = class default)")
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument("--list", action="store_true", help="list models, levels and SLO classes instead")
     args = p.parse_args(argv)
+    rows = None if args.features else inputs_from_args(p, args)
     with SlonnClient(args.target) as client:
         try:
             if args.list:
@@ -35,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.features:
                 x = np.array([float(v) for v in args.features.split(",")], np.float32)
             else:
-                split = load_split()
-                x, label = split.x_test[args.index], int(split.y_test[args.index])
+                if rows is None:
+                    split = load_split()
+                    rows = split.x_test, split.y_test
+                if not 0 <= args.index < len(rows[0]):
+                    p.error(f"--index {args.index}: there are {len(rows[0])} held-out rows")
+                x, label = rows[0][args.index], int(rows[1][args.index])
             r = client.infer(args.model, args.slo_class, x, latency_budget_ms=args.budget_ms,
                              timeout_s=args.timeout_s)
         except grpc.RpcError as exc:

@@ -10,8 +10,10 @@ from pathlib import Path
 from slonn.scheduler import aio
 from slonn.scheduler.replay import (
     add_arrival_args,
+    add_inputs_args,
     add_client_args,
     arrivals_from_args,
+    inputs_from_args,
     client_kwargs,
     phase_summaries,
     replay,
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="localhost:50051")
     p.add_argument("--model", default="digits-mlp")
     p.add_argument("--classes", type=Path, default=None, help="SLO classes TOML (for the deadlines)")
+    add_inputs_args(p)
     add_arrival_args(p)
     p.add_argument("--csv", type=Path, default=None, help="write per-request records here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -43,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     corunner = args.corunner_start_s is not None
     burn_device = corunner_device_or_exit(p, args.corunner_device) if corunner else "cpu"
     usage: dict = {}
+    inputs = inputs_from_args(p, args)
     if corunner:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
         records = aio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
                                                args.corunner_start_s, stop_s, args.corunner_procs,
-                                               usage=usage, corunner_device=burn_device, **client_kwargs(args)),
+                                               usage=usage, corunner_device=burn_device, inputs=inputs,
+                                               **client_kwargs(args)),
                           args.event_loop)
     else:
-        records = aio.run(replay(args.target, args.model, arrivals, deadlines, **client_kwargs(args)),
+        records = aio.run(replay(args.target, args.model, arrivals, deadlines, inputs=inputs,
+                                 **client_kwargs(args)),
                           args.event_loop)
     summary = summarize(records, arrivals.duration_s)
     if args.csv:

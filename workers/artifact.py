@@ -133,6 +133,21 @@ def load_heldout(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     return t["x"].numpy(), t["y"].numpy()
 
 
+def load_labelled_rows(path: Path, label: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """Rows to send to a model, with their labels: an artifact directory's held-out rows, or a data file's
+    held-out rows (.npz, .csv or .parquet, read as ``slonn import`` reads it; ``label`` names a table's
+    label column)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST_FILE).exists():
+            raise FileNotFoundError(f"{path} is a directory but not a model artifact ({MANIFEST_FILE} missing)")
+        return load_heldout(path)
+    from slonn.workers.data import load_dataset
+
+    data = load_dataset(path, label=label)
+    return data.x_val, data.y_val
+
+
 def load_manifest(directory: Path) -> ModelManifest:
     path = Path(directory) / MANIFEST_FILE
     if not path.exists():

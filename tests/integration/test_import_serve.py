@@ -138,3 +138,27 @@ async def test_far_out_of_range_input_is_served_and_flagged(client, server, user
     result = await client.infer(NAME, "relaxed", x)
     assert result.out_of_range_features == 2 and result.output.shape == (4,)
     assert server.metrics.out_of_range.labels(NAME)._value.get() == before + 1
+
+
+async def test_replay_sends_the_models_own_held_out_rows_and_scores_them(server, imported_dir):
+    from slonn.scheduler.replay import replay
+    from slonn.scheduler.trace import poisson_arrivals
+    from slonn.workers.artifact import load_heldout
+
+    rows = load_heldout(imported_dir)
+    assert rows[0].shape[1] == FEATURES
+    arrivals = poisson_arrivals(40.0, 1.0, {"relaxed": 1.0}, seed=3)
+    records = await replay(f"127.0.0.1:{server.port}", NAME, arrivals, {"relaxed": 10000.0}, progress=False,
+                           inputs=rows)
+    assert len(records) == len(arrivals) and {r.status for r in records} == {"OK"}
+    assert sum(r.correct for r in records) >= 0.6 * len(records)  # scored against the rows' own labels
+
+
+async def test_replay_refuses_rows_of_another_width_naming_both_counts(server):
+    from slonn.scheduler.replay import replay
+    from slonn.scheduler.trace import poisson_arrivals
+
+    arrivals = poisson_arrivals(10.0, 1.0, {"relaxed": 1.0}, seed=4)
+    rows = np.zeros((5, 64), np.float32), np.zeros(5, np.int64)
+    with pytest.raises(ValueError, match=f"takes {FEATURES} features; the inputs have 64"):
+        await replay(f"127.0.0.1:{server.port}", NAME, arrivals, {"relaxed": 10000.0}, progress=False, inputs=rows)

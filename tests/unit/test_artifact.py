@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from slonn.workers.artifact import (MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, is_artifact, load_artifact, load_manifest,
-                              save_artifact)
+import numpy as np
+
+from slonn.workers.artifact import (MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, is_artifact, load_artifact,
+                                   load_labelled_rows, load_manifest, save_artifact)
 from slonn.workers.model import MLPArchitecture, SLOAwareMLP
 
 ARCH = MLPArchitecture(in_features=8, hidden=(32, 16), out_features=3)
@@ -103,3 +105,38 @@ def test_numpy_levels_and_accuracies_roundtrip(tmp_path):
     loaded = load_manifest(tmp_path)
     assert loaded.levels == LEVELS
     assert loaded.accuracy == {lv: pytest.approx(0.9) for lv in LEVELS}
+
+
+def test_labelled_rows_come_from_an_artifacts_held_out_rows_or_a_data_file(tmp_path):
+    model, manifest = make_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 8)).astype(np.float32), rng.integers(0, 3, 30)
+    save_artifact(model, manifest, tmp_path / "art", heldout=(x, y))
+    rx, ry = load_labelled_rows(tmp_path / "art")
+    np.testing.assert_array_equal(rx, x)
+    np.testing.assert_array_equal(ry, y)
+    np.savez(tmp_path / "d.npz", X=x[:20], y=y[:20], X_val=x[20:], y_val=y[20:])
+    dx, dy = load_labelled_rows(tmp_path / "d.npz")
+    np.testing.assert_array_equal(dx, x[20:])
+    np.testing.assert_array_equal(dy, y[20:])
+
+
+def test_labelled_rows_from_a_directory_that_is_no_artifact_name_the_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
+        load_labelled_rows(tmp_path)
+
+
+def test_the_simulators_accuracy_draw_scores_any_models_own_held_out_rows(tmp_path):
+    from slonn.scheduler.simulator import held_out_correct
+
+    model, manifest = make_model()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    with torch.inference_mode():
+        dense = model(torch.from_numpy(x)).argmax(1).numpy()
+    y = dense.copy()
+    y[:10] = (y[:10] + 1) % 3  # ten rows the dense model gets wrong
+    save_artifact(model, manifest, tmp_path / "art", heldout=(x, y))
+    correct = held_out_correct(tmp_path / "art")
+    assert correct.shape == (len(LEVELS), 50)
+    assert correct[0].tolist() == [False] * 10 + [True] * 40  # row 0: the highest level, the dense model
