@@ -70,6 +70,13 @@ class PlanContext:
     """At admission: predicted time to serve the requests queued ahead (0 when planning a head)."""
     workers: int = 1
     """Workers that share the backlog."""
+    frontend_batch_ms: float = 0.0
+    """The frontend's (event-loop) CPU per batch: dispatch, IPC round trip, result fan-out (learned live;
+    0: unknown, the planner ignores the frontend)."""
+    frontend_request_ms: float = 0.0
+    """The frontend's CPU per request admitted and answered (learned live)."""
+    arrival_per_s: float = 0.0
+    """Requests reaching the frontend per second, recently (0: not measured)."""
 
 
 class Plan:
@@ -320,6 +327,33 @@ def fastest_allowed(min_accuracy: float, ctx: PlanContext) -> int:
     return ctx.table.fastest_index(ctx.bucket, ctx.accuracy, min_accuracy)
 
 
+FRONTEND_BATCH_SHARE = 0.5
+"""The share of the frontend's spare capacity (one core less its per-request load) that its per-batch load may
+take before the planner forms larger batches. Half: the frontend (a one-thread event loop) then runs at
+(1 + per-request load) / 2 of a core at most, 0.85 when requests alone take 0.7, where an M/G/1 queue's wait
+is still a few service times (~load / (1 - load)); a fixed bound such as 0.7 would ask for the largest batch
+whenever requests alone take 0.7, and wait the whole slack for it."""
+
+
+def frontend_batch_target(ctx: PlanContext) -> int:
+    """The smallest mean batch size that keeps the frontend's per-batch load within FRONTEND_BATCH_SHARE of its
+    spare capacity at the arrival rate: 1 (no waiting) while the frontend is far from saturation or its costs
+    are unknown, ``ctx.max_batch`` once the per-request load alone fills the core.
+
+    Per-request load u = rate x per-request ms; per-batch load = (rate / n) x per-batch ms <= share x (1 - u)
+    gives n >= rate x per-batch ms / (share x (1 - u))."""
+    rate = ctx.arrival_per_s
+    per_batch_s = ctx.frontend_batch_ms * 1e-3
+    if rate <= 0.0 or per_batch_s <= 0.0:
+        return 1
+    room = FRONTEND_BATCH_SHARE * (1.0 - rate * ctx.frontend_request_ms * 1e-3)
+    need = rate * per_batch_s
+    if room * ctx.max_batch <= need:
+        return ctx.max_batch
+    n = math.ceil(need / room)
+    return n if n > 1 else 1
+
+
 _CHOSEN = {False: "largest feasible batch, then the most accurate level",
            True: "largest feasible batch, then the fastest level"}
 """Plan.reason of a batch that makes its deadline, by accuracy mode (constant strings: hot path)."""
@@ -330,8 +364,12 @@ _LATE = "late: fastest allowed level"
 class SLOAwarePolicy(Policy):
     """slonn's policy: EDF, then the largest batch and the best level that meet the deadline and the floor."""
 
-    def __init__(self, recent: RecentSlowdown | None = None) -> None:
-        super().__init__("slonn")
+    def __init__(self, recent: RecentSlowdown | None = None, frontend: bool = True) -> None:
+        super().__init__("slonn", may_wait=frontend)
+        self.frontend = frontend
+        """Plan for the frontend's cost too (``slonn:frontend=0`` turns it off): when the frontend's load nears
+        saturation, wait for a batch of :func:`frontend_batch_target` requests while the head's slack allows
+        (see :meth:`wait_until`). Without learned frontend costs in the context it never waits."""
         self._margin_ctx: PlanContext | None = None
         self._margin_s: dict[float, float] = {}
         self.recent = recent if recent is not None else RecentSlowdown(tau_s=0.0)
@@ -366,16 +404,43 @@ class SLOAwarePolicy(Policy):
     def observe(self, plan: Plan, exec_ms: float, deadline_met: bool, finished_s: float) -> None:
         self.recent.observe(finished_s, exec_ms, plan.table_mean_ms, plan.speed)
 
-    def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan:
+    def wait_until(self, head: Pending, count: int, now_s: float, ctx: PlanContext) -> float | None:
+        """Wait for a larger batch while the frontend nears saturation: with fewer than
+        :func:`frontend_batch_target` candidates, until the latest time a batch of that size still makes the
+        head's deadline (the earliest of the candidates', EDF) at the slowest level, once the overhead
+        allowance (which has learned the frontend's delays) and the batch's own frontend cost are paid; None (plan now) at or past it, with enough
+        candidates, or at low load. An arrival decides again before then. Waiting is bounded by the slowest
+        level's time, so whichever level the batch then gets still fits its deadline."""
+        if not self.frontend or ctx.arrival_per_s <= 0.0 or ctx.frontend_batch_ms <= 0.0:
+            return None
+        target = frontend_batch_target(ctx)
+        if count >= target:
+            return None
+        rows, scale = self._rows(now_s, ctx)
+        slowest = 0.0
+        for row in rows:
+            if row[target - 1] > slowest:
+                slowest = row[target - 1]
+        latest_s = head.deadline_s - (slowest * scale + ctx.overhead_ms + ctx.frontend_batch_ms) * 1e-3
+        return latest_s if now_s < latest_s else None
+
+    def _rows(self, now_s: float, ctx: PlanContext) -> tuple[list[list[float]], float]:
+        """The rows batches are bounded with and what to multiply them by (see ``recent``)."""
+        margin = self.recent.margin()
+        if margin > 0.0:  # bound = table mean x factor x the factor's error margin
+            return ctx.table.mean_rows(ctx.bucket), self.recent.factor(now_s) * margin
+        return ctx.table.safe_rows(ctx.bucket), 1.0  # the table's safe prediction (the recent slowdown off)
+
+    def plan(self, candidates: Sequence[Pending], now_s: float, ctx: PlanContext) -> Plan | Wait:
         n_max = min(len(candidates), ctx.max_batch)
         if n_max == 0:
             raise ValueError("plan() needs at least one candidate")
+        if self.frontend and ctx.arrival_per_s > 0.0:
+            until_s = self.wait_until(candidates[0], n_max, now_s, ctx)
+            if until_s is not None:
+                return Wait(until_s)
         speed = self.recent.factor(now_s)
-        margin = self.recent.margin()
-        if margin > 0.0:  # bound = table mean x factor x the factor's error margin
-            rows, scale = ctx.table.mean_rows(ctx.bucket), speed * margin
-        else:  # the table's safe prediction (always, with the recent slowdown off)
-            rows, scale = ctx.table.safe_rows(ctx.bucket), 1.0
+        rows, scale = self._rows(now_s, ctx)
         if n_max == 1:  # one candidate (most decisions at low load): no prefixes to build
             return self._plan_one(candidates, now_s, ctx, rows, scale, speed)
         return self._plan_prefixes(candidates, n_max, now_s, ctx, rows, scale, speed)

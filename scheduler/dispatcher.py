@@ -19,7 +19,7 @@ from slonn.policy.latency_model import LatencySample
 from slonn.policy.planner import PlanContext
 from slonn.scheduler.clock import Clock
 from slonn.scheduler.core import Batch, Scheduler
-from slonn.scheduler.driver import Driver
+from slonn.scheduler.driver import FRONTEND_BATCH_MS, FRONTEND_REQUEST_MS, Driver
 from slonn.scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
 from slonn.scheduler.latency import LatencySource
 from slonn.scheduler.metrics import UNKNOWN, ServerMetrics
@@ -55,7 +55,8 @@ class Dispatcher:
                  accuracy: dict[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
                  max_inflight: int = 8192, contention: Callable[[], float] = lambda: 0.0,
                  on_batch: Callable[[Batch, float, float], None] | None = None, workers: int = 1,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None,
+                 frontend_cpu: Callable[[], float] | None = None) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.clock = clock
@@ -63,8 +64,11 @@ class Dispatcher:
         self.accuracy = accuracy
         self.contention = contention
         self.driver = Driver(scheduler, latency.table, accuracy, max_batch, overhead_ms, workers, max_inflight,
-                             contention=lambda _now: contention(), start_s=clock.now())
-        """The decisions: admission, batches per idle worker, expiry, the overhead allowance."""
+                             contention=lambda _now: contention(), start_s=clock.now(),
+                             frontend_cpu=None if frontend_cpu is None else lambda _now: frontend_cpu(),
+                             frontend_batch_ms=FRONTEND_BATCH_MS, frontend_request_ms=FRONTEND_REQUEST_MS)
+        """The decisions: admission, batches per idle worker, expiry, the overhead allowance, the frontend's cost
+        (``frontend_cpu()``: the event-loop thread's CPU seconds, read every few tens of ms; None: not measured)."""
         self.on_batch = on_batch
         """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
         self.metrics = metrics or ServerMetrics()

@@ -28,6 +28,20 @@ OVERHEAD_STALE_S = 1.0
 """Without a finished batch for this long, a raised overhead allowance is halved (see _forget_stale_overhead)."""
 OVERHEAD_REFIT_EVERY = 16
 """Batches between two estimates of the overhead allowance."""
+FRONTEND_BATCH_MS = 0.5
+"""Starting per-batch frontend CPU (ms) of the live server until it has measured its own: dispatch, IPC round
+trip and fan-out on a 2-vCPU EPYC VM (`python -m bench.profile_frontend`, docs/latency-model.md)."""
+FRONTEND_REQUEST_MS = 0.5
+"""Starting per-request frontend CPU (ms): the server process spent 0.57 ms per unary call and 0.39 ms per stream
+message there, its per-batch share included."""
+FRONTEND_INTERVAL_S = 0.05
+"""How often the driver reads the frontend's CPU and refreshes its cost estimates and the arrival rate."""
+FRONTEND_FORGET = 0.97
+"""Weight an interval's observation keeps per later interval (a ~1.7 s window at FRONTEND_INTERVAL_S)."""
+FRONTEND_RATE_ALPHA = 0.2
+"""Share of the newest interval in the smoothed arrival rate (a ~0.25 s window)."""
+FRONTEND_PRIOR_WEIGHT = 1.0
+"""Weight of the prior costs, as one interval of one batch and one request: the first busy intervals replace them."""
 ANSWER_MARGIN_MS = 5.0
 """The server answers this long before the caller's own deadline; with less left, a request is refused."""
 
@@ -75,8 +89,22 @@ class Driver:
     def __init__(self, scheduler: Scheduler, tables: Mapping[str, LatencyTable] | Callable[[str], LatencyTable],
                  accuracy: Mapping[str, tuple[float, ...]], max_batch: int, overhead_ms: float = 1.0,
                  workers: int = 1, max_inflight: int = 8192,
-                 contention: float | Callable[[float], float] = 0.0, start_s: float = 0.0) -> None:
+                 contention: float | Callable[[float], float] = 0.0, start_s: float = 0.0,
+                 frontend_cpu: Callable[[float], float] | None = None, frontend_batch_ms: float = 0.0,
+                 frontend_request_ms: float = 0.0) -> None:
         self.scheduler = scheduler
+        self.frontend = FrontendCost(frontend_batch_ms, frontend_request_ms)
+        """The frontend's learned per-batch and per-request CPU and the arrival rate the planner sees."""
+        self._frontend_cpu = frontend_cpu
+        """``frontend_cpu(now)``: the frontend's CPU seconds so far (the event-loop thread's; the simulator's
+        modelled frontend); None: not measured, the planner sees no frontend cost."""
+        self._frontend_s = start_s
+        self._frontend_cpu_s = frontend_cpu(start_s) if frontend_cpu is not None else 0.0
+        self._arrivals = 0
+        """Requests seen by admit (admitted or refused: both cost the frontend) since the last interval."""
+        self._dispatched = 0
+        """Batches planned since the last interval."""
+        self._frontend_version = 0
         self._fixed_tables: dict[str, LatencyTable] = {}
         self._tables: Callable[[str], LatencyTable] | None = None
         if isinstance(tables, collections.abc.Mapping):
@@ -118,6 +146,7 @@ class Driver:
         self._contexts_s = -math.inf
         """When ``_contexts`` was last brought up to date, and with which overhead allowance."""
         self._contexts_overhead_ms = overhead_ms
+        self._contexts_frontend = 0
 
     # -- admission ----------------------------------------------------------
 
@@ -128,6 +157,7 @@ class Driver:
         ``budget_ms``/``hard``: see :func:`caller_budget`. The caller answers an admitted request once
         and then calls :meth:`release`.
         """
+        self._arrivals += 1
         if self.inflight >= self.max_inflight:
             raise QueueFull(f"server has {self.inflight} requests in flight (max_inflight={self.max_inflight})")
         sched = self.scheduler
@@ -159,20 +189,31 @@ class Driver:
         if now == self._contexts_s and self.overhead_ms == self._contexts_overhead_ms:
             return current  # asked again at the same instant (admission, then dispatch): nothing moved
         self._forget_stale_overhead(now)
-        if self._steady and current and self.overhead_ms == self._contexts_overhead_ms:
+        if self._frontend_cpu is not None and now - self._frontend_s >= FRONTEND_INTERVAL_S:
+            self._observe_frontend(now)
+        if self._steady and current and self.overhead_ms == self._contexts_overhead_ms \
+                and self._frontend_version == self._contexts_frontend:
             return current
         contention = self._fixed_contention if self._contention is None else self._contention(now)
         overhead = self._contexts_overhead_ms = self.overhead_ms
+        self._contexts_frontend = self._frontend_version
+        fe = self.frontend
+        fe_batch, fe_request, rate = (fe.batch_ms, fe.request_ms, fe.arrival_per_s) if self._frontend_cpu is not None \
+            else (0.0, 0.0, 0.0)
         self._contexts_s = now
         fresh: dict[str, PlanContext] | None = None
         for model, acc in self._accuracy.items():
             table = self._fixed_tables[model] if self._tables is None else self._tables(model)
             bucket = table.bucket(contention)
             ctx = current.get(model)
-            if ctx is None or ctx.table is not table or ctx.bucket != bucket or ctx.overhead_ms != overhead:
+            if ctx is None or ctx.table is not table or ctx.bucket != bucket or ctx.overhead_ms != overhead \
+                    or ctx.arrival_per_s != rate or ctx.frontend_batch_ms != fe_batch \
+                    or ctx.frontend_request_ms != fe_request:
                 if fresh is None:
                     fresh = dict(current)
-                fresh[model] = PlanContext(table, bucket, acc, self.max_batch, overhead, workers=self.workers)
+                fresh[model] = PlanContext(table, bucket, acc, self.max_batch, overhead, workers=self.workers,
+                                           frontend_batch_ms=fe_batch, frontend_request_ms=fe_request,
+                                           arrival_per_s=rate)
         if fresh is not None:
             self._contexts = fresh
             return fresh
@@ -204,6 +245,7 @@ class Driver:
                     out.wake_at_s = step.wake_at_s
                     break
                 out.batches.append(batch)
+                self._dispatched += 1
                 idle -= 1
                 if not sched.pending():
                     break
@@ -247,6 +289,19 @@ class Driver:
         self.stopped = True
         return self.drain()
 
+    # -- the frontend's cost ------------------------------------------------------
+
+    def _observe_frontend(self, now: float) -> None:
+        """Close a measuring interval: its frontend CPU against the requests and batches it handled."""
+        assert self._frontend_cpu is not None
+        cpu_s = self._frontend_cpu(now)
+        self.frontend.observe((cpu_s - self._frontend_cpu_s) * 1e3, self._dispatched, self._arrivals,
+                              now - self._frontend_s)
+        self._frontend_cpu_s = cpu_s
+        self._frontend_s = now
+        self._arrivals = self._dispatched = 0
+        self._frontend_version += 1
+
     # -- the overhead allowance ---------------------------------------------------
 
     def _forget_stale_overhead(self, now: float) -> None:
@@ -286,6 +341,71 @@ class Driver:
 
 
 _NOTHING = DispatchOutput()
+
+
+class FrontendCost:
+    """What the frontend (one event-loop thread) spends per batch and per request, and the arrival rate.
+
+    Fit on intervals of ``cpu_ms = batch_ms x batches + request_ms x requests``: least squares over every
+    interval so far, each weighted down by FRONTEND_FORGET per later interval, plus a ridge prior toward the
+    starting costs (weight FRONTEND_PRIOR_WEIGHT), costs kept >= 0. O(1) per interval: five running sums and
+    a 2x2 solve. Under Poisson load the batch size varies, which separates the two costs; with it constant
+    the prior picks among the splits that fit (they predict the same load at that size)."""
+
+    __slots__ = ("batch_ms", "request_ms", "arrival_per_s", "prior_batch_ms", "prior_request_ms", "_bb", "_br",
+                 "_rr", "_by", "_ry", "intervals")
+
+    def __init__(self, batch_ms: float = 0.0, request_ms: float = 0.0) -> None:
+        self.batch_ms = batch_ms
+        """Frontend CPU ms per batch (dispatch, IPC round trip, result fan-out)."""
+        self.request_ms = request_ms
+        """Frontend CPU ms per request (receive, admit, answer)."""
+        self.arrival_per_s = 0.0
+        """Requests per second reaching admission, smoothed over the last few intervals."""
+        self.prior_batch_ms = batch_ms
+        self.prior_request_ms = request_ms
+        self._bb = self._br = self._rr = self._by = self._ry = 0.0
+        self.intervals = 0
+
+    def observe(self, cpu_ms: float, batches: int, requests: int, interval_s: float) -> None:
+        """An interval of ``interval_s`` in which the frontend spent ``cpu_ms`` on ``batches`` batches and
+        ``requests`` requests."""
+        if interval_s > 0.0:  # a long interval (nothing happened) weighs as the intervals it spans
+            keep = (1.0 - FRONTEND_RATE_ALPHA) ** (interval_s / FRONTEND_INTERVAL_S)
+            self.arrival_per_s = keep * self.arrival_per_s + (1.0 - keep) * requests / interval_s
+        f = FRONTEND_FORGET
+        self._bb *= f
+        self._br *= f
+        self._rr *= f
+        self._by *= f
+        self._ry *= f
+        if batches <= 0 and requests <= 0:
+            return  # an idle interval says nothing about either cost (its CPU is the loop's own upkeep)
+        b, r = float(batches), float(requests)
+        self._bb += b * b
+        self._br += b * r
+        self._rr += r * r
+        self._by += b * cpu_ms
+        self._ry += r * cpu_ms
+        self.intervals += 1
+        self._solve()
+
+    def _solve(self) -> None:
+        w = FRONTEND_PRIOR_WEIGHT
+        a11, a12, a22 = self._bb + w, self._br, self._rr + w
+        y1, y2 = self._by + w * self.prior_batch_ms, self._ry + w * self.prior_request_ms
+        det = a11 * a22 - a12 * a12
+        per_batch = (y1 * a22 - a12 * y2) / det
+        per_request = (a11 * y2 - a12 * y1) / det
+        if per_batch < 0.0:  # the best fit with the per-batch cost held at 0
+            per_batch, per_request = 0.0, max(0.0, y2 / a22)
+        elif per_request < 0.0:
+            per_batch, per_request = max(0.0, y1 / a11), 0.0
+        self.batch_ms, self.request_ms = per_batch, per_request
+
+    def load(self, batches_per_s: float) -> float:
+        """Predicted share of one core the frontend spends at the arrival rate and ``batches_per_s``."""
+        return (self.arrival_per_s * self.request_ms + batches_per_s * self.batch_ms) * 1e-3
 
 
 def percentile_95(ranked: list[float]) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import grpc
@@ -243,6 +244,8 @@ class SlonnServer:
         self.dispatcher = Dispatcher(scheduler, self.pool, MonotonicClock(), self.latency, accuracy, cfg.max_batch,
                                      overhead_ms, cfg.max_inflight, contention=self.contention,
                                      workers=cfg.workers, metrics=self.metrics,
+                                     # the event-loop thread's CPU: the planner learns the frontend's cost
+                                     frontend_cpu=time.thread_time,
                                      # a call per batch only when its line is logged
                                      on_batch=self._log_batch if log.isEnabledFor(logging.DEBUG) else None)
         self.dispatcher.start()
