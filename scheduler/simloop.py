@@ -34,6 +34,35 @@ def admission_times(send_s: Sequence[float], cost_s: float) -> list[float]:
     return out
 
 
+class Frontend:
+    """The server's frontend as one server (its event-loop thread), FIFO as far as the event order allows:
+    every piece of work starts when both its event has happened and the previous piece is done. Per request,
+    ``request_s`` of CPU, half when it is admitted and half when it is answered; per batch, ``batch_s``, half
+    to dispatch it (the worker starts after that) and half to take its result and fan it out."""
+
+    __slots__ = ("request_s", "batch_s", "free_s", "work_s")
+
+    def __init__(self, request_ms: float, batch_ms: float) -> None:
+        self.request_s = request_ms * 1e-3
+        self.batch_s = batch_ms * 1e-3
+        self.free_s = float("-inf")
+        """When the work taken on so far is done."""
+        self.work_s = 0.0
+        """CPU seconds of all the work taken on so far."""
+
+    def take(self, at_s: float, cost_s: float) -> float:
+        """Work of ``cost_s`` that can start at ``at_s``: when it is done."""
+        start = at_s if at_s > self.free_s else self.free_s
+        self.free_s = start + cost_s
+        self.work_s += cost_s
+        return self.free_s
+
+    def cpu_s(self, now_s: float) -> float:
+        """CPU spent by ``now_s`` (what the live server reads from its event-loop thread)."""
+        ahead = self.free_s - now_s
+        return self.work_s - ahead if ahead > 0.0 else self.work_s
+
+
 class SimLoop:
     """The simulated server and its clients around one :class:`Driver`: what the live ``Dispatcher`` does
     on an event (an arrival, a finished batch, a wake-up: ask the driver for a batch per idle worker and
@@ -42,8 +71,10 @@ class SimLoop:
 
     def __init__(self, driver: Driver, arrivals: Arrivals, deadline_ms: dict[str, float], table: LatencyTable,
                  draw: LatencyDraw, cfg: SimConfig, contention: ContentionProfile, model: str,
-                 on_launch: Callable[[Batch], None] | None) -> None:
+                 on_launch: Callable[[Batch], None] | None, frontend: Frontend | None = None) -> None:
         self.driver = driver
+        self.frontend = frontend
+        """The frontend as a one-server resource, or None (free, as before it was modelled)."""
         self.table = table
         self.draw = draw
         self.contention = contention
@@ -74,6 +105,9 @@ class SimLoop:
         self.out_pred = [float("nan")] * n
         self.reqs: list[QueuedRequest | None] = [None] * n  # admitted: the client cancels it on giving up
         self.running: list[tuple[float, int, Batch, float, int]] = []  # (finish_s, tie, batch, exec_ms, level)
+        self.replies: list[tuple[float, int, Batch, float, int]] = []
+        """Batches whose worker finished, as ``running``, by when the frontend has taken their result (only with
+        the frontend modelled: the worker is free again then, as the live pool's future completes then)."""
         self.free = cfg.workers
         self.wake_at = float("inf")
         self.batches = 0
@@ -86,20 +120,40 @@ class SimLoop:
     def run(self) -> None:
         """Every event in time order until none is left (arrivals first on a tie, then finished batches)."""
         inf = float("inf")
+        fe = self.frontend
         while True:
-            running = self.running
-            t_fin = running[0][0] if running else inf
+            running, replies = self.running, self.replies
+            t_run = running[0][0] if running else inf
+            t_rep = replies[0][0] if replies else inf
+            t_fin = t_run if t_run < t_rep else t_rep
             t_next = t_fin if t_fin < self.wake_at else self.wake_at
-            t_arr = self.reach[self.next_arrival] if self.next_arrival < self.n else inf
+            t_arr = inf
+            if self.next_arrival < self.n:
+                t_arr = self.reach[self.next_arrival]
+                if fe is not None:  # admission waits for the frontend, and takes half a request's cost
+                    t_arr = (t_arr if t_arr > fe.free_s else fe.free_s) + fe.request_s * 0.5
             now = t_arr if t_arr < t_next else t_next
             if now == inf:
                 break
+            if fe is not None and t_run <= now and t_run <= t_rep and t_arr > t_next:
+                # A worker finished: the frontend takes its result when it can; the batch is answered then.
+                _, tie, batch, exec_ms, li = heappop(running)
+                done = fe.take(t_run, fe.batch_s * 0.5 + len(batch.requests) * fe.request_s * 0.5)
+                heappush(replies, (done, tie, batch, exec_ms, li))
+                continue
             # Client give-ups due by now. Their only effect on the server is to cancel a queued request,
             # which nothing reacts to until the next event: applying them just before it is exact.
             self._give_up(now)
             self.now_s = now
             if t_arr <= t_next:
                 self._arrive(now)
+                if fe is not None:
+                    fe.take(now - fe.request_s * 0.5, fe.request_s * 0.5)
+                    k = self.next_arrival
+                    if k < self.n and self.reach[k] <= now:
+                        # The next request is already waiting for the loop: it is admitted before the
+                        # dispatcher's turn comes (callbacks run in order), as on a busy live event loop.
+                        continue
             elif t_fin <= now:
                 self._finish(now)
             self._dispatch(now)
@@ -124,7 +178,11 @@ class SimLoop:
         cls = self.cls_names[k]
         try:
             budget_ms, hard = 0.0, False
-            if self.ingress and now > self.offsets[k]:
+            if self.frontend is not None and now > self.offsets[k]:
+                # The deadline counts from the send; the class still decides what a late request gets.
+                left_ms = self.deadline_ms[cls] - (now - self.offsets[k]) * 1e3
+                budget_ms = left_ms if left_ms != 0.0 else -1e-9
+            elif self.ingress and now > self.offsets[k]:
                 # The caller's deadline counts from its send (the live server reads it from the call's gRPC
                 # deadline): the scheduler gets what is left, as a hard deadline.
                 left_ms = self.deadline_ms[cls] - (now - self.offsets[k]) * 1e3
@@ -135,7 +193,7 @@ class SimLoop:
 
     def _finish(self, now: float) -> None:
         """A batch finished: answer it, free the worker, feed back."""
-        _, _, batch, exec_ms, li = heappop(self.running)
+        _, _, batch, exec_ms, li = heappop(self.replies if self.frontend is not None else self.running)
         self.free += 1
         plan = batch.plan
         size = len(batch.requests)
@@ -163,7 +221,8 @@ class SimLoop:
             exec_ms = self.draw(self.contention.at(now), li, len(batch.requests))
             self.batches += 1
             self.free -= 1
-            heappush(self.running, (now + exec_ms * 1e-3 + self.dispatch_s, self.batches, batch, exec_ms, li))
+            start = now if self.frontend is None else self.frontend.take(now, self.frontend.batch_s * 0.5)
+            heappush(self.running, (start + exec_ms * 1e-3 + self.dispatch_s, self.batches, batch, exec_ms, li))
             if self.on_launch is not None:
                 self.on_launch(batch)
         wake = out.wake_at_s

@@ -31,8 +31,8 @@ from slonn.policy.table import LatencyTable
 from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Batch, Scheduler
-from slonn.scheduler.driver import Driver
-from slonn.scheduler.simloop import CLIENT_TIMEOUT, SimLoop, admission_times
+from slonn.scheduler.driver import FRONTEND_BATCH_MS, FRONTEND_REQUEST_MS, Driver
+from slonn.scheduler.simloop import CLIENT_TIMEOUT, Frontend, SimLoop, admission_times
 from slonn.scheduler.report import RequestRecord
 from slonn.scheduler.trace import Arrivals
 
@@ -134,6 +134,15 @@ class SimConfig:
     The request's deadline still counts from its send time, as the live server's does from the caller's
     gRPC deadline; one with no time left at admission is answered DEADLINE_EXCEEDED (the live server
     already does so with 5 ms left)."""
+    frontend_request_ms: float = 0.0
+    """The frontend's CPU per request (>= 0): with ``frontend_batch_ms``, the frontend is modelled as one
+    server (its event-loop thread; 0 and 0 = off). Half is spent admitting the request, half answering it;
+    arrivals wait for the frontend, and their deadline counts from their send. Not with
+    ``ingress_ms_per_request``, which models admission alone."""
+    frontend_batch_ms: float = 0.0
+    """The frontend's CPU per batch (>= 0): half to dispatch it (its worker starts after that), half to take
+    its result. The driver learns both costs from the frontend's CPU, as the live server does from its
+    event-loop thread."""
     signal_lag_s: float = 0.25
     """The planner sees the contention of this long ago (the monitor's smoothing window)."""
     max_inflight: int = 8192
@@ -146,9 +155,17 @@ class SimConfig:
             raise ValueError(f"SimConfig: workers={self.workers}, max_batch={self.max_batch}, "
                              f"max_inflight={self.max_inflight} must be >= 1")
         if min(self.overhead_ms, self.dispatch_ms, self.reply_ms_per_request, self.ingress_ms_per_request,
-               self.signal_lag_s) < 0:
+               self.signal_lag_s, self.frontend_request_ms, self.frontend_batch_ms) < 0:
             raise ValueError("SimConfig: overhead_ms, dispatch_ms, reply_ms_per_request, ingress_ms_per_request, "
-                             "signal_lag_s must be >= 0")
+                             "frontend_request_ms, frontend_batch_ms, signal_lag_s must be >= 0")
+        if self.ingress_ms_per_request > 0 and self.frontend:
+            raise ValueError("SimConfig: ingress_ms_per_request and the frontend model (frontend_request_ms, "
+                             "frontend_batch_ms) both model admission: set one")
+
+    @property
+    def frontend(self) -> bool:
+        """The frontend is modelled (its costs are not both 0)."""
+        return self.frontend_request_ms > 0 or self.frontend_batch_ms > 0
 
 
 @dataclass
@@ -214,10 +231,13 @@ def _simulate(arrivals: Arrivals, classes: Mapping[str, SLOClassConfig], policy:
     seen: float | Callable[[float], float] = contention.base  # one contention level all along
     if contention.start_s < contention.stop_s:
         seen = lambda now: contention.at(now - lag_s)  # noqa: E731 - the planner sees the signal late
+    frontend = Frontend(cfg.frontend_request_ms, cfg.frontend_batch_ms) if cfg.frontend else None
+    # The driver starts from the live server's prior costs and learns the modelled frontend's from its CPU.
     driver = Driver(sched, {model: table}, {model: accuracy}, cfg.max_batch, cfg.overhead_ms, cfg.workers,
-                    cfg.max_inflight, contention=seen)
+                    cfg.max_inflight, contention=seen, frontend_cpu=None if frontend is None else frontend.cpu_s,
+                    frontend_batch_ms=FRONTEND_BATCH_MS, frontend_request_ms=FRONTEND_REQUEST_MS)
     loop = SimLoop(driver, arrivals, {c: classes[c].latency_ms for c in set(arrivals.classes)}, table, draw, cfg,
-                   contention, model, on_launch)
+                   contention, model, on_launch, frontend)
     loop.run()
     records = []
     for k in range(n):
@@ -339,6 +359,8 @@ def sim_config(args) -> SimConfig:
     return SimConfig(workers=args.workers, max_batch=args.max_batch, overhead_ms=args.overhead_ms,
                      dispatch_ms=args.dispatch_ms, reply_ms_per_request=args.reply_ms_per_request,
                      ingress_ms_per_request=args.ingress_ms_per_request,
+                     frontend_request_ms=args.frontend_request_ms if args.frontend == "on" else 0.0,
+                     frontend_batch_ms=args.frontend_batch_ms if args.frontend == "on" else 0.0,
                      signal_lag_s=args.signal_lag_s)
 
 
@@ -373,6 +395,13 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ingress-ms-per-request", type=float, default=0.0,
                    help="simulated serial admission ms per request in the frontend (0 = off; 2-2.5 reproduced slonn's "
                         "live attainment on a 2-vCPU VM; see slonn bench-frontend)")
+    p.add_argument("--frontend", choices=("off", "on"), default="off",
+                   help="model the frontend (one event-loop thread) as a one-server resource with the costs below")
+    p.add_argument("--frontend-request-ms", type=float, default=FRONTEND_REQUEST_MS,
+                   help="frontend CPU per request with --frontend on (default: about what a unary call cost the "
+                        "server process on a 2-vCPU VM, bench.profile_frontend)")
+    p.add_argument("--frontend-batch-ms", type=float, default=FRONTEND_BATCH_MS,
+                   help="frontend CPU per batch with --frontend on (dispatch, IPC round trip, result fan-out)")
     p.add_argument("--signal-lag-s", type=float, default=0.25, help="contention signal lag seen by the planner")
     p.add_argument("--planner-table", choices=("learned", "linear"), default="learned",
                    help="learned: LatencyModel.to_table (contention buckets); linear: the server's cold-start table")
