@@ -63,6 +63,27 @@ def task_state(task_stat_text: str) -> str:
     return task_stat_text[task_stat_text.rindex(")") + 2]
 
 
+def descendants(root_pid: int, proc_root: str = "/proc") -> list[int]:
+    """Every process below ``root_pid`` (children started by any of its threads, and theirs), from /proc."""
+    out: list[int] = []
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"{proc_root}/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"{proc_root}/{pid}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 def others_load(procs_running: int, own_running: int, n_cpus: int) -> float:
     """Runnable tasks that are not ours, per CPU (>= 0)."""
     return max(0, procs_running - own_running) / n_cpus
@@ -167,6 +188,7 @@ class ContentionMonitor:
         self._clock = clock
         self._proc = proc_root
         self._own_pids = {os.getpid(), *own_pids}
+        self._own_root: int | None = None
         self._tids: dict[int, list[str]] = {}
         self._tids_at = -1e9
         self._load = Smoother(window, "mean")    # counts are 0/1-ish per sample: average them
@@ -208,6 +230,13 @@ class ContentionMonitor:
             self._own_pids.add(pid)
             self._tids_at = -1e9
 
+    def add_own_tree(self, root_pid: int) -> None:
+        """Count every descendant of ``root_pid`` as ours too (the other frontends of one server and their
+        workers), as they are at each refresh of the thread lists."""
+        with self._lock:
+            self._own_root = root_pid
+            self._tids_at = -1e9
+
     def remove_own_pid(self, pid: int) -> None:
         with self._lock:
             self._own_pids.discard(pid)
@@ -216,7 +245,10 @@ class ContentionMonitor:
     def _own_running(self, now_s: float) -> int:
         if now_s - self._tids_at > 2.0:  # thread lists change rarely: refresh every 2 s
             self._tids = {}
-            for pid in list(self._own_pids):
+            pids = set(self._own_pids)
+            if self._own_root is not None:
+                pids.update((self._own_root, *descendants(self._own_root, self._proc)))
+            for pid in pids:
                 try:
                     self._tids[pid] = os.listdir(f"{self._proc}/{pid}/task")
                 except OSError:

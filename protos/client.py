@@ -80,8 +80,12 @@ class SlonnClient:
 class AsyncSlonnClient:
     """asyncio client (grpc.aio); also the streaming call for high-rate senders."""
 
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str, own_connection: bool = False) -> None:
+        """``own_connection``: a TCP connection of this client's alone. By default gRPC shares one among the
+        channels of a process to the same target, and a server of several frontends (`slonn serve
+        --frontends N`) then sees them all on one frontend."""
+        options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else _OPTIONS
+        self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     async def infer(self, model: str, slo_class: str, x: np.ndarray, request_id: str = "",

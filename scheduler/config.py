@@ -236,6 +236,10 @@ class ServerConfig:
     """Refit the latency table early once the batches' contention, averaged over 2 s, moved this far since a
     refit at least 3 s old (``LearnerConfig.contention_trigger``; others' runnable tasks per CPU; inf = off),
     > 0."""
+    frontend_of: int | None = None
+    """The pid of the `slonn serve --frontends N` parent this server is one frontend of (None: it serves
+    alone). Its ports are then shared with the other frontends (SO_REUSEPORT), and that parent's other
+    descendants (the other frontends and their workers) are the same server, not contention."""
 
     def __post_init__(self) -> None:
         if not self.model_dirs:

@@ -69,11 +69,12 @@ class OipHttp:
             post("/v2/models/{model}/versions/{version}/infer", self.infer)])
         self.runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0 = a free port); returns the bound port."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listen on host:port (0 = a free port); returns the bound port. ``reuse_port``: share it with other
+        processes that set SO_REUSEPORT too (the other frontends of `slonn serve --frontends N`)."""
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
+        site = web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         return self.runner.addresses[0][1]
 

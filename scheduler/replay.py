@@ -48,7 +48,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                  split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
                  transport: str = "unary", client_deadline: bool = False,
                  start_at: float | None = None, on_start=None,
-                 inputs: tuple[np.ndarray, np.ndarray] | None = None) -> list[RequestRecord]:
+                 inputs: tuple[np.ndarray, np.ndarray] | None = None, channels: int = 1) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
@@ -70,9 +70,15 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     ``inputs``: (x, labels) to send, request i sending row ``i % len(x)`` (for any model: an artifact's
     held-out rows, :func:`slonn.workers.artifact.load_labelled_rows`); without them, the held-out digits of
     split ``split_seed`` (the packaged digits model's).
+
+    ``channels``: client channels, each on a TCP connection of its own (and with "stream", a stream of its
+    own); request i goes on channel ``i % channels``. A server of several frontends spreads connections,
+    not requests, over them.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
+    if channels < 1:
+        raise ValueError(f"channels={channels} must be >= 1")
     if inputs is None:
         split = load_split(seed=split_seed)
         x, y = split.x_test, split.y_test
@@ -80,9 +86,11 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
         x, y = inputs
     records = [RequestRecord(i, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
-    async with AsyncSlonnClient(target) as client:
-        await client.wait_ready()
-        await check_feature_count(client, model, x.shape[1])
+    clients = [AsyncSlonnClient(target, own_connection=channels > 1) for _ in range(channels)]
+    try:
+        for client in clients:
+            await client.wait_ready()
+        await check_feature_count(clients[0], model, x.shape[1])
         freeze_startup_heap()
         if start_at is not None:
             if time.time() > start_at:
@@ -103,10 +111,18 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                 rec.correct = bool(int(np.argmax(res.output)) == int(y[i % len(x)]))
 
         if transport == "unary":
-            send, finish = _unary_sender(client, model, records, x, timeout_factor, answered, clock,
-                                         client_deadline)
+            senders = [_unary_sender(c, model, records, x, timeout_factor, answered, clock, client_deadline)
+                       for c in clients]
         else:
-            send, finish = _stream_sender(client, model, records, x, timeout_factor, answered, clock)
+            senders = [_stream_sender(c, model, records, x, timeout_factor, answered, clock) for c in clients]
+        sends = [s for s, _ in senders]
+
+        def send(i: int) -> None:
+            sends[i % channels](i)
+
+        async def finish() -> None:
+            await asyncio.gather(*(f() for _, f in senders))
+
         for i, offset in enumerate(arrivals.offsets_s):
             delay = offset - clock()
             if delay > 0:
@@ -118,6 +134,9 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
             _progress(len(arrivals), len(arrivals), loop_t0, sys.stderr)
             sys.stderr.write("\n")
         await finish()
+    finally:
+        for client in clients:
+            await client.close()
     return records
 
 

@@ -215,6 +215,8 @@ class SlonnServer:
         # The monitor runs here, not in the workers: one signal per machine, and the workers'
         # own threads are excluded from it (they are not contention, they are us).
         self.monitor = ContentionMonitor(interval_s=0.1, window=5)  # 0.5 s of smoothing, half the samples
+        if cfg.frontend_of is not None:  # the other frontends and their workers are this server too
+            self.monitor.add_own_tree(cfg.frontend_of)
         self.pool = make_pool(cfg, spec, self.monitor)
         await self.pool.start()
         # Ray workers measure their own nodes' contention and report it with each result; the planner
@@ -263,6 +265,8 @@ class SlonnServer:
                         ("grpc.server.max_pending_requests_hard_limit", 2 * cfg.max_pending)]
         # Beyond max_inflight, gRPC rejects RESOURCE_EXHAUSTED before our handler runs: the cheapest
         # reject under overload (still after the call has reached the Python server's loop).
+        if cfg.frontend_of is not None:  # one port for every frontend: the kernel spreads the connections
+            options.append(("grpc.so_reuseport", 1))
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)
         self.servicer = InferenceServicer(self.dispatcher, self)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
@@ -281,7 +285,7 @@ class SlonnServer:
         self.http: OipHttp | None = None
         if cfg.http_port is not None:
             self.http = OipHttp(self)
-            self.http_port = await self.http.start(cfg.host, cfg.http_port)
+            self.http_port = await self.http.start(cfg.host, cfg.http_port, reuse_port=cfg.frontend_of is not None)
             log.info("Open Inference Protocol over HTTP on %s:%d", cfg.host, self.http_port)
         freeze_startup_heap()
         for service in self._health_names():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from slonn.scheduler.frontends import FRONTEND_ENV
+
 
 class ServerProcess:
     """``with ServerProcess([...serve args]) as srv: srv.target`` -> "127.0.0.1:PORT"."""
@@ -78,6 +80,21 @@ def child_pids(pid: int, all_threads: bool = False) -> list[int]:
     return out
 
 
+def frontend_of(pid: int) -> int | None:
+    """The pid of the `slonn serve --frontends N` parent that started ``pid`` as one of its frontends, else
+    None (from the environment it was started with, /proc/PID/environ)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{FRONTEND_ENV}=".encode()
+    value = next((v[len(prefix):] for v in environ if v.startswith(prefix)), None)
+    try:
+        return None if value is None else int(value.split(b":")[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` (all threads), 0.0 if it is gone."""
     from slonn.workers.corunner import cpu_seconds
@@ -91,8 +108,10 @@ class CpuUse:
     """CPU seconds a process and its children used between two :meth:`CpuMeter.read` calls."""
 
     server_s: float
+    """The server process; for `slonn serve --frontends N`, the parent and every frontend."""
     children_s: float
-    """Workers and the learner's fit process: children started by any of the server's threads."""
+    """Workers and the learner's fit process: children started by any of the server's threads (of any
+    frontend's)."""
 
     def per_request_ms(self, n: int) -> dict[str, float | None]:
         if n <= 0:
@@ -110,16 +129,25 @@ class CpuMeter:
     """
 
     def __init__(self, pid: int, cpu_of: Callable[[int], float] = process_cpu_s,
-                 children_of: Callable[[int], list[int]] = lambda pid: child_pids(pid, all_threads=True)) -> None:
+                 children_of: Callable[[int], list[int]] = lambda pid: child_pids(pid, all_threads=True),
+                 parent_of_frontend: Callable[[int], int | None] = frontend_of) -> None:
         self.pid = pid
         self._cpu_of = cpu_of
         self._children_of = children_of
+        self._parent_of_frontend = parent_of_frontend
+
+    def servers(self) -> list[int]:
+        """The server processes: ``pid``, and when it is a `slonn serve --frontends N` parent, its frontends."""
+        return [self.pid, *(c for c in self._children_of(self.pid) if self._parent_of_frontend(c) == self.pid)]
 
     def read(self) -> dict[int, float]:
-        """{pid: CPU seconds so far} for the server and each of its children."""
-        return {pid: self._cpu_of(pid) for pid in (self.pid, *self._children_of(self.pid))}
+        """{pid: CPU seconds so far} for the server process(es) and each of their children."""
+        servers = self.servers()
+        below = [c for s in servers for c in self._children_of(s) if c not in servers]
+        return {pid: self._cpu_of(pid) for pid in (*servers, *below)}
 
     def since(self, before: dict[int, float]) -> CpuUse:
-        now = self.read()
-        children = sum(max(cpu - before.get(pid, 0.0), 0.0) for pid, cpu in now.items() if pid != self.pid)
-        return CpuUse(max(now[self.pid] - before.get(self.pid, 0.0), 0.0), children)
+        servers = set(self.servers())
+        used = {pid: max(cpu - before.get(pid, 0.0), 0.0) for pid, cpu in self.read().items()}
+        return CpuUse(sum(u for pid, u in used.items() if pid in servers),
+                      sum(u for pid, u in used.items() if pid not in servers))

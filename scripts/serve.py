@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -18,6 +19,7 @@ from slonn.precision import DEFAULT_PRECISION, PRECISIONS
 from slonn.scheduler import aio
 from slonn.scheduler.compiled import state as compiled_state
 from slonn.scheduler.config import POOLS, ServerConfig, load_classes
+from slonn.scheduler.frontends import FRONTEND_ENV, FrontendGroup, die_with_parent, identity, split_workers
 from slonn.workers.placement import ask_niceness, parse_cpus, set_cpus
 
 DEFAULT_MODEL_DIR = Path("models/digits-mlp")
@@ -86,15 +88,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed on stdout)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    p.add_argument("--frontends", type=int, default=1, metavar="N",
+                   help="server processes sharing the port(s) and the workers")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per worker")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                    help="worker weights; fp32 serves exact kernels only")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch the planner forms")
     p.add_argument("--policy", default=PolicyName.SLONN.value,
-                   help="slonn[:recent_tau_ms=T] | triton | fixed:<level> | aimd")
+                   help="slonn[:recent_tau_ms=T] | triton | fixed:LEVEL | aimd")
     p.add_argument("--max-inflight", type=int, default=8192, metavar="N",
-                   help="admitted, unanswered requests beyond which calls get RESOURCE_EXHAUSTED")
+                   help="unanswered requests beyond which: RESOURCE_EXHAUSTED")
     p.add_argument("--pool", choices=POOLS, default="process",
                    help="worker processes here, or Ray actors (pip install 'slonn[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -103,7 +107,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="also serve OIP over HTTP here (0: pick one)")
     p.add_argument("--grace-s", type=float, default=10.0, metavar="S", help="drain time on SIGTERM")
     p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
-                   help="Prometheus metrics on this port (0 = off)")
+                   help="Prometheus metrics port (0 = off; frontend i: PORT+i)")
     p.add_argument("--stats-interval-s", type=float, default=10.0, metavar="S",
                    help="period of the stats log line (0 = off)")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
@@ -235,7 +239,34 @@ async def run_server(cfg: ServerConfig) -> int:
     return 0
 
 
+def frontends_problem(args) -> str | None:
+    """Why ``--frontends`` cannot be honoured with the other flags, or None."""
+    try:
+        split_workers(args.workers, args.frontends)
+    except ValueError as exc:
+        return str(exc)
+    if args.frontends > 1 and args.pool == "ray" and not args.ray_address:
+        return (f"--frontends {args.frontends} with --pool ray needs --ray-address: each frontend is a Ray "
+                f"driver, and without an address each would start a Ray of its own")
+    return None
+
+
+def as_frontend(cfg: ServerConfig) -> ServerConfig:
+    """This process as one frontend of a `--frontends N` parent (it dies with the parent, its log lines
+    name it), or ``cfg`` unchanged when it serves alone."""
+    me = identity()
+    if me is None:
+        return cfg
+    index, parent = me
+    os.environ.pop(FRONTEND_ENV)  # not inherited by its workers: they are no frontends
+    die_with_parent(parent)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s frontend-{index} %(name)s %(levelname)s %(message)s"))
+    return dataclasses.replace(cfg, frontend_of=parent)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="slonn serve", description=__doc__)
     add_server_args(p)
     args = p.parse_args(argv)
@@ -243,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"slonn serve: {exc}", file=sys.stderr)
+        return 2
+    problem = frontends_problem(args)
+    if problem:
+        print(f"slonn serve: {problem}", file=sys.stderr)
         return 2
     if cfg.pool == "ray" and importlib.util.find_spec("ray") is None:
         print("slonn serve: --pool ray needs Ray, an optional extra: pip install 'slonn[ray]' (or -e '.[ray]')",
@@ -252,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"slonn serve: {problem}", file=sys.stderr)
         return 2
+    if args.frontends > 1:
+        group = FrontendGroup(argv, args.frontends, args.workers, args.host, args.port, args.http_port,
+                              args.metrics_port, args.grace_s)
+        try:
+            return group.run()
+        except OSError as exc:  # a port taken by a process that does not share it
+            print(f"slonn serve: cannot bind {args.host}:{args.port} (or --http-port): {exc}", file=sys.stderr)
+            return 2
+    cfg = as_frontend(cfg)
     apply_nice(args.nice)
     set_cpus(args.cpus)
     return aio.run(run_server(cfg), args.event_loop)

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=2, help="stop after this many saturated rates in a row")
     p.add_argument("--client-deadline", choices=("generous", "class"), default="generous",
                    help="unary calls' gRPC deadline (generous: every late answer is received and measured)")
+    p.add_argument("--channels", type=int, default=1, metavar="K",
+                   help="client channels, each on its own connection (and stream): a server with --frontends N "
+                        "spreads connections, not requests")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
                    help="of this generator and of the started server")
     p.add_argument("--seed", type=int, default=0)
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.duration_s <= 0 or args.deadline_ms <= 0:
         p.error("--duration-s and --deadline-ms must be > 0")
+    if args.channels < 1:
+        p.error("--channels must be >= 1")
     if args.server_pid is not None and args.target is None:
         p.error("--server-pid goes with --target")
     return args
@@ -77,7 +82,8 @@ async def _sweep(args, target: str, model: str, meter: CpuMeter | None) -> dict:
         points = await sweep_transport(
             target, model, transport, args.rates, args.duration_s, args.deadline_ms, meter, rule,
             warmup_s=args.warmup_s, seed=args.seed, client_deadline=args.client_deadline == "class",
-            on_point=lambda pt: print(format_sweep_table([pt]).splitlines()[-1], file=sys.stderr, flush=True))
+            on_point=lambda pt: print(format_sweep_table([pt]).splitlines()[-1], file=sys.stderr, flush=True),
+            channels=args.channels)
         out[transport] = points
     return out
 

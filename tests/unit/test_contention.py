@@ -8,7 +8,7 @@ import os
 import pytest
 
 from slonn.policy.contention import GPU_SAMPLE_HOLD_S, ContentionMonitor, GpuSampler, Smoother, combine, others_gpu_busy, \
-    others_load, parse_procs_running, probe_slowdown, task_state
+    descendants, others_load, parse_procs_running, probe_slowdown, task_state
 
 STAT = "cpu  1 2 3 4\ncpu0 1 2 3 4\nintr 5\nctxt 6\nprocs_running 5\nprocs_blocked 0\n"
 
@@ -75,6 +75,20 @@ def test_monitor_on_injected_proc_tree_subtracts_own_running_tasks(tmp_path):
     mon.remove_own_pid(4242)
     assert mon.sample_once() == pytest.approx((2 / n_cpus + 3 / n_cpus) / 2)  # smoothed over the window
     assert [t for t, _ in mon.history] == [0.0, 1.0]
+
+
+def test_a_frontend_counts_every_process_of_its_group_as_its_own(tmp_path):
+    # 100: the `--frontends` parent; 200 (this monitor's frontend) and 300: frontends; 301: 300's worker.
+    me = os.getpid()
+    _fake_proc(tmp_path, procs_running=3, states={me: "R", 100: "S", 300: "R", 301: "R"})
+    (tmp_path / "100" / "task" / "100" / "children").write_text(f"{me} 300\n")
+    (tmp_path / "300" / "task" / "300" / "children").write_text("301\n")
+    assert sorted(descendants(100, str(tmp_path))) == sorted([me, 300, 301])
+    clock = iter(float(i) for i in range(100))
+    mon = ContentionMonitor(probe=False, window=1, clock=lambda: next(clock), proc_root=str(tmp_path))
+    assert mon.sample_once() == pytest.approx(2 / mon.n_cpus)  # the other frontend and its worker: others
+    mon.add_own_tree(100)
+    assert mon.sample_once() == pytest.approx(0.0)  # the same server: not contention
 
 
 def test_live_monitor_returns_finite_non_negative_values():
