@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -178,3 +180,12 @@ def test_stopping_the_parent_ends_every_process_of_the_group(group):
     assert len(tree) >= 4  # two frontends, each with at least a worker
     assert srv.stop() == 0
     assert still_running(tree) == []
+
+
+def test_a_frontend_that_cannot_start_stops_the_group_with_exit_1(tmp_path):
+    cmd = [sys.executable, "-m", "slonn.scripts.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+           "--model-dir", str(tmp_path / "no-model"), "--frontends", "2", "--workers", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "slonn listening" not in done.stdout
+    assert "before it served; stopping every frontend" in done.stderr
