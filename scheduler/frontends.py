@@ -107,7 +107,6 @@ class _Frontend:
     argv: list[str]
     proc: subprocess.Popen | None = None
     ready: bool = False
-    starts: int = 0
     _buffer: bytes = field(default=b"", repr=False)
 
 
@@ -141,7 +140,6 @@ class FrontendGroup:
         # group, and a terminal's Ctrl-C reaches the parent only, which passes it on.
         f.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, start_new_session=True)
         f.ready, f._buffer = False, b""
-        f.starts += 1
         os.set_blocking(f.proc.stdout.fileno(), False)
         self._sel.register(f.proc.stdout, selectors.EVENT_READ, f)
         log.info("frontend %d: started (pid %d, %d worker(s))", f.index, f.proc.pid, self.shares[f.index])
