@@ -30,7 +30,8 @@ class SLOClassConfig:
     max_queue: int = 1024
     """Queued requests beyond this are rejected RESOURCE_EXHAUSTED at once (> 0)."""
     on_late: OnLate = OnLate.REJECT
-    """"reject": answer DEADLINE_EXCEEDED as soon as the deadline is out of reach; "serve": answer late, flagged
+    """"reject": answer DEADLINE_EXCEEDED as soon as the deadline is out of reach (or when the batch finishes
+    after it: never a late result); "serve": answer late, flagged
     (given as either string, stored as the member)."""
     mode: Mode = Mode.LATENCY
     """"latency": meet the deadline at the highest accuracy; "accuracy": meet the floor at the lowest latency."""

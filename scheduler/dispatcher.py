@@ -343,6 +343,10 @@ class Dispatcher:
         for req, out in zip(batch.requests, outputs):
             if req.handle.done():
                 continue  # the caller already left
+            missed = self.driver.missed(req, now)
+            if missed is not None:  # finished after a deadline that must not be served late
+                self._fail(req, missed)
+                continue
             late = now > req.pending.deadline_s
             self.metrics.served(req.model, req.slo_class, late, (now - req.pending.arrival_s) * 1e3, plan.level)
             queue_ms.labels(req.slo_class).observe((batch.planned_at_s - req.pending.arrival_s) * 1e3)

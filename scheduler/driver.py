@@ -16,6 +16,7 @@ import collections.abc
 import math
 from typing import Any, Callable, Mapping
 
+from slonn.policy.names import OnLate
 from slonn.policy.planner import PlanContext
 from slonn.policy.table import LatencyTable
 from slonn.scheduler.core import Batch, Scheduler
@@ -266,6 +267,19 @@ class Driver:
         """``batch`` ran in ``exec_ms`` and its answers are back at ``now``: learn from it."""
         self._observe_overhead((now - batch.planned_at_s) * 1e3 - exec_ms, now)
         self.scheduler.update_from_output(batch, exec_ms, now)
+
+    def missed(self, req: QueuedRequest, now: float) -> DeadlineUnreachable | None:
+        """The answer for ``req``, whose batch finished at ``now``, if its result may not be served: a
+        request that must not be answered late (class ``on_late = "reject"``, or a caller's deadline that
+        binds) whose batch finished after its deadline gets DEADLINE_EXCEEDED, not a result flagged late.
+        None: serve the result (in time, or late in a class that serves late answers, flagged ``late``)."""
+        p = req.pending
+        if now <= p.deadline_s or p.on_late != OnLate.REJECT:
+            return None
+        return DeadlineUnreachable(
+            f"deadline missed by {(now - p.deadline_s) * 1e3:.1f} ms: the {(p.deadline_s - p.arrival_s) * 1e3:.1f} ms "
+            f"deadline passed before the batch finished; late results are served only in on_late = \"serve\" "
+            f"classes (slo_class {req.slo_class!r})")
 
     def on_worker_died(self, requests: list[QueuedRequest]) -> tuple[list[QueuedRequest], list[QueuedRequest]]:
         """The worker running a batch died; ``requests``: its requests whose callers still wait.

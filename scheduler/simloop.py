@@ -201,6 +201,11 @@ class SimLoop:
         for pos, req in enumerate(batch.requests):
             k: int = req.handle
             if status[k] is None:
+                missed = self.driver.missed(req, now)
+                if missed is not None:  # as the live dispatcher answers it
+                    status[k], self.answer_s[k] = missed.kind.value, now
+                    self.driver.release()
+                    continue
                 status[k] = "OK"
                 self.answer_s[k] = now + pos * self.reply_s
                 self.out_level[k], self.out_batch[k], self.out_exec[k] = plan.level, size, exec_ms

@@ -25,6 +25,7 @@ ACC = (0.97, 0.96, 0.95)
 CLASSES = {
     "slow": SLOClassConfig("slow", latency_ms=10_000, min_accuracy=0.9, max_queue=1000),
     "tight": SLOClassConfig("tight", latency_ms=10, min_accuracy=0.9),
+    "tight-serve": SLOClassConfig("tight-serve", latency_ms=10, min_accuracy=0.9, on_late="serve"),
 }
 
 
@@ -167,6 +168,48 @@ async def test_a_retried_request_that_can_no_longer_make_its_deadline_is_expired
     with pytest.raises(DeadlineUnreachable):
         await tight
     assert len(pool.submitted) == 1 and d.inflight == 0 and d.scheduler.pending() == 0
+
+
+def answers(d: Dispatcher, slo_class: str) -> dict[str, float]:
+    """slonn_answers_total for model m and ``slo_class``, by result."""
+    return {s.labels["result"]: s.value for metric in d.metrics.registry.collect() for s in metric.samples
+            if s.name == "slonn_answers_total" and s.labels["slo_class"] == slo_class}
+
+
+@pytest.mark.parametrize("slo_class", ["tight", "tight-serve"])
+async def test_a_batch_finishing_after_the_deadline_is_answered_by_the_class_on_late(slo_class):
+    """A pool slower than predicted: in a reject class the late result is DEADLINE_EXCEEDED (counted so),
+    never an OK flagged late; in a serve class it is served, flagged late."""
+    clock = FakeClock(100.0)
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool, clock)
+    call = asyncio.create_task(d.infer("m", slo_class, x(3)))  # 10 ms deadline; predicted about 1.1 ms
+    await until(lambda: len(pool.submitted) == 1, "running")
+    clock.advance(0.0125)  # the batch takes 12.5 ms: 2.5 ms past the deadline
+    pool.finish(0, exec_ms=12.5)
+    if slo_class == "tight":
+        with pytest.raises(DeadlineUnreachable, match=r"missed by 2\.5 ms: the 10\.0 ms deadline") as caught:
+            await call
+        assert caught.value.kind == ErrorKind.DEADLINE_EXCEEDED
+        assert answers(d, slo_class) == {"DEADLINE_EXCEEDED": 1.0}
+    else:
+        done = await call
+        assert done.late and done.output[0] == 3
+        assert answers(d, slo_class) == {"late": 1.0}
+    assert d.inflight == 0
+
+
+async def test_a_batch_finishing_in_time_in_a_reject_class_is_served_not_late():
+    clock = FakeClock(100.0)
+    pool = FakeWorkerPool(workers=1)
+    d = make(pool, clock)
+    call = asyncio.create_task(d.infer("m", "tight", x(4)))
+    await until(lambda: len(pool.submitted) == 1, "running")
+    clock.advance(0.0099)
+    pool.finish(0, exec_ms=9.9)
+    done = await call
+    assert not done.late and done.output[0] == 4
+    assert answers(d, "tight") == {"in_slo": 1.0}
 
 
 async def one_running_one_queued(pool: FakeWorkerPool, d: Dispatcher) -> tuple[asyncio.Task, asyncio.Task]:
