@@ -74,18 +74,19 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.server.ready())
 
     async def ModelReady(self, request, context):
-        try:
-            oip.find_model(self.server.manifests, request.name, request.version)
-        except RequestError as exc:
-            await self._abort(context, exc)
-        return pb.ModelReadyResponse(ready=self.server.ready())
+        if request.name not in self.server.failed:  # a model that failed to load is known, and not ready
+            try:
+                self.server.find_model(request.name, request.version)
+            except RequestError as exc:
+                await self._abort(context, exc)
+        return pb.ModelReadyResponse(ready=self.server.model_ready(request.name))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=oip.SERVER_NAME, version=_version(), extensions=oip.EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
         try:
-            manifest = oip.find_model(self.server.manifests, request.name, request.version)
+            manifest = self.server.find_model(request.name, request.version)
         except RequestError as exc:
             await self._abort(context, exc)
         inp, out = oip.tensor_metadata(manifest)
@@ -96,7 +97,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         try:
-            manifest = oip.find_model(self.server.manifests, request.name, request.version)
+            manifest = self.server.find_model(request.name, request.version)
         except RequestError as exc:
             await self._abort(context, exc)
         config = mc.ModelConfig(
@@ -111,7 +112,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = [request.name] if request.name else sorted(self.server.manifests)
         try:
             for name in names:
-                oip.find_model(self.server.manifests, name, request.version)
+                self.server.find_model(name, request.version)
         except RequestError as exc:
             await self._abort(context, exc)
         resp = pb.ModelStatisticsResponse()
@@ -154,13 +155,13 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         srv = self.server
         slo_class, samples = "", 0
         try:
-            manifest = oip.find_model(srv.manifests, request.model_name, request.model_version)
+            manifest = srv.find_model(request.model_name, request.model_version)
             slo_class, budget = oip.read_parameters(read_parameters(request.parameters), srv.default_class)
             x = self._samples(request, manifest)
             samples = len(x)
             done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, time_remaining_s)
         except RequestError as exc:
-            oip.count_error(srv.metrics, srv.manifests, srv.cfg.classes, request.model_name, slo_class, exc,
+            oip.count_error(srv.metrics, srv.known_models, srv.cfg.classes, request.model_name, slo_class, exc,
                             max(samples, 1))
             self._tally(request.model_name, started, None)
             raise

@@ -83,7 +83,7 @@ class OipHttp:
             await self.runner.cleanup()
 
     def _model(self, request: web.Request):
-        return oip.find_model(self.server.manifests, request.match_info["model"],
+        return self.server.find_model(request.match_info["model"],
                               request.match_info.get("version", ""))
 
     async def server_metadata(self, request):
@@ -101,8 +101,10 @@ class OipHttp:
         return web.json_response(oip.model_metadata(self._model(request)))
 
     async def model_ready(self, request):
-        self._model(request)
-        return web.Response(status=200 if self.server.ready() else 503)
+        name = request.match_info["model"]
+        if name not in self.server.failed:  # a model that failed to load is known, and not ready
+            self._model(request)
+        return web.Response(status=200 if self.server.model_ready(name) else 503)
 
     async def model_config(self, request):
         m = self._model(request)
@@ -126,7 +128,7 @@ class OipHttp:
             want_binary = _binary_output(body)
             done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, None)
         except RequestError as exc:
-            oip.count_error(srv.metrics, srv.manifests, srv.cfg.classes, model, slo_class, exc, max(samples, 1))
+            oip.count_error(srv.metrics, srv.known_models, srv.cfg.classes, model, slo_class, exc, max(samples, 1))
             raise
         out = oip.outputs(done)
         params = oip.summary_parameters(done, (time.perf_counter_ns() - started) * 1e-6)

@@ -25,20 +25,21 @@ from slonn.scheduler.config import ServerConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
 from slonn.scheduler.driver import ANSWER_MARGIN_MS, caller_budget
-from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError
+from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError, Unavailable
 from slonn.scheduler.grpc_status import grpc_status
 from slonn.scheduler.streams import answer_in_completion_order
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
+from slonn.scheduler import oip
 from slonn.scheduler.oip import count_error
 from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from slonn.scheduler.oip_grpc import OipServicer
 from slonn.scheduler.oip_http import OipHttp
-from slonn.workers.artifact import ModelManifest, load_manifest
+from slonn.workers.artifact import ModelManifest
 from slonn.workers.contract import RangeCheck
 from slonn.workers.heap import freeze_startup_heap
 from slonn.workers.pool import InProcessPool, ProcessPool, WorkerPool
-from slonn.workers.process import WorkerSpec
+from slonn.workers.process import WorkerSpec, model_name
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -64,6 +65,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not request.model:
             raise InvalidArgument("model: must be set; see ListModels for the served models")
         if manifest is None:
+            self.server.check_loaded(request.model)
             # Let the scheduler produce the NOT_FOUND with the list of models.
             self.dispatcher.scheduler.make_request(request.model, request.slo_class, 0.0)
         if not request.slo_class:
@@ -108,7 +110,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _count(self, request: pb.InferRequest, exc: RequestError) -> None:
         """Count an error raised before the dispatcher saw the request (a bad tensor, an unknown model)."""
         srv = self.server
-        count_error(srv.metrics, srv.manifests, srv.cfg.classes, request.model, request.slo_class, exc)
+        count_error(srv.metrics, srv.known_models, srv.cfg.classes, request.model, request.slo_class, exc)
 
     async def Infer(self, request, context):
         self.calls += 1
@@ -226,6 +228,10 @@ class SlonnServer:
             self.monitor.watch_gpu(self.pool.gpu_uuid)
         self.monitor.start()
         self.manifests = dict(self.pool.manifests)
+        self.failed = dict(self.pool.failed)
+        """Models the workers could not load: not served, NOT_SERVING in health, their calls UNAVAILABLE."""
+        for name, error in self.failed.items():
+            log.error("model %s is not served: its workers could not load it: %s", name, error)
         self.range_checks = {name: RangeCheck(m.contract) for name, m in self.manifests.items()}
         self.latency = LearnedLatency({
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch,
@@ -288,15 +294,34 @@ class SlonnServer:
             self.http_port = await self.http.start(cfg.host, cfg.http_port, reuse_port=cfg.frontend_of is not None)
             log.info("Open Inference Protocol over HTTP on %s:%d", cfg.host, self.http_port)
         freeze_startup_heap()
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         for service in self._health_names():
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            up = self.model_ready(service) if service in self.known_models else (service != "" or self.ready())
+            await self.health.set(service, serving if up else not_serving)
         log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s)", sorted(self.manifests), cfg.host,
                  self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision)
         return self.port
 
     def _health_names(self) -> tuple[str, ...]:
         """What gRPC health answers for: the server (""), both protocols' services and each model by name."""
-        return ("", SERVICE_NAME, OIP_SERVICE_NAME, *sorted(self.manifests))
+        return ("", SERVICE_NAME, OIP_SERVICE_NAME, *sorted(self.known_models))
+
+    @property
+    def known_models(self) -> set[str]:
+        """The models the server was started with: served, or failed to load (metrics label them by name)."""
+        return set(self.manifests) | set(self.failed)
+
+    def check_loaded(self, model: str) -> None:
+        """Raise UNAVAILABLE, naming the model and why, if the workers could not load ``model``."""
+        if model in self.failed:
+            raise Unavailable(f"model {model!r} is not available: its workers could not load it "
+                              f"({self.failed[model]}); served models: {sorted(self.manifests)}")
+
+    def find_model(self, name: str, version: str = "") -> ModelManifest:
+        """The served model ``name`` (Open Inference Protocol lookup): UNAVAILABLE if it failed to load,
+        NOT_FOUND if the server has no such model."""
+        self.check_loaded(name)
+        return oip.find_model(self.manifests, name, version)
 
     @property
     def default_class(self) -> str:
@@ -304,12 +329,20 @@ class SlonnServer:
         return self.cfg.default_class or next(iter(self.cfg.classes))
 
     def ready(self) -> bool:
-        """Admitting requests, with a worker running or able to start."""
+        """Admitting requests, with a worker running or able to start, and every model loaded (as Triton's
+        ServerReady: a server missing one of its models is not ready, though it serves the others)."""
+        return self._up() and not self.failed
+
+    def model_ready(self, name: str) -> bool:
+        """``name`` is served and the server is admitting requests."""
+        return self._up() and name in self.manifests
+
+    def _up(self) -> bool:
         return self.dispatcher.accepting and not self.pool.broken()
 
     async def _base_rows(self, manifest: ModelManifest) -> list[LatencySample]:
         """The model's saved profile if `slonn profile` wrote one, else a quick warm-up sweep on the workers."""
-        directory = next(d for d in self.cfg.model_dirs if load_manifest(d).name == manifest.name)
+        directory = next(d for d in self.cfg.model_dirs if model_name(d) == manifest.name)
         # Judged against the niceness the workers got: without CAP_SYS_NICE it is not the one asked for.
         rows = base_rows(directory, self.cfg.precision, self.pool.niceness, on_gpu=bool(self.pool.gpu_uuid))
         if rows:

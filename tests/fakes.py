@@ -23,6 +23,7 @@ class FakeWorkerPool(WorkerPool):
         self.workers = workers
         self.out_features = out_features
         self.manifests = {}
+        self.failed = {}
         self.submitted: list[tuple[BatchTask, asyncio.Future]] = []
         self._busy = 0
         self.is_broken = False

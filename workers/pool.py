@@ -67,9 +67,18 @@ class WorkerPool(ABC):
         or WorkerDied.
         """
 
+    failed: dict[str, str]
+    """model name -> why the workers could not load it: not served (the other models are)."""
+
     def broken(self) -> bool:
         """No worker is left and none can be started: nothing queued will ever run."""
         return False
+
+    def take_models(self, ready: WorkerReady) -> None:
+        """A worker is up with ``ready``'s models: a model any worker failed to load stays unserved (a batch
+        of it could reach a worker without it)."""
+        self.failed.update(ready.failed)
+        self.manifests = {n: ModelManifest.from_json(m) for n, m in ready.models.items() if n not in self.failed}
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -84,9 +93,10 @@ class InProcessPool(WorkerPool):
         self._busy = 0
         self._executor: ThreadPoolExecutor | None = None
         self.manifests = {}
+        self.failed = {}
 
     async def start(self) -> None:
-        self._runners = await asyncio.to_thread(load_runners, self.spec)
+        self._runners = await asyncio.to_thread(load_runners, self.spec, self.failed)
         await asyncio.to_thread(warm_up, self._runners)
         self.manifests = {n: r.manifest for n, r in self._runners.items()}
         device = next(iter(self._runners.values())).device
@@ -141,6 +151,7 @@ class ProcessPool(WorkerPool):
         self.task_timeout_s = task_timeout_s
         """A batch running longer than this is taken as a hung worker: it is killed and replaced."""
         self.manifests = {}
+        self.failed = {}
         self.restarts = 0
         self._ctx = mp.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
@@ -184,7 +195,7 @@ class ProcessPool(WorkerPool):
             self._on_exit(w)
 
     def _on_ready(self, w: _Worker, msg: WorkerReady) -> None:
-        self.manifests = {n: ModelManifest.from_json(m) for n, m in msg.models.items()}
+        self.take_models(msg)
         self._start_failures = 0
         if not self.spec.kernel_tables and msg.kernel_table:
             # Replacements reuse this measurement: a restart should not pay for calibration again.

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from slonn.precision import DEFAULT_PRECISION
+from slonn.workers.artifact import load_manifest
 from slonn.workers.device import gpu_uuid
 from slonn.workers.heap import freeze_startup_heap
 from slonn.workers.placement import ask_niceness, set_cpus
@@ -44,18 +45,40 @@ class WorkerSpec:
     """The CPUs the worker may run on, set before it loads anything; None: its parent's."""
 
 
-def load_runners(spec: WorkerSpec) -> dict[str, ModelRunner]:
+def load_runners(spec: WorkerSpec, failed: dict[str, str] | None = None) -> dict[str, ModelRunner]:
+    """A runner per model of ``spec``. With ``failed`` given, a model that cannot be loaded is recorded there
+    (its name -> the error) and the others load; without, the first such error is raised. A worker whose
+    every model failed raises: it has nothing to serve."""
     torch.set_num_threads(spec.threads)
     runners = {}
     for directory in spec.model_dirs:
-        runner = ModelRunner.load(Path(directory), spec.device, spec.precision)
+        try:
+            runner = ModelRunner.load(Path(directory), spec.device, spec.precision)
+        except Exception as exc:
+            if failed is None:
+                raise
+            name = model_name(Path(directory))
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            log.error("model %s (%s) could not be loaded; serving the others: %s", name, directory, failed[name])
+            continue
         table = spec.kernel_tables.get(runner.manifest.name)
         if table:
             runner.use_kernel_table(table)
         elif spec.calibrate:
             runner.calibrate()
         runners[runner.manifest.name] = runner
+    if not runners and failed:
+        raise RuntimeError(f"no model could be loaded: {failed}")
     return runners
+
+
+def model_name(directory: Path) -> str:
+    """The name of the model in ``directory`` as its manifest gives it, or the directory's name when the
+    manifest itself cannot be read."""
+    try:
+        return load_manifest(directory).name
+    except Exception:  # noqa: BLE001 - a broken artifact is named as best we can
+        return directory.name
 
 
 def execute(runners: dict[str, ModelRunner], task: BatchTask, worker_id: int) -> BatchResult | WorkerFailure:
@@ -105,11 +128,12 @@ def worker_main(worker_id: int, spec: WorkerSpec, conn: Connection) -> None:
     niceness = (os.getpriority(os.PRIO_PROCESS, 0) if spec.worker_nice is None
                 else ask_niceness(spec.worker_nice, f"worker {worker_id}"))
     cpus = set_cpus(spec.worker_cpus)
-    runners = load_runners(spec)
+    failed: dict[str, str] = {}
+    runners = load_runners(spec, failed)
     warm_up(runners)
     freeze_startup_heap()
     device = next(iter(runners.values())).device
-    conn.send(WorkerReady(
+    conn.send(WorkerReady(failed=failed,
         worker_id=worker_id, pid=os.getpid(), device=str(device), gpu_uuid=gpu_uuid(device),
         models={name: r.manifest.to_json() for name, r in runners.items()},
         kernel_table={name: r.chooser.to_json() for name, r in runners.items()}, niceness=niceness, cpus=cpus,

@@ -62,6 +62,8 @@ class WorkerReady:
     gpu_uuid: str = ""
     """NVML's name of the worker's GPU ("GPU-<uuid>"; ``workers.device.gpu_uuid``), "" on the CPU: the
     server's contention monitor watches that GPU for other processes."""
+    failed: dict = field(default_factory=dict)
+    """model name -> why the worker could not load it (the worker serves the others)."""
 
 
 @dataclass(frozen=True)

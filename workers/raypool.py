@@ -110,6 +110,7 @@ class RayPool(WorkerPool):
         self.task_timeout_s = task_timeout_s
         """A batch running longer than this is taken as a hung (or unreachable) worker: killed and replaced."""
         self.manifests = {}
+        self.failed = {}
         self.restarts = 0
         self.max_start_failures = 5
         """Consecutive workers dying before they are ready, after which the pool stops starting more."""
@@ -205,7 +206,7 @@ class RayPool(WorkerPool):
 
     def _on_ready(self, w: _Actor, msg: RayReady) -> None:
         ready = msg.ready
-        self.manifests = {n: ModelManifest.from_json(m) for n, m in ready.models.items()}
+        self.take_models(ready)
         self._start_failures = 0
         self.node_tables.setdefault(msg.node, dict(ready.kernel_table))
         self.device, self.niceness, self.gpu_uuid = ready.device, ready.niceness, ready.gpu_uuid

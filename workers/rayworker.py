@@ -79,7 +79,8 @@ class RayWorker:
                        kernel_tables=node_tables.get(self.node, {}))
         self.niceness = (os.getpriority(os.PRIO_PROCESS, 0) if spec.worker_nice is None
                          else ask_niceness(spec.worker_nice, f"ray worker {worker_id}"))
-        self.runners = load_runners(spec)
+        self.failed: dict[str, str] = {}
+        self.runners = load_runners(spec, self.failed)
         warm_up(self.runners)
         freeze_startup_heap()
         self.device = next(iter(self.runners.values())).device
@@ -96,7 +97,7 @@ class RayWorker:
             worker_id=self.worker_id, pid=os.getpid(), device=str(self.device), gpu_uuid=gpu_uuid(self.device),
             models={name: r.manifest.to_json() for name, r in runners.items()},
             kernel_table={name: r.chooser.to_json() for name, r in runners.items()}, niceness=self.niceness,
-            cpus=tuple(sorted(os.sched_getaffinity(0)))), self.node)
+            cpus=tuple(sorted(os.sched_getaffinity(0))), failed=dict(self.failed)), self.node)
 
     def run(self, task: BatchTask) -> BatchResult | WorkerFailure:
         """Run one task; the result carries this node's contention at its end."""
