@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from slonn.policy.contention import ContentionMonitor
 from slonn.policy.factory import make_policy
@@ -35,6 +34,7 @@ from slonn.scheduler.oip import count_error
 from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from slonn.scheduler.oip_grpc import OipServicer
 from slonn.scheduler.oip_http import OipHttp
+from slonn.scheduler.reflection import enable_reflection
 from slonn.workers.artifact import ModelManifest
 from slonn.workers.contract import RangeCheck
 from slonn.workers.heap import freeze_startup_heap
@@ -281,9 +281,8 @@ class SlonnServer:
         oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.oip, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.grpc)
+        enable_reflection((SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                          self.grpc)
         self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")

@@ -241,6 +241,29 @@ async def test_health_reports_serving(client, service):
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_lists_the_services_and_gives_their_descriptors(client, version):
+    """grpcurl and other reflection clients, on either version of the protocol."""
+    if version == "v1":
+        from slonn.protos import grpc_reflection_v1_pb2 as rpb
+        from slonn.protos import grpc_reflection_v1_pb2_grpc as rgrpc
+    else:
+        from grpc_reflection.v1alpha import reflection_pb2 as rpb
+        from grpc_reflection.v1alpha import reflection_pb2_grpc as rgrpc
+    from google.protobuf import descriptor_pb2
+
+    stub = rgrpc.ServerReflectionStub(client.channel)
+    requests = [rpb.ServerReflectionRequest(list_services=""),
+                rpb.ServerReflectionRequest(file_containing_symbol="slonn.v1.Inference")]
+    listed, found = [r async for r in stub.ServerReflectionInfo(iter(requests), timeout=10)]
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"slonn.v1.Inference", "inference.GRPCInferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in found.file_descriptor_response.file_descriptor_proto]
+    assert any(f.package == "slonn.v1" and [s.name for s in f.service] == ["Inference"] for f in files)
+
+
 # -- errors: each one a status naming the field, and the server keeps serving --------------------
 
 

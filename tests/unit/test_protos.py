@@ -23,3 +23,27 @@ def test_stubs_import_as_a_package():
     text = (Path(PROTO_DIR) / "slonn_pb2_grpc.py").read_text()
     assert "from slonn.protos import slonn_pb2" in text
     assert pb.DESCRIPTOR.services_by_name["Inference"].full_name == "slonn.v1.Inference"
+
+
+def test_reflection_v1_is_the_v1alpha_protocol_under_its_own_package():
+    """Served by delegating to grpcio-reflection's v1alpha servicer, v1 must match it message for message and
+    field for field (names, numbers, types, labels, oneofs) and method for method: then the two convert
+    losslessly through the wire format."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as alpha
+
+    from slonn.protos import grpc_reflection_v1_pb2 as v1
+
+    def shape(module, package: str) -> tuple:
+        fd = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(fd)
+        assert fd.package == package
+        local = lambda name: name.replace(f".{package}.", ".")  # noqa: E731
+        messages = {m.name: ([(f.name, f.number, f.type, f.label, local(f.type_name),
+                               m.oneof_decl[f.oneof_index].name if f.HasField("oneof_index") else None)
+                              for f in m.field], len(m.nested_type), len(m.enum_type)) for m in fd.message_type}
+        services = {s.name: [(me.name, local(me.input_type), local(me.output_type), me.client_streaming,
+                              me.server_streaming) for me in s.method] for s in fd.service}
+        return messages, services, len(fd.enum_type), len(fd.extension)
+
+    assert shape(v1, "grpc.reflection.v1") == shape(alpha, "grpc.reflection.v1alpha")
