@@ -4,12 +4,15 @@
         result = client.infer("digits-mlp", "interactive", x)   # x: 64 float32 features
         print(result.output.argmax(), result.level, result.exec_ms)
 
-Errors arrive as ``grpc.RpcError`` with the server's status code and message.
+Errors arrive as ``grpc.RpcError`` with the server's status code and message. A server behind TLS or a
+bearer token (``slonn serve --tls-cert ... --auth-token-file ...``) takes a :class:`ClientSecurity`.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterable, AsyncIterator
 
 import grpc
@@ -52,20 +55,71 @@ def make_request(model: str, slo_class: str, x: np.ndarray, request_id: str = ""
                            request_id=request_id, latency_budget_ms=latency_budget_ms)
 
 
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How to reach a server that speaks TLS or wants a bearer token."""
+
+    tls: bool = False
+    """Speak TLS, verifying the server against the system's CAs (implied by ``ca_file``)."""
+    ca_file: Path | None = None
+    """PEM CA certificate(s) to verify the server's certificate against (a private CA, a self-signed one)."""
+    cert_file: Path | None = None
+    """PEM client certificate, for a server requiring mutual TLS (with ``key_file``)."""
+    key_file: Path | None = None
+    token_file: Path | None = None
+    """A file holding the bearer token sent with every call."""
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """The channel's TLS credentials, or None for plaintext."""
+        if not (self.tls or self.ca_file or self.cert_file):
+            return None
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key: give both --tls-cert and --tls-key")
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries: the bearer token, if any."""
+        if self.token_file is None:
+            return ()
+        return (("authorization", f"Bearer {Path(self.token_file).read_text().strip()}"),)
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """The client's TLS and token flags (see :class:`ClientSecurity`)."""
+    p.add_argument("--tls", action="store_true", help="speak TLS, verifying the server against the system's CAs")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                   help="speak TLS, verifying the server against this CA certificate")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="client certificate, for a server requiring mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--auth-token-file", type=Path, default=None, metavar="FILE",
+                   help="send the bearer token in this file with every call")
+
+
+def security_from_args(args) -> ClientSecurity:
+    return ClientSecurity(tls=args.tls, ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                          token_file=args.auth_token_file)
+
+
 class SlonnClient:
     """Blocking client."""
 
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str, security: ClientSecurity | None = None) -> None:
+        security = security or ClientSecurity()
+        credentials = security.credentials()
+        self.channel = (grpc.secure_channel(target, credentials, options=_OPTIONS) if credentials
+                        else grpc.insecure_channel(target, options=_OPTIONS))
+        self.metadata = security.metadata()
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     def infer(self, model: str, slo_class: str, x: np.ndarray, request_id: str = "",
               latency_budget_ms: float = 0.0, timeout_s: float | None = None) -> InferResult:
         req = make_request(model, slo_class, x, request_id, latency_budget_ms)
-        return InferResult.from_proto(self.stub.Infer(req, timeout=timeout_s))
+        return InferResult.from_proto(self.stub.Infer(req, timeout=timeout_s, metadata=self.metadata))
 
     def list_models(self, timeout_s: float | None = 10.0) -> pb.ListModelsResponse:
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -80,27 +134,31 @@ class SlonnClient:
 class AsyncSlonnClient:
     """asyncio client (grpc.aio); also the streaming call for high-rate senders."""
 
-    def __init__(self, target: str, own_connection: bool = False) -> None:
+    def __init__(self, target: str, security: ClientSecurity | None = None, own_connection: bool = False) -> None:
         """``own_connection``: a TCP connection of this client's alone. By default gRPC shares one among the
         channels of a process to the same target, and a server of several frontends (`slonn serve
         --frontends N`) then sees them all on one frontend."""
         options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else _OPTIONS
-        self.channel = grpc.aio.insecure_channel(target, options=options)
+        security = security or ClientSecurity()
+        credentials = security.credentials()
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.aio.insecure_channel(target, options=options))
+        self.metadata = security.metadata()
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     async def infer(self, model: str, slo_class: str, x: np.ndarray, request_id: str = "",
                     latency_budget_ms: float = 0.0, timeout_s: float | None = None) -> InferResult:
         req = make_request(model, slo_class, x, request_id, latency_budget_ms)
-        return InferResult.from_proto(await self.stub.Infer(req, timeout=timeout_s))
+        return InferResult.from_proto(await self.stub.Infer(req, timeout=timeout_s, metadata=self.metadata))
 
     async def infer_stream(self, requests: AsyncIterable[pb.InferRequest]) -> AsyncIterator[pb.StreamResponse]:
         """Send many requests on one stream; yields StreamResponse (a response or a per-request error)."""
-        call = self.stub.InferStream(requests)
+        call = self.stub.InferStream(requests, metadata=self.metadata)
         async for answer in call:
             yield answer
 
     async def list_models(self, timeout_s: float | None = 10.0) -> pb.ListModelsResponse:
-        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata)
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         await asyncio_wait_ready(self.channel, timeout_s)

@@ -228,6 +228,15 @@ class ServerConfig:
     """Serve the Open Inference Protocol over HTTP/REST on host:http_port (0 = a free port; None = off)."""
     default_class: str = ""
     """The SLO class of Open Inference Protocol requests that name none (empty: the first class configured)."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the server: both ports speak TLS only (with ``tls_key``)."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificate(s): both ports require a client certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """A file holding a bearer token every call must carry (``authorization: Bearer <token>``), except
+    health and readiness checks."""
     stats_interval_s: float = 10.0
     """Period of the one-line stats summary in the log (0 = off)."""
     refit_overrun_share: float = 0.2
@@ -292,5 +301,13 @@ class ServerConfig:
             raise ValueError("no SLO classes configured")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port={self.http_port} must be in 0..65535 (0 = a free port)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (--tls-cert, --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key: mutual TLS is TLS first")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}={str(path)!r}: no such file (--{name.replace('_', '-')})")
         if self.default_class and self.default_class not in self.classes:
             raise ValueError(f"default_class={self.default_class!r} is not configured; classes: {sorted(self.classes)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from slonn.scheduler import oip
 from slonn.scheduler.admission import admit_samples
 from slonn.scheduler.errors import ErrorKind, InvalidArgument, RequestError
+from slonn.scheduler.security import token_middleware
 
 if TYPE_CHECKING:
     from slonn.scheduler.server import SlonnServer
@@ -54,7 +56,8 @@ class OipHttp:
 
     def __init__(self, server: "SlonnServer") -> None:
         self.server = server
-        self.app = web.Application(middlewares=[_errors], client_max_size=server.max_message_bytes)
+        token = [token_middleware(server.token)] if server.token else []
+        self.app = web.Application(middlewares=[*token, _errors], client_max_size=server.max_message_bytes)
         get, post = web.get, web.post
         self.app.add_routes([
             get("/v2", self.server_metadata), get("/v2/health/live", self.live),
@@ -69,12 +72,14 @@ class OipHttp:
             post("/v2/models/{model}/versions/{version}/infer", self.infer)])
         self.runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        """Listen on host:port (0 = a free port); returns the bound port. ``reuse_port``: share it with other
-        processes that set SO_REUSEPORT too (the other frontends of `slonn serve --frontends N`)."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                    reuse_port: bool = False) -> int:
+        """Listen on host:port (0 = a free port), over TLS with ``ssl_context``; returns the bound port.
+        ``reuse_port``: share it with other processes that set SO_REUSEPORT too (the other frontends of
+        `slonn serve --frontends N`)."""
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
         await site.start()
         return self.runner.addresses[0][1]
 

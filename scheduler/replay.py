@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from slonn.protos.client import AsyncSlonnClient, InferResult, make_request
+from slonn.protos.client import AsyncSlonnClient, ClientSecurity, InferResult, make_request
 from slonn.scheduler import aio
 from slonn.scheduler.report import RequestRecord, summarize
 from slonn.scheduler.trace import DEFAULT_TRACE, Arrivals, make_arrivals
@@ -48,7 +48,8 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                  split_seed: int = 0, timeout_factor: float = 4.0, progress: bool = True,
                  transport: str = "unary", client_deadline: bool = False,
                  start_at: float | None = None, on_start=None,
-                 inputs: tuple[np.ndarray, np.ndarray] | None = None, channels: int = 1) -> list[RequestRecord]:
+                 inputs: tuple[np.ndarray, np.ndarray] | None = None, channels: int = 1,
+                 security: ClientSecurity | None = None) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
@@ -74,6 +75,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     ``channels``: client channels, each on a TCP connection of its own (and with "stream", a stream of its
     own); request i goes on channel ``i % channels``. A server of several frontends spreads connections,
     not requests, over them.
+    ``security``: TLS and the bearer token, for a server that wants them.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
@@ -86,7 +88,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
         x, y = inputs
     records = [RequestRecord(i, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
                for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
-    clients = [AsyncSlonnClient(target, own_connection=channels > 1) for _ in range(channels)]
+    clients = [AsyncSlonnClient(target, security, own_connection=channels > 1) for _ in range(channels)]
     try:
         for client in clients:
             await client.wait_ready()
@@ -181,7 +183,7 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
         while (req := await outbox.get()) is not None:
             yield req
 
-    call = client.stub.InferStream(requests())
+    call = client.stub.InferStream(requests(), metadata=client.metadata)
 
     async def read() -> None:
         async for msg in call:

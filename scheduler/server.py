@@ -34,6 +34,7 @@ from slonn.scheduler.oip import count_error
 from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from slonn.scheduler.oip_grpc import OipServicer
 from slonn.scheduler.oip_http import OipHttp
+from slonn.scheduler import security
 from slonn.scheduler.reflection import enable_reflection
 from slonn.workers.artifact import ModelManifest
 from slonn.workers.contract import RangeCheck
@@ -211,6 +212,11 @@ class SlonnServer:
     async def start(self) -> int:
         """Start workers, profile, bind; returns the bound port."""
         cfg = self.cfg
+        # Read the certificates and the token first: a bad file fails the start before any worker is spawned.
+        self.token = security.BearerToken(security.read_token(cfg.auth_token_file)) if cfg.auth_token_file else None
+        tls = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
+        credentials = security.grpc_credentials(*tls) if tls else None
+        self.ssl_context = security.http_ssl_context(*tls) if tls else None
         spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads, precision=cfg.precision,
                           worker_spin_ms=cfg.worker_spin_ms, worker_nice=cfg.worker_nice,
                           worker_cpus=cfg.worker_cpus)
@@ -273,7 +279,9 @@ class SlonnServer:
         # reject under overload (still after the call has reached the Python server's loop).
         if cfg.frontend_of is not None:  # one port for every frontend: the kernel spreads the connections
             options.append(("grpc.so_reuseport", 1))
-        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight)
+        interceptors = [security.TokenInterceptor(self.token)] if self.token else []
+        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight,
+                                    interceptors=interceptors)
         self.servicer = InferenceServicer(self.dispatcher, self)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
         # The Open Inference Protocol on the same port and the same dispatcher.
@@ -283,22 +291,30 @@ class SlonnServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         enable_reflection((SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                           self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (self.grpc.add_secure_port(address, credentials) if credentials
+                     else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         await self.grpc.start()
         self.http: OipHttp | None = None
         if cfg.http_port is not None:
             self.http = OipHttp(self)
-            self.http_port = await self.http.start(cfg.host, cfg.http_port, reuse_port=cfg.frontend_of is not None)
-            log.info("Open Inference Protocol over HTTP on %s:%d", cfg.host, self.http_port)
+            self.http_port = await self.http.start(cfg.host, cfg.http_port, self.ssl_context,
+                                                   reuse_port=cfg.frontend_of is not None)
+            log.info("Open Inference Protocol over HTTP%s on %s:%d", "S" if self.ssl_context else "", cfg.host,
+                     self.http_port)
         freeze_startup_heap()
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         for service in self._health_names():
             up = self.model_ready(service) if service in self.known_models else (service != "" or self.ready())
             await self.health.set(service, serving if up else not_serving)
-        log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s)", sorted(self.manifests), cfg.host,
-                 self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision)
+        log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s; %s%s)", sorted(self.manifests), cfg.host,
+                 self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision,
+                 "mutual TLS" if cfg.tls_client_ca else "TLS" if tls else "plaintext",
+                 ", bearer token" if self.token else "")
+        if self.token and not tls:
+            log.warning("--auth-token-file without --tls-cert: the token crosses the network in clear text")
         return self.port
 
     def _health_names(self) -> tuple[str, ...]:

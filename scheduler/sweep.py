@@ -104,12 +104,13 @@ def rate_point(records: list[RequestRecord], rate: float, transport: str, durati
 async def sweep_transport(target: str, model: str, transport: str, rates: list[float], duration_s: float,
                           deadline_ms: float, meter: CpuMeter | None = None, rule: SaturationRule = SaturationRule(),
                           warmup_s: float = 2.0, seed: int = 0, client_deadline: bool = False,
-                          on_point=None, channels: int = 1) -> list[dict]:
+                          on_point=None, channels: int = 1, security=None) -> list[dict]:
     """Sweep ``rates`` (ascending) on one transport; stops early when ``rule`` says so.
 
     A warm-up at the first rate runs first and is not reported. ``meter`` (the server's process) gives the
     CPU columns; without it they are None. ``on_point`` is called with each row as it is measured. ``channels``:
-    client connections the load is spread over (:func:`replay`).
+    client connections the load is spread over (:func:`replay`). ``security``: a
+    :class:`~slonn.protos.client.ClientSecurity` for a server behind TLS or a token.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
@@ -127,7 +128,8 @@ async def sweep_transport(target: str, model: str, transport: str, rates: list[f
         before = meter.read() if meter else None
         c0 = time.process_time()
         records = await replay(target, model, arrivals, deadlines, progress=False, transport=transport,
-                               client_deadline=client_deadline, inputs=inputs, channels=channels)
+                               client_deadline=client_deadline, inputs=inputs, channels=channels,
+                               security=security)
         client_s = time.process_time() - c0
         if warmup:
             continue

@@ -10,7 +10,7 @@ import sys
 import grpc
 import numpy as np
 
-from slonn.protos.client import SlonnClient
+from slonn.protos.client import SlonnClient, add_security_args, security_from_args
 from slonn.scheduler.replay import add_inputs_args, inputs_from_args
 from slonn.workers.digits import load_split
 
@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-ms", type=float, default=0.0, help="tighter latency budget (0 = class default)")
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument("--list", action="store_true", help="list models, levels and SLO classes instead")
+    add_security_args(p)
     args = p.parse_args(argv)
     rows = None if args.features else inputs_from_args(p, args)
-    with SlonnClient(args.target) as client:
+    with SlonnClient(args.target, security_from_args(args)) as client:
         try:
             if args.list:
                 from google.protobuf.json_format import MessageToDict

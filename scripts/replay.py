@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from slonn.protos.client import add_security_args, security_from_args
 from slonn.scheduler import aio
 from slonn.scheduler.replay import (
     add_arrival_args,
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corunner-procs", type=int, default=1, help="co-runner busy processes (cores, or GPU shares)")
     add_corunner_device_arg(p)
     add_client_args(p)
+    add_security_args(p)
     args = p.parse_args(argv)
+    kwargs = {**client_kwargs(args), "security": security_from_args(args)}
     classes = load_classes(args.classes)
     arrivals = arrivals_from_args(args)
     deadlines = {n: c.latency_ms for n, c in classes.items()}
@@ -51,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         stop_s = args.corunner_stop_s if args.corunner_stop_s is not None else arrivals.duration_s
         records = aio.run(replay_with_corunner(args.target, args.model, arrivals, deadlines,
                                                args.corunner_start_s, stop_s, args.corunner_procs,
-                                               usage=usage, corunner_device=burn_device, inputs=inputs,
-                                               **client_kwargs(args)),
+                                               usage=usage, corunner_device=burn_device, inputs=inputs, **kwargs),
                           args.event_loop)
     else:
-        records = aio.run(replay(args.target, args.model, arrivals, deadlines, inputs=inputs,
-                                 **client_kwargs(args)),
+        records = aio.run(replay(args.target, args.model, arrivals, deadlines, inputs=inputs, **kwargs),
                           args.event_loop)
     summary = summarize(records, arrivals.duration_s)
     if args.csv:

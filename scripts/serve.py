@@ -152,6 +152,14 @@ def _add_advanced_args(g: argparse._ArgumentGroup, hidden: list) -> None:
     add("--default-class", default="", metavar="NAME",
         help="SLO class of Open Inference Protocol requests without a slo_class parameter (default: the first "
              "class in --classes)")
+    add("--tls-cert", type=Path, default=None, metavar="PEM",
+        help="serve gRPC and HTTP over TLS only, with this certificate (chain); with --tls-key")
+    add("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
+    add("--tls-client-ca", type=Path, default=None, metavar="PEM",
+        help="mutual TLS: require a client certificate signed by this CA, on both ports")
+    add("--auth-token-file", type=Path, default=None, metavar="FILE",
+        help="require 'authorization: Bearer <the file's token>' on every call (gRPC UNAUTHENTICATED, HTTP 401 "
+             "without it); health and readiness checks stay open")
     add("--ray-num-cpus", type=float, default=1.0, metavar="N", help="--pool ray: CPUs each worker reserves")
     add("--ray-num-gpus", type=float, default=0.0, metavar="N", help="--pool ray: GPUs each worker reserves")
     add("--ray-strategy", default="SPREAD", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -215,7 +223,8 @@ def config_from_args(args) -> ServerConfig:
         ray_strategy=args.ray_strategy,
         refit_overrun_share=args.refit_overrun_share, refit_contention_shift=args.refit_contention_shift,
         metrics_port=args.metrics_port, stats_interval_s=args.stats_interval_s, http_port=args.http_port,
-        default_class=args.default_class)
+        default_class=args.default_class, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file)
 
 
 async def run_server(cfg: ServerConfig) -> int:

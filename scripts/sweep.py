@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from slonn.protos.client import add_security_args, security_from_args
 from slonn.scheduler import aio
 from slonn.scheduler.replay import TRANSPORTS
 from slonn.scheduler.serverproc import CpuMeter, ServerProcess
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the rows and settings here")
     p.add_argument("--log", type=Path, default=None, help="the started server's log (default: a temp file)")
     p.add_argument("serve_args", nargs="*", help="extra `slonn serve` arguments (after --)")
+    add_security_args(p)  # for --target
     args = p.parse_args(argv)
     if args.duration_s <= 0 or args.deadline_ms <= 0:
         p.error("--duration-s and --deadline-ms must be > 0")
@@ -82,6 +84,7 @@ async def _sweep(args, target: str, model: str, meter: CpuMeter | None) -> dict:
         points = await sweep_transport(
             target, model, transport, args.rates, args.duration_s, args.deadline_ms, meter, rule,
             warmup_s=args.warmup_s, seed=args.seed, client_deadline=args.client_deadline == "class",
+            security=security_from_args(args) if args.target else None,
             on_point=lambda pt: print(format_sweep_table([pt]).splitlines()[-1], file=sys.stderr, flush=True),
             channels=args.channels)
         out[transport] = points

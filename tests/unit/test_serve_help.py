@@ -8,7 +8,8 @@ from slonn.scripts import serve
 
 
 ADVANCED_SERVE_FLAGS = ("--nice", "--worker-nice", "--cpus", "--worker-cpus", "--in-process", "--max-pending",
-                        "--overhead-ms", "--refit-overrun-share", "--refit-contention-shift", "--worker-spin-ms")
+                        "--overhead-ms", "--refit-overrun-share", "--refit-contention-shift", "--worker-spin-ms",
+                        "--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file")
 
 
 def _serve_help(flag: str, capsys) -> str:
