@@ -3,6 +3,8 @@
     with SlonnClient("localhost:50051") as client:
         result = client.infer("digits-mlp", "interactive", x)   # x: 64 float32 features
         print(result.output.argmax(), result.level, result.exec_ms)
+        many = client.infer_many("digits-mlp", "batch", xs)      # xs: [N, 64], one call, one deadline
+        print(many.output.argmax(axis=1), [s.level for s in many.samples])
 
 Errors arrive as ``grpc.RpcError`` with the server's status code and message. A server behind TLS or a
 bearer token (``slonn serve --tls-cert ... --auth-token-file ...``) takes a :class:`ClientSecurity`.
@@ -26,7 +28,25 @@ _OPTIONS = [("grpc.max_receive_message_length", 1 << 20), ("grpc.max_send_messag
 
 
 @dataclass(frozen=True)
+class SampleResult:
+    """How one sample was served."""
+
+    level: float
+    expected_accuracy: float
+    queue_ms: float
+    exec_ms: float
+    predicted_ms: float
+    batch_size: int
+    late: bool
+    kernel: str
+    out_of_range_features: int
+
+
+@dataclass(frozen=True)
 class InferResult:
+    """One call's answer. For N samples, ``output`` is [N, classes], the scalar facts are the worst case over
+    the N, and ``samples`` holds each sample's facts in input order (for one sample: its own, once)."""
+
     output: np.ndarray
     request_id: str
     level: float
@@ -41,16 +61,21 @@ class InferResult:
     """Time inside the server's handler (receive to response built)."""
     out_of_range_features: int = 0
     """Features of the input far outside the model's training range (served anyway, flagged)."""
+    samples: tuple[SampleResult, ...] = ()
 
     @classmethod
     def from_proto(cls, r: pb.InferResponse) -> "InferResult":
         out = np.frombuffer(r.output.data, dtype="<f4").reshape(tuple(r.output.shape))
+        per = r.samples or (r,)  # one sample: the response's own fields are its facts
+        samples = tuple(SampleResult(s.level, s.expected_accuracy, s.queue_ms, s.exec_ms, s.predicted_ms,
+                                     s.batch_size, s.late, s.kernel, s.out_of_range_features) for s in per)
         return cls(out, r.request_id, r.level, r.expected_accuracy, r.queue_ms, r.exec_ms, r.predicted_ms,
-                   r.batch_size, r.late, r.kernel, r.server_ms, r.out_of_range_features)
+                   r.batch_size, r.late, r.kernel, r.server_ms, r.out_of_range_features, samples)
 
 
 def make_request(model: str, slo_class: str, x: np.ndarray, request_id: str = "",
                  latency_budget_ms: float = 0.0) -> pb.InferRequest:
+    """A request for one sample (``x``: [features] or [1, features]) or N samples (``x``: [N, features])."""
     return pb.InferRequest(model=model, slo_class=slo_class, input=to_tensor(np.asarray(x, np.float32)),
                            request_id=request_id, latency_budget_ms=latency_budget_ms)
 
@@ -118,6 +143,13 @@ class SlonnClient:
         req = make_request(model, slo_class, x, request_id, latency_budget_ms)
         return InferResult.from_proto(self.stub.Infer(req, timeout=timeout_s, metadata=self.metadata))
 
+    def infer_many(self, model: str, slo_class: str, xs: np.ndarray, request_id: str = "",
+                   latency_budget_ms: float = 0.0, timeout_s: float | None = None) -> InferResult:
+        """N samples (``xs``: [N, features], N at most the server's max batch) in one call with one deadline;
+        the answer's ``output`` is [N, classes] and ``samples`` each sample's facts, in input order. The call
+        fails as a whole if any sample fails."""
+        return self.infer(model, slo_class, _rows(xs), request_id, latency_budget_ms, timeout_s)
+
     def list_models(self, timeout_s: float | None = 10.0) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata)
 
@@ -151,6 +183,11 @@ class AsyncSlonnClient:
         req = make_request(model, slo_class, x, request_id, latency_budget_ms)
         return InferResult.from_proto(await self.stub.Infer(req, timeout=timeout_s, metadata=self.metadata))
 
+    async def infer_many(self, model: str, slo_class: str, xs: np.ndarray, request_id: str = "",
+                         latency_budget_ms: float = 0.0, timeout_s: float | None = None) -> InferResult:
+        """:meth:`SlonnClient.infer_many`, awaited."""
+        return await self.infer(model, slo_class, _rows(xs), request_id, latency_budget_ms, timeout_s)
+
     async def infer_stream(self, requests: AsyncIterable[pb.InferRequest]) -> AsyncIterator[pb.StreamResponse]:
         """Send many requests on one stream; yields StreamResponse (a response or a per-request error)."""
         call = self.stub.InferStream(requests, metadata=self.metadata)
@@ -171,6 +208,13 @@ class AsyncSlonnClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _rows(xs: np.ndarray) -> np.ndarray:
+    xs = np.asarray(xs, np.float32)
+    if xs.ndim != 2:
+        raise ValueError(f"xs: shape {list(xs.shape)}, expected [N, features]")
+    return xs
 
 
 async def asyncio_wait_ready(channel: grpc.aio.Channel, timeout_s: float) -> None:

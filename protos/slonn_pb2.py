@@ -24,37 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18slonn/protos/slonn.proto\x12\x08slonn.v1\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.slonn.v1.DataType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x80\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tslo_class\x18\x02 \x01(\t\x12\x1f\n\x05input\x18\x03 \x01(\x0b\x32\x10.slonn.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11latency_budget_ms\x18\x05 \x01(\x01\"\x8c\x02\n\rInferResponse\x12 \n\x06output\x18\x01 \x01(\x0b\x32\x10.slonn.v1.Tensor\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x19\n\x11\x65xpected_accuracy\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x65xec_ms\x18\x06 \x01(\x01\x12\x14\n\x0cpredicted_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x0c\n\x04late\x18\t \x01(\x08\x12\x0e\n\x06kernel\x18\n \x01(\t\x12\x11\n\tserver_ms\x18\x0b \x01(\x01\x12\x1d\n\x15out_of_range_features\x18\x0c \x01(\r\"p\n\x0eStreamResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.slonn.v1.InferResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.slonn.v1.RequestErrorH\x00\x42\x08\n\x06result\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\tLevelInfo\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\"\x8c\x01\n\rInputContract\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x03\x12\x15\n\rfeature_names\x18\x02 \x03(\t\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.slonn.v1.DataType\x12\x0b\n\x03min\x18\x04 \x03(\x01\x12\x0b\n\x03max\x18\x05 \x03(\x01\x12\x15\n\rpreprocessing\x18\x06 \x01(\t\"\xc5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\x12#\n\x06levels\x18\x04 \x03(\x0b\x32\x13.slonn.v1.LevelInfo\x12\x0e\n\x06hidden\x18\x05 \x03(\x03\x12&\n\x05input\x18\x06 \x01(\x0b\x32\x17.slonn.v1.InputContract\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x12\n\nactivation\x18\x08 \x01(\t\"\xa5\x01\n\x0cSLOClassInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x14\n\x0cmin_accuracy\x18\x03 \x01(\x01\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x11\n\tmax_queue\x18\x05 \x01(\x05\x12\x0f\n\x07on_late\x18\x06 \x01(\t\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x19\n\x11max_accuracy_drop\x18\x08 \x01(\x01\"\x13\n\x11ListModelsRequest\"f\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.slonn.v1.ModelInfo\x12+\n\x0bslo_classes\x18\x02 \x03(\x0b\x32\x16.slonn.v1.SLOClassInfo*2\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x32\xd3\x01\n\tInference\x12\x38\n\x05Infer\x12\x16.slonn.v1.InferRequest\x1a\x17.slonn.v1.InferResponse\x12\x43\n\x0bInferStream\x12\x16.slonn.v1.InferRequest\x1a\x18.slonn.v1.StreamResponse(\x01\x30\x01\x12G\n\nListModels\x12\x1b.slonn.v1.ListModelsRequest\x1a\x1c.slonn.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18slonn/protos/slonn.proto\x12\x08slonn.v1\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.slonn.v1.DataType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x80\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tslo_class\x18\x02 \x01(\t\x12\x1f\n\x05input\x18\x03 \x01(\x0b\x32\x10.slonn.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11latency_budget_ms\x18\x05 \x01(\x01\"\xb5\x02\n\rInferResponse\x12 \n\x06output\x18\x01 \x01(\x0b\x32\x10.slonn.v1.Tensor\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x19\n\x11\x65xpected_accuracy\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x65xec_ms\x18\x06 \x01(\x01\x12\x14\n\x0cpredicted_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x0c\n\x04late\x18\t \x01(\x08\x12\x0e\n\x06kernel\x18\n \x01(\t\x12\x11\n\tserver_ms\x18\x0b \x01(\x01\x12\x1d\n\x15out_of_range_features\x18\x0c \x01(\r\x12\'\n\x07samples\x18\r \x03(\x0b\x32\x16.slonn.v1.SampleResult\"\xc2\x01\n\x0cSampleResult\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x19\n\x11\x65xpected_accuracy\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x65xec_ms\x18\x04 \x01(\x01\x12\x14\n\x0cpredicted_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x0c\n\x04late\x18\x07 \x01(\x08\x12\x0e\n\x06kernel\x18\x08 \x01(\t\x12\x1d\n\x15out_of_range_features\x18\t \x01(\r\"p\n\x0eStreamResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.slonn.v1.InferResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.slonn.v1.RequestErrorH\x00\x42\x08\n\x06result\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\tLevelInfo\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\"\x8c\x01\n\rInputContract\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x03\x12\x15\n\rfeature_names\x18\x02 \x03(\t\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.slonn.v1.DataType\x12\x0b\n\x03min\x18\x04 \x03(\x01\x12\x0b\n\x03max\x18\x05 \x03(\x01\x12\x15\n\rpreprocessing\x18\x06 \x01(\t\"\xc5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\x12#\n\x06levels\x18\x04 \x03(\x0b\x32\x13.slonn.v1.LevelInfo\x12\x0e\n\x06hidden\x18\x05 \x03(\x03\x12&\n\x05input\x18\x06 \x01(\x0b\x32\x17.slonn.v1.InputContract\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x12\n\nactivation\x18\x08 \x01(\t\"\xa5\x01\n\x0cSLOClassInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x14\n\x0cmin_accuracy\x18\x03 \x01(\x01\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x11\n\tmax_queue\x18\x05 \x01(\x05\x12\x0f\n\x07on_late\x18\x06 \x01(\t\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x19\n\x11max_accuracy_drop\x18\x08 \x01(\x01\"\x13\n\x11ListModelsRequest\"f\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.slonn.v1.ModelInfo\x12+\n\x0bslo_classes\x18\x02 \x03(\x0b\x32\x16.slonn.v1.SLOClassInfo*2\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x32\xd3\x01\n\tInference\x12\x38\n\x05Infer\x12\x16.slonn.v1.InferRequest\x1a\x17.slonn.v1.InferResponse\x12\x43\n\x0bInferStream\x12\x16.slonn.v1.InferRequest\x1a\x18.slonn.v1.StreamResponse(\x01\x30\x01\x12G\n\nListModels\x12\x1b.slonn.v1.ListModelsRequest\x1a\x1c.slonn.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slonn.protos.slonn_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1377
-  _globals['_DATATYPE']._serialized_end=1427
+  _globals['_DATATYPE']._serialized_start=1615
+  _globals['_DATATYPE']._serialized_end=1665
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=110
   _globals['_INFERREQUEST']._serialized_start=113
   _globals['_INFERREQUEST']._serialized_end=241
   _globals['_INFERRESPONSE']._serialized_start=244
-  _globals['_INFERRESPONSE']._serialized_end=512
-  _globals['_STREAMRESPONSE']._serialized_start=514
-  _globals['_STREAMRESPONSE']._serialized_end=626
-  _globals['_REQUESTERROR']._serialized_start=628
-  _globals['_REQUESTERROR']._serialized_end=693
-  _globals['_LEVELINFO']._serialized_start=695
-  _globals['_LEVELINFO']._serialized_end=739
-  _globals['_INPUTCONTRACT']._serialized_start=742
-  _globals['_INPUTCONTRACT']._serialized_end=882
-  _globals['_MODELINFO']._serialized_start=885
-  _globals['_MODELINFO']._serialized_end=1082
-  _globals['_SLOCLASSINFO']._serialized_start=1085
-  _globals['_SLOCLASSINFO']._serialized_end=1250
-  _globals['_LISTMODELSREQUEST']._serialized_start=1252
-  _globals['_LISTMODELSREQUEST']._serialized_end=1271
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1273
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1375
-  _globals['_INFERENCE']._serialized_start=1430
-  _globals['_INFERENCE']._serialized_end=1641
+  _globals['_INFERRESPONSE']._serialized_end=553
+  _globals['_SAMPLERESULT']._serialized_start=556
+  _globals['_SAMPLERESULT']._serialized_end=750
+  _globals['_STREAMRESPONSE']._serialized_start=752
+  _globals['_STREAMRESPONSE']._serialized_end=864
+  _globals['_REQUESTERROR']._serialized_start=866
+  _globals['_REQUESTERROR']._serialized_end=931
+  _globals['_LEVELINFO']._serialized_start=933
+  _globals['_LEVELINFO']._serialized_end=977
+  _globals['_INPUTCONTRACT']._serialized_start=980
+  _globals['_INPUTCONTRACT']._serialized_end=1120
+  _globals['_MODELINFO']._serialized_start=1123
+  _globals['_MODELINFO']._serialized_end=1320
+  _globals['_SLOCLASSINFO']._serialized_start=1323
+  _globals['_SLOCLASSINFO']._serialized_end=1488
+  _globals['_LISTMODELSREQUEST']._serialized_start=1490
+  _globals['_LISTMODELSREQUEST']._serialized_end=1509
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1511
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1613
+  _globals['_INFERENCE']._serialized_start=1668
+  _globals['_INFERENCE']._serialized_end=1879
 # @@protoc_insertion_point(module_scope)

@@ -39,7 +39,7 @@ class InferRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., slo_class: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., latency_budget_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("output", "request_id", "level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel", "server_ms", "out_of_range_features")
+    __slots__ = ("output", "request_id", "level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel", "server_ms", "out_of_range_features", "samples")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class InferResponse(_message.Message):
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     OUT_OF_RANGE_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     request_id: str
     level: float
@@ -64,7 +65,30 @@ class InferResponse(_message.Message):
     kernel: str
     server_ms: float
     out_of_range_features: int
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: bool = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ..., out_of_range_features: _Optional[int] = ...) -> None: ...
+    samples: _containers.RepeatedCompositeFieldContainer[SampleResult]
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: bool = ..., kernel: _Optional[str] = ..., server_ms: _Optional[float] = ..., out_of_range_features: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[SampleResult, _Mapping]]] = ...) -> None: ...
+
+class SampleResult(_message.Message):
+    __slots__ = ("level", "expected_accuracy", "queue_ms", "exec_ms", "predicted_ms", "batch_size", "late", "kernel", "out_of_range_features")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    EXEC_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_RANGE_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    level: float
+    expected_accuracy: float
+    queue_ms: float
+    exec_ms: float
+    predicted_ms: float
+    batch_size: int
+    late: bool
+    kernel: str
+    out_of_range_features: int
+    def __init__(self, level: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., late: bool = ..., kernel: _Optional[str] = ..., out_of_range_features: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("response", "error")

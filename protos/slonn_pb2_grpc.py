@@ -61,7 +61,8 @@ class InferenceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def InferStream(self, request_iterator, context):
-        """High-rate clients: many requests on one stream, answers in completion order.
+        """High-rate clients: many requests on one stream, answers in completion order (a multi-sample
+        request gets one answer, or one error, with all its samples).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, replace
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from slonn.policy.contention import ContentionMonitor
@@ -18,8 +19,9 @@ from slonn.policy.learner import CHILD_START_TIMEOUT_S, LearnerConfig, OnlineLea
 from slonn.protos import grpc_service_pb2_grpc as oip_pb_grpc
 from slonn.protos import slonn_pb2 as pb
 from slonn.protos import slonn_pb2_grpc as pb_grpc
-from slonn.protos.tensors import TensorError, from_tensor, to_tensor
+from slonn.protos.tensors import TensorError, samples_from_tensor, to_tensor
 from slonn.scheduler.clock import MonotonicClock
+from slonn.scheduler.admission import admit_samples, check_budget
 from slonn.scheduler.config import ServerConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
@@ -30,7 +32,7 @@ from slonn.scheduler.streams import answer_in_completion_order
 from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
 from slonn.scheduler import oip
-from slonn.scheduler.oip import count_error
+from slonn.scheduler.oip import count_error, outputs, summary_parameters
 from slonn.scheduler.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from slonn.scheduler.oip_grpc import OipServicer
 from slonn.scheduler.oip_http import OipHttp
@@ -71,16 +73,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.dispatcher.scheduler.make_request(request.model, request.slo_class, 0.0)
         if not request.slo_class:
             raise InvalidArgument(f"slo_class: must be set; one of {sorted(self.server.cfg.classes)}")
-        budget = request.latency_budget_ms
-        if not budget >= 0 or budget == float("inf"):
-            raise InvalidArgument(f"latency_budget_ms: got {budget}, expected a finite value >= 0 (0 = class default)")
-        budget, hard = caller_budget(budget, None if time_remaining_s is None else time_remaining_s * 1e3)
+        budget = check_budget(request.latency_budget_ms)
+        features, max_samples = manifest.arch.in_features, self.server.cfg.max_batch
         if not request.HasField("input"):
-            raise InvalidArgument(f"input: missing; expected a FLOAT32 tensor of shape [{manifest.arch.in_features}]")
+            raise InvalidArgument(f"input: missing; expected a FLOAT32 tensor of shape [{features}] "
+                                  f"(or [N, {features}] with 1 <= N <= {max_samples})")
         try:
-            x = from_tensor(request.input, "input", manifest.arch.in_features)
+            x = samples_from_tensor(request.input, "input", features, max_samples)
         except TensorError as exc:
             raise InvalidArgument(str(exc)) from None
+        if len(x) > 1:
+            return await self._answer_many(request, request_id, x, time_remaining_s, received_s)
+        x = x[0]
+        budget, hard = caller_budget(budget, None if time_remaining_s is None else time_remaining_s * 1e3)
         far = self.server.range_checks[request.model].far_out(x)
         if far:  # served all the same, but counted and flagged: a client's scaling is the usual cause
             self.server.metrics.out_of_range.labels(request.model).inc()
@@ -98,6 +103,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise DeadlineUnreachable("not served before the call's gRPC deadline") from None
         return self._response(request_id, request.input, done, (clock.now() - received_s) * 1e3, far)
 
+    async def _answer_many(self, request: pb.InferRequest, request_id: str, x: np.ndarray,
+                           time_remaining_s: float | None, received_s: float) -> pb.InferResponse:
+        """N > 1 samples: admitted together with one deadline (Dispatcher.infer_many), answered in input order;
+        any sample's failure fails the call, counted once per sample."""
+        far = self.server.range_checks[request.model].far_out_per_sample(x)
+        flagged = int(np.count_nonzero(far))
+        if flagged:
+            self.server.metrics.out_of_range.labels(request.model).inc(flagged)
+        try:
+            done = await admit_samples(self.dispatcher, request.model, request.slo_class, x,
+                                       request.latency_budget_ms, time_remaining_s)
+        except RequestError as exc:
+            srv = self.server
+            count_error(srv.metrics, srv.manifests, srv.cfg.classes, request.model, request.slo_class, exc, len(x))
+            raise
+        return self._response_many(request_id, done, (self.dispatcher.clock.now() - received_s) * 1e3, far)
+
     @staticmethod
     def _response(request_id: str, input_tensor: pb.Tensor, done: Completion, server_ms: float,
                   out_of_range: int = 0) -> pb.InferResponse:
@@ -107,6 +129,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             expected_accuracy=done.expected_accuracy, queue_ms=done.queue_ms, exec_ms=done.exec_ms,
             predicted_ms=done.predicted_ms, batch_size=done.batch_size, late=done.late, kernel=done.kernel,
             server_ms=server_ms, out_of_range_features=out_of_range)
+
+    @staticmethod
+    def _response_many(request_id: str, done: list[Completion], server_ms: float,
+                       out_of_range: np.ndarray) -> pb.InferResponse:
+        """Output [N, classes]; ``samples``: each sample's facts in input order; the scalar fields: the worst
+        case over the N (as the Open Inference Protocol's response parameters), out-of-range counts summed."""
+        return pb.InferResponse(
+            output=to_tensor(outputs(done)), request_id=request_id, **summary_parameters(done, server_ms),
+            out_of_range_features=int(out_of_range.sum()),
+            samples=[pb.SampleResult(level=c.level, expected_accuracy=c.expected_accuracy, queue_ms=c.queue_ms,
+                                     exec_ms=c.exec_ms, predicted_ms=c.predicted_ms, batch_size=c.batch_size,
+                                     late=c.late, kernel=c.kernel, out_of_range_features=int(f))
+                     for c, f in zip(done, out_of_range)])
 
     def _count(self, request: pb.InferRequest, exc: RequestError) -> None:
         """Count an error raised before the dispatcher saw the request (a bad tensor, an unknown model)."""

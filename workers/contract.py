@@ -91,6 +91,10 @@ class RangeCheck:
         """How many features of ``x`` (one sample, 1-D) are far out of range."""
         return int(np.count_nonzero((x < self.low) | (x > self.high)))
 
+    def far_out_per_sample(self, x: np.ndarray) -> np.ndarray:
+        """For each row of ``x`` ([N, features]), how many of its features are far out of range."""
+        return np.count_nonzero((x < self.low) | (x > self.high), axis=1)
+
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` inputs drawn uniformly inside the training range (warm-up and profiling inputs)."""
         rng = np.random.default_rng(seed)
