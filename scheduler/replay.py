@@ -23,7 +23,15 @@ from slonn.scheduler.trace import DEFAULT_TRACE, Arrivals, make_arrivals
 from slonn.workers.digits import load_split
 from slonn.workers.heap import freeze_startup_heap
 
-TRANSPORTS = ("unary", "stream")
+TRANSPORTS = ("unary", "stream", "multi", "multi-stream")
+"""One Infer call per request; one InferStream for all; "multi": one Infer call per arrival carrying
+``samples_per_call`` samples ([N, features]); "multi-stream": such calls as messages of one InferStream."""
+MULTI = ("multi", "multi-stream")
+
+
+def call_size(transport: str, samples_per_call: int) -> int:
+    """Samples one arrival sends on ``transport``: ``samples_per_call`` on the multi-sample ones, else 1."""
+    return samples_per_call if transport in MULTI else 1
 CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
 """Status of a request the server never answered before the client's generous deadline."""
 
@@ -49,12 +57,14 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
                  transport: str = "unary", client_deadline: bool = False,
                  start_at: float | None = None, on_start=None,
                  inputs: tuple[np.ndarray, np.ndarray] | None = None, channels: int = 1,
-                 security: ClientSecurity | None = None) -> list[RequestRecord]:
+                 security: ClientSecurity | None = None, samples_per_call: int = 8) -> list[RequestRecord]:
     """Send every arrival at its time; returns one record per request (each with a terminal status).
 
     ``transport``: "unary" (one Infer call per request, with a generous gRPC
     deadline) or "stream" (all requests on one InferStream: far less per-request
-    CPU on both sides, for high rates on a small machine).
+    CPU on both sides, for high rates on a small machine). "multi" and "multi-stream" send, per arrival,
+    one call (or stream message) of ``samples_per_call`` samples: one record per sample, each with the
+    call's send and answer times and its own serving facts.
 
     ``client_deadline`` (unary only): each call's gRPC deadline is its class
     deadline, as a latency-sensitive client would set it; the server then
@@ -68,7 +78,7 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     ``on_start``: called with the ``time.monotonic()`` of the first arrival's clock, once it starts (a caller
     that samples the machine meanwhile lines its samples up with the records' ``send_s``).
 
-    ``inputs``: (x, labels) to send, request i sending row ``i % len(x)`` (for any model: an artifact's
+    ``inputs``: (x, labels) to send, sample i sending row ``i % len(x)`` (for any model: an artifact's
     held-out rows, :func:`slonn.workers.artifact.load_labelled_rows`); without them, the held-out digits of
     split ``split_seed`` (the packaged digits model's).
 
@@ -81,13 +91,17 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
         raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
     if channels < 1:
         raise ValueError(f"channels={channels} must be >= 1")
+    if samples_per_call < 1:
+        raise ValueError(f"samples_per_call={samples_per_call} must be >= 1")
+    k = call_size(transport, samples_per_call)
     if inputs is None:
         split = load_split(seed=split_seed)
         x, y = split.x_test, split.y_test
     else:
         x, y = inputs
-    records = [RequestRecord(i, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
-               for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s))]
+    records = [RequestRecord(i * k + j, c, deadlines_ms[c], 0.0, scheduled_s=float(t))
+               for i, (c, t) in enumerate(zip(arrivals.classes, arrivals.offsets_s)) for j in range(k)]
+    calls = Calls(records, x, k)
     clients = [AsyncSlonnClient(target, security, own_connection=channels > 1) for _ in range(channels)]
     try:
         for client in clients:
@@ -104,19 +118,23 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
             on_start(loop_t0)
 
         def answered(i: int, status: str, res=None, detail: str = "") -> None:
-            rec = records[i]
-            rec.answer_s, rec.status, rec.detail = clock(), status, detail
-            if res is not None:
-                rec.level, rec.batch_size, rec.late = res.level, res.batch_size, res.late
-                rec.exec_ms, rec.predicted_ms, rec.queue_ms = res.exec_ms, res.predicted_ms, res.queue_ms
-                rec.server_ms = res.server_ms
-                rec.correct = bool(int(np.argmax(res.output)) == int(y[i % len(x)]))
+            """Call ``i`` (its k samples) ended with ``status``."""
+            now = clock()
+            out = None if res is None else res.output.reshape(k, -1)
+            for j, rec in enumerate(calls.records(i)):
+                rec.answer_s, rec.status, rec.detail = now, status, detail
+                if res is not None:
+                    s = res.samples[j]
+                    rec.level, rec.batch_size, rec.late = s.level, s.batch_size, s.late
+                    rec.exec_ms, rec.predicted_ms, rec.queue_ms = s.exec_ms, s.predicted_ms, s.queue_ms
+                    rec.server_ms = res.server_ms
+                    rec.correct = bool(int(np.argmax(out[j])) == int(y[rec.index % len(x)]))
 
-        if transport == "unary":
-            senders = [_unary_sender(c, model, records, x, timeout_factor, answered, clock, client_deadline)
+        if transport in ("unary", "multi"):
+            senders = [_unary_sender(c, model, calls, timeout_factor, answered, clock, client_deadline)
                        for c in clients]
         else:
-            senders = [_stream_sender(c, model, records, x, timeout_factor, answered, clock) for c in clients]
+            senders = [_stream_sender(c, model, calls, timeout_factor, answered, clock) for c in clients]
         sends = [s for s, _ in senders]
 
         def send(i: int) -> None:
@@ -142,19 +160,41 @@ async def replay(target: str, model: str, arrivals: Arrivals, deadlines_ms: dict
     return records
 
 
-def _unary_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
-                  timeout_factor: float, answered, clock, client_deadline: bool):
+class Calls:
+    """The calls of a replay: call i carries samples ``i * k .. i * k + k - 1`` (their records, their rows)."""
+
+    def __init__(self, records: list[RequestRecord], x: np.ndarray, k: int) -> None:
+        self.all, self.x, self.k = records, x, k
+
+    def records(self, i: int) -> list[RequestRecord]:
+        return self.all[i * self.k:(i + 1) * self.k]
+
+    def sent(self, i: int, now: float) -> RequestRecord:
+        """Mark call ``i`` sent at ``now``; returns its first record (class and deadline are the call's)."""
+        for rec in self.records(i):
+            rec.send_s = now
+        return self.all[i * self.k]
+
+    def input(self, i: int) -> np.ndarray:
+        """One sample: its row ([features]); k samples: their rows ([k, features])."""
+        x, k = self.x, self.k
+        if k == 1:
+            return x[i % len(x)]
+        return x[np.arange(i * k, (i + 1) * k) % len(x)]
+
+
+def _unary_sender(client: AsyncSlonnClient, model: str, calls: Calls, timeout_factor: float, answered, clock,
+                  client_deadline: bool):
     tasks = []
 
     async def one(i: int) -> None:
-        rec = records[i]
-        rec.send_s = clock()
+        rec = calls.sent(i, clock())
         if client_deadline:
             timeout = rec.deadline_ms * 1e-3
         else:  # generous: the server answers DEADLINE_EXCEEDED itself, early
             timeout = rec.deadline_ms * 1e-3 * timeout_factor + 1.0
         try:
-            res = await client.infer(model, rec.slo_class, x[i % len(x)], request_id=str(i), timeout_s=timeout)
+            res = await client.infer(model, rec.slo_class, calls.input(i), request_id=str(i), timeout_s=timeout)
         except grpc.aio.AioRpcError as exc:
             # The client's own deadline firing means the server never answered.
             client_timeout = (not client_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -172,8 +212,7 @@ def _unary_sender(client: AsyncSlonnClient, model: str, records: list[RequestRec
     return send, finish
 
 
-def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRecord], x: np.ndarray,
-                   timeout_factor: float, answered, clock):
+def _stream_sender(client: AsyncSlonnClient, model: str, calls: Calls, timeout_factor: float, answered, clock):
     outbox: asyncio.Queue = asyncio.Queue()
     waiting: set[int] = set()
     all_done = asyncio.Event()
@@ -200,16 +239,15 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
     reader = asyncio.create_task(read())
 
     def send(i: int) -> None:
-        rec = records[i]
-        rec.send_s = clock()
+        rec = calls.sent(i, clock())
         waiting.add(i)
-        outbox.put_nowait(make_request(model, rec.slo_class, x[i % len(x)], request_id=str(i)))
+        outbox.put_nowait(make_request(model, rec.slo_class, calls.input(i), request_id=str(i)))
 
     async def finish() -> None:
         sending[0] = False
         if waiting:
             # Whatever the server has not answered by then stays UNANSWERED in the records.
-            limit = max(r.deadline_ms for r in records) * 1e-3 * timeout_factor + 1.0
+            limit = max(r.deadline_ms for r in calls.all) * 1e-3 * timeout_factor + 1.0
             try:
                 await asyncio.wait_for(all_done.wait(), limit)
             except asyncio.TimeoutError:
@@ -220,7 +258,8 @@ def _stream_sender(client: AsyncSlonnClient, model: str, records: list[RequestRe
         except (asyncio.TimeoutError, grpc.aio.AioRpcError):
             reader.cancel()
         for i in waiting:
-            records[i].status = CLIENT_TIMEOUT
+            for rec in calls.records(i):
+                rec.status = CLIENT_TIMEOUT
 
     return send, finish
 
@@ -286,7 +325,10 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", choices=TRANSPORTS, default="unary", help="one call per request, or one stream")
+    p.add_argument("--transport", choices=TRANSPORTS, default="unary",
+                   help="one call per request, one stream, or per arrival one call (multi) or stream message "
+                        "(multi-stream) of --samples-per-call samples")
+    p.add_argument("--samples-per-call", type=int, default=8, help="samples per call of the multi transports")
     p.add_argument("--event-loop", choices=aio.EVENT_LOOPS, default=aio.DEFAULT_EVENT_LOOP,
                    help="the load generator's event loop, and in `slonn compare` the live servers' too "
                         "(uvloop, the default where installed: less CPU per call)")
@@ -315,7 +357,8 @@ def inputs_from_args(p: argparse.ArgumentParser, args) -> tuple[np.ndarray, np.n
 
 
 def client_kwargs(args) -> dict:
-    return {"transport": args.transport, "client_deadline": args.client_deadline == "class"}
+    return {"transport": args.transport, "client_deadline": args.client_deadline == "class",
+            "samples_per_call": args.samples_per_call}
 
 
 def arrivals_from_args(args) -> Arrivals:

@@ -3,7 +3,8 @@
 Starts `slonn serve` on loopback with one SLO class (``--deadline-ms``, late answers served by default so
 the latency tail is seen) unless ``--target`` names a running server. Prints a table (rate, achieved, p50,
 p99, share within the deadline, server / worker / generator CPU per request) and writes JSON with
-``--json``. Extra `slonn serve` arguments go after ``--``; the generator shares the machine with the server,
+``--json``. The multi-sample transports (``multi``, ``multi-stream``) send ``--samples-per-call`` samples per
+call: rates and CPU are then per sample, with calls/s and the server's CPU per call beside them. Extra `slonn serve` arguments go after ``--``; the generator shares the machine with the server,
 so on a small machine its CPU bounds the rates too (its column says how much).
 """
 
@@ -46,8 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model name (default: the artifact's)")
     p.add_argument("--policy", default="slonn", help="`slonn serve --policy` of the started server")
     p.add_argument("--rates", type=_rates, default=_rates("200,400,800,1200,1600,2000,2400"),
-                   help="ascending requests/s, comma-separated")
+                   help="ascending requests (samples)/s, comma-separated")
     p.add_argument("--transports", type=_transports, default=["unary", "stream"], help=f"of {TRANSPORTS}")
+    p.add_argument("--samples-per-call", type=int, default=8,
+                   help="samples per call on the multi transports (at most the server's --max-batch)")
     p.add_argument("--duration-s", type=float, default=10.0, help="seconds of load per rate")
     p.add_argument("--warmup-s", type=float, default=2.0, help="unreported load at the first rate, per transport")
     p.add_argument("--deadline-ms", type=float, default=50.0)
@@ -72,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--duration-s and --deadline-ms must be > 0")
     if args.channels < 1:
         p.error("--channels must be >= 1")
+    if args.samples_per_call < 1:
+        p.error("--samples-per-call must be >= 1")
     if args.server_pid is not None and args.target is None:
         p.error("--server-pid goes with --target")
     return args
@@ -85,6 +90,7 @@ async def _sweep(args, target: str, model: str, meter: CpuMeter | None) -> dict:
             target, model, transport, args.rates, args.duration_s, args.deadline_ms, meter, rule,
             warmup_s=args.warmup_s, seed=args.seed, client_deadline=args.client_deadline == "class",
             security=security_from_args(args) if args.target else None,
+            samples_per_call=args.samples_per_call,
             on_point=lambda pt: print(format_sweep_table([pt]).splitlines()[-1], file=sys.stderr, flush=True),
             channels=args.channels)
         out[transport] = points

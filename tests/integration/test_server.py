@@ -206,6 +206,82 @@ async def test_empty_stream_ends_cleanly(client):
     assert [a async for a in client.infer_stream(send())] == []
 
 
+# -- multi-sample requests ([N, features]: one deadline, answers in input order) ------------------
+
+
+def check_many(result: InferResult, xs: np.ndarray, local) -> None:
+    """Each sample's answer equals the local model's at the level the server reports for it."""
+    assert result.output.shape == (len(xs), local[1].arch.out_features)
+    assert len(result.samples) == len(xs)
+    for x, out, facts in zip(xs, result.output, result.samples):
+        one = InferResult(out, result.request_id, facts.level, facts.expected_accuracy, facts.queue_ms,
+                          facts.exec_ms, facts.predicted_ms, facts.batch_size, facts.late, facts.kernel,
+                          result.server_ms)
+        check_answer(one, x, local)
+    # The call's own fields: the worst case over its samples.
+    assert result.level == min(s.level for s in result.samples)
+    assert result.exec_ms == max(s.exec_ms for s in result.samples)
+    assert result.batch_size == max(s.batch_size for s in result.samples)
+
+
+async def test_unary_call_of_eight_samples_is_answered_in_input_order(client, samples, local):
+    xs = samples[8:16]
+    result = await client.infer_many(MODEL, "interactive", xs, request_id="eight", timeout_s=30.0)
+    assert result.request_id == "eight"
+    check_many(result, xs, local)
+
+
+async def test_stream_calls_of_eight_samples_are_answered_in_input_order(client, samples, local):
+    groups = {f"m{g}": samples[8 * g:8 * g + 8] for g in range(4)}
+
+    async def send():
+        for rid, xs in groups.items():
+            yield make_request(MODEL, "interactive", xs, request_id=rid)
+        yield make_request(MODEL, "interactive", samples[40], request_id="single")
+
+    answers = [a async for a in client.infer_stream(send())]
+    assert all(a.WhichOneof("result") == "response" for a in answers), answers
+    by_id = {a.response.request_id: InferResult.from_proto(a.response) for a in answers}
+    assert sorted(by_id) == sorted([*groups, "single"])  # one answer per call, not per sample
+    for rid, xs in groups.items():
+        check_many(by_id[rid], xs, local)
+    check_answer(by_id["single"], samples[40], local)
+
+
+@pytest.mark.parametrize("shape, needle", [
+    ([8, FEATURES - 1], f"{FEATURES - 1} features, the model takes {FEATURES}"),
+    ([MAX_BATCH + 1, FEATURES], f"at most {MAX_BATCH} per request"),
+])
+async def test_multi_sample_shape_errors_name_the_field_and_the_limit(client, samples, local, shape, needle):
+    request = make_request(MODEL, "interactive", np.ones(shape, np.float32))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.Infer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input.shape" in info.value.details() and needle in info.value.details()
+    await assert_still_serving(client, samples, local)
+
+
+async def test_a_multi_sample_call_past_its_deadline_fails_as_a_whole(client, samples, local):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.infer_many(MODEL, "interactive", samples[:8], latency_budget_ms=0.001, timeout_s=30.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await assert_still_serving(client, samples, local)
+
+
+async def test_slonn_infer_sends_a_batch_of_held_out_digits(server, capsys):
+    import json
+
+    from slonn.scripts.infer import main as infer_main
+    from slonn.workers.digits import load_split
+
+    argv = ["--target", f"127.0.0.1:{server.port}", "--model", MODEL, "--slo-class", "interactive",
+            "--index", "5", "--count", "8", "--timeout-s", "30"]
+    assert await asyncio.to_thread(infer_main, argv) == 0  # a blocking client: off this loop, which serves
+    got = json.loads(capsys.readouterr().out)
+    assert [s["label"] for s in got["samples"]] == [int(y) for y in load_split().y_test[5:13]]
+    assert all(s["level"] > 0 and s["batch_size"] >= 1 for s in got["samples"])
+
+
 # -- metadata --------------------------------------------------------------
 
 
@@ -280,7 +356,8 @@ def _with_value(value: float) -> pb.Tensor:
 GOOD = np.ones(FEATURES, "<f4").tobytes()
 BAD_INPUTS = {
     "wrong-shape": (_tensor([FEATURES - 1], GOOD[:-4]), "input.shape"),
-    "two-samples": (_tensor([2, FEATURES], GOOD * 2), "input.shape"),
+    "two-samples-short": (_tensor([2, FEATURES], GOOD), "input.data"),
+    "three-dims": (_tensor([1, 1, FEATURES], GOOD), "input.shape"),
     "wrong-dtype": (_tensor([FEATURES], GOOD, dtype=pb.DATA_TYPE_UNSPECIFIED), "input.dtype"),
     "wrong-byte-count": (_tensor([FEATURES], GOOD + b"\0\0\0\0"), "input.data"),
     "short-data": (_tensor([FEATURES], GOOD[:-1]), "input.data"),

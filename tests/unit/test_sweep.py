@@ -165,3 +165,42 @@ def test_sweep_arguments():
                 ["--server-pid", "1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_multi_sample_rows_count_samples_and_calls_and_cpu_per_call():
+    records = _records(800, 1.0, latency_ms=5.0)  # one record per sample: 100 calls of 8
+    p = rate_point(records, 800.0, "multi", 1.0, 50.0, {"server_cpu_ms": 0.1, "worker_cpu_ms": 0.05}, 0.08,
+                   samples_per_call=8)
+    assert p["samples_per_call"] == 8
+    assert p["offered_per_s"] == 800.0 and p["achieved_per_s"] == 800.0
+    assert p["offered_calls_per_s"] == 100.0 and p["achieved_calls_per_s"] == 100.0
+    assert p["server_cpu_ms"] == 0.1 and p["server_cpu_ms_per_call"] == pytest.approx(0.8)
+    assert p["client_cpu_ms"] == pytest.approx(0.1)
+    assert "n/call" in sweep.format_sweep_table([p]) and "calls/s" in sweep.format_sweep_table([p])
+
+
+def test_multi_sample_sweep_offers_calls_at_rate_over_n_with_an_input_per_sample(monkeypatch):
+    seen = []
+
+    async def fake_replay(target, model, arrivals, deadlines, **kw):
+        k = kw["samples_per_call"]
+        seen.append((kw["transport"], k, len(arrivals) / arrivals.duration_s))
+        assert len(kw["inputs"][0]) == len(arrivals) * k  # an input of its own per sample
+        return _records(len(arrivals) * k, arrivals.duration_s, 5.0)
+
+    monkeypatch.setattr(sweep, "replay", fake_replay)
+    points = asyncio.run(sweep.sweep_transport("t", "m", "multi", [800.0], 5.0, 50.0, warmup_s=0.0,
+                                               samples_per_call=8))
+    assert [(t, k) for t, k, _ in seen] == [("multi", 8)]
+    assert seen[0][2] == pytest.approx(100.0, rel=0.3)  # calls/s: the sample rate over 8 (a Poisson draw)
+    assert points[0]["samples_per_call"] == 8
+    assert points[0]["achieved_calls_per_s"] == pytest.approx(points[0]["achieved_per_s"] / 8, abs=0.01)
+    asyncio.run(sweep.sweep_transport("t", "m", "unary", [800.0], 1.0, 50.0, warmup_s=0.0, samples_per_call=8))
+    assert seen[-1][:2] == ("unary", 1)  # the single-sample transports ignore samples_per_call
+
+
+def test_sweep_multi_sample_arguments():
+    args = parse_args(["--transports", "unary,multi,multi-stream", "--samples-per-call", "4"])
+    assert args.transports == ["unary", "multi", "multi-stream"] and args.samples_per_call == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--samples-per-call", "0"])
