@@ -160,11 +160,14 @@ floats = st.one_of(st.floats(width=32), st.sampled_from([float("nan"), float("in
 
 @st.composite
 def tensors(draw) -> pb.Tensor:
-    kind = draw(st.sampled_from(["valid", "values", "bytes"]))
+    kind = draw(st.sampled_from(["valid", "samples", "values", "bytes"]))
     if kind == "valid":  # a third of the time: exercise the OK path too
         values = draw(st.lists(st.floats(0, 16, width=32), min_size=64, max_size=64))
         return pb.Tensor(shape=draw(st.sampled_from([[64], [1, 64]])), dtype=pb.FLOAT32,
                          data=np.asarray(values, np.float32).tobytes())
+    if kind == "samples":  # N samples in one request: valid up to the max batch
+        n = draw(st.sampled_from([2, 8, 64, 65]))
+        return pb.Tensor(shape=[n, 64], dtype=pb.FLOAT32, data=np.full((n, 64), 3.0, "<f4").tobytes())
     shape = draw(st.lists(st.integers(min_value=-3, max_value=1 << 40), max_size=4)
                  | st.sampled_from([[64], [1, 64], [0], [64, 1], [8, 8]]))
     dtype = draw(st.integers(min_value=0, max_value=3))
@@ -182,8 +185,11 @@ def tensors(draw) -> pb.Tensor:
        slo_class=st.sampled_from(["roomy", "", "nope"]), budget=st.sampled_from([0.0, -1.0, 1e-6, float("nan")]))
 def test_fuzzed_requests_get_the_right_status_and_the_server_survives(served, tensor, model, slo_class, budget):
     request = pb.InferRequest(model=model, slo_class=slo_class, input=tensor, latency_budget_ms=budget)
-    valid_tensor = (list(tensor.shape) in ([64], [1, 64]) and tensor.dtype == pb.FLOAT32
-                    and len(tensor.data) == 256 and np.isfinite(np.frombuffer(tensor.data, "<f4")).all())
+    shape = list(tensor.shape)
+    n = shape[0] if len(shape) == 2 else 1  # [64], or [N, 64] with N up to the max batch (64 by default)
+    valid_tensor = ((shape == [64] or (len(shape) == 2 and shape[1] == 64 and 1 <= n <= 64))
+                    and tensor.dtype == pb.FLOAT32 and len(tensor.data) == 256 * n
+                    and np.isfinite(np.frombuffer(tensor.data, "<f4")).all())
     response = None
     try:
         response = served.Infer(request, timeout=30)
@@ -198,7 +204,7 @@ def test_fuzzed_requests_get_the_right_status_and_the_server_survives(served, te
         assert code == grpc.StatusCode.OK
         # The class serves late answers: a 1 ns budget is answered, flagged late.
         assert response.late == (budget == 1e-6)
-        assert list(response.output.shape) == ([10] if len(tensor.shape) == 1 else [1, 10])
+        assert list(response.output.shape) == ([10] if len(shape) == 1 else [n, 10])
     # Alive after every one of them.
     good = make_request(MODEL, "roomy", x(0))
     assert served.Infer(good, timeout=30).batch_size >= 1
