@@ -29,13 +29,16 @@ def from_tensor(t: pb.Tensor, field: str = "input", expected_features: int | Non
     return _decode(t, field, expected_features, 1).reshape(-1)
 
 
-def samples_from_tensor(t: pb.Tensor, field: str, expected_features: int | None, max_samples: int) -> np.ndarray:
+def samples_from_tensor(t: pb.Tensor, field: str, expected_features: int | None, max_samples: int,
+                        limit: str = "max_batch") -> np.ndarray:
     """Decode and validate N samples: shape [F] (one sample) or [N, F] with 1 <= N <= ``max_samples``,
-    FLOAT32, exact byte count, finite values. Returns an [N, F] float32 array (read-only, as from_tensor's)."""
-    return _decode(t, field, expected_features, max_samples)
+    FLOAT32, exact byte count, finite values. Returns an [N, F] float32 array (read-only, as from_tensor's).
+    ``limit`` names the setting ``max_samples`` comes from, for the error message."""
+    return _decode(t, field, expected_features, max_samples, limit)
 
 
-def _decode(t: pb.Tensor, field: str, expected_features: int | None, max_samples: int) -> np.ndarray:
+def _decode(t: pb.Tensor, field: str, expected_features: int | None, max_samples: int,
+            limit: str = "max_batch") -> np.ndarray:
     dtype = _DTYPES.get(t.dtype)
     if dtype is None:
         raise TensorError(f"{field}.dtype: got {pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype}, expected FLOAT32")
@@ -56,7 +59,7 @@ def _decode(t: pb.Tensor, field: str, expected_features: int | None, max_samples
                           f"{_expected(expected_features, max_samples)}")
     if n > max_samples:
         per = "one sample per request" if max_samples == 1 else (
-            f"{n} samples, at most {max_samples} per request (the server's max batch)")
+            f"{n} samples, at most {max_samples} per request ({limit}={max_samples})")
         raise TensorError(f"{field}.shape: got {shape}, {per}{_expected(expected_features, max_samples)}")
     want = n * features * dtype.itemsize
     if len(t.data) != want:

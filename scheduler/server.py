@@ -74,12 +74,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not request.slo_class:
             raise InvalidArgument(f"slo_class: must be set; one of {sorted(self.server.cfg.classes)}")
         budget = check_budget(request.latency_budget_ms)
-        features, max_samples = manifest.arch.in_features, self.server.cfg.max_batch
+        features, (max_samples, limit) = manifest.arch.in_features, self.server.sample_limit
         if not request.HasField("input"):
             raise InvalidArgument(f"input: missing; expected a FLOAT32 tensor of shape [{features}] "
                                   f"(or [N, {features}] with 1 <= N <= {max_samples})")
         try:
-            x = samples_from_tensor(request.input, "input", features, max_samples)
+            x = samples_from_tensor(request.input, "input", features, max_samples, limit)
         except TensorError as exc:
             raise InvalidArgument(str(exc)) from None
         if len(x) > 1:
@@ -372,6 +372,14 @@ class SlonnServer:
         NOT_FOUND if the server has no such model."""
         self.check_loaded(name)
         return oip.find_model(self.manifests, name, version)
+
+    @property
+    def sample_limit(self) -> tuple[int, str]:
+        """The most samples one slonn.v1 request may carry, and the setting that says so: the max batch, or
+        max_inflight where that is smaller (such a request could never be admitted)."""
+        cfg = self.cfg
+        return (cfg.max_batch, "max_batch") if cfg.max_batch <= cfg.max_inflight else (cfg.max_inflight,
+                                                                                        "max_inflight")
 
     @property
     def default_class(self) -> str:

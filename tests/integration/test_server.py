@@ -250,7 +250,7 @@ async def test_stream_calls_of_eight_samples_are_answered_in_input_order(client,
 
 @pytest.mark.parametrize("shape, needle", [
     ([8, FEATURES - 1], f"{FEATURES - 1} features, the model takes {FEATURES}"),
-    ([MAX_BATCH + 1, FEATURES], f"at most {MAX_BATCH} per request"),
+    ([MAX_BATCH + 1, FEATURES], f"at most {MAX_BATCH} per request (max_batch={MAX_BATCH})"),
 ])
 async def test_multi_sample_shape_errors_name_the_field_and_the_limit(client, samples, local, shape, needle):
     request = make_request(MODEL, "interactive", np.ones(shape, np.float32))

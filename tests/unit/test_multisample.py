@@ -35,6 +35,7 @@ def servicer(pool: FakeWorkerPool) -> InferenceServicer:
     server = SimpleNamespace(
         manifests={"m": SimpleNamespace(arch=SimpleNamespace(in_features=F))},
         cfg=SimpleNamespace(max_batch=MAX_SAMPLES, classes=CLASSES),
+        sample_limit=(MAX_SAMPLES, "max_batch"),
         range_checks={"m": RangeCheck(SimpleNamespace(low=(0.0,) * F, high=(100.0,) * F))},
         metrics=d.metrics)
     s = InferenceServicer(d, server)
@@ -78,8 +79,9 @@ def test_wrong_feature_count_names_the_field_and_the_expected_count():
 
 
 def test_more_samples_than_the_limit_names_the_field_and_the_limit():
-    with pytest.raises(TensorError, match=r"^input\.shape: got \[17, 64\], 17 samples, at most 16 per request"):
-        samples_from_tensor(to_tensor(rows(17)), "input", F, 16)
+    with pytest.raises(TensorError, match=r"^input\.shape: got \[17, 64\], 17 samples, at most 16 per request "
+                                          r"\(max_inflight=16\)"):
+        samples_from_tensor(to_tensor(rows(17)), "input", F, 16, "max_inflight")
 
 
 @pytest.mark.parametrize("shape", [[2, 2, F], [0, F]])
@@ -150,7 +152,7 @@ async def test_one_sample_answer_is_unchanged(shape):
 
 @pytest.mark.parametrize("x, needle", [
     (np.zeros((8, F - 1), np.float32), "the model takes 64"),
-    (rows(MAX_SAMPLES + 1), f"at most {MAX_SAMPLES} per request"),
+    (rows(MAX_SAMPLES + 1), f"at most {MAX_SAMPLES} per request (max_batch={MAX_SAMPLES})"),
 ])
 async def test_shape_errors_are_invalid_argument_naming_the_field(x, needle):
     pool = FakeWorkerPool(workers=1)
@@ -191,3 +193,10 @@ async def test_a_stream_answers_a_multi_sample_request_with_one_message():
     eight = np.frombuffer(by_id["eight"].output.data, "<f4").reshape(8, 10)
     assert list(eight[:, 0]) == list(range(10, 18)) and len(by_id["eight"].samples) == 8
     assert len(by_id["one"].samples) == 0
+
+
+def test_the_sample_limit_is_the_max_batch_or_max_inflight_when_that_is_smaller():
+    from slonn.scheduler.server import SlonnServer
+
+    assert SlonnServer(SimpleNamespace(max_batch=64, max_inflight=8192)).sample_limit == (64, "max_batch")
+    assert SlonnServer(SimpleNamespace(max_batch=64, max_inflight=32)).sample_limit == (32, "max_inflight")
