@@ -20,8 +20,8 @@ from slonn.protos import grpc_service_pb2_grpc as oip_pb_grpc
 from slonn.protos import slonn_pb2 as pb
 from slonn.protos import slonn_pb2_grpc as pb_grpc
 from slonn.protos.tensors import TensorError, samples_from_tensor, to_tensor
-from slonn.scheduler.clock import MonotonicClock
 from slonn.scheduler.admission import admit_samples, check_budget
+from slonn.scheduler.clock import MonotonicClock
 from slonn.scheduler.config import ServerConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
