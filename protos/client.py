@@ -24,7 +24,9 @@ from slonn.protos import slonn_pb2 as pb
 from slonn.protos import slonn_pb2_grpc as pb_grpc
 from slonn.protos.tensors import to_tensor
 
-_OPTIONS = [("grpc.max_receive_message_length", 1 << 20), ("grpc.max_send_message_length", 1 << 20)]
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+"""gRPC's default send limit (none: the server's --max-message-bytes is the one that counts) and a receive
+limit far above any answer's size (outputs are [N, classes])."""
 
 
 @dataclass(frozen=True)
