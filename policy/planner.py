@@ -68,8 +68,9 @@ class PlanContext:
     """Added to every predicted exec time (dispatch, IPC, reply)."""
     backlog_ms: float = 0.0
     """At admission: predicted time to serve the requests queued ahead (0 when planning a head)."""
-    workers: int = 1
-    """Workers that share the backlog."""
+    workers: float = 1
+    """Workers that share the backlog, in workers of this table's speed (with workers on nodes of different
+    speeds, fewer than there are: see ``Driver.set_nodes``)."""
     frontend_batch_ms: float = 0.0
     """The frontend's (event-loop) CPU per batch: dispatch, IPC round trip, result fan-out (learned live;
     0: unknown, the planner ignores the frontend)."""

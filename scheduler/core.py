@@ -27,13 +27,15 @@ class Batch:
     """Requests of one model to run together at one level (a slotted class, like Plan: one per batch on the
     hot path of the server and the simulator, native under mypyc)."""
 
-    __slots__ = ("model", "requests", "plan", "planned_at_s")
+    __slots__ = ("model", "requests", "plan", "planned_at_s", "node")
 
     def __init__(self, model: str, requests: list[QueuedRequest], plan: Plan, planned_at_s: float) -> None:
         self.model = model
         self.requests = requests
         self.plan = plan
         self.planned_at_s = planned_at_s
+        self.node = ""
+        """The node whose worker the batch was planned for ("": one machine; see Driver.set_nodes)."""
 
 
 class SchedulerOutput:
@@ -175,12 +177,19 @@ class Scheduler:
                     soonest = t
         return soonest
 
-    def schedule(self, now_s: float, contexts: Mapping[str, PlanContext]) -> SchedulerOutput:
-        """Expire hopeless requests, then plan at most one batch (call once per free worker)."""
-        out = SchedulerOutput(expired=self.expire(now_s, contexts))
+    def schedule(self, now_s: float, contexts: Mapping[str, PlanContext],
+                 judge: Mapping[str, PlanContext] | None = None) -> SchedulerOutput:
+        """Expire hopeless requests, then plan at most one batch (call once per free worker).
+
+        ``judge``: the contexts that say whether a request is hopeless, when they are not those the batch is
+        planned with (a batch for a slow node's worker: a request it cannot serve in time may still make it
+        on a faster one)."""
+        if judge is None:
+            judge = contexts
+        out = SchedulerOutput(expired=self.expire(now_s, judge))
         candidates: list[QueuedRequest] = []
         try:
-            return self._schedule(now_s, contexts, out, candidates)
+            return self._schedule(now_s, contexts, out, candidates, judge)
         except BaseException:
             # A decision that raises loses nobody: what it had taken out (and what it had expired, which the
             # caller never gets) goes back to the queues, where the caller's error path drains and answers it.
@@ -189,7 +198,7 @@ class Scheduler:
             raise
 
     def _schedule(self, now_s: float, contexts: Mapping[str, PlanContext], out: SchedulerOutput,
-                  candidates: list[QueuedRequest]) -> SchedulerOutput:
+                  candidates: list[QueuedRequest], judge: Mapping[str, PlanContext]) -> SchedulerOutput:
         """``schedule`` after expiry; every request it takes out of the queues is in ``candidates`` or
         ``out.expired`` until it returns."""
         live = -1  # the model's live requests, when already counted
@@ -218,7 +227,7 @@ class Scheduler:
                     return out
         candidates.extend(pop_merged(queues, ctx.max_batch))
         while self._mixed_late:
-            self._drop_hopeless_hard(candidates, now_s, ctx, out.expired)
+            self._drop_hopeless_hard(candidates, now_s, judge[model], out.expired)
             if candidates or not self.pending(model):
                 break
             candidates.extend(pop_merged(queues, ctx.max_batch))  # every candidate was dropped: the next ones

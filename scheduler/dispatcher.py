@@ -63,12 +63,18 @@ class Dispatcher:
         self.latency = latency
         self.accuracy = accuracy
         self.contention = contention
+        self.per_node = pool.per_node
+        """The pool's workers run on several nodes: each batch is planned for its worker's node (its table,
+        contention and overhead allowance) and runs there."""
         self.driver = Driver(scheduler, latency.table, accuracy, max_batch, overhead_ms, workers, max_inflight,
                              contention=lambda _now: contention(), start_s=clock.now(),
                              frontend_cpu=None if frontend_cpu is None else lambda _now: frontend_cpu(),
-                             frontend_batch_ms=FRONTEND_BATCH_MS, frontend_request_ms=FRONTEND_REQUEST_MS)
+                             frontend_batch_ms=FRONTEND_BATCH_MS, frontend_request_ms=FRONTEND_REQUEST_MS,
+                             node_tables=latency.table if self.per_node else None,
+                             node_contention=(lambda node, _now: pool.node_contention(node)) if self.per_node else None)
         """The decisions: admission, batches per idle worker, expiry, the overhead allowance, the frontend's cost
         (``frontend_cpu()``: the event-loop thread's CPU seconds, read every few tens of ms; None: not measured)."""
+        self._nodes_version = -1
         self.on_batch = on_batch
         """Called after each batch with (batch, exec_ms, contention): metrics, logs."""
         self.metrics = metrics or ServerMetrics()
@@ -247,11 +253,19 @@ class Dispatcher:
             return None
         # A worker coming back (or the pool breaking) wakes the loop through pool.on_idle.
         now = self.clock.now()
-        out = self.driver.next_batches(idle, now)
+        if self.per_node:
+            pool = self.pool
+            if self._nodes_version != pool.nodes_version:
+                self._nodes_version = pool.nodes_version
+                self.driver.set_nodes(pool.node_workers())
+            nodes = pool.idle_nodes()
+            out = self.driver.next_batches(len(nodes), now, nodes)
+        else:
+            out = self.driver.next_batches(idle, now)
         self._expire(out.expired, now)
         for i, batch in enumerate(out.batches):
             try:
-                self._launch(batch, self.contention())
+                self._launch(batch, self.pool.node_contention(batch.node) if self.per_node else self.contention())
             except Exception:  # out of the queues and not yet running: answer them here, then the loop drains
                 for unlaunched in out.batches[i:]:
                     for req in unlaunched.requests:
@@ -273,7 +287,7 @@ class Dispatcher:
                       plan.speed, plan.slack_ms, plan.reason)
         inputs = np.stack([r.inputs for r in batch.requests])
         task = BatchTask(next(self._task_ids), batch.model, batch.plan.level, inputs)
-        future = self.pool.submit(task)
+        future = self.pool.submit(task, batch.node) if self.per_node else self.pool.submit(task)  # type: ignore[call-arg]
         self.running.add(future)
         future.add_done_callback(lambda f: self._finish(batch, f, contention))
 
@@ -313,8 +327,14 @@ class Dispatcher:
         m.contention.set(contention)
         if result.exec_ms > batch.plan.predicted_ms:
             m.under_predicted.labels(batch.model).inc()
+        # Where it ran (a Ray pool may have had to use another node than planned): that node's learner.
         self.latency.observe(batch.model, LatencySample(batch.plan.level, len(batch.requests), contention,
-                                                        result.exec_ms, result.kernel))
+                                                        result.exec_ms, result.kernel), result.node)
+        if self.per_node:
+            m.node_batches.labels(result.node).inc()
+            table = self.latency.table(batch.model, result.node)
+            m.node_table_ms.labels(batch.model, result.node).set(
+                table.mean(0, table.fastest_index(0, self.accuracy[batch.model], 0.0), table.max_batch))
         if self.on_batch:
             self.on_batch(batch, result.exec_ms, contention)
 

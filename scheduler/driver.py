@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import collections.abc
 import math
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 from slonn.policy.names import OnLate
@@ -65,6 +66,68 @@ def caller_budget(budget_ms: float, time_left_ms: float | None,
     return (left_ms if hard else budget_ms), hard
 
 
+class OverheadWindow:
+    """The last OVERHEAD_WINDOW batches' overheads (done - planned - exec) and their 95th percentile: the
+    driver's overhead allowance, one for the pool and, with per-node planning, one per node."""
+
+    __slots__ = ("values", "ranked", "oldest", "count")
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        """A ring: ``oldest`` is where the next one goes once it is full."""
+        self.ranked: list[float] = []
+        """The same overheads in ascending order, kept so (a bisect per batch) instead of sorted at each
+        estimate: the simulator estimates every OVERHEAD_REFIT_EVERY batches, and sorting was most of it."""
+        self.oldest = 0
+        self.count = 0
+        """Overheads added since the start (not reset by :meth:`clear`)."""
+
+    def add(self, ms: float) -> bool:
+        """Add one batch's overhead; True every OVERHEAD_REFIT_EVERY batches (time for a new estimate)."""
+        ranked = self.ranked
+        values = self.values
+        if len(values) < OVERHEAD_WINDOW:
+            values.append(ms)
+        else:
+            del ranked[bisect.bisect_left(ranked, values[self.oldest])]
+            values[self.oldest] = ms
+            self.oldest = (self.oldest + 1) % OVERHEAD_WINDOW
+        bisect.insort(ranked, ms)
+        self.count += 1
+        return self.count % OVERHEAD_REFIT_EVERY == 0
+
+    def p95(self) -> float:
+        return percentile_95(self.ranked)
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.ranked.clear()
+        self.oldest = 0
+
+
+class NodeState:
+    """What the driver keeps per node when it plans per node (:meth:`Driver.set_nodes`)."""
+
+    __slots__ = ("workers", "overhead_ms", "window", "contexts", "contexts_s", "contexts_overhead_ms",
+                 "contexts_frontend", "batch_ms")
+
+    def __init__(self, workers: int, overhead_ms: float) -> None:
+        self.workers = workers
+        """Live workers on the node."""
+        self.overhead_ms = overhead_ms
+        """The node's overhead allowance: the p95 of its own batches' overheads, at least the floor."""
+        self.window = OverheadWindow()
+        self.contexts: dict[str, PlanContext] = {}
+        """Per model: what a batch on this node is planned with."""
+        self.contexts_s = -math.inf
+        self.contexts_overhead_ms = overhead_ms
+        self.contexts_frontend = -1
+        """The driver's frontend-cost version the contexts carry."""
+        self.batch_ms = 0.0
+        """A full batch of each model's fastest level on this node, summed over the models (safe bound plus
+        the node's overhead): how the node's speed is compared with the others'."""
+
+
 class DispatchOutput:
     """What one :meth:`Driver.next_batches` call decided. Read it; do not modify it (with nothing queued,
     every call returns the same empty one)."""
@@ -85,6 +148,11 @@ class Driver:
 
     ``tables``: each model's latency table, fixed (a mapping), or ``tables(model)``, the latest one (it may
     change between calls). ``contention``: the contention the planner sees, fixed, or ``contention(now)``.
+
+    Workers on several nodes (a Ray cluster): after :meth:`set_nodes`, a batch is planned for the node of
+    the idle worker it will run on, with that node's table (``node_tables(model, node)``), contention
+    (``node_contention(node, now)``) and overhead allowance (learned from that node's batches); see
+    :meth:`next_batches`. Without it (a process pool, the simulator) there is one machine, as before.
     """
 
     def __init__(self, scheduler: Scheduler, tables: Mapping[str, LatencyTable] | Callable[[str], LatencyTable],
@@ -92,7 +160,9 @@ class Driver:
                  workers: int = 1, max_inflight: int = 8192,
                  contention: float | Callable[[float], float] = 0.0, start_s: float = 0.0,
                  frontend_cpu: Callable[[float], float] | None = None, frontend_batch_ms: float = 0.0,
-                 frontend_request_ms: float = 0.0) -> None:
+                 frontend_request_ms: float = 0.0,
+                 node_tables: Callable[[str, str], LatencyTable] | None = None,
+                 node_contention: Callable[[str, float], float] | None = None) -> None:
         self.scheduler = scheduler
         self.frontend = FrontendCost(frontend_batch_ms, frontend_request_ms)
         """The frontend's learned per-batch and per-request CPU and the arrival rate the planner sees."""
@@ -132,14 +202,8 @@ class Driver:
         """Floor of the per-batch overhead the planner adds to predicted exec time."""
         self.overhead_ms = overhead_ms
         """Current overhead: the 95th percentile of measured (batch done - planned - exec), at least the floor."""
-        self._overheads: list[float] = []
-        """The last OVERHEAD_WINDOW batches' overheads, a ring: ``_oldest`` is where the next one goes once
-        it is full."""
-        self._oldest = 0
-        self._ranked: list[float] = []
-        """The same overheads in ascending order, kept so (a bisect per batch) instead of sorted at each
-        estimate: the simulator estimates every OVERHEAD_REFIT_EVERY batches, and sorting was most of it."""
-        self._batches_done = 0
+        self._window = OverheadWindow()
+        """Every batch's overhead, whatever its node."""
         self._last_batch_s = start_s
         self._refused_since_batch = False
         """Admission refused a request as out of reach since the last finished batch."""
@@ -148,6 +212,12 @@ class Driver:
         """When ``_contexts`` was last brought up to date, and with which overhead allowance."""
         self._contexts_overhead_ms = overhead_ms
         self._contexts_frontend = 0
+        self._node_tables = node_tables
+        self._node_contention = node_contention
+        self._nodes: dict[str, NodeState] = {}
+        """Per-node planning (:meth:`set_nodes`): node -> its state; empty: one machine."""
+        self._judged: list[PlanContext] = []
+        """The node contexts the last admission contexts were built from (per-node planning)."""
 
     # -- admission ----------------------------------------------------------
 
@@ -185,7 +255,11 @@ class Driver:
 
     def contexts(self, now: float) -> dict[str, PlanContext]:
         """What the policy plans with at ``now``, per model (the same objects while nothing changed: the
-        policy remembers what it derived from the last one). Do not modify the dict."""
+        policy remembers what it derived from the last one). Do not modify the dict.
+
+        Planning per node, these are what admission and expiry judge by: see :meth:`_judging_contexts`."""
+        if self._nodes:
+            return self._judging_contexts(now)
         current = self._contexts
         if now == self._contexts_s and self.overhead_ms == self._contexts_overhead_ms:
             return current  # asked again at the same instant (admission, then dispatch): nothing moved
@@ -220,9 +294,14 @@ class Driver:
             return fresh
         return current
 
-    def next_batches(self, idle: int, now: float) -> DispatchOutput:
+    def next_batches(self, idle: int, now: float, nodes: list[str] | None = None) -> DispatchOutput:
         """Plan a batch per idle worker (``idle`` of them), answer early whoever can no longer make it, and
         say when to look again. Call it after every event: an arrival, a finished batch, a wake-up.
+
+        ``nodes`` (per-node planning, after :meth:`set_nodes`): the node of each idle worker, one entry per
+        worker (``idle`` is then ignored). Batches are planned for the fastest of them first (the most
+        urgent requests get the fastest worker), each with its node's contexts, and say so in
+        ``Batch.node``: run each on an idle worker of that node.
 
         With no idle worker it still expires: a request must not wait for a worker only to learn it is
         late. A call that raises loses nobody: what it had taken out of the queues goes back.
@@ -233,18 +312,31 @@ class Driver:
         out = DispatchOutput()
         try:
             contexts = self.contexts(now)  # the same for every decision of this call: nothing else moves
+            order: list[str] = []
+            per_node = nodes is not None and bool(self._nodes)
+            if per_node and nodes is not None:
+                order = self._fastest_first(nodes, now)
+                idle = len(order)
+            node = ""
             while True:
                 if idle <= 0:
                     out.expired.extend(sched.expire(now, contexts))
                     out.wake_at_s = sched.next_expiry_s(contexts)
                     break
-                step = sched.schedule(now, contexts)
+                if per_node:
+                    # Planned with the node's table, contention and overhead; judged hopeless only by the
+                    # contexts admission uses (the fastest node's), not because this worker is slow.
+                    node = order[len(out.batches)]
+                    step = sched.schedule(now, self.node_contexts(node, now), contexts)
+                else:
+                    step = sched.schedule(now, contexts)
                 if step.expired:
                     out.expired.extend(step.expired)
                 batch = step.batch
                 if batch is None:
                     out.wake_at_s = step.wake_at_s
                     break
+                batch.node = node
                 out.batches.append(batch)
                 self._dispatched += 1
                 idle -= 1
@@ -261,11 +353,119 @@ class Driver:
             out.wake_at_s = math.nextafter(now, math.inf)
         return out
 
+    # -- per-node planning ---------------------------------------------------------
+
+    def set_nodes(self, workers: Mapping[str, int]) -> None:
+        """Plan per node from now on: ``workers`` maps each node to its live workers (call it again whenever
+        that changes). A node keeps its overhead allowance while it stays; a new one starts from the pool's.
+        Empty: back to one machine (the pool's table, contention and allowance)."""
+        nodes: dict[str, NodeState] = {}
+        for name, n in workers.items():
+            if n <= 0:
+                continue
+            state = self._nodes.get(name)
+            if state is None:
+                state = NodeState(n, self.overhead_ms)
+            state.workers = n
+            nodes[name] = state
+        self._nodes = nodes
+        self._judged = []
+        self._contexts_s = -math.inf
+
+    def node_overhead_ms(self) -> dict[str, float]:
+        """Per node: its overhead allowance (empty without per-node planning)."""
+        return {name: state.overhead_ms for name, state in self._nodes.items()}
+
+    def node_contexts(self, node: str, now: float) -> dict[str, PlanContext]:
+        """What a batch on a worker of ``node`` is planned with at ``now``, per model: the node's table,
+        contention bucket and overhead allowance (the same objects while nothing changed)."""
+        state = self._nodes.get(node)
+        if state is None:  # an idle worker on a node set_nodes has not named yet: one worker, for now
+            state = self._nodes[node] = NodeState(1, self.overhead_ms)
+            self._judged = []
+        if now == state.contexts_s and state.overhead_ms == state.contexts_overhead_ms \
+                and state.contexts_frontend == self._frontend_version:
+            return state.contexts
+        if self._node_contention is not None:
+            contention = self._node_contention(node, now)
+        else:
+            contention = self._fixed_contention if self._contention is None else self._contention(now)
+        overhead = state.contexts_overhead_ms = state.overhead_ms
+        state.contexts_s = now
+        state.contexts_frontend = self._frontend_version
+        fe = self.frontend  # one frontend, whichever node runs the batch
+        fe_batch, fe_request, rate = (fe.batch_ms, fe.request_ms, fe.arrival_per_s) if self._frontend_cpu is not None \
+            else (0.0, 0.0, 0.0)
+        current = state.contexts
+        fresh: dict[str, PlanContext] | None = None
+        total_ms = 0.0
+        for model, acc in self._accuracy.items():
+            if self._node_tables is not None:
+                table = self._node_tables(model, node)
+            else:
+                table = self._fixed_tables[model] if self._tables is None else self._tables(model)
+            bucket = table.bucket(contention)
+            ctx = current.get(model)
+            if ctx is None or ctx.table is not table or ctx.bucket != bucket or ctx.overhead_ms != overhead \
+                    or ctx.arrival_per_s != rate or ctx.frontend_batch_ms != fe_batch \
+                    or ctx.frontend_request_ms != fe_request:
+                if fresh is None:
+                    fresh = dict(current)
+                ctx = fresh[model] = PlanContext(table, bucket, acc, self.max_batch, overhead,
+                                                 frontend_batch_ms=fe_batch, frontend_request_ms=fe_request,
+                                                 arrival_per_s=rate)
+            total_ms += full_batch_ms(ctx)
+        state.batch_ms = total_ms
+        if fresh is not None:
+            state.contexts = fresh
+            return fresh
+        return current
+
+    def _judging_contexts(self, now: float) -> dict[str, PlanContext]:
+        """Per-node planning: what admission and expiry judge by, per model. A request is hopeless only if it
+        is on the fastest node, so these are that node's contexts; the backlog ahead of a request is shared
+        by every live worker at its node's speed, so ``workers`` is their capacity in workers of the fastest
+        node: the sum over nodes of workers x (the fastest node's full-batch time / this node's)."""
+        self._forget_stale_overhead(now)
+        if self._frontend_cpu is not None and now - self._frontend_s >= FRONTEND_INTERVAL_S:
+            self._observe_frontend(now)
+        per_node = [self.node_contexts(name, now) for name in list(self._nodes)]
+        judged = [ctx for contexts in per_node for ctx in contexts.values()]
+        if len(judged) == len(self._judged) and all(a is b for a, b in zip(judged, self._judged)):
+            return self._contexts
+        states = list(self._nodes.values())
+        fresh: dict[str, PlanContext] = {}
+        for model in self._accuracy:
+            best = per_node[0][model]
+            best_ms = full_batch_ms(best)
+            for contexts in per_node:
+                ms = full_batch_ms(contexts[model])
+                if ms < best_ms:
+                    best, best_ms = contexts[model], ms
+            capacity = 0.0
+            for state, contexts in zip(states, per_node):
+                capacity += state.workers * best_ms / full_batch_ms(contexts[model])
+            fresh[model] = replace(best, workers=capacity)
+        self._contexts, self._judged = fresh, judged
+        return fresh
+
+    def _fastest_first(self, nodes: list[str], now: float) -> list[str]:
+        """``nodes`` ordered by their full-batch time (ties: as given)."""
+        for name in nodes:
+            self.node_contexts(name, now)  # brings each node's batch_ms up to date
+        states = self._nodes
+        return sorted(nodes, key=lambda name: states[name].batch_ms)
+
     # -- feedback ---------------------------------------------------------------
 
     def on_batch_done(self, batch: Batch, exec_ms: float, now: float) -> None:
         """``batch`` ran in ``exec_ms`` and its answers are back at ``now``: learn from it."""
-        self._observe_overhead((now - batch.planned_at_s) * 1e3 - exec_ms, now)
+        ms = (now - batch.planned_at_s) * 1e3 - exec_ms
+        self._observe_overhead(ms, now)
+        if self._nodes:
+            node = self._nodes.get(batch.node)
+            if node is not None and node.window.add(ms):
+                node.overhead_ms = max(self.min_overhead_ms, node.window.p95())
         self.scheduler.update_from_output(batch, exec_ms, now)
 
     def missed(self, req: QueuedRequest, now: float) -> DeadlineUnreachable | None:
@@ -328,30 +528,22 @@ class Driver:
         co-runner window (`python -m bench.adapt`). Without evidence it decays, so a
         few requests get through and measure the machine again.
         """
-        if self.overhead_ms <= self.min_overhead_ms or not self._refused_since_batch:
+        if (self.overhead_ms <= self.min_overhead_ms and not self._nodes) or not self._refused_since_batch:
             return  # an idle server keeps what it learned: the next burst meets the same machine
         if now - self._last_batch_s > OVERHEAD_STALE_S:
             self.overhead_ms = max(self.min_overhead_ms, self.overhead_ms / 2)
-            self._overheads.clear()  # the next estimate comes from batches run from here on
-            self._ranked.clear()
-            self._oldest = 0
+            self._window.clear()  # the next estimate comes from batches run from here on
+            for node in self._nodes.values():
+                node.overhead_ms = max(self.min_overhead_ms, node.overhead_ms / 2)
+                node.window.clear()
             self._last_batch_s = now
 
     def _observe_overhead(self, ms: float, now: float) -> None:
         """Learn what a batch costs beyond exec (IPC, event-loop delay): the planner must budget for it."""
-        ranked = self._ranked
-        if len(self._overheads) < OVERHEAD_WINDOW:
-            self._overheads.append(ms)
-        else:
-            del ranked[bisect.bisect_left(ranked, self._overheads[self._oldest])]
-            self._overheads[self._oldest] = ms
-            self._oldest = (self._oldest + 1) % OVERHEAD_WINDOW
-        bisect.insort(ranked, ms)
-        self._batches_done += 1
         self._last_batch_s = now
         self._refused_since_batch = False
-        if self._batches_done % OVERHEAD_REFIT_EVERY == 0:
-            self.overhead_ms = max(self.min_overhead_ms, percentile_95(ranked))
+        if self._window.add(ms):
+            self.overhead_ms = max(self.min_overhead_ms, self._window.p95())
 
 
 _NOTHING = DispatchOutput()
@@ -420,6 +612,12 @@ class FrontendCost:
     def load(self, batches_per_s: float) -> float:
         """Predicted share of one core the frontend spends at the arrival rate and ``batches_per_s``."""
         return (self.arrival_per_s * self.request_ms + batches_per_s * self.batch_ms) * 1e-3
+
+
+def full_batch_ms(ctx: PlanContext) -> float:
+    """A full batch of the fastest level on ``ctx``'s table (safe bound) plus its overhead allowance."""
+    table = ctx.table
+    return table.safe(ctx.bucket, table.fastest_index(ctx.bucket, ctx.accuracy, 0.0), ctx.max_batch) + ctx.overhead_ms
 
 
 def percentile_95(ranked: list[float]) -> float:

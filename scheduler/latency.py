@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -26,56 +27,134 @@ WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class LatencySource(Protocol):
-    def table(self, model: str) -> LatencyTable:
-        """The latest published table (O(1), no fitting)."""
+    def table(self, model: str, node: str = "") -> LatencyTable:
+        """The latest published table (O(1), no fitting); ``node``: for a worker on that node (a node
+        without a table of its own gets the model's)."""
         ...
 
-    def observe(self, model: str, sample: LatencySample) -> None:
-        """A live measurement (O(1); any refit happens off the event loop)."""
+    def observe(self, model: str, sample: LatencySample, node: str = "") -> None:
+        """A live measurement from a worker on ``node`` (O(1); any refit happens off the event loop)."""
         ...
 
 
 class StaticLatency:
-    """Fixed tables (tests, and policies that never learn)."""
+    """Fixed tables (tests, and policies that never learn), per model and optionally per (model, node)."""
 
-    def __init__(self, tables: dict[str, LatencyTable]) -> None:
+    def __init__(self, tables: dict[str, LatencyTable],
+                 node_tables: dict[tuple[str, str], LatencyTable] | None = None) -> None:
         self._tables = tables
+        self.node_tables = dict(node_tables or {})
         self.samples: list[tuple[str, LatencySample]] = []
+        self.node_samples: list[tuple[str, str, LatencySample]] = []
 
-    def table(self, model: str) -> LatencyTable:
-        return self._tables[model]
+    def table(self, model: str, node: str = "") -> LatencyTable:
+        return self.node_tables.get((model, node)) or self._tables[model]
 
-    def observe(self, model: str, sample: LatencySample) -> None:
+    def observe(self, model: str, sample: LatencySample, node: str = "") -> None:
         self.samples.append((model, sample))
+        self.node_samples.append((model, node, sample))
 
 
 class LearnedLatency:
-    """One OnlineLearner per model: live samples refit the model off the loop; tables are swapped whole."""
+    """One OnlineLearner per model, and per (model, node) for workers on several nodes: live samples refit
+    the model off the loop; tables are swapped whole.
+
+    A node's learners are added once its first worker is up (:meth:`add_node`, seeded by
+    :func:`node_rows`); until then, and for workers on this machine (node ""), the model's learner serves.
+    Samples from a node with learners train only those: each node's table is its own."""
 
     def __init__(self, learners: dict[str, OnlineLearner]) -> None:
         self.learners = learners
+        self.node_learners: dict[tuple[str, str], OnlineLearner] = {}
+        """(model, node) -> that node's learner."""
+        self._started: dict | None = None
 
-    def table(self, model: str) -> LatencyTable:
+    def table(self, model: str, node: str = "") -> LatencyTable:
+        if node:
+            learner = self.node_learners.get((model, node))
+            if learner is not None:
+                return learner.table
         return self.learners[model].table
 
-    def observe(self, model: str, sample: LatencySample) -> None:
+    def observe(self, model: str, sample: LatencySample, node: str = "") -> None:
+        if node:
+            learner = self.node_learners.get((model, node))
+            if learner is not None:
+                learner.observe(sample)
+                return
         self.learners[model].observe(sample)
+
+    def nodes(self) -> list[str]:
+        """Nodes with learners of their own."""
+        return sorted({node for _, node in self.node_learners})
+
+    def add_node(self, node: str, learners: dict[str, OnlineLearner]) -> None:
+        """Serve ``node``'s tables from ``learners`` (model -> learner), started like the others if
+        :meth:`start` was called."""
+        if self._started is not None:
+            for learner in learners.values():
+                learner.start(**self._started)
+        for model, learner in learners.items():
+            self.node_learners[(model, node)] = learner
 
     def start(self, process: bool = True, on_spawn: Callable[[int], None] | None = None,
               on_exit: Callable[[int], None] | None = None) -> None:
         """Start every learner's refit thread; ``process``: fits run in a child process (off the GIL)."""
-        for learner in self.learners.values():
+        self._started = {"process": process, "on_spawn": on_spawn, "on_exit": on_exit}
+        for learner in self._all():
             learner.start(process=process, on_spawn=on_spawn, on_exit=on_exit)
+
+    def _all(self) -> list[OnlineLearner]:
+        return [*self.learners.values(), *self.node_learners.values()]
 
     def wait_started(self, timeout: float | None = None) -> bool:
         """Every learner's thread (and child process) is up: see :meth:`OnlineLearner.wait_started`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         return all(learner.wait_started(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                   for learner in self.learners.values())
+                   for learner in self._all())
 
     def stop(self) -> None:
-        for learner in self.learners.values():
+        self._started = None
+        for learner in self._all():
             learner.stop()
+
+
+def kernel_ms(kernel_table: dict, batch_size: int, level: float) -> float | None:
+    """What a worker's start-up kernel table (``KernelChooser.to_json()``) measured for the kernel it runs
+    (batch size, level) with: the nearest measured batch size at or above (the largest beyond the last), as
+    the chooser picks; None if it measured nothing there."""
+    table, timings = kernel_table.get("table") or {}, kernel_table.get("timings_ms") or {}
+    sizes = sorted(int(b) for b in table)
+    if not sizes:
+        return None
+    size = str(next((b for b in sizes if b >= batch_size), sizes[-1]))
+    row = table[size]
+    key = min(row, key=lambda lv: abs(float(lv) - level)) if row else None
+    if key is None:
+        return None
+    kernel, sep, run_level = row[key].partition("@")
+    cell = timings.get(size, {}).get(run_level if sep else key, {})
+    ms = cell.get(kernel)
+    return float(ms) if ms else None
+
+
+def node_rows(rows: list[LatencySample], node_table: dict, reference: list[dict]) -> list[LatencySample]:
+    """Seed rows for a node's latency model: ``rows`` (the profile or warm-up rows) with each exec ms scaled by
+    how much slower the node's start-up kernel table (``node_table``, one model's) measured that (batch size,
+    level) than the table of the machine the rows come from (``reference``: its kernel table, or with that
+    unknown every node's, whose per-cell median then stands for it). A cell either table lacks is not scaled.
+    The rows keep their contention: the model learns the node's own from its live samples."""
+    ratios: dict[tuple[int, float], float] = {}
+    out = []
+    for row in rows:
+        key = (row.batch_size, row.level)
+        ratio = ratios.get(key)
+        if ratio is None:
+            mine = kernel_ms(node_table, *key)
+            theirs = [ms for ms in (kernel_ms(t, *key) for t in reference) if ms]
+            ratio = ratios[key] = mine / float(np.median(theirs)) if mine and theirs else 1.0
+        out.append(row if ratio == 1.0 else replace(row, exec_ms=row.exec_ms * ratio))
+    return out
 
 
 def base_rows(model_dir: Path, precision: str = DEFAULT_PRECISION,
@@ -128,11 +207,13 @@ def niceness_mismatch(profile_rows: list[dict], serving_nice: int) -> str | None
 
 async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: int,
                          contention: Callable[[], float] = lambda: 0.0, repeats: int = 3,
-                         seed: int = 0) -> list[LatencySample]:
+                         seed: int = 0, nodes: list[str] | None = None,
+                         node: str | None = None) -> list[LatencySample]:
     """Time every level at a few batch sizes on the real workers (distinct random inputs per call).
 
     The cold start when no profile exists: contention is whatever the monitor
-    sees now; live samples teach the model the rest.
+    sees now; live samples teach the model the rest. ``nodes``: appended with each row's worker's node;
+    ``node``: run on that node's workers while it has one (a per-node pool).
     """
     rng = np.random.default_rng(seed)
     sampler = RangeCheck(manifest.contract)  # inputs inside the model's training range
@@ -143,22 +224,24 @@ async def warmup_profile(pool: WorkerPool, manifest: ModelManifest, max_batch: i
         for b in sizes:
             for _ in range(repeats):
                 x = sampler.sample(b, int(rng.integers(1 << 31)))
-                result = await _run_with_one_retry(pool, BatchTask(task_id, manifest.name, level, x))
+                result = await _run_with_one_retry(pool, BatchTask(task_id, manifest.name, level, x), node)
                 task_id -= 1
                 rows.append(LatencySample(level, b, contention(), result.exec_ms, result.kernel))
+                if nodes is not None:
+                    nodes.append(result.node)
     return rows
 
 
-async def _run_with_one_retry(pool: WorkerPool, task: BatchTask):
-    """Run ``task`` on the next idle worker; once more if that worker dies (the server is not serving yet,
-    so there is no scheduler to hand the retry to)."""
+async def _run_with_one_retry(pool: WorkerPool, task: BatchTask, node: str | None = None):
+    """Run ``task`` on the next idle worker (of ``node`` if it has one idle); once more if that worker dies
+    (the server is not serving yet, so there is no scheduler to hand the retry to)."""
     for attempt in (1, 2):
         while pool.idle_count() == 0:
             if pool.broken():
                 raise WorkerDied("no worker could be started for the warm-up sweep")
             await asyncio.sleep(0.01)
         try:
-            return await pool.submit(task)
+            return await (pool.submit(task, node) if node is not None else pool.submit(task))  # type: ignore[call-arg]
         except WorkerDied:
             if attempt == 2:
                 raise

@@ -25,7 +25,7 @@ IN_SLO, LATE = "in_slo", "late"
 
 
 LABELLED = ("answers", "late", "batches", "batch_size", "exec_ms", "under_predicted", "queue_ms", "worker_deaths",
-            "retried", "results", "latency_ms", "levels", "out_of_range")
+            "retried", "results", "latency_ms", "levels", "out_of_range", "node_batches", "node_table_ms")
 """The labelled metrics of :class:`ServerMetrics`, each wrapped in :class:`CachedLabels`."""
 
 
@@ -89,6 +89,11 @@ class ServerMetrics:
                                      "Batches whose worker died while running them", ["model"], registry=r)
         self.retried = Counter("slonn_requests_requeued", "Requests queued again after their worker died",
                                ["model", "slo_class"], registry=r)
+        self.node_batches = Counter("slonn_node_batches", "Batches run per node (workers on several nodes)",
+                                    ["node"], registry=r)
+        self.node_table_ms = Gauge("slonn_node_table_ms", "Per node's own latency table (workers on several "
+                                   "nodes): predicted mean ms of a full batch of the fastest level, quiet",
+                                   ["model", "node"], registry=r)
         for name in LABELLED:
             setattr(self, name, CachedLabels(getattr(self, name)))
         self._httpd: ThreadingWSGIServer | None = None

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import grpc
@@ -29,7 +30,7 @@ from slonn.scheduler.driver import ANSWER_MARGIN_MS, caller_budget
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError, Unavailable
 from slonn.scheduler.grpc_status import grpc_status
 from slonn.scheduler.streams import answer_in_completion_order
-from slonn.scheduler.latency import LearnedLatency, base_rows, warmup_profile
+from slonn.scheduler.latency import LearnedLatency, base_rows, node_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
 from slonn.scheduler import oip
 from slonn.scheduler.oip import count_error, outputs, summary_parameters
@@ -274,11 +275,22 @@ class SlonnServer:
         for name, error in self.failed.items():
             log.error("model %s is not served: its workers could not load it: %s", name, error)
         self.range_checks = {name: RangeCheck(m.contract) for name, m in self.manifests.items()}
+        self._learner_config = replace(LEARNER, exceed_trigger=cfg.refit_overrun_share,
+                                       contention_trigger=cfg.refit_contention_shift)
+        self._seed: dict[str, tuple[list[LatencySample], str | None]] = {}
+        """model -> its base rows and the node they were measured on (None: unknown), for nodes' learners."""
         self.latency = LearnedLatency({
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch,
-                                config=replace(LEARNER, exceed_trigger=cfg.refit_overrun_share,
-                                               contention_trigger=cfg.refit_contention_shift))
+                                config=self._learner_config)
             for name, manifest in self.manifests.items()})
+        self._node_tasks: set[asyncio.Task] = set()
+        self._nodes_seen: set[str] = set()
+        if self.pool.per_node:  # a latency model per (model, node), seeded by the node's kernel table
+            for node in list(self.pool.node_tables):
+                await self._add_node(node)
+            self.pool.on_node = self._node_up
+            for node in list(self.pool.node_tables):  # up while the others' learners were fitted
+                self._node_up(node)
         self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
         # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)
         # under load inflates the first batches' overhead, which admission then acts on.
@@ -405,10 +417,48 @@ class SlonnServer:
         rows = base_rows(directory, self.cfg.precision, self.pool.niceness, on_gpu=bool(self.pool.gpu_uuid))
         if rows:
             log.info("%s: latency model from %d profile rows in %s", manifest.name, len(rows), directory)
+            # Profiled on this machine: a node's rows are scaled against this node's kernel table, if it has one.
+            self._seed[manifest.name] = (rows, self.pool.home_node() if self.pool.per_node else "")
             return rows
-        rows = await warmup_profile(self.pool, manifest, self.cfg.max_batch, contention=self.contention)
+        nodes: list[str] = []
+        on = None
+        if self.pool.per_node:  # one node's rows, so that they scale to the others' by its kernel table
+            home, tables = self.pool.home_node(), self.pool.node_tables
+            on = home if home in tables else next(iter(tables), None)
+        rows = await warmup_profile(self.pool, manifest, self.cfg.max_batch, contention=self.contention, nodes=nodes,
+                                    node=on)
         log.info("%s: no saved profile; latency model from a %d-batch warm-up sweep", manifest.name, len(rows))
+        self._seed[manifest.name] = (rows, Counter(nodes).most_common(1)[0][0] if nodes else None)
         return rows
+
+    def _node_learners(self, node: str) -> dict[str, OnlineLearner]:
+        """``node``'s learners (fitted here: call it off the event loop): each model's base rows scaled by the
+        node's start-up kernel table against the table of the node the rows were measured on."""
+        tables = self.pool.node_tables
+        out = {}
+        for name, manifest in self.manifests.items():
+            rows, measured_on = self._seed[name]
+            if measured_on in tables and name in tables[measured_on]:
+                reference = [tables[measured_on][name]]
+            else:  # measured elsewhere (a frontend without workers): the nodes' median stands for it
+                reference = [t[name] for t in tables.values() if name in t]
+            out[name] = OnlineLearner(node_rows(rows, tables[node].get(name, {}), reference), manifest.levels,
+                                      self.cfg.max_batch, config=self._learner_config)
+        return out
+
+    async def _add_node(self, node: str) -> None:
+        if node in self._nodes_seen:
+            return
+        self._nodes_seen.add(node)
+        learners = await asyncio.to_thread(self._node_learners, node)
+        self.latency.add_node(node, learners)
+        log.info("node %s: latency tables of its own (%s)", node[:12], ", ".join(sorted(learners)))
+
+    def _node_up(self, node: str) -> None:
+        """A node's first worker is ready (RayPool.on_node): give it learners of its own, off the loop."""
+        task = asyncio.ensure_future(self._add_node(node))
+        self._node_tasks.add(task)
+        task.add_done_callback(self._node_tasks.discard)
 
     @staticmethod
     def _log_batch(batch: Batch, exec_ms: float, contention: float) -> None:

@@ -50,6 +50,27 @@ class WorkerPool(ABC):
     on_idle: Callable[[], None] | None = None
     """Called when a worker becomes idle other than by a batch's future finishing (a replacement is
     ready) or when the pool breaks: whoever dispatches should look again."""
+    per_node = False
+    """Workers run on several nodes that may differ (RayPool): batches are planned for the node of the worker
+    they will run on (``idle_nodes``, ``node_workers``, ``node_contention``, ``submit(task, node)``)."""
+    nodes_version = 0
+    """Changes whenever ``node_workers()`` may have changed (per-node pools)."""
+
+    def idle_nodes(self) -> list[str]:
+        """The node of each idle worker, in the order the pool would hand them out ("": this machine)."""
+        return [""] * self.idle_count()
+
+    def node_workers(self) -> dict[str, int]:
+        """Live workers per node."""
+        return {}
+
+    def node_contention(self, node: str) -> float:
+        """The latest contention reported from ``node`` (per-node pools)."""
+        return 0.0
+
+    def home_node(self) -> str:
+        """The node this process runs on (per-node pools)."""
+        return ""
 
     @abstractmethod
     async def start(self) -> None: ...

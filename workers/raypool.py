@@ -94,6 +94,8 @@ class _Actor:
 class RayPool(WorkerPool):
     """Workers as Ray actors across a cluster's nodes, replaced when they die."""
 
+    per_node = True
+
     def __init__(self, spec: WorkerSpec, workers: int, options: RayOptions, *, monitor_factory: Callable[[], Any],
                  start_timeout_s: float = 300.0, task_timeout_s: float = 30.0) -> None:
         """``monitor_factory`` makes each actor's contention sampler on its own node (picklable: the class of
@@ -120,6 +122,10 @@ class RayPool(WorkerPool):
         """Round trips of empty calls at start (the overhead floor before any batch ran)."""
         self.node_tables: dict[str, dict] = {}
         """Node id -> the kernel tables a worker measured there (replacements on that node reuse them)."""
+        self.on_node: Callable[[str], None] | None = None
+        """Called with a node's id when its first worker is ready (its kernel table is in ``node_tables``)."""
+        self.nodes_version = 0
+        self._node_contention: dict[str, float] = {}
         self._workers: dict[int, _Actor] = {}
         self._idle: list[_Actor] = []
         self._ids = itertools.count()
@@ -168,7 +174,7 @@ class RayPool(WorkerPool):
         for w in workers:  # Ray's own call overhead, before any batch: the dispatcher's first allowance
             for _ in range(10):
                 t0 = time.perf_counter()
-                w.contention = await asyncio.wait_for(w.handle.ping.remote(), self.task_timeout_s)
+                self._reported(w, await asyncio.wait_for(w.handle.ping.remote(), self.task_timeout_s))
                 self.ping_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _spawn(self) -> _Actor:
@@ -208,6 +214,7 @@ class RayPool(WorkerPool):
         ready = msg.ready
         self.take_models(ready)
         self._start_failures = 0
+        new_node = msg.node not in self.node_tables
         self.node_tables.setdefault(msg.node, dict(ready.kernel_table))
         self.device, self.niceness, self.gpu_uuid = ready.device, ready.niceness, ready.gpu_uuid
         w.node, w.pid = msg.node, ready.pid
@@ -222,6 +229,9 @@ class RayPool(WorkerPool):
             w.ready.set_result(msg)
         self._empty_since = None
         self._idle.append(w)
+        self.nodes_version += 1
+        if new_node and self.on_node is not None:
+            self.on_node(msg.node)
         self._notify_idle()
 
     async def _refresh_contention(self) -> None:
@@ -232,7 +242,7 @@ class RayPool(WorkerPool):
             await asyncio.sleep(REFRESH_S)
             for w in list(self._idle):
                 try:
-                    w.contention = await asyncio.wait_for(w.handle.ping.remote(), REFRESH_S)
+                    self._reported(w, await asyncio.wait_for(w.handle.ping.remote(), REFRESH_S))
                 except (ray.exceptions.RayError, asyncio.TimeoutError):
                     pass  # a dead worker is the sentinel's to report
 
@@ -248,6 +258,7 @@ class RayPool(WorkerPool):
             return
         w.alive = False
         self._workers.pop(w.worker_id, None)
+        self.nodes_version += 1
         if w in self._idle:
             self._idle.remove(w)
         try:
@@ -302,9 +313,32 @@ class RayPool(WorkerPool):
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def _next(self) -> _Actor:
-        """The idle worker the next batch goes to: the one on the least contended node (ties: longest idle)."""
-        return min(self._idle, key=lambda w: w.contention)
+    def _next(self, node: str | None = None) -> _Actor:
+        """The idle worker the next batch goes to: the one on the least contended node (ties: longest idle);
+        given a ``node``, the least contended idle one there (any other if none is)."""
+        idle = [w for w in self._idle if w.node == node] if node is not None else []
+        return min(idle or self._idle, key=lambda w: w.contention)
+
+    def idle_nodes(self) -> list[str]:
+        """The node of each idle worker, least contended first (the order ``submit`` hands them out)."""
+        return [w.node for w in sorted(self._idle, key=lambda w: w.contention)]
+
+    def node_workers(self) -> dict[str, int]:
+        """Live, ready workers per node."""
+        out: dict[str, int] = {}
+        for w in self._workers.values():
+            if w.alive and w.ready.done() and w.node:
+                out[w.node] = out.get(w.node, 0) + 1
+        return out
+
+    def node_contention(self, node: str) -> float:
+        """The contention ``node``'s workers reported last (with a result, or asked while idle)."""
+        return self._node_contention.get(node, 0.0)
+
+    def _reported(self, w: _Actor, contention: float) -> None:
+        w.contention = contention
+        if w.node:
+            self._node_contention[w.node] = contention
 
     def contention(self) -> float:
         """Contention of the node the next batch will run on (with no worker idle, the most contended live
@@ -313,10 +347,11 @@ class RayPool(WorkerPool):
             return self._next().contention
         return max((w.contention for w in self._workers.values() if w.alive), default=0.0)
 
-    def submit(self, task: BatchTask) -> "asyncio.Future[BatchResult]":
+    def submit(self, task: BatchTask, node: str | None = None) -> "asyncio.Future[BatchResult]":
+        """``node``: run it on an idle worker of that node (the one it was planned for), if there is one."""
         if not self._idle:
             raise RuntimeError("submit() with no idle worker")
-        w = self._next()
+        w = self._next(node)
         self._idle.remove(w)
         t0 = time.perf_counter()
         try:
@@ -351,7 +386,7 @@ class RayPool(WorkerPool):
             raise TaskFailed(msg.error)
         self.call_overhead_ms.append((time.perf_counter() - t0) * 1e3 - msg.exec_ms)
         if msg.contention is not None:
-            w.contention = msg.contention
+            self._reported(w, msg.contention)
         w.batches += 1
         self._release(w)
         return msg
@@ -376,6 +411,10 @@ class RayPool(WorkerPool):
                 d["batches"] += w.batches
                 d["contention"] = max(d["contention"], w.contention)
         return out
+
+    def home_node(self) -> str:
+        """The node this process (the frontend) runs on: a profile taken here describes its workers."""
+        return import_ray().get_runtime_context().get_node_id()
 
     def overhead_floor_ms(self) -> float:
         """The median round trip of an empty Ray call measured at start (0 before start)."""
