@@ -312,7 +312,7 @@ class Driver:
         out = DispatchOutput()
         try:
             contexts = self.contexts(now)  # the same for every decision of this call: nothing else moves
-            order: list[str] = []
+            order = _NO_NODES
             per_node = nodes is not None and bool(self._nodes)
             if per_node and nodes is not None:
                 order = self._fastest_first(nodes, now)
@@ -547,6 +547,7 @@ class Driver:
 
 
 _NOTHING = DispatchOutput()
+_NO_NODES: list[str] = []
 
 
 class FrontendCost:
