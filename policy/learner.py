@@ -319,6 +319,11 @@ class OnlineLearner:
         return table
 
     @property
+    def observed(self) -> int:
+        """Samples observed since the start (dropped ones not counted)."""
+        return self._seen
+
+    @property
     def pending(self) -> int:
         """Samples observed since the last refit."""
         return self._seen - self._fitted_seen

@@ -83,6 +83,15 @@ async def test_requests_are_served_by_workers_on_both_nodes(server, client):
     assert all(math.isfinite(d["contention"]) and d["contention"] >= 0 for d in nodes.values())
     assert len(server.pool.call_overhead_ms) >= 2 and server.pool.overhead_floor_ms() > 0
     assert len(server.pool.node_tables) == 2  # a kernel table measured on each node
+    # A latency model per node, trained by that node's batches, and each batch planned for its node.
+    assert server.latency.nodes() == sorted(nodes)
+    for node, d in nodes.items():
+        learner = server.latency.node_learners[(MODEL, node)]
+        assert learner.observed > 0 and server.latency.table(MODEL, node) is learner.table
+        assert server.metrics.registry.get_sample_value("slonn_node_batches_total", {"node": node}) > 0
+        assert server.metrics.registry.get_sample_value("slonn_node_table_ms", {"model": MODEL, "node": node}) > 0
+    assert server.latency.learners[MODEL].observed == 0  # the model's own learner only seeded the nodes'
+    assert server.dispatcher.driver.node_overhead_ms().keys() == nodes.keys()
 
 
 @pytest.mark.asyncio(loop_scope="module")
