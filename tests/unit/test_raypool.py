@@ -90,6 +90,28 @@ def test_the_next_batch_goes_to_the_least_contended_idle_worker_and_plans_with_i
     asyncio.run(body())
 
 
+def test_the_pool_names_its_idle_workers_nodes_and_runs_a_batch_on_the_node_it_was_planned_for():
+    async def body() -> None:
+        pool = RayPool(WorkerSpec((Path("m"),)), workers=3, options=RayOptions(), monitor_factory=ray_monitor)
+        loop = asyncio.get_running_loop()
+        a1, a2, b1 = (_Actor(i, None, loop) for i in range(3))
+        for w, node in ((a1, "a"), (a2, "a"), (b1, "b")):
+            w.node = node
+            w.ready.set_result(None)
+        pool._workers = {w.worker_id: w for w in (a1, a2, b1)}
+        pool._reported(a1, 0.5)
+        pool._reported(a2, 0.4)
+        pool._reported(b1, 0.1)
+        pool._idle = [a1, b1]
+        assert pool.idle_nodes() == ["b", "a"]  # least contended first, as submit() hands them out
+        assert pool._next() is b1 and pool._next("a") is a1 and pool._next("c") is b1
+        assert pool.node_workers() == {"a": 2, "b": 1}
+        assert pool.node_contention("a") == 0.4 and pool.node_contention("b") == 0.1  # the latest report
+        assert pool.node_contention("c") == 0.0
+
+    asyncio.run(body())
+
+
 def test_a_pool_without_workers_for_the_place_timeout_reads_as_broken_until_one_is_ready():
     async def body() -> None:
         pool = RayPool(WorkerSpec((Path("m"),)), workers=1, options=RayOptions(place_timeout_s=0.05),
