@@ -126,6 +126,24 @@ def test_each_node_learns_its_own_overhead_allowance():
     assert d.node_contexts("fast", 10.0)["m"].overhead_ms == pytest.approx(0.5)
 
 
+def test_every_node_is_planned_with_the_one_frontends_cost():
+    cpu = {"s": 0.0}
+    scheduler = Scheduler({"m": ACC}, CLASSES, SLOAwarePolicy())
+    d = Driver(scheduler, {"m": FAST}, {"m": ACC}, MAX_BATCH, overhead_ms=0.0, workers=2,
+               frontend_cpu=lambda _now: cpu["s"], frontend_batch_ms=0.5, frontend_request_ms=0.5,
+               node_tables=lambda model, node: TABLES[(model, node)])
+    d.set_nodes({"fast": 1, "slow": 1})
+    for k in range(50):
+        d.admit("m", "roomy", k * 0.002, handle=k)
+    cpu["s"] = 0.05
+    judged = d.contexts(0.2)["m"]
+    assert judged.arrival_per_s > 0 and judged.frontend_request_ms > 0
+    for node in ("fast", "slow"):
+        ctx = d.node_contexts(node, 0.2)["m"]
+        assert (ctx.arrival_per_s, ctx.frontend_batch_ms, ctx.frontend_request_ms) == \
+            (judged.arrival_per_s, judged.frontend_batch_ms, judged.frontend_request_ms)
+
+
 def test_without_nodes_the_driver_plans_for_one_machine_as_before():
     scheduler = Scheduler({"m": ACC}, CLASSES, SLOAwarePolicy())
     d = Driver(scheduler, {"m": FAST}, {"m": ACC}, MAX_BATCH, overhead_ms=0.0, workers=2)
