@@ -336,6 +336,12 @@ is still a few service times (~load / (1 - load)); a fixed bound such as 0.7 wou
 whenever requests alone take 0.7, and wait the whole slack for it."""
 
 
+FRONTEND_FILL_FACTOR = 2.0
+"""A wait for a larger batch lasts at most this many times the expected time for the batch to fill at the
+arrival rate, from the head's arrival: a slack of seconds (a relaxed class) is no reason to hold a request
+seconds for company that, at the measured rate, should have come in milliseconds."""
+
+
 def frontend_batch_target(ctx: PlanContext) -> int:
     """The smallest mean batch size that keeps the frontend's per-batch load within FRONTEND_BATCH_SHARE of its
     spare capacity at the arrival rate: 1 (no waiting) while the frontend is far from saturation or its costs
@@ -407,11 +413,18 @@ class SLOAwarePolicy(Policy):
 
     def wait_until(self, head: Pending, count: int, now_s: float, ctx: PlanContext) -> float | None:
         """Wait for a larger batch while the frontend nears saturation: with fewer than
-        :func:`frontend_batch_target` candidates, until the latest time a batch of that size still makes the
-        head's deadline (the earliest of the candidates', EDF) at the slowest level, once the overhead
-        allowance (which has learned the frontend's delays) and the batch's own frontend cost are paid; None (plan now) at or past it, with enough
-        candidates, or at low load. An arrival decides again before then. Waiting is bounded by the slowest
-        level's time, so whichever level the batch then gets still fits its deadline."""
+        :func:`frontend_batch_target` candidates, until the earlier of
+
+        - the time the batch should have filled at the arrival rate: FRONTEND_FILL_FACTOR x (target - 1) /
+          rate after the head arrived (the head is the earliest deadline, EDF; anchored at its arrival, so a
+          rate that has fallen since it was measured cannot hold a request longer, however often the decision
+          is taken again), and
+        - the latest time a batch of the target size still makes the head's deadline at the slowest level,
+          once the overhead allowance (which has learned the frontend's delays) and the batch's own frontend
+          cost are paid: whichever level the batch then gets still fits its deadline.
+
+        None (plan now) at or past it, with enough candidates, or at low load. An arrival decides again
+        before then."""
         if not self.frontend or ctx.arrival_per_s <= 0.0 or ctx.frontend_batch_ms <= 0.0:
             return None
         target = frontend_batch_target(ctx)
@@ -423,6 +436,9 @@ class SLOAwarePolicy(Policy):
             if row[target - 1] > slowest:
                 slowest = row[target - 1]
         latest_s = head.deadline_s - (slowest * scale + ctx.overhead_ms + ctx.frontend_batch_ms) * 1e-3
+        filled_s = head.arrival_s + FRONTEND_FILL_FACTOR * (target - 1) / ctx.arrival_per_s
+        if filled_s < latest_s:
+            latest_s = filled_s
         return latest_s if now_s < latest_s else None
 
     def _rows(self, now_s: float, ctx: PlanContext) -> tuple[list[list[float]], float]:

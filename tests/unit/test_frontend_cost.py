@@ -86,7 +86,7 @@ def test_the_planner_never_waits_past_any_candidates_slack():
     for _ in range(2000):
         now = 5.0
         n = rng.randint(1, 12)
-        cands = sorted((pending(k, now - rng.uniform(0, 0.03), rng.uniform(1.0, 60.0),
+        cands = sorted((pending(k, now - rng.uniform(0, 0.003), rng.uniform(1.0, 60.0),
                                 rng.choice((0.0, 0.955, 0.962, 0.968))) for k in range(n)),
                        key=lambda p: (p.deadline_s, p.priority, p.seq))
         context = ctx(rng.uniform(0.0, 2000.0), rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0), rng.uniform(0.5, 5.0))
@@ -227,3 +227,18 @@ def test_without_the_frontend_modelled_the_same_rate_is_no_wall():
 def test_the_frontend_model_is_one_or_the_other_admission_model():
     with pytest.raises(ValueError, match="both model admission"):
         SimConfig(ingress_ms_per_request=0.5, frontend_request_ms=0.5)
+
+
+def test_a_wait_lasts_about_the_time_the_batch_should_take_to_fill_however_long_the_slack():
+    from slonn.policy.planner import FRONTEND_FILL_FACTOR
+
+    c = ctx(1300.0)
+    target = frontend_batch_target(c)
+    assert target > 2
+    head = pending(0, 10.0, 5000.0)  # a relaxed class: seconds of slack
+    bound = 10.0 + FRONTEND_FILL_FACTOR * (target - 1) / 1300.0
+    policy = SLOAwarePolicy()
+    for now in (10.0, 10.001, bound - 1e-6):  # deciding again does not move the bound
+        decision = policy.plan([head], now, c)
+        assert isinstance(decision, Wait) and decision.until_s == pytest.approx(bound)
+    assert isinstance(policy.plan([head], bound, c), Plan)  # past it: whatever is queued runs
