@@ -1,8 +1,21 @@
-"""SLO-aware fine-tuning: every mini-batch runs at a level drawn at random, distilled from the dense original.
+"""SLO-aware fine-tuning: the sandwich rule with distillation from the dense original.
 
 The teacher is the imported model at level 1.0, frozen; its logits on the training split are computed once.
-The loss mixes the KL divergence to the teacher's softened outputs (temperature T, scaled by T^2) with the
-cross-entropy on the labels, so low levels learn to reproduce the original rather than to drift from it.
+Every mini-batch trains several levels of the shared weights at once, their gradients summed before one
+optimiser step (the sandwich rule of slimmable networks): the dense level 1.0, the lowest level, and
+``random_levels`` levels drawn from those between. The dense level in every step keeps the top levels where
+they were; the lowest level in every step pulls the network towards representations that survive top-k.
+Each level's loss is the KL divergence to the teacher's softened outputs (temperature T, scaled by T^2),
+mixed with the cross-entropy on the labels when ``distill_weight`` < 1, so the levels learn to reproduce the
+original rather than drift from it. Each level's loss is divided by its own detached value (at least
+``loss_floor``) before the sum: every level pulls with the same strength, so the lowest level, whose loss is
+by far the largest, does not drown the others, and the dense level, whose loss starts at 0, is held at the
+original by a steep penalty. Adam with a small learning rate (the weights are trained already),
+cosine-annealed to 0 per step.
+
+The masks need no straight-through estimator: top-k then ReLU is piecewise linear in the pre-activations, so
+autograd's gradient (through the kept units, zero through the dropped ones) is the exact gradient of the
+level being trained; a unit that should be kept gains gradient at the dense and the higher levels.
 """
 
 from __future__ import annotations
@@ -26,16 +39,21 @@ log = logging.getLogger(__name__)
 class FinetuneConfig:
     """How to fine-tune an imported model for its levels."""
 
-    epochs: int = 5
+    epochs: int = 15
     """Passes over the training split (> 0)."""
-    batch_size: int = 128
+    batch_size: int = 64
     """Mini-batch size (> 0)."""
-    lr: float = 3e-4
+    lr: float = 1e-4
     """Adam learning rate (cosine-annealed to 0 over the run)."""
     temperature: float = 2.0
     """Distillation temperature (> 0)."""
-    distill_weight: float = 0.9
+    distill_weight: float = 1.0
     """Weight of the distillation term; the cross-entropy on the labels gets the rest (in [0, 1])."""
+    random_levels: int = 2
+    """Levels drawn at random per mini-batch from those between the dense and the lowest (>= 0); each step
+    trains the dense level, the lowest level and these."""
+    loss_floor: float = 0.05
+    """Each level's loss is divided by max(its detached value, this) (> 0)."""
     seed: int = 0
     """Seed of the level draws and the batch order."""
 
@@ -46,6 +64,17 @@ class FinetuneConfig:
             raise ValueError(f"fine-tune lr={self.lr} and temperature={self.temperature} must be > 0")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"fine-tune distill_weight={self.distill_weight} must be in [0, 1]")
+        if not self.loss_floor > 0:
+            raise ValueError(f"fine-tune loss_floor={self.loss_floor} must be > 0")
+        if self.random_levels < 0:
+            raise ValueError(f"fine-tune random_levels={self.random_levels} must be >= 0")
+
+
+def step_levels(levels: tuple[float, ...], random_levels: int, rng: random.Random) -> list[float]:
+    """The levels one mini-batch trains: 1.0, the lowest, and ``random_levels`` drawn from those between."""
+    ordered = sorted({float(lv) for lv in levels} | {1.0}, reverse=True)
+    middle = ordered[1:-1]
+    return ordered[:1] + ordered[-1:][:len(ordered) - 1] + rng.sample(middle, min(random_levels, len(middle)))
 
 
 def finetune(model: SLOAwareMLP, x: np.ndarray, y: np.ndarray, levels: tuple[float, ...],
@@ -63,20 +92,20 @@ def finetune(model: SLOAwareMLP, x: np.ndarray, y: np.ndarray, levels: tuple[flo
     t, w = cfg.temperature, cfg.distill_weight
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(xt), generator=gen)
         total = 0.0
-        for i in range(0, len(xt), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            keep = rng.choice(levels)
-            out = model(xt[idx], keep)
-            kl = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(teacher[idx] / t, -1), log_target=True,
-                          reduction="batchmean") * (t * t)
-            loss = w * kl + (1.0 - w) * F.cross_entropy(out, yt[idx]) if w < 1.0 else kl
+        for idx in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
+            target = F.log_softmax(teacher[idx] / t, -1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for keep in step_levels(levels, cfg.random_levels, rng):
+                out = model(xt[idx], keep)
+                loss = F.kl_div(F.log_softmax(out / t, -1), target, log_target=True, reduction="batchmean") * (t * t)
+                if w < 1.0:
+                    loss = w * loss + (1.0 - w) * F.cross_entropy(out, yt[idx])
+                value = loss.item()
+                (loss / max(value, cfg.loss_floor)).backward()
+                total += value * len(idx)
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
         log.info("fine-tune epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, total / len(xt),
                  time.perf_counter() - start)
     model.eval()
