@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class FinetuneConfig:
     """How to fine-tune an imported model for its levels."""
 
-    epochs: int = 15
+    epochs: int = 10
     """Passes over the training split (> 0)."""
     batch_size: int = 64
     """Mini-batch size (> 0)."""

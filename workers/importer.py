@@ -6,7 +6,8 @@
 4. Optionally fine-tune SLO-aware, distilled from the dense original (:mod:`workers.finetune`), on the
    training rows less a selection slice, and measure the levels again. The weights served are the
    fine-tuned ones unless their mean accuracy over the levels on the selection slice is below the imported
-   ones' there; the held-out split that the manifest reports takes no part in that choice.
+   ones' there by more than ``select_tolerance``; the held-out split that the manifest reports takes no part
+   in that choice.
 5. Write weights, held-out rows and a manifest with both curves, the input contract and the label names.
 
 The levels served are the candidate levels, each with its measured accuracy.
@@ -51,6 +52,11 @@ class ImportConfig:
     select_fraction: float = 0.1
     """Share of the training rows kept out of fine-tuning to choose between the fine-tuned and the imported
     weights (in (0, 1)); the reported held-out split is not used to choose."""
+    select_tolerance: float = 0.01
+    """The fine-tuned weights are served unless their mean accuracy over the levels on the selection rows is
+    below the imported weights' by more than this (>= 0). The original network was trained on those rows,
+    so there it leads at every level by a little: the tolerance absorbs that and a few rows of noise, and
+    still catches a fine-tuning that went wrong."""
     seed: int = 0
     """Seed of the fine-tuning (the data split has its own, recorded in the dataset description)."""
     threads: int = 0
@@ -63,6 +69,8 @@ class ImportConfig:
             raise ValueError(f"levels={self.levels}: each level must be in (0, 1]")
         if not 0 < self.select_fraction < 1:
             raise ValueError(f"select_fraction={self.select_fraction} must be in (0, 1)")
+        if not self.select_tolerance >= 0:
+            raise ValueError(f"select_tolerance={self.select_tolerance} must be >= 0")
 
     @property
     def all_levels(self) -> tuple[float, ...]:
@@ -112,9 +120,9 @@ def import_stack(stack: LinearStack, data: Dataset, cfg: ImportConfig) -> tuple[
         tuned = accuracy_per_level(model, data.x_val, data.y_val, levels)
         sel_tuned = accuracy_per_level(model, x_sel, y_sel, levels)
         log.info("fine-tuned in %.1fs: %s", seconds, _fmt(tuned))
-        # Serve the better of the two on the selection slice (mean over the levels). The original network
-        # was trained on those rows too, so the comparison leans towards the weights as imported.
-        keep_tuned = sum(sel_tuned.values()) >= sum(sel_imported.values())
+        # Serve the fine-tuned weights unless they lose on the selection slice (mean over the levels).
+        loss = float(np.mean(list(sel_imported.values())) - np.mean(list(sel_tuned.values())))
+        keep_tuned = loss <= cfg.select_tolerance
         if keep_tuned:
             accuracy = tuned
         else:
@@ -123,8 +131,8 @@ def import_stack(stack: LinearStack, data: Dataset, cfg: ImportConfig) -> tuple[
                      "selection rows")
         calibration |= {"finetuned": _curve(tuned), "finetune_seconds": round(seconds, 2),
                         "finetune": asdict(cfg.finetune), "served": "finetuned" if keep_tuned else "as_imported",
-                        "selection": {"rows": int(len(y_sel)), "as_imported": _curve(sel_imported),
-                                      "finetuned": _curve(sel_tuned)}}
+                        "selection": {"rows": len(y_sel), "tolerance": cfg.select_tolerance,
+                                      "as_imported": _curve(sel_imported), "finetuned": _curve(sel_tuned)}}
     import sklearn
 
     manifest = ModelManifest(
