@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> dict:
     np.savez(data, X=split.x_train, y=split.y_train, X_val=split.x_val, y_val=split.y_val)
     t0 = time.perf_counter()
     stack = stack_from_state_dict(read_state_file(weights), activation)
-    finetune = FinetuneConfig(epochs=ft_epochs, batch_size=256 if rows else 64, seed=args.seed) if ft_epochs else None
+    batch = 256 if rows else 64
+    finetune = (FinetuneConfig(epochs=ft_epochs, batch_size=batch, lr=args.finetune_lr, seed=args.seed)
+                if ft_epochs else None)
     manifest = import_to(out, stack, load_dataset(data), ImportConfig(
         name=f"figures-{args.case}", preprocessing=preprocessing, finetune=finetune, seed=args.seed))
     import_s = time.perf_counter() - t0
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
         "model": {"hidden": list(hidden), "activation": activation, "preprocessing": preprocessing,
                   "plain_epochs": epochs, "finetune_epochs": ft_epochs},
         "command": f"slonn import {weights} --data {data} --activation {activation} --preprocessing "
-                   f"{preprocessing} --finetune-epochs {ft_epochs} --out {out}",
+                   f"{preprocessing} --finetune-epochs {ft_epochs} --batch-size {batch} --lr {args.finetune_lr} "
+                   f"--out {out}",
         "served": cal.get("served", "as_imported"),
         "seconds": {"plain_training": round(plain_s, 1), "import_total": round(import_s, 1),
                     "calibration": cal["calibrate_seconds"], "finetune": cal.get("finetune_seconds", 0.0)},
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=0, help="rows of the synthetic cases (0: the case's default)")
     p.add_argument("--epochs", type=int, default=0, help="plain training passes (0: the case's default)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning passes (default: the case's)")
+    p.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per kernel cell")
     p.add_argument("--seed", type=int, default=0)
