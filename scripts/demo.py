@@ -25,7 +25,7 @@ def ensure_model(model_dir: Path) -> None:
     if is_artifact(model_dir):
         return
     print(f"no model at {model_dir}: training the default 3x4096 SLO-aware MLP on the digits "
-          f"(about 3 minutes on 2 CPU cores)...", flush=True)
+          f"(3-4 minutes on 2 CPU cores)...", flush=True)
     t0 = time.monotonic()
     manifest = train_to(model_dir, TrainConfig())
     print(f"trained in {time.monotonic() - t0:.0f} s; held-out accuracy per level: "
