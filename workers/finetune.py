@@ -15,7 +15,8 @@ cosine-annealed to 0 per step.
 
 The masks need no straight-through estimator: top-k then ReLU is piecewise linear in the pre-activations, so
 autograd's gradient (through the kept units, zero through the dropped ones) is the exact gradient of the
-level being trained; a unit that should be kept gains gradient at the dense and the higher levels.
+level being trained; a unit that should be kept gains gradient at the dense and the higher levels. (A
+straight-through variant, the dense gradient through the dropped units, did worse on the digits model.)
 """
 
 from __future__ import annotations
