@@ -38,8 +38,14 @@ CLIENT_TIMEOUT = "CLIENT_TIMEOUT"
 
 async def check_feature_count(client: AsyncSlonnClient, model: str, features: int) -> None:
     """Refuse to send rows of the wrong width before the first arrival (every request would fail), naming
-    both counts; a model the server does not list is left to the server's own NOT_FOUND."""
-    for info in (await client.list_models()).models:
+    both counts; a model the server does not list, or a server without ListModels, is left to the server."""
+    try:
+        listed = (await client.list_models()).models
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return  # a server without ListModels (a bare gRPC stand-in): nothing to check against
+        raise
+    for info in listed:
         if info.name == model and info.input_shape and int(info.input_shape[-1]) != features:
             raise ValueError(f"model {model!r} takes {int(info.input_shape[-1])} features; the inputs have "
                              f"{features} (send the model's own rows with --inputs MODEL_DIR or a data file)")
