@@ -200,18 +200,36 @@ class Scheduler:
     def _schedule(self, now_s: float, contexts: Mapping[str, PlanContext], out: SchedulerOutput,
                   candidates: list[QueuedRequest], judge: Mapping[str, PlanContext]) -> SchedulerOutput:
         """``schedule`` after expiry; every request it takes out of the queues is in ``candidates`` or
-        ``out.expired`` until it returns."""
-        live = -1  # the model's live requests, when already counted
+        ``out.expired`` until it returns.
+
+        Several models: the most urgent one's batch; if its policy waits (for a larger batch), the next most
+        urgent model's, and so on: one model's wait holds up no other's. With no batch, ``out.wake_at_s`` is
+        the earliest of the waits' ends."""
         if self._only_model is not None:  # the common case: no need to compare heads
             live = self.pending()
-            if not live:
-                return out
-            model: str = self._only_model
-        else:
-            urgent = self._most_urgent_model()
+            if live:
+                until_s = self._schedule_model(self._only_model, live, now_s, contexts, out, candidates, judge)
+                if until_s is not None:
+                    out.wake_at_s = until_s
+            return out
+        passed: list[str] = []  # models whose policy waits this round, or with nothing left to plan
+        while True:
+            urgent = self._most_urgent_model(passed)
             if urgent is None:
                 return out
-            model = urgent
+            until_s = self._schedule_model(urgent, -1, now_s, contexts, out, candidates, judge)
+            if out.batch is not None:
+                return out
+            if until_s is not None and (out.wake_at_s is None or until_s < out.wake_at_s):
+                out.wake_at_s = until_s
+            passed.append(urgent)
+
+    def _schedule_model(self, model: str, live: int, now_s: float, contexts: Mapping[str, PlanContext],
+                        out: SchedulerOutput, candidates: list[QueuedRequest],
+                        judge: Mapping[str, PlanContext]) -> float | None:
+        """Plan ``model``'s batch into ``out.batch``, or return when its policy waits until (None: planned, or
+        nothing of the model's is left to plan). ``live``: its live requests, when already counted (else -1).
+        Leaves ``candidates`` empty unless it planned a batch."""
         ctx = contexts[model]
         queues = self._queue_lists[model]
         if self.policy.may_wait and not self._mixed_late:
@@ -223,8 +241,7 @@ class Scheduler:
                     live = self.pending(model)
                 until_s = self.policy.wait_until(head.pending, min(live, ctx.max_batch), now_s, ctx)
                 if until_s is not None:
-                    out.wake_at_s = until_s
-                    return out
+                    return until_s
         candidates.extend(pop_merged(queues, ctx.max_batch))
         while self._mixed_late:
             self._drop_hopeless_hard(candidates, now_s, judge[model], out.expired)
@@ -232,12 +249,12 @@ class Scheduler:
                 break
             candidates.extend(pop_merged(queues, ctx.max_batch))  # every candidate was dropped: the next ones
         if not candidates:
-            return out
+            return None
         decision = self.policy.plan([r.pending for r in candidates], now_s, ctx)
         if isinstance(decision, Wait):
             self._requeue(candidates)
-            out.wake_at_s = decision.until_s
-            return out
+            candidates.clear()  # back in the queues: an error later in this round must not requeue them again
+            return decision.until_s
         if decision.count < len(candidates):
             chosen = candidates[:decision.count]
             self._requeue(candidates[decision.count:])
@@ -246,7 +263,7 @@ class Scheduler:
         for r in chosen:
             r.late = decision.late
         out.batch = Batch(model, chosen, decision, now_s)  # the server logs why (Dispatcher._launch)
-        return out
+        return None
 
     def _drop_hopeless_hard(self, candidates: list[QueuedRequest], now_s: float, ctx: PlanContext,
                             expired: list[QueuedRequest]) -> None:
@@ -306,10 +323,13 @@ class Scheduler:
                     break
                 expired.append(q.pop())
 
-    def _most_urgent_model(self) -> str | None:
-        """The model whose queued head comes first in the policy's order (several models served)."""
+    def _most_urgent_model(self, passed: list[str]) -> str | None:
+        """The model whose queued head comes first in the policy's order (several models served), of those
+        not in ``passed``."""
         best, best_key = None, None
         for model, queues in self._queues.items():
+            if passed and model in passed:
+                continue
             for q in queues.values():
                 k = q.peek_key()
                 if k is not None and (best_key is None or k < best_key):

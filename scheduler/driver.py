@@ -334,7 +334,12 @@ class Driver:
                     out.expired.extend(step.expired)
                 batch = step.batch
                 if batch is None:
-                    out.wake_at_s = step.wake_at_s
+                    wake = step.wake_at_s
+                    if wake is not None:  # a wait: a head that turns hopeless before it ends wakes the loop then
+                        expiry = sched.next_expiry_s(contexts)
+                        if expiry is not None and expiry < wake:
+                            wake = expiry
+                    out.wake_at_s = wake
                     break
                 batch.node = node
                 out.batches.append(batch)

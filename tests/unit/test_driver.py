@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from slonn.policy.planner import SLOAwarePolicy
+from slonn.policy.planner import SLOAwarePolicy, Wait
 from slonn.policy.table import LatencyTable
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Batch, Scheduler
@@ -201,3 +201,19 @@ def test_the_allowance_is_numpys_95th_percentile_of_the_last_window_of_batches()
         now = done
         if (n + 1) % OVERHEAD_REFIT_EVERY == 0:
             assert d.overhead_ms == float(np.percentile(seen[-OVERHEAD_WINDOW:], 95))
+
+
+def test_a_wait_ends_early_for_a_head_that_turns_hopeless_first():
+    """The policy waits 5 s; a queued request of a class that rejects late answers can no longer make its
+    10 ms deadline well before that: the driver looks again when it turns hopeless, to answer it then."""
+
+    class LongWait(WrappedPolicy):
+        def plan(self, candidates, now_s, ctx):
+            return Wait(now_s + 5.0)
+
+    d = make(LongWait())
+    req = d.admit("m", "tight", 0.0)
+    out = d.next_batches(1, 0.001)
+    assert out.batches == [] and d.scheduler.pending() == 1
+    assert out.wake_at_s == pytest.approx(req.pending.deadline_s - TABLE.mean(0, 2, 1) * 1e-3)
+    assert d.next_batches(1, out.wake_at_s + 1e-6).expired == [req]

@@ -242,3 +242,63 @@ def test_a_wait_lasts_about_the_time_the_batch_should_take_to_fill_however_long_
         decision = policy.plan([head], now, c)
         assert isinstance(decision, Wait) and decision.until_s == pytest.approx(bound)
     assert isinstance(policy.plan([head], bound, c), Plan)  # past it: whatever is queued runs
+
+
+# -- one model's wait and the others ------------------------------------------------------------------
+
+TWO_CLASSES = {"a": SLOClassConfig("a", 50.0, 0.0, 1, 1000, "serve"),
+               "b": SLOClassConfig("b", 60.0, 0.0, 1, 1000, "serve")}
+
+
+def test_a_model_waiting_for_a_larger_batch_holds_up_no_other_model():
+    """Model A's head is the most urgent and waits (one request, the frontend near saturation); model B has
+    a full target batch queued: the one idle worker gets B's batch now, and A's request stays queued."""
+    c = ctx(1300.0)
+    target = frontend_batch_target(c)
+    assert 1 < target <= 16
+    for policy in (SLOAwarePolicy(), WrappedPolicy(SLOAwarePolicy())):  # the wait_until pre-check, and plan's
+        sched = Scheduler({"a": ACCURACY, "b": ACCURACY}, TWO_CLASSES, policy)
+        contexts = {"a": c, "b": c}
+        now = 10.0
+        waiting = sched.make_request("a", "a", now)
+        sched.add_request(waiting, now, c)
+        others = [sched.make_request("b", "b", now) for _ in range(target)]
+        for r in others:
+            sched.add_request(r, now, c)
+        assert isinstance(policy.plan([waiting.pending], now, c), Wait)
+        out = sched.schedule(now, contexts)
+        assert out.batch is not None and out.batch.model == "b" and out.batch.requests == others
+        assert sched.pending("a") == 1 and sched.pending("b") == 0
+        out = sched.schedule(now, contexts)  # now only A is left, and it waits
+        assert out.batch is None and out.wake_at_s == SLOAwarePolicy().wait_until(waiting.pending, 1, now, c)
+
+
+def test_with_every_model_waiting_the_scheduler_wakes_at_the_earliest_wait():
+    c = ctx(1300.0)
+    sched = Scheduler({"a": ACCURACY, "b": ACCURACY}, TWO_CLASSES, SLOAwarePolicy())
+    early = sched.make_request("b", "b", 10.0)  # arrived first, later deadline: its batch should fill sooner
+    sched.add_request(early, 10.0, c)
+    now = 10.002
+    urgent = sched.make_request("a", "a", now)  # the earlier deadline: A is the most urgent model
+    sched.add_request(urgent, now, c)
+    ends = {m: SLOAwarePolicy().wait_until(r.pending, 1, now, c) for m, r in (("a", urgent), ("b", early))}
+    assert None not in ends.values() and ends["b"] < ends["a"]
+    assert urgent.pending.deadline_s < early.pending.deadline_s
+    out = sched.schedule(now, {"a": c, "b": c})
+    assert out.batch is None and out.wake_at_s == ends["b"]
+
+
+def test_the_driver_gives_idle_workers_to_the_models_that_do_not_wait():
+    d = Driver(Scheduler({"a": ACCURACY, "b": ACCURACY}, TWO_CLASSES, SLOAwarePolicy()), {"a": TABLE, "b": TABLE},
+               {"a": ACCURACY, "b": ACCURACY}, MAX_BATCH, overhead_ms=1.0, frontend_cpu=lambda _now: 0.0,
+               frontend_batch_ms=0.5, frontend_request_ms=0.5)
+    d.frontend.arrival_per_s = 1300.0  # as measured: the frontend near saturation
+    now = 0.01  # within the first measuring interval: the costs stay as set
+    c = d.contexts(now)["a"]
+    target = frontend_batch_target(c)
+    assert target > 1
+    waiting = d.admit("a", "a", now)
+    others = [d.admit("b", "b", now) for _ in range(target)]
+    out = d.next_batches(2, now)
+    assert [(b.model, b.requests) for b in out.batches] == [("b", others)]
+    assert out.wake_at_s == SLOAwarePolicy().wait_until(waiting.pending, 1, now, c)
