@@ -4,24 +4,29 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 from dataclasses import dataclass, field, replace
 from heapq import heappop, heappush
+from typing import Callable
 
 import numpy as np
 import pytest
 
 from slonn.policy.factory import make_policy
+from slonn.policy.planner import Policy, Wait
 from slonn.policy.table import LatencyTable
 from slonn.scheduler.clock import FakeClock
 from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Completion, Dispatcher
+from slonn.scheduler.driver import FRONTEND_BATCH_MS, FRONTEND_REQUEST_MS, Driver
 from slonn.scheduler.errors import RequestError
 from slonn.scheduler.latency import StaticLatency
+from slonn.scheduler.simloop import SimLoop
 from slonn.scheduler.simulator import CLIENT_TIMEOUT, ContentionProfile, LatencyDraw, SimConfig, simulate
 from slonn.scheduler.trace import Arrivals, poisson_arrivals
 from slonn.workers.protocol import BatchTask
-from tests.fakes import FakeWorkerPool
+from tests.fakes import FakeWorkerPool, WrappedPolicy
 
 LEVELS = (1.0, 0.5, 0.25, 0.1)
 ACCURACY = (0.97, 0.965, 0.96, 0.95)
@@ -57,7 +62,10 @@ class Decisions:
     overhead_ms: float = 0.0
 
 
-def run_simulator(arrivals: Arrivals, policy: str, cfg: SimConfig = CFG) -> Decisions:
+def run_simulator(arrivals: Arrivals, policy: str | Policy, cfg: SimConfig = CFG,
+                  frontend: FakeFrontend | None = None) -> Decisions:
+    """``frontend``: the driver measures it as the frontend's CPU (the planner may then wait for larger
+    batches); the simulator's own frontend model stays off, as the fake costs no time."""
     table = latency_table()
     out = Decisions()
 
@@ -65,14 +73,67 @@ def run_simulator(arrivals: Arrivals, policy: str, cfg: SimConfig = CFG) -> Deci
         out.batches.append((batch.planned_at_s, [r.handle for r in batch.requests], batch.plan.level,
                             len(batch.requests)))
 
-    scheduler = Scheduler({"m": ACCURACY}, CLASSES, make_policy(policy))
-    result = simulate(arrivals, CLASSES, scheduler.policy, table, ACCURACY,
-                      LatencyDraw.from_table(table, CONTENTION.states), cfg, CONTENTION, model="m",
-                      scheduler=scheduler, on_launch=launched)
-    for r in result.records:
-        ok = r.status == "OK"
-        out.answers[r.index] = (r.status, r.answer_s, r.level if ok else -1.0, r.batch_size if ok else 0)
+    scheduler = Scheduler({"m": ACCURACY}, CLASSES, policy if isinstance(policy, Policy) else make_policy(policy))
+    draw = LatencyDraw.from_table(table, CONTENTION.states)
+    if frontend is None:
+        result = simulate(arrivals, CLASSES, scheduler.policy, table, ACCURACY, draw, cfg, CONTENTION, model="m",
+                          scheduler=scheduler, on_launch=launched)
+        for r in result.records:
+            ok = r.status == "OK"
+            out.answers[r.index] = (r.status, r.answer_s, r.level if ok else -1.0, r.batch_size if ok else 0)
+        return out
+    # As simulate() builds its loop, with the fake frontend's CPU in place of the modelled one's.
+    driver = Driver(scheduler, {"m": table}, {"m": ACCURACY}, cfg.max_batch, cfg.overhead_ms, cfg.workers,
+                    cfg.max_inflight, contention=lambda now: CONTENTION.at(now - cfg.signal_lag_s),
+                    frontend_cpu=frontend.cpu_s, frontend_batch_ms=FRONTEND_BATCH_MS,
+                    frontend_request_ms=FRONTEND_REQUEST_MS)
+
+    def counted(batch: Batch) -> None:
+        frontend.batches += 1
+        launched(batch)
+
+    loop = SimLoop(driver, arrivals, {c: CLASSES[c].latency_ms for c in set(arrivals.classes)}, table, draw, cfg,
+                   CONTENTION, "m", counted)
+    loop.run()
+    for k in range(len(arrivals)):
+        ok = loop.status[k] == "OK"
+        out.answers[k] = (loop.status[k], loop.answer_s[k], loop.out_level[k] if ok else -1.0,
+                          loop.out_batch[k] if ok else 0)
+    out.overhead_ms = driver.overhead_ms
     return out
+
+
+class FakeFrontend:
+    """A frontend CPU clock both drivers read the same way: ``request_ms`` per request sent by then and
+    ``batch_ms`` per batch launched so far (the shell counts them)."""
+
+    def __init__(self, arrivals: Arrivals, request_ms: float, batch_ms: float) -> None:
+        self.offsets = arrivals.offsets_s.tolist()
+        self.request_s = request_ms * 1e-3
+        self.batch_s = batch_ms * 1e-3
+        self.batches = 0
+
+    def cpu_s(self, now: float) -> float:
+        return self.request_s * bisect.bisect_right(self.offsets, now) + self.batch_s * self.batches
+
+
+class CountingWaits(WrappedPolicy):
+    """slonn's policy, asked first whether to wait (as the real one is), counting the waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.may_wait = True
+        self.waits = 0
+
+    def wait_until(self, head, count, now_s, ctx):
+        until_s = self.inner.wait_until(head, count, now_s, ctx)
+        self.waits += until_s is not None
+        return until_s
+
+    def plan(self, candidates, now_s, ctx):
+        decision = self.inner.plan(candidates, now_s, ctx)
+        self.waits += isinstance(decision, Wait)
+        return decision
 
 
 class ScriptedPool(FakeWorkerPool):
@@ -85,12 +146,15 @@ class ScriptedPool(FakeWorkerPool):
         self.table = table
         self.draw = LatencyDraw.from_table(table, CONTENTION.states)
         self.dispatch_s = cfg.dispatch_ms * 1e-3
+        self.on_submit: Callable[[], None] | None = None
         self.due: list[tuple[float, int, float]] = []
         """(done at, index in submitted, exec ms), a heap: ties go to the batch submitted first."""
         self.planned_at: list[float] = []
 
     def submit(self, task: BatchTask) -> asyncio.Future:
         future = super().submit(task)
+        if self.on_submit is not None:
+            self.on_submit()
         now = self.clock.now()
         exec_ms = self.draw(CONTENTION.at(now), self.table.level_index(task.level), len(task.inputs))
         heappush(self.due, (now + exec_ms * 1e-3 + self.dispatch_s, len(self.submitted) - 1, exec_ms))
@@ -111,15 +175,19 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def run_dispatcher(arrivals: Arrivals, policy: str, cfg: SimConfig = CFG) -> Decisions:
+async def run_dispatcher(arrivals: Arrivals, policy: str | Policy, cfg: SimConfig = CFG,
+                         frontend: FakeFrontend | None = None) -> Decisions:
     """The same events in the same order as the simulator: arrivals first on a tie, then finished batches,
     then the dispatcher's own wake-up; client give-ups (the replay's timeout) just before each event."""
     clock = FakeClock(0.0)
     table = latency_table()
     pool = ScriptedPool(clock, table, cfg)
-    d = Dispatcher(Scheduler({"m": ACCURACY}, CLASSES, make_policy(policy)), pool, clock,
-                   StaticLatency({"m": table}), {"m": ACCURACY}, MAX_BATCH, cfg.overhead_ms, cfg.max_inflight,
-                   contention=lambda: CONTENTION.at(clock.now() - cfg.signal_lag_s), workers=cfg.workers)
+    if frontend is not None:
+        pool.on_submit = lambda: setattr(frontend, "batches", frontend.batches + 1)
+    d = Dispatcher(Scheduler({"m": ACCURACY}, CLASSES, policy if isinstance(policy, Policy) else make_policy(policy)),
+                   pool, clock, StaticLatency({"m": table}), {"m": ACCURACY}, MAX_BATCH, cfg.overhead_ms,
+                   cfg.max_inflight, contention=lambda: CONTENTION.at(clock.now() - cfg.signal_lag_s),
+                   workers=cfg.workers, frontend_cpu=None if frontend is None else lambda: frontend.cpu_s(clock.now()))
     d.start()
     await settle()
     out = Decisions()
@@ -198,3 +266,22 @@ async def test_the_comparison_sees_a_change_in_the_loop():
     sim = run_simulator(arrivals, "slonn", replace(CFG, dispatch_ms=CFG.dispatch_ms + 1.0))
     live = await run_dispatcher(arrivals, "slonn")
     assert [b[1:] for b in live.batches] != [b[1:] for b in sim.batches]
+
+
+async def test_with_the_frontend_measured_both_make_the_same_decisions_waits_included():
+    """The live server always measures its frontend's CPU, and slonn's planner then waits for larger batches
+    near saturation: both shells read the same (fake) frontend CPU and decide the same, waits included."""
+    arrivals = poisson_arrivals(3000.0, 0.45, MIX, seed=11)
+    policies, runs = [], []
+    for run in (run_simulator, run_dispatcher):
+        policy = CountingWaits()
+        result = run(arrivals, policy, CFG, FakeFrontend(arrivals, request_ms=0.2, batch_ms=0.6))
+        policies.append(policy)
+        runs.append(await result if asyncio.iscoroutine(result) else result)
+    sim, live = runs
+    assert len(live.answers) == len(sim.answers) == len(arrivals)
+    assert live.batches == sim.batches
+    assert live.answers == sim.answers
+    assert policies[0].waits == policies[1].waits > 10  # the planner waited, the same number of times
+    plain = run_simulator(arrivals, "slonn")
+    assert [b[1:] for b in plain.batches] != [b[1:] for b in sim.batches]  # and the waits changed the batches
