@@ -375,6 +375,9 @@ class Driver:
             nodes[name] = state
         self._nodes = nodes
         self._judged = []
+        # Rebuilt from scratch: with the nodes gone, the judging contexts (the fastest node's table and bucket,
+        # the nodes' capacity as workers) must not pass for one machine's when its table is the same object.
+        self._contexts = {}
         self._contexts_s = -math.inf
 
     def node_overhead_ms(self) -> dict[str, float]:

@@ -153,6 +153,25 @@ def test_without_nodes_the_driver_plans_for_one_machine_as_before():
     assert batch.node == "" and batch.plan.level == 1.0 and d.contexts(0.0)["m"].workers == 2
 
 
+def test_with_every_node_gone_the_driver_plans_for_one_machine_again():
+    """set_nodes({}) after per-node planning: admission and planning use the pool's table, contention and
+    workers again, not the contexts judged for the nodes (the fastest node's, their capacity as workers)."""
+    slow_busy = LatencyTable(LEVELS, MAX_BATCH, (0.5,), np.stack([SLOW.safe_ms[0], 10 * SLOW.safe_ms[0]]),
+                             np.stack([SLOW.mean_ms[0], 10 * SLOW.mean_ms[0]]))
+    scheduler = Scheduler({"m": ACC}, CLASSES, SLOAwarePolicy())
+    d = Driver(scheduler, {"m": slow_busy}, {"m": ACC}, MAX_BATCH, overhead_ms=0.0, workers=2, contention=2.0,
+               node_tables=lambda model, node: slow_busy if node == "slow" else FAST,
+               node_contention=lambda node, _now: 0.0)
+    one_machine = d.contexts(0.0)["m"]
+    assert (one_machine.table, one_machine.bucket, one_machine.workers) == (slow_busy, 1, 2)
+    d.set_nodes({"slow": 3})  # one node, on the same table object as the pool's, without its contention
+    judged = d.contexts(0.001)["m"]
+    assert (judged.table, judged.bucket, judged.workers) == (slow_busy, 0, 3)
+    d.set_nodes({})
+    again = d.contexts(0.002)["m"]
+    assert (again.table, again.bucket, again.workers) == (slow_busy, 1, 2)
+
+
 # -- the learners -----------------------------------------------------------------------------------
 
 
