@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Collection, Protocol
 
 import numpy as np
 
@@ -24,6 +24,11 @@ from slonn.workers.protocol import BatchTask
 log = logging.getLogger(__name__)
 
 WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+NODE_GONE_S = 60.0
+"""A node without a live worker for this long loses its own learners (their child processes stop); back, it
+gets new ones, seeded again from its kernel table."""
+NODE_CHECK_S = 5.0
+"""How often :class:`NodeLearners` looks for nodes gone or back."""
 
 
 class LatencySource(Protocol):
@@ -68,6 +73,8 @@ class LearnedLatency:
         self.node_learners: dict[tuple[str, str], OnlineLearner] = {}
         """(model, node) -> that node's learner."""
         self._started: dict | None = None
+        self._gone_since: dict[str, float] = {}
+        """Node with learners -> when :meth:`drop_gone_nodes` first saw it without a live worker."""
 
     def table(self, model: str, node: str = "") -> LatencyTable:
         if node:
@@ -97,6 +104,22 @@ class LearnedLatency:
         for model, learner in learners.items():
             self.node_learners[(model, node)] = learner
 
+    def drop_gone_nodes(self, live: Collection[str], now_s: float,
+                        after_s: float = NODE_GONE_S) -> dict[str, list[OnlineLearner]]:
+        """Forget the learners of every node that has had no live worker (is not in ``live``) for ``after_s``,
+        counted from the first call that found it so, and return them per node: the caller stops them (off
+        the event loop: stopping joins a thread). Their batches, if the node comes back, use the model's."""
+        dropped: dict[str, list[OnlineLearner]] = {}
+        for node in self.nodes():
+            if node in live:
+                self._gone_since.pop(node, None)
+                continue
+            since = self._gone_since.setdefault(node, now_s)
+            if now_s - since >= after_s:
+                del self._gone_since[node]
+                dropped[node] = [self.node_learners.pop(key) for key in list(self.node_learners) if key[1] == node]
+        return dropped
+
     def start(self, process: bool = True, on_spawn: Callable[[int], None] | None = None,
               on_exit: Callable[[int], None] | None = None) -> None:
         """Start every learner's refit thread; ``process``: fits run in a child process (off the GIL)."""
@@ -117,6 +140,94 @@ class LearnedLatency:
         self._started = None
         for learner in self._all():
             learner.stop()
+
+
+class NodeLearners:
+    """The learners of each node of a per-node pool (a Ray cluster), kept in ``latency``: fitted off the event
+    loop when a node's first worker is ready (:meth:`node_up`), dropped when the node has had no live worker
+    for ``gone_after_s`` and fitted again if it comes back (:meth:`check`, every NODE_CHECK_S in :meth:`run`),
+    and never started after :meth:`stop`.
+
+    ``build(node, node_tables)``: the node's learners, model -> learner; it runs in a thread, on a copy of
+    the pool's ``node_tables`` (the loop may add a node meanwhile)."""
+
+    def __init__(self, latency: LearnedLatency, pool: WorkerPool,
+                 build: Callable[[str, dict[str, dict]], dict[str, OnlineLearner]],
+                 gone_after_s: float = NODE_GONE_S) -> None:
+        self.latency = latency
+        self.pool = pool
+        self.build = build
+        self.gone_after_s = gone_after_s
+        self.tasks: set[asyncio.Task] = set()
+        """Additions under way."""
+        self.seen: set[str] = set()
+        """Nodes with learners, or with learners being fitted or that failed to fit."""
+        self.stopped = False
+
+    async def add(self, node: str) -> None:
+        """Fit ``node``'s learners (off the loop) and serve its tables from them (once per node)."""
+        if node in self.seen or self.stopped:
+            return
+        self.seen.add(node)
+        tables = {name: dict(t) for name, t in getattr(self.pool, "node_tables", {}).items()}
+        learners = await asyncio.to_thread(self.build, node, tables)
+        if self.stopped:  # stop() came while they were fitted: they never start
+            return
+        self.latency.add_node(node, learners)
+        log.info("node %s: latency tables of its own (%s)", node[:12], ", ".join(sorted(learners)))
+
+    def node_up(self, node: str) -> None:
+        """A node's first worker is ready (RayPool.on_node): give it learners of its own, off the loop."""
+        if self.stopped:
+            return
+        task = asyncio.ensure_future(self.add(node))
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._added(node, t))
+
+    def _added(self, node: str, task: asyncio.Future) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("node %s: its latency learners could not be fitted (its batches use the model's tables): "
+                      "%s: %s", node[:12], type(exc).__name__, exc, exc_info=exc)
+
+    async def check(self, now_s: float) -> list[str]:
+        """Drop the learners of nodes gone for ``gone_after_s`` (stopping them off the loop) and give nodes
+        that are back new ones; returns the nodes dropped."""
+        live = {node for node, n in self.pool.node_workers().items() if n > 0}
+        dropped = self.latency.drop_gone_nodes(live, now_s, self.gone_after_s)
+        for node in dropped:
+            self.seen.discard(node)
+            log.info("node %s: no live worker for %.0f s; its latency learners stopped", node[:12],
+                     self.gone_after_s)
+        for node in sorted(live - self.seen):
+            if node in getattr(self.pool, "node_tables", {}):
+                self.node_up(node)
+        learners = [learner for gone in dropped.values() for learner in gone]
+        if learners:
+            await asyncio.to_thread(lambda: [learner.stop() for learner in learners])
+        return sorted(dropped)
+
+    async def run(self, interval_s: float = NODE_CHECK_S) -> None:
+        """:meth:`check` every ``interval_s`` until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.check(loop.time())
+            except Exception:  # the next round tries again; the error is not lost in a task nobody awaits
+                log.exception("checking the nodes' latency learners failed")
+
+    async def stop(self) -> None:
+        """No learner is added from now on: additions under way are cancelled (call it before stopping
+        ``latency``, whose stop would miss a learner started after it)."""
+        self.stopped = True
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def kernel_ms(kernel_table: dict, batch_size: int, level: float) -> float | None:

@@ -30,7 +30,7 @@ from slonn.scheduler.driver import ANSWER_MARGIN_MS, caller_budget
 from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, RequestError, Unavailable
 from slonn.scheduler.grpc_status import grpc_status
 from slonn.scheduler.streams import answer_in_completion_order
-from slonn.scheduler.latency import LearnedLatency, base_rows, node_rows, warmup_profile
+from slonn.scheduler.latency import LearnedLatency, NodeLearners, base_rows, node_rows, warmup_profile
 from slonn.scheduler.metrics import ServerMetrics
 from slonn.scheduler import oip
 from slonn.scheduler.oip import count_error, outputs, summary_parameters
@@ -283,14 +283,15 @@ class SlonnServer:
             name: OnlineLearner(await self._base_rows(manifest), manifest.levels, cfg.max_batch,
                                 config=self._learner_config)
             for name, manifest in self.manifests.items()})
-        self._node_tasks: set[asyncio.Task] = set()
-        self._nodes_seen: set[str] = set()
+        self.node_learners = NodeLearners(self.latency, self.pool, self._node_learners)
+        self._nodes_task: asyncio.Task | None = None
         if self.pool.per_node:  # a latency model per (model, node), seeded by the node's kernel table
             for node in list(self.pool.node_tables):
-                await self._add_node(node)
-            self.pool.on_node = self._node_up
+                await self.node_learners.add(node)
+            self.pool.on_node = self.node_learners.node_up
             for node in list(self.pool.node_tables):  # up while the others' learners were fitted
-                self._node_up(node)
+                self.node_learners.node_up(node)
+            self._nodes_task = asyncio.create_task(self.node_learners.run())  # nodes gone for good, or back
         self.latency.start(process=True, on_spawn=self.monitor.add_own_pid, on_exit=self.monitor.remove_own_pid)
         # No traffic before the learners' child processes are up: their start-up (scikit-learn imports)
         # under load inflates the first batches' overhead, which admission then acts on.
@@ -431,10 +432,10 @@ class SlonnServer:
         self._seed[manifest.name] = (rows, Counter(nodes).most_common(1)[0][0] if nodes else None)
         return rows
 
-    def _node_learners(self, node: str) -> dict[str, OnlineLearner]:
-        """``node``'s learners (fitted here: call it off the event loop): each model's base rows scaled by the
-        node's start-up kernel table against the table of the node the rows were measured on."""
-        tables = self.pool.node_tables
+    def _node_learners(self, node: str, tables: dict[str, dict]) -> dict[str, OnlineLearner]:
+        """``node``'s learners (fitted here: NodeLearners calls it off the event loop): each model's base rows
+        scaled by the node's start-up kernel table (of ``tables``, a copy of the pool's) against the table of
+        the node the rows were measured on."""
         out = {}
         for name, manifest in self.manifests.items():
             rows, measured_on = self._seed[name]
@@ -445,20 +446,6 @@ class SlonnServer:
             out[name] = OnlineLearner(node_rows(rows, tables[node].get(name, {}), reference), manifest.levels,
                                       self.cfg.max_batch, config=self._learner_config)
         return out
-
-    async def _add_node(self, node: str) -> None:
-        if node in self._nodes_seen:
-            return
-        self._nodes_seen.add(node)
-        learners = await asyncio.to_thread(self._node_learners, node)
-        self.latency.add_node(node, learners)
-        log.info("node %s: latency tables of its own (%s)", node[:12], ", ".join(sorted(learners)))
-
-    def _node_up(self, node: str) -> None:
-        """A node's first worker is ready (RayPool.on_node): give it learners of its own, off the loop."""
-        task = asyncio.ensure_future(self._add_node(node))
-        self._node_tasks.add(task)
-        task.add_done_callback(self._node_tasks.discard)
 
     @staticmethod
     def _log_batch(batch: Batch, exec_ms: float, contention: float) -> None:
@@ -496,6 +483,9 @@ class SlonnServer:
             await self.http.stop()
         self.metrics.close()
         await self.pool.close()
+        if self._nodes_task is not None:
+            self._nodes_task.cancel()
+        await self.node_learners.stop()  # no node's learners start after latency.stop has looked
         await asyncio.to_thread(self.latency.stop)  # joins the learner threads: off the loop
         self.monitor.stop()
         return unanswered

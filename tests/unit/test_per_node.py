@@ -5,6 +5,8 @@ has its own latency learner, seeded from its start-up kernel table."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from slonn.scheduler.config import SLOClassConfig
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.dispatcher import Dispatcher
 from slonn.scheduler.driver import OVERHEAD_REFIT_EVERY, Driver, full_batch_ms
-from slonn.scheduler.latency import LearnedLatency, StaticLatency, kernel_ms, node_rows
+from slonn.scheduler.latency import LearnedLatency, NodeLearners, StaticLatency, kernel_ms, node_rows
 from slonn.workers.pool import WorkerPool
 from slonn.workers.protocol import BatchResult
 
@@ -309,3 +311,125 @@ async def test_the_dispatcher_plans_each_batch_for_its_workers_node_and_feeds_th
         assert d.driver.node_overhead_ms().keys() == {"slow", "fast"}
     finally:
         await d.drain(0.0)
+
+
+# -- each node's learners in the server ------------------------------------------------------------
+
+
+class NodesPool(TwoNodePool):
+    """A per-node pool as the server's NodeLearners sees it: kernel tables and live workers per node."""
+
+    def __init__(self, nodes: dict[str, int]) -> None:
+        super().__init__()
+        self.workers = dict(nodes)
+        self.node_tables: dict[str, dict] = {node: {"m": kernel_table(1.0)} for node in nodes}
+
+    def node_workers(self) -> dict[str, int]:
+        return dict(self.workers)
+
+
+class CountingLearner(OnlineLearner):
+    def __init__(self) -> None:
+        super().__init__([], LEVELS, MAX_BATCH)
+        self.starts = self.stops = 0
+
+    def start(self, *args, **kwargs):
+        self.starts += 1
+        return self
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+async def settled(nodes: NodeLearners) -> None:
+    """Every addition under way is done and its callback has run."""
+    await asyncio.wait_for(asyncio.gather(*nodes.tasks, return_exceptions=True), 10)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not nodes.tasks
+
+
+async def test_node_learners_are_fitted_on_a_copy_of_the_pools_tables():
+    pool = NodesPool({"a": 1})
+    seen = []
+
+    def build(node, tables):
+        pool.node_tables["b"] = {"m": kernel_table(2.0)}  # the loop adds a node while the learners are fitted
+        seen.append((node, tables))
+        return {"m": CountingLearner()}
+
+    nodes = NodeLearners(LearnedLatency({"m": OnlineLearner([], LEVELS, MAX_BATCH)}), pool, build)
+    await nodes.add("a")
+    [(node, tables)] = seen
+    assert node == "a" and tables is not pool.node_tables and list(tables) == ["a"]
+    assert nodes.latency.nodes() == ["a"]
+
+
+async def test_stopping_cancels_node_learners_being_fitted_and_none_starts_after():
+    pool = NodesPool({"a": 1})
+    release = threading.Event()
+    built = []
+
+    def build(node, tables):
+        release.wait(5)
+        built.append(CountingLearner())
+        return {"m": built[-1]}
+
+    latency = LearnedLatency({"m": CountingLearner()})
+    latency.start(process=False)  # a learner added from now on is started
+    nodes = NodeLearners(latency, pool, build)
+    nodes.node_up("a")
+    await asyncio.sleep(0.01)
+    assert nodes.tasks
+    await nodes.stop()  # what the server does before latency.stop
+    release.set()
+    for _ in range(100):  # the fit finishes in its thread, after the cancelled addition
+        if built:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    assert built and not nodes.tasks and latency.nodes() == [] and built[0].starts == 0
+    nodes.node_up("b")  # a node that comes up during shutdown gets nothing
+    assert not nodes.tasks
+
+
+async def test_a_failed_node_learner_fit_is_logged(caplog):
+    pool = NodesPool({"a": 1})
+
+    def build(node, tables):
+        raise KeyError(node)
+
+    nodes = NodeLearners(LearnedLatency({"m": OnlineLearner([], LEVELS, MAX_BATCH)}), pool, build)
+    with caplog.at_level(logging.ERROR, logger="slonn.scheduler.latency"):
+        nodes.node_up("a")
+        await settled(nodes)
+    assert any("node a: its latency learners could not be fitted" in r.getMessage() for r in caplog.records)
+    assert nodes.latency.nodes() == []
+
+
+async def test_a_node_gone_for_a_minute_loses_its_learners_and_gets_new_ones_back():
+    pool = NodesPool({"a": 1, "b": 2})
+    built: dict[str, list[CountingLearner]] = {"a": [], "b": []}
+
+    def build(node, tables):
+        built[node].append(CountingLearner())
+        return {"m": built[node][-1]}
+
+    nodes = NodeLearners(LearnedLatency({"m": OnlineLearner([], LEVELS, MAX_BATCH)}), pool, build)
+    await nodes.add("a")
+    await nodes.add("b")
+    pool.workers["a"] = 0  # a's last worker died
+    assert await nodes.check(100.0) == []
+    pool.workers["a"] = 1  # back within the minute: it keeps its learners
+    assert await nodes.check(130.0) == []
+    del pool.workers["a"]  # gone again
+    assert await nodes.check(140.0) == []
+    assert await nodes.check(199.0) == [] and nodes.latency.nodes() == ["a", "b"]
+    assert await nodes.check(200.0) == ["a"]
+    assert nodes.latency.nodes() == ["b"] and built["a"][0].stops == 1 and built["b"][0].stops == 0
+    assert nodes.latency.table("m", "a") is nodes.latency.learners["m"].table  # the model's, meanwhile
+    pool.workers["a"] = 1  # back: new learners, seeded again
+    await nodes.check(300.0)
+    await settled(nodes)
+    assert nodes.latency.nodes() == ["a", "b"] and len(built["a"]) == 2
+    assert nodes.latency.table("m", "a") is built["a"][1].table
