@@ -97,8 +97,11 @@ def read_parameters(params: dict[str, Any], default_class: str) -> tuple[str, fl
 
 
 def decode_samples(manifest: ModelManifest, field: str, datatype: str, shape: Sequence[int],
-                   raw: bytes | None, values: Any, max_samples: int) -> np.ndarray:
+                   raw: bytes | None, values: Any, max_samples: int, limit: str = "max_batch") -> np.ndarray:
     """One input tensor as [N, features] float32: checked shape, byte or value count, exact conversion.
+
+    ``max_samples``: the most samples one request may carry (the server's ``sample_limit``); ``limit`` names
+    the setting it comes from, for the error message.
 
     ``raw``: little-endian bytes (raw_input_contents, binary tensor data); else ``values``: the typed
     contents or JSON data (nested lists are flattened in C order).
@@ -109,7 +112,10 @@ def decode_samples(manifest: ModelManifest, field: str, datatype: str, shape: Se
         raise InvalidArgument(f"{field}.datatype: got {datatype!r}; expected FP32 (or one of "
                               f"{', '.join(k for k in _WIRE if k != 'FP32')}, converted to FP32)")
     shape = [int(d) for d in shape]
-    if len(shape) != 2 or shape[1] != features or not 1 <= shape[0] <= max_samples:
+    if len(shape) == 2 and shape[1] == features and shape[0] > max_samples:
+        raise InvalidArgument(f"{field}.shape: got {shape}, {shape[0]} samples, at most {max_samples} per request "
+                              f"({limit}={max_samples})")
+    if len(shape) != 2 or shape[1] != features or not 1 <= shape[0]:
         raise InvalidArgument(f"{field}.shape: got {shape}, {want}")
     count = shape[0] * features
     wire = np.dtype(_WIRE[datatype])

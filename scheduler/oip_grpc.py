@@ -101,7 +101,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         except RequestError as exc:
             await self._abort(context, exc)
         config = mc.ModelConfig(
-            name=manifest.name, platform=oip.PLATFORM, max_batch_size=self.server.cfg.max_batch,
+            name=manifest.name, platform=oip.PLATFORM, max_batch_size=self.server.sample_limit[0],
             input=[mc.ModelInput(name=oip.INPUT, data_type=mc.TYPE_FP32, dims=[manifest.arch.in_features])],
             output=[mc.ModelOutput(name=oip.OUTPUT, data_type=mc.TYPE_FP32, dims=[manifest.arch.out_features])],
             dynamic_batching=mc.ModelDynamicBatching(),
@@ -197,7 +197,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                       "raw_input_contents")
             values = list(getattr(t.contents, kind)) if kind else []
         return oip.decode_samples(manifest, "inputs[0]", t.datatype, t.shape, raw, values,
-                                  self.server.cfg.max_batch)
+                                  *self.server.sample_limit)
 
     def _tally(self, model: str, started_ns: int, done) -> None:
         if model not in self.server.manifests:

@@ -114,7 +114,7 @@ class OipHttp:
     async def model_config(self, request):
         m = self._model(request)
         return web.json_response({
-            "name": m.name, "platform": oip.PLATFORM, "max_batch_size": self.server.cfg.max_batch,
+            "name": m.name, "platform": oip.PLATFORM, "max_batch_size": self.server.sample_limit[0],
             "input": [{"name": oip.INPUT, "data_type": "TYPE_FP32", "dims": [m.arch.in_features]}],
             "output": [{"name": oip.OUTPUT, "data_type": "TYPE_FP32", "dims": [m.arch.out_features]}],
             "dynamic_batching": {}})
@@ -128,7 +128,7 @@ class OipHttp:
             body, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
             slo_class, budget = oip.read_parameters(_object(body.get("parameters", {}), "parameters"),
                                                     srv.default_class)
-            x = _samples(body, binary, manifest, srv.cfg.max_batch)
+            x = _samples(body, binary, manifest, *srv.sample_limit)
             samples = len(x)
             want_binary = _binary_output(body)
             done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, None)
@@ -177,7 +177,7 @@ def _object(value: Any, field: str) -> dict:
     return value
 
 
-def _samples(body: dict, binary: bytes, manifest, max_samples: int) -> np.ndarray:
+def _samples(body: dict, binary: bytes, manifest, max_samples: int, limit: str) -> np.ndarray:
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidArgument(f"inputs: expected a list of one tensor named {oip.INPUT!r} (see the model's "
@@ -206,7 +206,8 @@ def _samples(body: dict, binary: bytes, manifest, max_samples: int) -> np.ndarra
     for i, o in enumerate(outputs):
         if _object(o, f"outputs[{i}]").get("name") != oip.OUTPUT:
             raise InvalidArgument(f"outputs[{i}].name: got {o.get('name')!r}, expected {oip.OUTPUT!r}")
-    return oip.decode_samples(manifest, "inputs[0]", datatype, shape, raw, t.get("data"), max_samples)
+    return oip.decode_samples(manifest, "inputs[0]", datatype, shape, raw, t.get("data"), max_samples,
+                              limit)
 
 
 def _binary_output(body: dict) -> bool:

@@ -6,6 +6,8 @@ metrics on a third. Tests assert answers, status codes and counters, never timin
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 
 import aiohttp
@@ -220,6 +222,36 @@ async def test_grpc_errors_have_slonn_status_codes(gclient, reference, case):
     assert err.status() == f"StatusCode.{status}" and words in err.message()
     result = await gclient.infer(MODEL, [grpc_input(x[:1])])  # and the server goes on
     assert result.as_numpy("output").argmax() == want[0]
+
+
+@contextlib.contextmanager
+def max_inflight(server, n: int):
+    """The running server as if started with ``--max-inflight n`` (below MAX_BATCH): its admission cap and the
+    sample limit the frontends check; restored after."""
+    cfg, cap = server.cfg, server.dispatcher.driver.max_inflight
+    server.cfg, server.dispatcher.driver.max_inflight = dataclasses.replace(cfg, max_inflight=n), n
+    try:
+        yield
+    finally:
+        server.cfg, server.dispatcher.driver.max_inflight = cfg, cap
+
+
+async def test_more_samples_than_max_inflight_is_invalid_argument_naming_the_limit(server, gclient, hclient,
+                                                                                    reference):
+    """N <= --max-batch but > --max-inflight could never be admitted: the request is refused as invalid (a retry
+    cannot help), over gRPC and HTTP alike, and ModelConfig's max_batch_size says so."""
+    x, want, _ = reference
+    with max_inflight(server, 8):
+        assert (await gclient.get_model_config(MODEL)).config.max_batch_size == 8
+        assert (await hclient.get_model_config(MODEL))["max_batch_size"] == 8
+        err = await grpc_status(gclient.infer(MODEL, [grpc_input(x[:12])]))
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "inputs[0].shape" in err.message() and "max_inflight=8" in err.message()
+        with pytest.raises(InferenceServerException) as info:
+            await hclient.infer(MODEL, [http_input(x[:12])])
+        assert info.value.status() == "400" and "max_inflight=8" in info.value.message()
+        result = await gclient.infer(MODEL, [grpc_input(x[:8])])  # within the limit: served
+        np.testing.assert_array_equal(result.as_numpy("output").argmax(axis=1), want[:8])
 
 
 async def test_grpc_unknown_model_infer_is_not_found(gclient, reference):

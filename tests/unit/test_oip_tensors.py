@@ -43,7 +43,7 @@ def test_nested_json_data_is_flattened_in_c_order():
     ({"datatype": "FP32", "shape": [4], "values": [0] * 4}, "inputs[0].shape"),
     ({"datatype": "FP32", "shape": [2, 5], "values": [0] * 10}, "inputs[0].shape"),
     ({"datatype": "FP32", "shape": [0, 4], "values": []}, "inputs[0].shape"),
-    ({"datatype": "FP32", "shape": [17, 4], "values": [0] * 68}, "N <= 16"),
+    ({"datatype": "FP32", "shape": [17, 4], "values": [0] * 68}, "17 samples, at most 16 per request"),
     ({"datatype": "FP32", "shape": [2, 4], "raw": b"\0" * 31}, "31 bytes"),
     ({"datatype": "FP32", "shape": [2, 4], "values": [0] * 7}, "7 values"),
     ({"datatype": "FP32", "shape": [2, 4], "values": ["a"] * 8}, "inputs[0].data"),
@@ -55,6 +55,12 @@ def test_nested_json_data_is_flattened_in_c_order():
 def test_bad_tensors_are_invalid_argument_naming_the_field(kwargs, words):
     with pytest.raises(InvalidArgument, match=words.replace("^", r"\^").replace("[", r"\[").replace("]", r"\]")):
         decode(**kwargs)
+
+
+def test_more_samples_than_the_limit_names_the_setting_it_comes_from():
+    with pytest.raises(InvalidArgument, match=r"^inputs\[0\]\.shape: got \[9, 4\], 9 samples, at most 8 per "
+                                              r"request \(max_inflight=8\)"):
+        oip.decode_samples(MANIFEST, "inputs[0]", "FP32", [9, 4], None, [0] * 36, 8, "max_inflight")
 
 
 def test_parameters_default_class_and_types():
