@@ -23,16 +23,17 @@ def check_budget(budget_ms: float, field: str = "latency_budget_ms") -> float:
 
 
 async def admit_samples(dispatcher: Dispatcher, model: str, slo_class: str, samples: np.ndarray,
-                        budget_ms: float, time_remaining_s: float | None) -> list[Completion]:
+                        budget_ms: float, time_remaining_s: float | None, field: str = "input") -> list[Completion]:
     """Admit the rows of ``samples`` ([N, features]) with one deadline; their answers in input order.
 
     ``budget_ms`` (0 = the class's) can only tighten the class deadline; ``time_remaining_s``, the call's
     own deadline (None: none), tightens it too and makes it hard (nobody reads an answer after it).
-    Raises RequestError subclasses; all N answer with one error when any fails.
+    Raises RequestError subclasses; all N answer with one error when any fails. ``field``: the request's
+    input, as errors about the number of samples name it.
     """
     budget_ms, hard = caller_budget(check_budget(budget_ms),
                                     None if time_remaining_s is None else time_remaining_s * 1e3)
-    work = dispatcher.infer_many(model, slo_class, samples, budget_ms or None, hard)
+    work = dispatcher.infer_many(model, slo_class, samples, budget_ms or None, hard, field)
     if time_remaining_s is None:
         return await work
     try:

@@ -20,7 +20,7 @@ from slonn.policy.planner import PlanContext
 from slonn.scheduler.clock import Clock
 from slonn.scheduler.core import Batch, Scheduler
 from slonn.scheduler.driver import FRONTEND_BATCH_MS, FRONTEND_REQUEST_MS, Driver
-from slonn.scheduler.errors import DeadlineUnreachable, QueueFull, RequestError, Unavailable
+from slonn.scheduler.errors import DeadlineUnreachable, InvalidArgument, QueueFull, RequestError, Unavailable
 from slonn.scheduler.latency import LatencySource
 from slonn.scheduler.metrics import UNKNOWN, ServerMetrics
 from slonn.scheduler.queues import QueuedRequest
@@ -158,14 +158,24 @@ class Dispatcher:
             self.driver.release()
 
     async def infer_many(self, model: str, slo_class: str, samples: np.ndarray, budget_ms: float | None = None,
-                         hard: bool = False) -> list[Completion]:
+                         hard: bool = False, field: str = "input") -> list[Completion]:
         """Admit the N rows of ``samples`` ([N, features]) as N requests with one arrival time and one
         deadline; one awaitable for the N answers, in input order.
 
-        The N answer as one: when any sample fails (at admission or later), the others leave the queues
-        (those already in a batch still run, their answers unread) and that failure is raised.
+        Admission is all or nothing: N beyond the class's ``max_queue`` for this model could never be admitted
+        (InvalidArgument naming ``field``, the request's input, and the limit); a full queue, the in-flight cap
+        or an unreachable deadline refuses all N, counted N times. The N answer as one: when any sample fails
+        later, the others leave the queues (those already in a batch still run, their answers unread) and that
+        failure is raised.
         """
         n = len(samples)
+        cls = self.scheduler.classes.get(slo_class)
+        if cls is not None and model in self.accuracy and n > cls.max_queue_for(model):
+            limit = cls.max_queue_for(model)
+            bad = InvalidArgument(f"{field}: {n} samples, more than slo_class {slo_class!r} queues for model "
+                                  f"{model!r} (max_queue={limit}); send at most {limit} per request")
+            self._count(model, slo_class, bad, n)
+            raise bad
         if n and self.inflight + n > self.max_inflight:
             full = QueueFull(f"server has {self.inflight} requests in flight and this one carries {n} samples "
                              f"(max_inflight={self.max_inflight})")
@@ -177,12 +187,12 @@ class Dispatcher:
         reqs: list[QueuedRequest] = []
         try:
             for row, future in zip(samples, futures):
-                reqs.append(self._admit(model, slo_class, row, budget_ms, hard, now, future))
+                reqs.append(self._admit(model, slo_class, row, budget_ms, hard, now, future, count=False))
         except RequestError as exc:
-            for req in reqs:  # admitted siblings: out of the queues, answered with the batch's error
+            for req in reqs:  # admitted siblings: out of the queues, answered with the call's error
                 self.driver.cancel(req)
             self.driver.release(len(reqs))
-            self._count(model, slo_class, exc, len(reqs))
+            self._count(model, slo_class, exc, n)  # the whole call is refused: every sample
             raise
         self._wakeup.set()
         try:
@@ -200,22 +210,19 @@ class Dispatcher:
             self.driver.release(n)
 
     def _admit(self, model: str, slo_class: str, inputs: np.ndarray, budget_ms: float | None, hard: bool,
-               now: float, future: asyncio.Future) -> QueuedRequest:
-        """Queue one request answered through ``future``, or raise (counted in the metrics)."""
-        if not self._accepting:
-            raise self._counted(model, slo_class, Unavailable("server is shutting down; not admitting requests"))
-        if self.pool.broken():
-            raise self._counted(model, slo_class, Unavailable(
-                "no worker is running and none could be started; see the server log"))
-        try:  # the in-flight cap, the queue's limit, the deadline: the driver's
+               now: float, future: asyncio.Future, count: bool = True) -> QueuedRequest:
+        """Queue one request answered through ``future``, or raise (counted in the metrics if ``count``)."""
+        try:
+            if not self._accepting:
+                raise Unavailable("server is shutting down; not admitting requests")
+            if self.pool.broken():
+                raise Unavailable("no worker is running and none could be started; see the server log")
+            # the in-flight cap, the queue's limit, the deadline: the driver's
             return self.driver.admit(model, slo_class, now, inputs, future, budget_ms, hard)
         except RequestError as exc:
-            self._count(model, slo_class, exc, 1)
+            if count:
+                self._count(model, slo_class, exc, 1)
             raise
-
-    def _counted(self, model: str, slo_class: str, exc: RequestError) -> RequestError:
-        self._count(model, slo_class, exc, 1)
-        return exc
 
     def _count(self, model: str, slo_class: str, exc: RequestError, n: int) -> None:
         """Count ``n`` requests answered with ``exc``; the frontends count only errors not counted here."""

@@ -159,7 +159,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             slo_class, budget = oip.read_parameters(read_parameters(request.parameters), srv.default_class)
             x = self._samples(request, manifest)
             samples = len(x)
-            done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, time_remaining_s)
+            done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, time_remaining_s,
+                                       "inputs[0]")
         except RequestError as exc:
             oip.count_error(srv.metrics, srv.known_models, srv.cfg.classes, request.model_name, slo_class, exc,
                             max(samples, 1))

@@ -131,7 +131,7 @@ class OipHttp:
             x = _samples(body, binary, manifest, *srv.sample_limit)
             samples = len(x)
             want_binary = _binary_output(body)
-            done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, None)
+            done = await admit_samples(srv.dispatcher, manifest.name, slo_class, x, budget, None, "inputs[0]")
         except RequestError as exc:
             oip.count_error(srv.metrics, srv.known_models, srv.cfg.classes, model, slo_class, exc, max(samples, 1))
             raise

@@ -37,6 +37,7 @@ CLASSES = {c.name: c for c in (
     SLOClassConfig("interactive", latency_ms=5000, min_accuracy=0.0, priority=0, max_queue=1024, on_late="reject"),
     SLOClassConfig("relaxed", latency_ms=10000, min_accuracy=0.0, priority=1, max_queue=1024, on_late="serve"),
     SLOClassConfig("perfect", latency_ms=5000, min_accuracy=0.9999),
+    SLOClassConfig("few", latency_ms=5000, min_accuracy=0.0, max_queue=4),
 )}
 
 
@@ -252,6 +253,19 @@ async def test_more_samples_than_max_inflight_is_invalid_argument_naming_the_lim
         assert info.value.status() == "400" and "max_inflight=8" in info.value.message()
         result = await gclient.infer(MODEL, [grpc_input(x[:8])])  # within the limit: served
         np.testing.assert_array_equal(result.as_numpy("output").argmax(axis=1), want[:8])
+
+
+async def test_more_samples_than_the_class_queue_holds_is_invalid_argument_naming_max_queue(gclient, hclient,
+                                                                                           reference):
+    x, want, _ = reference
+    err = await grpc_status(gclient.infer(MODEL, [grpc_input(x[:5])], parameters={"slo_class": "few"}))
+    assert err.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "inputs[0]: 5 samples" in err.message() and "max_queue=4" in err.message()
+    with pytest.raises(InferenceServerException) as info:
+        await hclient.infer(MODEL, [http_input(x[:5])], parameters={"slo_class": "few"})
+    assert info.value.status() == "400" and "max_queue=4" in info.value.message()
+    result = await gclient.infer(MODEL, [grpc_input(x[:4])], parameters={"slo_class": "few"})
+    np.testing.assert_array_equal(result.as_numpy("output").argmax(axis=1), want[:4])
 
 
 async def test_grpc_unknown_model_infer_is_not_found(gclient, reference):

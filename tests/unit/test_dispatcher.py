@@ -29,9 +29,9 @@ CLASSES = {
 }
 
 
-def make(pool: FakeWorkerPool, clock=None, max_inflight: int = 8192) -> Dispatcher:
+def make(pool: FakeWorkerPool, clock=None, max_inflight: int = 8192, classes=CLASSES) -> Dispatcher:
     table = LatencyTable.constant(LEVELS, 16, per_item_ms=0.1, fixed_ms=1.0)
-    scheduler = Scheduler({"m": ACC}, CLASSES, SLOAwarePolicy())
+    scheduler = Scheduler({"m": ACC}, classes, SLOAwarePolicy())
     d = Dispatcher(scheduler, pool, clock or MonotonicClock(), StaticLatency({"m": table}), {"m": ACC},
                    max_batch=16, overhead_ms=0.0, max_inflight=max_inflight)
     d.start()

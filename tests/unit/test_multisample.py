@@ -18,7 +18,7 @@ from slonn.scheduler.server import InferenceServicer
 from slonn.workers.contract import RangeCheck
 from tests.fakes import FakeWorkerPool
 from tests.unit.test_dispatcher import CLASSES, make, until
-from tests.unit.test_infer_many import answers
+from tests.unit.test_infer_many import WITH_FEW, answers
 
 F = 64
 MAX_SAMPLES = 24
@@ -30,11 +30,11 @@ def rows(n: int, start: int = 0) -> np.ndarray:
     return np.stack([np.full(F, float(start + i), np.float32) for i in range(n)])
 
 
-def servicer(pool: FakeWorkerPool) -> InferenceServicer:
-    d = make(pool)
+def servicer(pool: FakeWorkerPool, classes=CLASSES) -> InferenceServicer:
+    d = make(pool, classes=classes)
     server = SimpleNamespace(
         manifests={"m": SimpleNamespace(arch=SimpleNamespace(in_features=F))},
-        cfg=SimpleNamespace(max_batch=MAX_SAMPLES, classes=CLASSES),
+        cfg=SimpleNamespace(max_batch=MAX_SAMPLES, classes=classes),
         sample_limit=(MAX_SAMPLES, "max_batch"),
         range_checks={"m": RangeCheck(SimpleNamespace(low=(0.0,) * F, high=(100.0,) * F))},
         metrics=d.metrics)
@@ -160,6 +160,17 @@ async def test_shape_errors_are_invalid_argument_naming_the_field(x, needle):
     with pytest.raises(InvalidArgument, match=r"^input\.shape: ") as info:
         await s._answer(request(x), None)
     assert needle in str(info.value)
+    assert not pool.submitted and s.dispatcher.inflight == 0
+
+
+async def test_more_samples_than_the_class_queue_holds_is_invalid_argument_counted_once_per_sample():
+    pool = FakeWorkerPool(workers=1)
+    s = servicer(pool, WITH_FEW)
+    req = request(rows(7))
+    req.slo_class = "few"
+    with pytest.raises(InvalidArgument, match=r"^input: 7 samples, .*\(max_queue=6\)"):
+        await s._answer(req, None)
+    assert answers(s.dispatcher, "INVALID_ARGUMENT") == 7
     assert not pool.submitted and s.dispatcher.inflight == 0
 
 
