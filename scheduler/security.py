@@ -67,16 +67,22 @@ def http_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLCo
 
 
 class BearerToken:
-    """The expected ``authorization`` value, compared in constant time (``hmac.compare_digest``)."""
+    """Checks an ``authorization`` value: the ``Bearer`` scheme (any case, RFC 7235), one space, the token,
+    compared in constant time (``hmac.compare_digest``)."""
 
     def __init__(self, token: bytes) -> None:
-        self._expected = b"Bearer " + token
+        self._expected = token
 
     def allows(self, value: str | bytes | None) -> bool:
         if value is None:
             return False
-        given = value.encode() if isinstance(value, str) else value
-        return hmac.compare_digest(given, self._expected)
+        if isinstance(value, str):
+            try:
+                value = value.encode()
+            except UnicodeEncodeError:  # bytes that were not UTF-8 (aiohttp keeps them as surrogates)
+                return False
+        scheme, space, token = value.partition(b" ")
+        return bool(space) and scheme.lower() == b"bearer" and hmac.compare_digest(token, self._expected)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

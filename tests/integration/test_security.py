@@ -93,6 +93,21 @@ async def test_a_call_without_the_right_token_is_unauthenticated(server, pki, to
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in info.value.details()
 
 
+async def test_the_bearer_scheme_is_matched_in_any_case_over_grpc_and_http(server, pki):
+    """RFC 7235: the scheme name is case-insensitive; the token itself is not."""
+    async with AsyncSlonnClient(f"127.0.0.1:{server.port}", security(pki, token=False)) as client:
+        for token, want in ((f"bearer {TOKEN}", "OK"), (f"BEARER {TOKEN}", "OK"), (f"bearer {TOKEN.upper()}",
+                                                                                 "UNAUTHENTICATED")):
+            call = client.stub.Infer(make_request(MODEL, "relaxed", x(7)), timeout=30,
+                                     metadata=(("authorization", token),))
+            assert await status(call) == want, token
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": x(8).tolist()}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.post(f"https://127.0.0.1:{server.http_port}/v2/models/{MODEL}/infer", json=body,
+                             ssl=_ssl(pki), headers={"Authorization": f"bearer {TOKEN}"}) as r:
+            assert r.status == 200
+
+
 async def _drain(call):
     return [a async for a in call]
 

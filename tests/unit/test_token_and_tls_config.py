@@ -1,23 +1,75 @@
-"""The server's transport-security settings: the token check, the file checks, and the serve flags."""
+"""The server's transport-security settings: the token check (HTTP middleware, gRPC interceptor), the file checks,
+and the serve flags."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+from types import SimpleNamespace
 
+import grpc
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
-from slonn.scheduler.security import OPEN_HTTP_PATHS, BearerToken, read_token
+from slonn.scheduler.security import OPEN_HTTP_PATHS, BearerToken, TokenInterceptor, read_token, token_middleware
 from slonn.scripts import serve
 
 CLASSES = {"c": SLOClassConfig("c", latency_ms=10)}
 
 
-def test_the_token_must_match_exactly_after_bearer():
+def test_the_token_must_match_exactly_after_bearer_in_any_case():
     check = BearerToken(b"abc")
-    assert check.allows("Bearer abc") and check.allows(b"Bearer abc")
-    for wrong in (None, "", "abc", "Bearer ab", "Bearer abcd", "bearer abc", "Bearer  abc", "Bearer ábc"):
+    for right in ("Bearer abc", b"Bearer abc", "bearer abc", "BEARER abc", b"bEaReR abc"):
+        assert check.allows(right), right
+    for wrong in (None, "", "abc", "Bearer ab", "Bearer abcd", "Bearer  abc", "Bearer ábc", "Bearerabc",
+                  "Basic abc", "Bearer\tabc", "bearer ABC"):
         assert not check.allows(wrong), wrong
+
+
+def test_a_header_that_was_not_utf8_is_refused_not_an_error():
+    """aiohttp keeps a header's non-UTF-8 bytes as surrogates, which str.encode() refuses."""
+    check = BearerToken(b"abc")
+    assert not check.allows(b"Bearer \xff\xfe".decode("utf-8", "surrogateescape"))
+    assert not check.allows(b"Bearer \xff\xfe")
+
+
+async def test_http_answers_401_to_a_non_utf8_authorization_header_and_takes_lowercase_bearer():
+    app = web.Application(middlewares=[token_middleware(BearerToken(b"abc"))])
+
+    async def ok(request):
+        return web.Response(text="ok")
+
+    app.router.add_get("/v2", ok)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        for header, status in ((b"Bearer \xff\xfe", b"401"), (b"bearer abc", b"200"), (b"Bearer abd", b"401")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\nAuthorization: " + header +
+                         b"\r\nConnection: close\r\n\r\n")
+            line = await asyncio.wait_for(reader.readline(), 30)
+            writer.close()
+            await writer.wait_closed()
+            assert line.split()[1] == status, (header, line)
+    finally:
+        await server.close()
+
+
+async def test_the_grpc_interceptor_takes_any_case_of_bearer_and_refuses_undecodable_values():
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
+
+    async def continuation(details):
+        return handler
+
+    interceptor = TokenInterceptor(BearerToken(b"abc"))
+    for value, allowed in (("bearer abc", True), ("BEARER abc", True), ("Bearer \udcff", False),
+                           ("Bearer ab\xff", False), (None, False)):
+        metadata = () if value is None else (("authorization", value),)
+        details = SimpleNamespace(method="/slonn.v1.Inference/Infer", invocation_metadata=metadata)
+        got = await interceptor.intercept_service(continuation, details)
+        assert (got is handler) == allowed, value
 
 
 def test_the_token_file_is_stripped_and_must_not_be_empty(tmp_path):
