@@ -12,6 +12,7 @@ import hmac
 import logging
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -54,16 +55,44 @@ def grpc_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Serv
 
 
 def http_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
-    """The same for the HTTP port (TLS 1.2 or later)."""
+    """The same for the HTTP port (TLS 1.2 or later). ValueError naming the flags and files when the PEM
+    files do not load (gRPC would only find out when the port is bound)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
-        if client_ca:
-            context.load_verify_locations(cafile=str(client_ca))
-            context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"--tls-cert {cert} / --tls-key {key} / --tls-client-ca {client_ca}: {exc}") from None
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: cannot load a PEM certificate and its "
+                         f"private key from them ({exc})") from None
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--tls-client-ca {client_ca}: cannot load PEM CA certificates from it ({exc})") from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+@dataclass(frozen=True)
+class Security:
+    """What the token and certificate flags load to; ``None`` fields: not configured."""
+
+    token: BearerToken | None
+    grpc_credentials: grpc.ServerCredentials | None
+    ssl_context: ssl.SSLContext | None
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_context is not None
+
+
+def load(token_file: Path | None, cert: Path | None, key: Path | None, client_ca: Path | None) -> Security:
+    """Read the token and certificate files; ValueError naming the flag and the file when one is unreadable,
+    empty or not PEM. ``slonn serve`` calls it before anything starts, the server again at its start."""
+    token = BearerToken(read_token(token_file)) if token_file else None
+    if not (cert and key):
+        return Security(token, None, None)
+    ssl_context = http_ssl_context(cert, key, client_ca)  # checks the PEM files: gRPC does not until it binds
+    return Security(token, grpc_credentials(cert, key, client_ca), ssl_context)
 
 
 class BearerToken:

@@ -249,10 +249,8 @@ class SlonnServer:
         """Start workers, profile, bind; returns the bound port."""
         cfg = self.cfg
         # Read the certificates and the token first: a bad file fails the start before any worker is spawned.
-        self.token = security.BearerToken(security.read_token(cfg.auth_token_file)) if cfg.auth_token_file else None
-        tls = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
-        credentials = security.grpc_credentials(*tls) if tls else None
-        self.ssl_context = security.http_ssl_context(*tls) if tls else None
+        sec = security.load(cfg.auth_token_file, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        self.token, credentials, self.ssl_context, tls = sec.token, sec.grpc_credentials, sec.ssl_context, sec.tls
         spec = WorkerSpec(tuple(cfg.model_dirs), cfg.device, cfg.threads, precision=cfg.precision,
                           worker_spin_ms=cfg.worker_spin_ms, worker_nice=cfg.worker_nice,
                           worker_cpus=cfg.worker_cpus)

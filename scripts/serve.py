@@ -248,6 +248,15 @@ async def run_server(cfg: ServerConfig) -> int:
     return 0
 
 
+def check_security_files(cfg: ServerConfig) -> None:
+    """Read the token and certificate files now (the server reads them again at its start): one that is
+    unreadable, empty or not PEM is a usage error naming the flag and the file, before any process starts."""
+    if cfg.auth_token_file or cfg.tls_cert:
+        from slonn.scheduler import security  # grpc and aiohttp: only when they are needed
+
+        security.load(cfg.auth_token_file, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
 def frontends_problem(args) -> str | None:
     """Why ``--frontends`` cannot be honoured with the other flags, or None."""
     try:
@@ -281,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        check_security_files(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"slonn serve: {exc}", file=sys.stderr)
         return 2

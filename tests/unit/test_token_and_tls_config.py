@@ -117,3 +117,45 @@ def test_the_serve_flags_set_the_security_settings(tmp_path):
         "--tls-client-ca", str(tmp_path / "ca.pem"), "--auth-token-file", str(tmp_path / "token")]))
     assert (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.auth_token_file) == (
         tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem", tmp_path / "token")
+
+
+def _pem_pair(tmp_path) -> None:
+    """A real certificate and key (server.pem, server.key) in ``tmp_path``."""
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+
+
+@pytest.mark.parametrize(("files", "flags", "message"), [
+    ({"token": "\n"}, ["--auth-token-file", "token"], "--auth-token-file {token}: the file is empty"),
+    ({"c.pem": "not a certificate", "k.pem": "not a key"}, ["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+     "--tls-cert {c.pem} / --tls-key {k.pem}: cannot load a PEM certificate"),
+    ({"ca.pem": "not a certificate"},
+     ["--tls-cert", "server.pem", "--tls-key", "server.key", "--tls-client-ca", "ca.pem"],
+     "--tls-client-ca {ca.pem}: cannot load PEM CA certificates"),
+])
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_bad_token_or_certificate_file_exits_2_naming_the_flag_and_file_before_anything_starts(
+        tmp_path, capsys, monkeypatch, files, flags, message, frontends):
+    started = []
+
+    async def run_server(cfg):
+        started.append("server")
+        return 0
+
+    monkeypatch.setattr(serve, "run_server", run_server)
+    monkeypatch.setattr(serve.FrontendGroup, "run", lambda self: started.append("group") or 0)
+    (tmp_path / "model").mkdir()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if "server.pem" in flags:
+        _pem_pair(tmp_path)
+    argv = [a if a.startswith("--") else str(tmp_path / a) for a in flags]
+    code = serve.main(["--model-dir", str(tmp_path / "model"), "--workers", "2", "--frontends", frontends, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and not started
+    for name in files:
+        message = message.replace("{" + name + "}", str(tmp_path / name))
+    assert err.startswith("slonn serve: " + message), err
+    assert "Traceback" not in err
