@@ -4,8 +4,10 @@ Each frontend is a whole slonn server (its own event loop, scheduler, queues, la
 the workers) bound to the same gRPC port, and HTTP port if any, with SO_REUSEPORT: the kernel hands each
 new connection to one of them. The parent binds the ports first (so port 0 becomes one port for all),
 starts the frontends, prints the ports once every frontend serves, forwards SIGTERM/SIGINT, and replaces a
-frontend that dies after it started; a frontend that fails to start stops the group (exit 1), since the
-same start would fail again. Each frontend asks the kernel to send it SIGTERM when the parent dies, so no
+frontend that ends: at once after it served a minute or more, else (it ended before it served, or soon
+after) after 1 s, then 2 s, 4 s, ... up to a minute while its replacements keep ending, the others serving on
+meanwhile. Only a frontend's first start is fatal: when it fails, the group stops (exit 1), since the same
+start would fail again. Each frontend asks the kernel to send it SIGTERM when the parent dies, so no
 frontend outlives it, and what is left of a frontend's process group when it ends (a worker, its learner)
 is killed.
 """
@@ -33,6 +35,12 @@ FRONTENDS_LINE = "slonn frontends: "
 """What the parent prints before its listening line: the number of frontends and their pids."""
 STOP_MARGIN_S = 60.0
 """After a frontend's own drain time (--grace-s): how long the parent waits for it to exit before SIGKILL."""
+RESPAWN_FIRST_S = 1.0
+RESPAWN_MAX_S = 60.0
+"""A frontend that keeps ending is started again after 1 s, then twice as long each time, at most this."""
+STABLE_S = 60.0
+"""A frontend that served this long before it ended was healthy: it is replaced at once, its backoff reset;
+one that ended sooner (or before it served) is replaced after the backoff."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -107,6 +115,13 @@ class _Frontend:
     argv: list[str]
     proc: subprocess.Popen | None = None
     ready: bool = False
+    ready_at: float | None = None
+    """When its current process started serving (time.monotonic)."""
+    starts: int = 0
+    failures: int = 0
+    """Its processes that ended in a row without serving STABLE_S (or could not be started)."""
+    respawn_at: float | None = None
+    """When it is started again (time.monotonic); None: running, or not started yet."""
     _buffer: bytes = field(default=b"", repr=False)
 
 
@@ -115,7 +130,9 @@ class FrontendGroup:
     frontend ended cleanly, 1 after a frontend failed to start or ended with an error while stopping."""
 
     def __init__(self, argv: list[str], frontends: int, workers: int, host: str, port: int,
-                 http_port: int | None, metrics_port: int, grace_s: float) -> None:
+                 http_port: int | None, metrics_port: int, grace_s: float, respawn_first_s: float = RESPAWN_FIRST_S,
+                 respawn_max_s: float = RESPAWN_MAX_S, stable_s: float = STABLE_S) -> None:
+        self.respawn_first_s, self.respawn_max_s, self.stable_s = respawn_first_s, respawn_max_s, stable_s
         self.shares = split_workers(workers, frontends)
         self.argv = argv
         self.host = host
@@ -139,7 +156,8 @@ class FrontendGroup:
         # A session (and process group) of its own: whatever it leaves behind when it ends is killed with its
         # group, and a terminal's Ctrl-C reaches the parent only, which passes it on.
         f.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, start_new_session=True)
-        f.ready, f._buffer = False, b""
+        f.ready, f.ready_at, f._buffer = False, None, b""
+        f.starts += 1
         os.set_blocking(f.proc.stdout.fileno(), False)
         self._sel.register(f.proc.stdout, selectors.EVENT_READ, f)
         log.info("frontend %d: started (pid %d, %d worker(s))", f.index, f.proc.pid, self.shares[f.index])
@@ -182,7 +200,12 @@ class FrontendGroup:
                 print(f"{LISTENING}{self.host}:{port}", flush=True)
                 if http_port is not None:
                     print(f"{HTTP_LISTENING}{self.host}:{http_port}", flush=True)
+            now = time.monotonic()
             for f in self.frontends:
+                if f.respawn_at is not None:
+                    if now >= f.respawn_at:
+                        self._respawn(f)
+                    continue
                 code = f.proc.poll()
                 if code is None:
                     continue
@@ -192,16 +215,42 @@ class FrontendGroup:
                 _kill_group(f.proc.pid)
                 if self._stop_signal is not None:  # it saw the signal first (Ctrl-C reaches the whole group)
                     break
-                if not f.ready:
+                if not f.ready and f.starts == 1:
                     log.error("frontend %d (pid %d) exited with code %d before it served; stopping every "
                               "frontend", f.index, f.proc.pid, code)
                     self._stop_all()
                     return 1
-                log.error("frontend %d (pid %d) exited with code %d; its connections' clients reconnect to the "
-                          "other frontends; starting a new one", f.index, f.proc.pid, code)
-                self._spawn(f)
+                self._ended(f, code, now)
         log.info("signal %d: stopping %d frontend(s)", self._stop_signal, len(self.frontends))
         return self._stop_all()
+
+    def _ended(self, f: _Frontend, code: int, now: float) -> None:
+        """A frontend that has started before ended: start it again, at once if it had served STABLE_S, else
+        after a delay that doubles with each such end in a row (the others serve on meanwhile)."""
+        served_s = 0.0 if f.ready_at is None else now - f.ready_at
+        delay = self._retry_later(f, now, healthy=served_s >= self.stable_s)
+        how = f"after serving {served_s:.0f} s" if f.ready else "before it served"
+        log.error("frontend %d (pid %d) exited with code %d %s; its connections' clients reconnect to the other "
+                  "frontends; starting a new one in %.2f s", f.index, f.proc.pid, code, how, delay)
+
+    def _retry_later(self, f: _Frontend, now: float, healthy: bool) -> float:
+        """Schedule ``f``'s next start: at once after a healthy run, else after 1 s, 2 s, 4 s, ... (the n-th
+        unhealthy end in a row), at most the maximum. Returns the delay."""
+        if healthy:
+            f.failures, delay = 0, 0.0
+        else:
+            delay = min(self.respawn_first_s * 2 ** f.failures, self.respawn_max_s)
+            f.failures += 1
+        f.respawn_at = now + delay
+        return delay
+
+    def _respawn(self, f: _Frontend) -> None:
+        f.respawn_at, f.ready, f.ready_at = None, False, None
+        try:
+            self._spawn(f)
+        except OSError as exc:  # e.g. out of processes: try again later, as after a start that failed
+            delay = self._retry_later(f, time.monotonic(), healthy=False)
+            log.error("frontend %d: could not start a process (%s); trying again in %.2f s", f.index, exc, delay)
 
     def _read(self, f: _Frontend) -> None:
         """Take the frontend's stdout: its listening line marks it ready; other lines are passed on."""
@@ -216,7 +265,7 @@ class FrontendGroup:
         for raw in lines:
             line = raw.decode(errors="replace")
             if line.startswith(LISTENING):
-                f.ready = True
+                f.ready, f.ready_at = True, time.monotonic()
                 log.info("frontend %d (pid %d) serving", f.index, f.proc.pid)
             elif not line.startswith(HTTP_LISTENING):
                 print(line, flush=True)

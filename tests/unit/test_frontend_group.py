@@ -1,9 +1,15 @@
-"""`slonn serve --frontends N`: the workers' split, the flag checks, each frontend's arguments, the shared port
-and the CPU split of a group."""
+"""`slonn serve --frontends N`: the workers' split, the flag checks, each frontend's arguments, the shared port,
+the CPU split of a group, and the parent's supervision (with stand-in frontends)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import socket
+import sys
+import threading
+import time
 
 import pytest
 
@@ -110,3 +116,78 @@ def test_cpu_meter_of_a_lone_server_keeps_its_children_as_workers():
     cpu.update({1: 2.0, 2: 4.0})
     use = meter.since(before)
     assert (use.server_s, use.children_s) == (pytest.approx(1.0), pytest.approx(3.0))
+
+
+FAKE_FRONTEND = r"""
+import os, signal, sys, time
+index, attempts, plan = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+n = len([f for f in os.listdir(attempts) if f.startswith(f"{index}-")])  # this frontend's earlier starts
+open(os.path.join(attempts, f"{index}-{n}"), "w").close()
+what = plan.split(",")[index].split("/")
+what = what[min(n, len(what) - 1)]  # its n-th start: "serve", "crash" (serve, then exit 3) or "fail" (exit 4)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+if what == "fail":
+    sys.exit(4)
+print("slonn listening on 127.0.0.1:1", flush=True)
+if what == "crash":
+    sys.exit(3)
+time.sleep(120)  # bounded: the test stops the group long before
+"""
+
+
+def fake_group(tmp_path, plan: str, frontends_n: int = 2) -> frontends.FrontendGroup:
+    """A group whose frontends are stand-ins that serve, crash or fail to start as ``plan`` says: one entry per
+    frontend (comma-separated), one word per start (slash-separated, the last repeated)."""
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    group = frontends.FrontendGroup([], frontends_n, frontends_n, "127.0.0.1", 0, None, 0, grace_s=1.0,
+                                    respawn_first_s=0.05, respawn_max_s=0.2)
+    group._command = lambda f: ([sys.executable, "-c", FAKE_FRONTEND, str(f.index), str(attempts), plan],
+                                dict(os.environ))
+    return group
+
+
+def starts(tmp_path, index: int) -> int:
+    return len([f for f in os.listdir(tmp_path / "attempts") if f.startswith(f"{index}-")])
+
+
+def stop_when(group, predicate, timeout_s: float = 60.0) -> threading.Thread:
+    """Stop ``group`` (as SIGTERM would) once ``predicate()`` holds, or after ``timeout_s``."""
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        group._stop_signal = signal.SIGTERM
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_replacement_that_fails_to_start_is_retried_with_backoff_while_the_others_serve(tmp_path, caplog):
+    # Frontend 0 serves; frontend 1 serves, crashes at once, and then never starts again.
+    group = fake_group(tmp_path, "serve,crash/fail")
+    watcher = stop_when(group, lambda: starts(tmp_path, 1) >= 5 and group.frontends[0].ready)
+    with caplog.at_level(logging.INFO, logger="slonn.scheduler.frontends"):
+        group.run()
+    watcher.join()
+    assert starts(tmp_path, 1) >= 5, "frontend 1 was not retried"
+    assert starts(tmp_path, 0) == 1  # the healthy frontend was never stopped or replaced...
+    assert group.frontends[0].proc.returncode == 0  # ...and ran until the group's stop (its SIGTERM: exit 0)
+    delays = [r.args[-1] for r in caplog.records if "starting a new one in" in r.msg]
+    assert delays[:4] == [0.05, 0.1, 0.2, 0.2]  # doubling from the first delay, capped; also after the crash
+    assert "after serving" in caplog.text and "before it served" in caplog.text
+    assert "stopping every frontend" not in caplog.text
+
+
+def test_a_frontend_whose_first_start_fails_stops_the_group(tmp_path, caplog):
+    group = fake_group(tmp_path, "serve,fail")
+    finished = threading.Event()
+    watcher = stop_when(group, finished.is_set)  # only a bound: the group stops by itself
+    with caplog.at_level(logging.INFO, logger="slonn.scheduler.frontends"):
+        code = group.run()
+    finished.set()
+    watcher.join()
+    assert code == 1 and starts(tmp_path, 1) == 1
+    assert "before it served; stopping every frontend" in caplog.text
+    assert group.frontends[0].proc.returncode is not None  # the other frontend was stopped with it
