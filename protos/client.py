@@ -147,7 +147,8 @@ class SlonnClient:
 
     def infer_many(self, model: str, slo_class: str, xs: np.ndarray, request_id: str = "",
                    latency_budget_ms: float = 0.0, timeout_s: float | None = None) -> InferResult:
-        """N samples (``xs``: [N, features], N at most the server's max batch) in one call with one deadline;
+        """N samples (``xs``: [N, features]; N at most the server's max batch, max_inflight and the class's
+        max_queue, see list_models) in one call with one deadline, admitted all or none;
         the answer's ``output`` is [N, classes] and ``samples`` each sample's facts, in input order. The call
         fails as a whole if any sample fails."""
         return self.infer(model, slo_class, _rows(xs), request_id, latency_budget_ms, timeout_s)
