@@ -19,9 +19,8 @@ from torch import nn
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
 from slonn.scripts.cli import main as slonn
 from slonn.workers.artifact import load_artifact
-from slonn.workers.kernels import EXACT_KERNELS
 from slonn.workers.kernels_chooser import split_choice
-from tests.serving import started_server
+from tests.serving import assert_matches_reference, started_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -107,8 +106,7 @@ async def test_raw_features_are_answered_as_the_users_model_would(client, user_m
         with torch.inference_mode():
             want = model(torch.from_numpy(x[None]), run_level).numpy()[0]
             original = net(torch.from_numpy((x[None] - mean) / std)).numpy()[0]
-        tol = 1e-4 if kernel in EXACT_KERNELS else 5e-2
-        np.testing.assert_allclose(r.output, want, rtol=tol, atol=tol)
+        assert_matches_reference(r.output, want, kernel)
         agree += int(r.output.argmax() == original.argmax())
     assert agree >= 36  # the served levels answer as the original on (nearly) every input
 

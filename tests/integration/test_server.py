@@ -22,9 +22,8 @@ from slonn.protos.client import InferResult, make_request
 from slonn.protos.tensors import to_tensor
 from slonn.scheduler.config import ServerConfig, SLOClassConfig
 from slonn.workers.artifact import load_artifact
-from slonn.workers.kernels import EXACT_KERNELS
 from slonn.workers.kernels_chooser import split_choice
-from tests.serving import started_server
+from tests.serving import assert_matches_reference, started_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -97,8 +96,7 @@ def check_answer(result: InferResult, x: np.ndarray, local) -> None:
     got = result.output.reshape(1, -1)
     assert got.shape == want.shape == (1, manifest.arch.out_features)
     assert got.argmax() == want.argmax()
-    tol = 1e-4 if kernel in EXACT_KERNELS else 5e-2
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert_matches_reference(got, want, kernel)
 
 
 async def assert_still_serving(client, samples, local) -> None:
