@@ -2,10 +2,13 @@
 
 The teacher is the imported model at level 1.0, frozen; its logits on the training split are computed once.
 Every mini-batch trains several levels of the shared weights at once, their gradients summed before one
-optimiser step (the sandwich rule of slimmable networks): the dense level 1.0, the lowest level, and
-``random_levels`` levels drawn from those between. The dense level in every step keeps the top levels where
-they were; the lowest level in every step pulls the network towards representations that survive top-k.
-Each level's loss is the KL divergence to the teacher's softened outputs (temperature T, scaled by T^2),
+optimiser step (the sandwich rule of slimmable networks): the dense level 1.0, the lowest level, the focus
+level (keep 0.1 by default, when it is a candidate) and levels drawn at random from the others between, one
+per ``random_levels`` less the focus level. The dense level in every step keeps the top levels where they
+were; the lowest level in every step pulls the network towards representations that survive top-k; the
+focus level is the one the SLO table leans on. Each level's loss is the KL divergence to the teacher's
+outputs at temperature T (scaled by T^2; T = 0.5 sharpens them: on the digits and the embedding head it
+raised the low levels more than T = 1 or 2 did, chosen on the selection rows),
 mixed with the cross-entropy on the labels when ``distill_weight`` < 1, so the levels learn to reproduce the
 original rather than drift from it. Each level's loss is divided by its own detached value (at least
 ``loss_floor``) before the sum: every level pulls with the same strength, so the lowest level, whose loss is
@@ -46,13 +49,15 @@ class FinetuneConfig:
     """Mini-batch size (> 0)."""
     lr: float = 1e-4
     """Adam learning rate (cosine-annealed to 0 over the run)."""
-    temperature: float = 2.0
+    temperature: float = 0.5
     """Distillation temperature (> 0)."""
     distill_weight: float = 1.0
     """Weight of the distillation term; the cross-entropy on the labels gets the rest (in [0, 1])."""
     random_levels: int = 2
     """Levels drawn at random per mini-batch from those between the dense and the lowest (>= 0); each step
-    trains the dense level, the lowest level and these."""
+    trains the dense level, the lowest level and these; the focus level, when trained, takes one of them."""
+    focus_level: float = 0.1
+    """A level trained in every step when it is one of the levels (0: none)."""
     loss_floor: float = 0.05
     """Each level's loss is divided by max(its detached value, this) (> 0)."""
     seed: int = 0
@@ -69,13 +74,20 @@ class FinetuneConfig:
             raise ValueError(f"fine-tune loss_floor={self.loss_floor} must be > 0")
         if self.random_levels < 0:
             raise ValueError(f"fine-tune random_levels={self.random_levels} must be >= 0")
+        if not 0.0 <= self.focus_level <= 1.0:
+            raise ValueError(f"fine-tune focus_level={self.focus_level} must be in [0, 1]")
 
 
-def step_levels(levels: tuple[float, ...], random_levels: int, rng: random.Random) -> list[float]:
-    """The levels one mini-batch trains: 1.0, the lowest, and ``random_levels`` drawn from those between."""
+def step_levels(levels: tuple[float, ...], random_levels: int, rng: random.Random,
+                focus: float = 0.0) -> list[float]:
+    """The levels one mini-batch trains: 1.0, the lowest, and ``random_levels`` from those between: ``focus``
+    if it is one of them, the rest drawn at random."""
     ordered = sorted({float(lv) for lv in levels} | {1.0}, reverse=True)
     middle = ordered[1:-1]
-    return ordered[:1] + ordered[-1:][:len(ordered) - 1] + rng.sample(middle, min(random_levels, len(middle)))
+    fixed = [float(focus)] if random_levels and float(focus) in middle else []
+    middle = [lv for lv in middle if lv not in fixed]
+    drawn = rng.sample(middle, min(random_levels - len(fixed), len(middle)))
+    return ordered[:1] + ordered[-1:][:len(ordered) - 1] + fixed + drawn
 
 
 def finetune(model: SLOAwareMLP, x: np.ndarray, y: np.ndarray, levels: tuple[float, ...],
@@ -97,7 +109,7 @@ def finetune(model: SLOAwareMLP, x: np.ndarray, y: np.ndarray, levels: tuple[flo
         for idx in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
             target = F.log_softmax(teacher[idx] / t, -1)
             opt.zero_grad(set_to_none=True)
-            for keep in step_levels(levels, cfg.random_levels, rng):
+            for keep in step_levels(levels, cfg.random_levels, rng, cfg.focus_level):
                 out = model(xt[idx], keep)
                 loss = F.kl_div(F.log_softmax(out / t, -1), target, log_target=True, reduction="batchmean") * (t * t)
                 if w < 1.0:
