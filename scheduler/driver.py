@@ -272,27 +272,28 @@ class Driver:
         contention = self._fixed_contention if self._contention is None else self._contention(now)
         overhead = self._contexts_overhead_ms = self.overhead_ms
         self._contexts_frontend = self._frontend_version
-        fe = self.frontend
-        fe_batch, fe_request, rate = (fe.batch_ms, fe.request_ms, fe.arrival_per_s) if self._frontend_cpu is not None \
-            else (0.0, 0.0, 0.0)
+        fe = self._frontend_terms()
         self._contexts_s = now
         fresh: dict[str, PlanContext] | None = None
         for model, acc in self._accuracy.items():
             table = self._fixed_tables[model] if self._tables is None else self._tables(model)
-            bucket = table.bucket(contention)
             ctx = current.get(model)
-            if ctx is None or ctx.table is not table or ctx.bucket != bucket or ctx.overhead_ms != overhead \
-                    or ctx.arrival_per_s != rate or ctx.frontend_batch_ms != fe_batch \
-                    or ctx.frontend_request_ms != fe_request:
+            new = context_for(ctx, table, table.bucket(contention), acc, self.max_batch, overhead, self.workers, fe)
+            if new is not ctx:
                 if fresh is None:
                     fresh = dict(current)
-                fresh[model] = PlanContext(table, bucket, acc, self.max_batch, overhead, workers=self.workers,
-                                           frontend_batch_ms=fe_batch, frontend_request_ms=fe_request,
-                                           arrival_per_s=rate)
+                fresh[model] = new
         if fresh is not None:
             self._contexts = fresh
             return fresh
         return current
+
+    def _frontend_terms(self) -> tuple[float, float, float]:
+        """(per-batch ms, per-request ms, arrivals/s) of the frontend for the planner; zeros while unmeasured."""
+        if self._frontend_cpu is None:
+            return 0.0, 0.0, 0.0
+        fe = self.frontend
+        return fe.batch_ms, fe.request_ms, fe.arrival_per_s
 
     def next_batches(self, idle: int, now: float, nodes: list[str] | None = None) -> DispatchOutput:
         """Plan a batch per idle worker (``idle`` of them), answer early whoever can no longer make it, and
@@ -401,9 +402,7 @@ class Driver:
         overhead = state.contexts_overhead_ms = state.overhead_ms
         state.contexts_s = now
         state.contexts_frontend = self._frontend_version
-        fe = self.frontend  # one frontend, whichever node runs the batch
-        fe_batch, fe_request, rate = (fe.batch_ms, fe.request_ms, fe.arrival_per_s) if self._frontend_cpu is not None \
-            else (0.0, 0.0, 0.0)
+        fe = self._frontend_terms()  # one frontend, whichever node runs the batch
         current = state.contexts
         fresh: dict[str, PlanContext] | None = None
         total_ms = 0.0
@@ -412,17 +411,13 @@ class Driver:
                 table = self._node_tables(model, node)
             else:
                 table = self._fixed_tables[model] if self._tables is None else self._tables(model)
-            bucket = table.bucket(contention)
             ctx = current.get(model)
-            if ctx is None or ctx.table is not table or ctx.bucket != bucket or ctx.overhead_ms != overhead \
-                    or ctx.arrival_per_s != rate or ctx.frontend_batch_ms != fe_batch \
-                    or ctx.frontend_request_ms != fe_request:
+            new = context_for(ctx, table, table.bucket(contention), acc, self.max_batch, overhead, 1.0, fe)
+            if new is not ctx:
                 if fresh is None:
                     fresh = dict(current)
-                ctx = fresh[model] = PlanContext(table, bucket, acc, self.max_batch, overhead,
-                                                 frontend_batch_ms=fe_batch, frontend_request_ms=fe_request,
-                                                 arrival_per_s=rate)
-            total_ms += full_batch_ms(ctx)
+                fresh[model] = new
+            total_ms += full_batch_ms(new)
         state.batch_ms = total_ms
         if fresh is not None:
             state.contexts = fresh
@@ -627,6 +622,19 @@ def full_batch_ms(ctx: PlanContext) -> float:
     """A full batch of the fastest level on ``ctx``'s table (safe bound) plus its overhead allowance."""
     table = ctx.table
     return table.safe(ctx.bucket, table.fastest_index(ctx.bucket, ctx.accuracy, 0.0), ctx.max_batch) + ctx.overhead_ms
+
+
+def context_for(ctx: PlanContext | None, table: LatencyTable, bucket: int, accuracy: tuple[float, ...],
+                max_batch: int, overhead_ms: float, workers: float, fe: tuple[float, float, float]) -> PlanContext:
+    """``ctx`` itself while none of what it holds moved (the policy remembers what it derived from it), else
+    a new context with these values; ``fe``: (per-batch ms, per-request ms, arrivals/s) of the frontend."""
+    fe_batch, fe_request, rate = fe
+    if ctx is not None and ctx.table is table and ctx.bucket == bucket and ctx.overhead_ms == overhead_ms \
+            and ctx.arrival_per_s == rate and ctx.frontend_batch_ms == fe_batch \
+            and ctx.frontend_request_ms == fe_request:
+        return ctx
+    return PlanContext(table, bucket, accuracy, max_batch, overhead_ms, workers=workers, frontend_batch_ms=fe_batch,
+                       frontend_request_ms=fe_request, arrival_per_s=rate)
 
 
 def percentile_95(ranked: list[float]) -> float:
