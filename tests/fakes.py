@@ -89,3 +89,12 @@ class WrappedPolicy(Policy):
 
     def observe(self, plan, exec_ms, deadline_met, finished_s):
         self.inner.observe(plan, exec_ms, deadline_met, finished_s)
+
+
+async def until(predicate, what: str) -> None:
+    """Let the loop run until ``predicate()`` holds (bounded: a hang fails the test, not the suite)."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")

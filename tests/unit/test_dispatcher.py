@@ -18,7 +18,7 @@ from slonn.scheduler.dispatcher import Dispatcher
 from slonn.scheduler.errors import DeadlineUnreachable, ErrorKind, RequestError, Unavailable
 from slonn.scheduler.latency import StaticLatency
 from slonn.workers.pool import TaskFailed, WorkerDied
-from tests.fakes import FakeWorkerPool
+from tests.fakes import FakeWorkerPool, until
 
 LEVELS = (1.0, 0.5, 0.1)
 ACC = (0.97, 0.96, 0.95)
@@ -40,15 +40,6 @@ def make(pool: FakeWorkerPool, clock=None, max_inflight: int = 8192, classes=CLA
 
 def x(i: int) -> np.ndarray:
     return np.full(64, float(i), np.float32)
-
-
-async def until(predicate, what: str) -> None:
-    """Let the loop run until ``predicate()`` holds (bounded: a hang fails the test, not the suite)."""
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_outputs_go_back_to_their_own_requests():

@@ -23,6 +23,7 @@ from slonn.scheduler.driver import OVERHEAD_REFIT_EVERY, Driver, full_batch_ms
 from slonn.scheduler.latency import LearnedLatency, NodeLearners, StaticLatency, kernel_ms, node_rows
 from slonn.workers.pool import WorkerPool
 from slonn.workers.protocol import BatchResult
+from tests.fakes import until
 
 LEVELS = (1.0, 0.5, 0.1)
 ACC = (0.97, 0.96, 0.95)
@@ -276,14 +277,6 @@ class TwoNodePool(WorkerPool):
 
     async def close(self) -> None:
         pass
-
-
-async def until(predicate, what: str) -> None:
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_the_dispatcher_plans_each_batch_for_its_workers_node_and_feeds_that_nodes_learner():
