@@ -20,7 +20,7 @@ from pathlib import Path
 
 from slonn.workers.contract import PREPROCESSING
 from slonn.workers.data import DEFAULT_VAL_FRACTION, load_dataset
-from slonn.workers.finetune import FinetuneConfig
+from slonn.workers.finetune import LARGE_DATA_ROWS, FinetuneConfig
 from slonn.workers.importer import ImportConfig, import_to
 from slonn.workers.layers import ArchitectureError, read_state_file, stack_from_state_dict
 from slonn.workers.model import ACTIVATIONS, DEFAULT_LEVELS
@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=FinetuneConfig.epochs,
                    help="SLO-aware fine-tuning passes (0: calibration only)")
     p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
-    p.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate (1e-3 suits large data sets)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"fine-tuning learning rate (default: 1e-4, or 1e-3 from {LARGE_DATA_ROWS:,} rows up)")
+    p.add_argument("--temperature", type=float, default=FinetuneConfig.temperature,
+                   help="distillation temperature: below 1 sharpens the original's outputs")
+    p.add_argument("--focus-level", type=float, default=FinetuneConfig.focus_level,
+                   help="a level trained in every fine-tuning step, when it is one of --levels (0: none)")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="held out when the data has no validation split")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the fine-tuning")
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         stack = stack_from_state_dict(read_state_file(args.weights), args.activation, args.layers)
         data = load_dataset(args.data, args.label, args.label_names, args.val_fraction, args.seed)
         finetune = (FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
-                                   seed=args.seed) if args.finetune_epochs > 0 else None)
+                                   temperature=args.temperature, focus_level=args.focus_level, seed=args.seed)
+                    if args.finetune_epochs > 0 else None)
         cfg = ImportConfig(name=name, levels=args.levels, preprocessing=args.preprocessing, finetune=finetune,
                            seed=args.seed, threads=args.threads)
         manifest = import_to(out, stack, data, cfg)

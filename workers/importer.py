@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from slonn.workers.artifact import ModelManifest, save_artifact
 from slonn.workers.calibrate import accuracy_per_level
 from slonn.workers.contract import InputContract
 from slonn.workers.data import Dataset
-from slonn.workers.finetune import FinetuneConfig, finetune
+from slonn.workers.finetune import FinetuneConfig, default_lr, finetune
 from slonn.workers.layers import ArchitectureError, LinearStack, stack_from_sequential
 from slonn.workers.model import DEFAULT_LEVELS, SLOAwareMLP
 
@@ -116,7 +116,8 @@ def import_stack(stack: LinearStack, data: Dataset, cfg: ImportConfig) -> tuple[
         x_fit, x_sel, y_fit, y_sel = _selection_split(data.x_train, data.y_train, cfg.select_fraction, cfg.seed)
         sel_imported = accuracy_per_level(model, x_sel, y_sel, levels)
         torch.manual_seed(cfg.seed)
-        seconds = finetune(model, x_fit, y_fit, levels, cfg.finetune)
+        ft_cfg = cfg.finetune if cfg.finetune.lr else replace(cfg.finetune, lr=default_lr(len(x_fit)))
+        seconds = finetune(model, x_fit, y_fit, levels, ft_cfg)
         tuned = accuracy_per_level(model, data.x_val, data.y_val, levels)
         sel_tuned = accuracy_per_level(model, x_sel, y_sel, levels)
         log.info("fine-tuned in %.1fs: %s", seconds, _fmt(tuned))
@@ -130,7 +131,7 @@ def import_stack(stack: LinearStack, data: Dataset, cfg: ImportConfig) -> tuple[
             log.info("serving the weights as imported: fine-tuning did not raise the mean accuracy on the "
                      "selection rows")
         calibration |= {"finetuned": _curve(tuned), "finetune_seconds": round(seconds, 2),
-                        "finetune": asdict(cfg.finetune), "served": "finetuned" if keep_tuned else "as_imported",
+                        "finetune": asdict(ft_cfg), "served": "finetuned" if keep_tuned else "as_imported",
                         "selection": {"rows": len(y_sel), "tolerance": cfg.select_tolerance,
                                       "as_imported": _curve(sel_imported), "finetuned": _curve(sel_tuned)}}
     import sklearn

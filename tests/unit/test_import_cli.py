@@ -37,6 +37,23 @@ def test_import_writes_an_artifact_and_prints_both_curves(tmp_path, capsys):
     assert is_artifact(out)
     m = load_manifest(out)
     assert m.name == "net" and m.contract.preprocessing == "standardize" and m.dataset["split_seed"] == 0
+    # 96 training rows: the small-data learning rate; the recipe's defaults are recorded as used.
+    ft = m.calibration["finetune"]
+    assert (ft["lr"], ft["temperature"], ft["focus_level"]) == (1e-4, 0.5, 0.1)
+
+
+def test_the_fine_tuning_recipe_is_set_from_the_command_line(tmp_path, capsys):
+    weights, data = files(tmp_path)
+    out = tmp_path / "model"
+    rc = slonn(["import", str(weights), "--data", str(data), "--levels", "1,0.5,0.25", "--finetune-epochs", "1",
+                "--lr", "3e-4", "--temperature", "2", "--focus-level", "0.5", "--activation", "silu",
+                "--out", str(out)])
+    assert rc == 0
+    ft = load_manifest(out).calibration["finetune"]
+    assert (ft["lr"], ft["temperature"], ft["focus_level"]) == (3e-4, 2.0, 0.5)
+    rc = slonn(["import", str(weights), "--data", str(data), "--temperature", "0", "--activation", "silu",
+                "--out", str(out)])
+    assert rc == 2 and "temperature=0.0" in capsys.readouterr().err
 
 
 def test_a_mismatch_is_a_usage_error_naming_the_layer(tmp_path, capsys):
