@@ -7,7 +7,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 # Refit once a second: a refit holds the GIL for tens of ms, and the event loop shares it.
 LEARNER = LearnerConfig(refit_interval_s=1.0)
+HEALTH_INTERVAL_S = 1.0
+"""How often gRPC health is brought in line with the readiness checks (the pool can break after start)."""
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -244,6 +246,7 @@ class SlonnServer:
     """Pool + dispatcher + grpc.aio server, started and stopped together."""
 
     cfg: ServerConfig
+    _health_task: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> int:
         """Start workers, profile, bind; returns the bound port."""
@@ -351,10 +354,9 @@ class SlonnServer:
             log.info("Open Inference Protocol over HTTP%s on %s:%d", "S" if self.ssl_context else "", cfg.host,
                      self.http_port)
         freeze_startup_heap()
-        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in self._health_names():
-            up = self.model_ready(service) if service in self.known_models else (service != "" or self.ready())
-            await self.health.set(service, serving if up else not_serving)
+        self._health: dict[str, int] = {}
+        await self._refresh_health()
+        self._health_task = asyncio.create_task(self._watch_health())
         log.info("serving %s on %s:%d (policy %s, %d worker(s) on %s, %s; %s%s)", sorted(self.manifests), cfg.host,
                  self.port, cfg.policy, cfg.workers, self.pool.device, cfg.precision,
                  "mutual TLS" if cfg.tls_client_ca else "TLS" if tls else "plaintext",
@@ -362,6 +364,25 @@ class SlonnServer:
         if self.token and not tls:
             log.warning("--auth-token-file without --tls-cert: the token crosses the network in clear text")
         return self.port
+
+    async def _refresh_health(self) -> None:
+        """Set each gRPC health service's status to what the readiness checks say now, where it changed."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in self._health_names():
+            up = self.model_ready(service) if service in self.known_models else (service != "" or self.ready())
+            status = serving if up else not_serving
+            if self._health.get(service) != status:
+                if service in self._health:
+                    log.warning("health of %s: %s", repr(service) if service else "the server",
+                                health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+                self._health[service] = status
+                await self.health.set(service, status)
+
+    async def _watch_health(self) -> None:
+        """Health follows the pool: NOT_SERVING once no worker is left and none can start (and back)."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await self._refresh_health()
 
     def _health_names(self) -> tuple[str, ...]:
         """What gRPC health answers for: the server (""), both protocols' services and each model by name."""
@@ -463,6 +484,8 @@ class SlonnServer:
 
     async def stop(self) -> int:
         """Graceful: stop admitting, drain for cfg.grace_s, answer the rest UNAVAILABLE; returns that count."""
+        if self._health_task is not None:
+            self._health_task.cancel()
         for service in self._health_names():
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._stats_task:

@@ -105,3 +105,17 @@ async def test_oip_http_readiness_and_infer(server):
             assert r.status == 503 and repr(BROKEN) in (await r.json())["error"]
         async with http.post(f"{base}/models/{GOOD}/infer", json=body) as r:
             assert r.status == 200 and np.asarray((await r.json())["outputs"][0]["data"]).shape == (10,)
+
+
+async def test_grpc_health_follows_the_pool_after_start(server, channel, monkeypatch):
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=GOOD), timeout=60)
+    updates = call.__aiter__()
+    try:
+        assert (await anext(updates)).status == serving
+        monkeypatch.setattr(server.pool, "broken", lambda: True)  # no worker left and none can start
+        assert (await anext(updates)).status == not_serving
+        monkeypatch.undo()  # a worker is back
+        assert (await anext(updates)).status == serving
+    finally:
+        call.cancel()
