@@ -89,6 +89,8 @@ class ServerMetrics:
                                      "Batches whose worker died while running them", ["model"], registry=r)
         self.retried = Counter("slonn_requests_requeued", "Requests queued again after their worker died",
                                ["model", "slo_class"], registry=r)
+        self.unauthenticated = Counter("slonn_unauthenticated", "Calls refused for a missing or wrong bearer token "
+                                       "(gRPC UNAUTHENTICATED, HTTP 401)", ["protocol"], registry=r)
         self.node_batches = Counter("slonn_node_batches", "Batches run per node (workers on several nodes)",
                                     ["node"], registry=r)
         self.node_table_ms = Gauge("slonn_node_table_ms", "Per node's own latency table (workers on several "

@@ -56,7 +56,8 @@ class OipHttp:
 
     def __init__(self, server: "SlonnServer") -> None:
         self.server = server
-        token = [token_middleware(server.token)] if server.token else []
+        token = ([token_middleware(server.token, server.metrics.unauthenticated.labels("http").inc)]
+                 if server.token else [])
         self.app = web.Application(middlewares=[*token, _errors], client_max_size=server.max_message_bytes)
         get, post = web.get, web.post
         self.app.add_routes([

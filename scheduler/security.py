@@ -117,8 +117,10 @@ class BearerToken:
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED to a call without the token, before its handler runs (health excepted)."""
 
-    def __init__(self, token: BearerToken) -> None:
+    def __init__(self, token: BearerToken, on_denied: Callable[[], None] | None = None) -> None:
         self.token = token
+        self.on_denied = on_denied
+        """Called for each call refused (to count it)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -127,6 +129,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         value = next((v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
         if self.token.allows(value):
             return handler
+        if self.on_denied is not None:
+            self.on_denied()
         return _denied(handler)
 
 
@@ -152,14 +156,16 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(_deny_stream, **codec)
 
 
-def token_middleware(token: BearerToken) -> Callable:
+def token_middleware(token: BearerToken, on_denied: Callable[[], None] | None = None) -> Callable:
     """aiohttp middleware: 401 with the Open Inference Protocol's error body without the token (health and
-    readiness excepted)."""
+    readiness excepted); ``on_denied`` is called for each request refused."""
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         if OPEN_HTTP_PATHS.fullmatch(request.path) or token.allows(request.headers.get("Authorization")):
             return await handler(request)
+        if on_denied is not None:
+            on_denied()
         return web.json_response({"error": UNAUTHENTICATED}, status=401,
                                  headers={"WWW-Authenticate": 'Bearer realm="slonn"'})
 

@@ -328,7 +328,8 @@ class SlonnServer:
         # reject under overload (still after the call has reached the Python server's loop).
         if cfg.frontend_of is not None:  # one port for every frontend: the kernel spreads the connections
             options.append(("grpc.so_reuseport", 1))
-        interceptors = [security.TokenInterceptor(self.token)] if self.token else []
+        interceptors = ([security.TokenInterceptor(self.token, self.metrics.unauthenticated.labels("grpc").inc)]
+                        if self.token else [])
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_inflight,
                                     interceptors=interceptors)
         self.servicer = InferenceServicer(self.dispatcher, self)

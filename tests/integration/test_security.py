@@ -82,6 +82,7 @@ async def _one(request):
 @pytest.mark.parametrize("token", [None, "Bearer wrong", f"Bearer {TOKEN}x", TOKEN])
 async def test_a_call_without_the_right_token_is_unauthenticated(server, pki, token):
     sec = security(pki, token=False)
+    refused = denied(server, "grpc")
     async with AsyncSlonnClient(f"127.0.0.1:{server.port}", sec) as client:
         md = () if token is None else (("authorization", token),)
         unary = client.stub.Infer(make_request(MODEL, "relaxed", x(3)), timeout=30, metadata=md)
@@ -91,6 +92,12 @@ async def test_a_call_without_the_right_token_is_unauthenticated(server, pki, to
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await client.list_models()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in info.value.details()
+    assert denied(server, "grpc") == refused + 3  # counted in slonn_unauthenticated_total{protocol}
+
+
+def denied(server, protocol: str) -> float:
+    """slonn_unauthenticated_total for ``protocol`` so far."""
+    return server.metrics.registry.get_sample_value("slonn_unauthenticated_total", {"protocol": protocol}) or 0.0
 
 
 async def test_the_bearer_scheme_is_matched_in_any_case_over_grpc_and_http(server, pki):
@@ -139,6 +146,7 @@ async def test_http_needs_the_client_certificate_and_the_token_except_for_health
     base = f"https://127.0.0.1:{server.http_port}/v2"
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": x(6).tolist()}]}
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    refused = denied(server, "http")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         for path in ("/health/live", "/health/ready", f"/models/{MODEL}/ready"):
             async with http.get(base + path, ssl=_ssl(pki)) as r:
@@ -150,6 +158,7 @@ async def test_http_needs_the_client_certificate_and_the_token_except_for_health
             assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
         async with http.post(f"{base}/models/{MODEL}/infer", json=body, ssl=_ssl(pki), headers=auth) as r:
             assert r.status == 200 and len((await r.json())["outputs"][0]["data"]) == 10
+        assert denied(server, "http") == refused + 2
         with pytest.raises(aiohttp.ClientError):
             async with http.get(base + "/health/live", ssl=_ssl(pki, client_cert=False)) as r:
                 await r.read()
