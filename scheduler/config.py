@@ -51,14 +51,6 @@ class SLOClassConfig:
         floor = max(base.min_accuracy, dense_accuracy - base.max_accuracy_drop, 0.0)
         return replace(base, min_accuracy=floor, max_accuracy_drop=1.0, overrides=())
 
-    def max_queue_for(self, model: str) -> int:
-        """``max_queue`` as it applies to ``model`` (its override's, if any; see :meth:`for_model`)."""
-        limit = self.max_queue
-        for name, override in self.overrides:
-            if name == model:
-                limit = override.max_queue
-        return limit
-
     def __post_init__(self) -> None:
         where = f"class {self.name!r}"
         _check_types(self, where)

@@ -107,6 +107,11 @@ class Scheduler:
                           cls.priority, cls.mode, on_late)
         return QueuedRequest(pending, model, slo_class, inputs, handle)
 
+    def queue_limit(self, model: str, slo_class: str) -> int | None:
+        """The ``max_queue`` of ``slo_class`` as it applies to ``model`` (None: no such model or class)."""
+        queue = self._queues.get(model, {}).get(slo_class)
+        return None if queue is None else queue.max_len
+
     def add_request(self, req: QueuedRequest, now_s: float, ctx: PlanContext) -> None:
         """Queue ``req`` or raise QueueFull / DeadlineUnreachable (answered at once, never queued)."""
         queue = self._queues[req.model][req.slo_class]

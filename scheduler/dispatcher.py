@@ -169,9 +169,8 @@ class Dispatcher:
         failure is raised.
         """
         n = len(samples)
-        cls = self.scheduler.classes.get(slo_class)
-        if cls is not None and model in self.accuracy and n > cls.max_queue_for(model):
-            limit = cls.max_queue_for(model)
+        limit = self.scheduler.queue_limit(model, slo_class)
+        if limit is not None and n > limit:
             bad = InvalidArgument(f"{field}: {n} samples, more than slo_class {slo_class!r} queues for model "
                                   f"{model!r} (max_queue={limit}); send at most {limit} per request")
             self._count(model, slo_class, bad, n)
